@@ -1,0 +1,228 @@
+"""services.toml: the declarative description of one podllama stack.
+
+The file is parsed into pydantic models; every error a person sees names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = "services.toml"
+CONFIG_ENV = "PODLLAMA_CONFIG"
+
+Role = Literal["chat", "embedding", "rerank", "vision", "infill", "audio"]
+EngineName = Literal["auto", "podman", "docker"]
+VariantName = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
+ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+VARIANTS: tuple[str, ...] = ("cpu", "cuda", "rocm", "vulkan")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+Scalar = str | int | float | bool
+ArgValue = Scalar | list[Scalar]
+
+
+class ConfigError(Exception):
+    """A services.toml that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StackSection(_Model):
+    name: str = "podllama"
+    engine: EngineName = "auto"
+    variant: VariantName = "auto"
+    models_dir: str = "./models"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-40 characters of a-z, 0-9, '-' or '_', starting with a letter or digit")
+        return v
+
+
+class BuildSection(_Model):
+    # "upstream": public base images from their registries; "local": images made by `podllama base-image`;
+    # anything else is taken as one image reference used for both stages.
+    base: str = "upstream"
+    cpu_target: Literal["portable", "native"] = "portable"
+    ui: Literal["auto", "on", "off"] = "auto"
+    cuda_architectures: list[str] = Field(default_factory=list)
+    rocm_targets: list[str] = Field(default_factory=list)
+
+
+class GatewaySection(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+
+
+class ServerSection(_Model):
+    role: Role = "chat"
+    model: str
+    alias: str | None = None
+    mmproj: str | None = None
+    ctx_size: Annotated[int, Field(ge=0)] | None = None
+    gpu_layers: Annotated[int, Field(ge=0)] | Literal["auto", "all"] | None = None
+    replicas: Annotated[int, Field(ge=1, le=16)] = 1
+    variant: VariantName | None = None
+    gpus: list[str] | Literal["all"] | None = None
+    args: dict[str, ArgValue] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("model", "mmproj")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v or "\x00" in v:
+            raise ValueError("must be a non-empty file name without NUL bytes")
+        if v.startswith("hf://"):
+            return v
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError(
+                f"'{v}' leaves the models directory; name a file inside models_dir "
+                "(e.g. 'my-model.gguf' or 'org/my-model.gguf')"
+            )
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: dict[str, ArgValue]) -> dict[str, ArgValue]:
+        for key in v:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", key):
+                raise ValueError(f"'{key}' is not a flag name; write it without dashes, e.g. parallel = 2")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"'{key}' is not an environment variable name")
+        return v
+
+
+class Config(_Model):
+    stack: StackSection = Field(default_factory=StackSection)
+    build: BuildSection = Field(default_factory=BuildSection)
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    servers: dict[str, ServerSection] = Field(default_factory=dict)
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _servers(self) -> Config:
+        names: dict[str, str] = {}
+        for name, server in self.servers.items():
+            if not NAME_RE.match(name):
+                raise ValueError(
+                    f"server name '{name}' must be 1-40 characters of a-z, 0-9, '-' or '_' "
+                    "(it becomes part of container names)"
+                )
+            for routable in {name, server.alias} - {None}:
+                other = names.get(routable)  # type: ignore[arg-type]
+                if other is not None and other != name:
+                    raise ValueError(f"'{routable}' names both server '{other}' and server '{name}'; names and aliases must be unique")
+                names[routable] = name  # type: ignore[index]
+        return self
+
+    # -- where things live -------------------------------------------------------------------------------
+    @property
+    def source(self) -> Path | None:
+        """The file this config was loaded from (None when built in memory)."""
+        return self._source
+
+    @property
+    def root(self) -> Path:
+        return self._source.parent if self._source else Path.cwd()
+
+    @property
+    def models_path(self) -> Path:
+        p = Path(os.path.expanduser(self.stack.models_dir))
+        return (p if p.is_absolute() else self.root / p).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        """Per-stack state: build logs, recorded image facts. Kept beside the config, ignored by git."""
+        return self.root / ".podllama"
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def config_path(path: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: the given path, else $PODLLAMA_CONFIG, else ./services.toml."""
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    p = config_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{p}: no such file; create one (see docs/configuration.md) or point to it with "
+            f"-c/--config PATH or ${CONFIG_ENV}"
+        ) from None
+    return parse(text, source=p)
+
+
+def parse(text: str, source: Path | None = None) -> Config:
+    where = str(source) if source else "services.toml"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}; fix the syntax at that line") from None
+    cfg = validate(data, where)
+    if source is not None:
+        cfg._source = source.resolve()
+    return cfg
+
+
+def validate(data: Any, where: str = "services.toml") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, where)) from None
+
+
+def format_errors(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+        lines.append(f"{where}: {key}: {_explain(err)}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the member type of a union to the location ("int", "literal['auto','all']" ...)
+    return isinstance(part, str) and (part.startswith(("literal[", "list[", "function-")) or part in {"int", "str", "float", "bool"})
+
+
+def _explain(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling (docs/configuration.md lists every key)"
+    if kind == "missing":
+        return "required key is missing; add it"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and kind != "value_error":
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(cfg.to_toml(), encoding="utf-8")
+    os.replace(tmp, path)

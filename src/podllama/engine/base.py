@@ -1,0 +1,354 @@
+"""The one place that talks to a container engine.
+
+Both engines are driven through their command-line clients: Podman needs no daemon on the host, the CLI is each
+engine's documented and most stable interface, builds get BuildKit/buildah features (cache mounts) as users
+know them, GPU flags (CDI devices, --gpus) are spelled as the engines document them, and inside the gateway
+container the same code drives the host's engine through its API socket (`podman --remote`, `docker -H`).
+
+Security flags are applied here and nowhere else (see `hardening`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, IO
+
+LABEL_PREFIX = "podllama."
+
+
+class EngineError(Exception):
+    """A container engine call failed; the message carries the engine's own words."""
+
+
+@dataclass
+class Mount:
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclass
+class GpuRequest:
+    """GPUs a container needs: a backend (cuda | rocm | vulkan) and device ids ("all", or indices/render nodes)."""
+
+    backend: str
+    devices: list[str] = field(default_factory=lambda: ["all"])
+
+
+@dataclass
+class ContainerSpec:
+    name: str
+    image: str
+    args: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    network: str | None = None
+    network_aliases: list[str] = field(default_factory=list)
+    mounts: list[Mount] = field(default_factory=list)
+    # (host address, host port, container port); host port 0 lets the engine pick one
+    ports: list[tuple[str, int, int]] = field(default_factory=list)
+    gpu: GpuRequest | None = None
+    entrypoint: list[str] | None = None
+    user: str | None = None
+    tmpfs: list[str] = field(default_factory=lambda: ["/tmp"])
+    read_only_root: bool = True
+    stop_timeout: int = 10
+
+
+@dataclass
+class ContainerInfo:
+    id: str
+    name: str
+    image: str
+    image_id: str
+    state: str  # created | running | exited | paused | ...
+    exit_code: int | None
+    started_at: str | None
+    finished_at: str | None
+    labels: dict[str, str]
+    ip: str | None  # on the container's (first) network
+    ports: dict[int, int]  # container port → host port
+    pid: int | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+def hardening(spec: ContainerSpec) -> list[str]:
+    """The security flags every podllama container gets."""
+    flags = ["--cap-drop=ALL", "--security-opt=no-new-privileges"]
+    if spec.read_only_root:
+        flags.append("--read-only")
+        flags += [f"--tmpfs={path}:rw,nosuid,nodev,size=256m" for path in spec.tmpfs]
+    if spec.user:
+        flags.append(f"--user={spec.user}")
+    return flags
+
+
+class CliEngine:
+    """What Podman and Docker share; the subclasses spell what differs."""
+
+    name = "engine"
+    binary = "false"
+
+    def __init__(self, remote: str | None = None) -> None:
+        self.remote = remote
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def base_argv(self) -> list[str]:
+        return [self.binary]
+
+    def command(self, *args: str) -> list[str]:
+        return self.base_argv() + list(args)
+
+    def run_cli(self, *args: str, check: bool = True, input: str | bytes | None = None, timeout: float | None = 120,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            proc = subprocess.run(self.command(*args), capture_output=True, text=True, input=input, timeout=timeout,
+                                  env={**os.environ, **(env or {})})
+        except FileNotFoundError:
+            raise EngineError(f"{self.binary} is not installed; install it (scripts/setup.sh does) or pick another engine") from None
+        except subprocess.TimeoutExpired:
+            raise EngineError(f"`{self.binary} {' '.join(args[:3])}` did not answer within {timeout:.0f}s") from None
+        if check and proc.returncode != 0:
+            raise EngineError(f"`{self.binary} {' '.join(args[:3])}…` failed: {(proc.stderr or proc.stdout).strip()}")
+        return proc
+
+    def stream(self, args: list[str], log: IO[str], on_line: Callable[[str], None] | None = None,
+               env: dict[str, str] | None = None) -> int:
+        """Run a long command (a build), copying every output line to LOG and to ON_LINE; returns the exit code."""
+        proc = subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if on_line:
+                on_line(line.rstrip("\n"))
+        log.flush()
+        return proc.wait()
+
+    def available(self) -> bool:
+        if shutil.which(self.binary) is None:
+            return False
+        try:
+            return self.run_cli("version", check=False, timeout=15).returncode == 0
+        except EngineError:
+            return False
+
+    def version(self) -> str:
+        return self.run_cli("version", "--format", "{{.Server.Version}}").stdout.strip()
+
+    # -- images -------------------------------------------------------------------------------------------
+    def build_args(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
+                   iidfile: Path) -> list[str]:
+        argv = ["build", "-f", str(containerfile), f"--iidfile={iidfile}"]
+        for k, v in build_args.items():
+            argv.append(f"--build-arg={k}={v}")
+        for k, v in labels.items():
+            argv.append(f"--label={k}={v}")
+        return argv + [str(context)]
+
+    def build_env(self) -> dict[str, str]:
+        return {}
+
+    def build(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
+              log: IO[str], on_line: Callable[[str], None] | None = None) -> str | None:
+        """Build an image without tagging it. Returns its id, or None when the build failed (see the log)."""
+        iidfile = Path(log.name).with_suffix(".iid") if hasattr(log, "name") else Path(os.devnull)
+        iidfile.unlink(missing_ok=True)
+        code = self.stream(self.build_args(containerfile, context, build_args, labels, iidfile), log, on_line,
+                           env=self.build_env())
+        if code != 0 or not iidfile.exists():
+            return None
+        image_id = iidfile.read_text().strip()
+        iidfile.unlink()
+        return image_id
+
+    def image_exists(self, ref: str) -> bool:
+        return self.run_cli("image", "inspect", ref, check=False).returncode == 0
+
+    def image_inspect(self, ref: str) -> dict[str, Any] | None:
+        proc = self.run_cli("image", "inspect", ref, check=False)
+        if proc.returncode != 0:
+            return None
+        data = json.loads(proc.stdout)
+        return data[0] if data else None
+
+    def image_id(self, ref: str) -> str | None:
+        info = self.image_inspect(ref)
+        return _strip_digest(info["Id"]) if info else None
+
+    def image_labels(self, ref: str) -> dict[str, str]:
+        info = self.image_inspect(ref) or {}
+        return (info.get("Config") or {}).get("Labels") or info.get("Labels") or {}
+
+    def tag(self, source: str, target: str) -> None:
+        self.run_cli("tag", source, target)
+
+    def untag(self, ref: str) -> None:
+        """Remove one tag; the image stays while other tags or containers use it."""
+        raise NotImplementedError
+
+    def remove_image(self, ref: str) -> None:
+        self.run_cli("rmi", ref, check=False)
+
+    def pull(self, ref: str, timeout: float = 120) -> tuple[bool, str]:
+        proc = self.run_cli("pull", ref, check=False, timeout=timeout)
+        return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
+
+    def import_tar(self, tar: IO[bytes], ref: str) -> None:
+        proc = subprocess.run(self.command("import", "-", ref), stdin=tar, capture_output=True)
+        if proc.returncode != 0:
+            raise EngineError(f"{self.binary} import {ref} failed: {proc.stderr.decode(errors='replace').strip()}")
+
+    def save(self, ref: str, path: Path) -> None:
+        self.run_cli("save", "-o", str(path), ref, timeout=600)
+
+    def load(self, path: Path) -> None:
+        self.run_cli("load", "-i", str(path), timeout=600)
+
+    def list_images(self, reference: str) -> list[dict[str, Any]]:
+        proc = self.run_cli("images", "--no-trunc", "--format", "{{json .}}", reference)
+        return _json_lines(proc.stdout)
+
+    # -- containers ---------------------------------------------------------------------------------------
+    def gpu_flags(self, gpu: GpuRequest) -> list[str]:
+        if gpu.backend == "rocm":
+            return ["--device=/dev/kfd", "--device=/dev/dri", "--group-add=video"]
+        if gpu.backend == "vulkan":
+            nodes = ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices
+            return [f"--device={n}" for n in nodes]
+        raise EngineError(f"GPU backend '{gpu.backend}' is not known to {self.name}")
+
+    def run_argv(self, spec: ContainerSpec, detach: bool = True, remove: bool = False) -> list[str]:
+        argv = ["run", f"--name={spec.name}"]
+        if detach:
+            argv.append("--detach")
+        if remove:
+            argv.append("--rm")
+        argv += hardening(spec)
+        argv.append(f"--stop-timeout={spec.stop_timeout}")
+        for k, v in spec.labels.items():
+            argv.append(f"--label={k}={v}")
+        for k, v in spec.env.items():
+            argv.append(f"--env={k}={v}")
+        if spec.network:
+            argv.append(f"--network={spec.network}")
+            argv += [f"--network-alias={a}" for a in spec.network_aliases]
+        for m in spec.mounts:
+            argv.append(f"--volume={m.source}:{m.target}:{'ro' if m.read_only else 'rw'}")
+        for host, host_port, container_port in spec.ports:
+            argv.append(f"--publish={host}:{host_port or ''}:{container_port}")
+        if spec.gpu:
+            argv += self.gpu_flags(spec.gpu)
+        if spec.entrypoint is not None:
+            argv.append(f"--entrypoint={json.dumps(spec.entrypoint) if len(spec.entrypoint) > 1 else spec.entrypoint[0]}")
+        return argv + [spec.image] + spec.args
+
+    def run(self, spec: ContainerSpec) -> str:
+        """Create and start a detached container; returns its id."""
+        return self.run_cli(*self.run_argv(spec)).stdout.strip().splitlines()[-1]
+
+    def run_once(self, spec: ContainerSpec, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a container to completion and return its output (removed afterwards)."""
+        return self.run_cli(*self.run_argv(spec, detach=False, remove=True), check=False, timeout=timeout)
+
+    def start(self, name: str) -> None:
+        self.run_cli("start", name)
+
+    def stop(self, name: str, timeout: int = 10) -> None:
+        self.run_cli("stop", f"--time={timeout}", name, check=False, timeout=timeout + 30)
+
+    def kill(self, name: str, signal: str = "KILL") -> None:
+        self.run_cli("kill", f"--signal={signal}", name, check=False)
+
+    def remove(self, name: str, force: bool = True) -> None:
+        self.run_cli("rm", *(["--force"] if force else []), name, check=False, timeout=60)
+
+    def inspect(self, name: str) -> ContainerInfo | None:
+        proc = self.run_cli("container", "inspect", name, check=False)
+        if proc.returncode != 0:
+            return None
+        data = json.loads(proc.stdout)
+        return _container_info(data[0]) if data else None
+
+    def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        """Every container (running or not) carrying all of LABELS."""
+        filters = [f"--filter=label={k}={v}" for k, v in labels.items()]
+        ids = self.run_cli("ps", "--all", "--quiet", "--no-trunc", *filters).stdout.split()
+        if not ids:
+            return []
+        proc = self.run_cli("container", "inspect", *ids, check=False)
+        return [_container_info(d) for d in json.loads(proc.stdout or "[]")]
+
+    def logs(self, name: str, tail: int | None = None, follow: bool = False) -> Iterator[str]:
+        args = ["logs"] + ([f"--tail={tail}"] if tail is not None else []) + (["--follow"] if follow else []) + [name]
+        proc = subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        try:
+            yield from proc.stdout
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def exec(self, name: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return self.run_cli("exec", name, *argv, check=False, timeout=timeout)
+
+    # -- networks -----------------------------------------------------------------------------------------
+    def network_exists(self, name: str) -> bool:
+        return self.run_cli("network", "inspect", name, check=False).returncode == 0
+
+    def create_network(self, name: str, labels: dict[str, str]) -> None:
+        if not self.network_exists(name):
+            self.run_cli("network", "create", *[f"--label={k}={v}" for k, v in labels.items()], name)
+
+    def remove_network(self, name: str) -> None:
+        self.run_cli("network", "rm", name, check=False)
+
+
+def _strip_digest(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    text = text.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _container_info(d: dict[str, Any]) -> ContainerInfo:
+    state = d.get("State") or {}
+    config = d.get("Config") or {}
+    nets = (d.get("NetworkSettings") or {}).get("Networks") or {}
+    ip = next((n.get("IPAddress") for n in nets.values() if n.get("IPAddress")), None)
+    ports: dict[int, int] = {}
+    for key, binds in ((d.get("NetworkSettings") or {}).get("Ports") or {}).items():
+        for b in binds or []:
+            if b.get("HostPort"):
+                ports[int(key.split("/")[0])] = int(b["HostPort"])
+    status = state.get("Status") or ("running" if state.get("Running") else "exited")
+    return ContainerInfo(
+        id=d.get("Id", ""),
+        name=d.get("Name", "").lstrip("/"),
+        image=config.get("Image") or d.get("ImageName") or "",
+        image_id=_strip_digest(d.get("Image", "")),
+        state=status,
+        exit_code=state.get("ExitCode"),
+        started_at=state.get("StartedAt"),
+        finished_at=state.get("FinishedAt"),
+        labels=config.get("Labels") or {},
+        ip=ip,
+        ports=ports,
+        pid=state.get("Pid") or None,
+        raw=d,
+    )
+

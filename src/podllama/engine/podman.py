@@ -1,0 +1,45 @@
+"""Podman (rootful or rootless; locally, or remotely through its API socket with `--remote`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import CliEngine, EngineError, GpuRequest
+
+SOCKET = "unix:///run/podman/podman.sock"
+
+
+class PodmanEngine(CliEngine):
+    name = "podman"
+    binary = "podman"
+
+    def base_argv(self) -> list[str]:
+        return [self.binary, "--remote", f"--url={self.remote}"] if self.remote else [self.binary]
+
+    def build_args(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
+                   iidfile: Path) -> list[str]:
+        # docker format: OCI images drop HEALTHCHECK
+        argv = super().build_args(containerfile, context, build_args, labels, iidfile)
+        return argv[:1] + ["--format=docker", "--layers"] + argv[1:]
+
+    def untag(self, ref: str) -> None:
+        self.run_cli("untag", ref, check=False)
+
+    def gpu_flags(self, gpu: GpuRequest) -> list[str]:
+        if gpu.backend == "cuda":  # Container Device Interface, from nvidia-container-toolkit
+            return [f"--device=nvidia.com/gpu={d}" for d in gpu.devices]
+        return super().gpu_flags(gpu)
+
+    def version(self) -> str:
+        return self.run_cli("version", "--format", "{{.Server.Version}}" if self.remote else "{{.Client.Version}}").stdout.strip()
+
+    def network_exists(self, name: str) -> bool:
+        return self.run_cli("network", "exists", name, check=False).returncode == 0
+
+    def info(self) -> dict:
+        import json
+
+        proc = self.run_cli("info", "--format", "json", check=False)
+        if proc.returncode != 0:
+            raise EngineError(f"podman info failed: {proc.stderr.strip()}")
+        return json.loads(proc.stdout)

@@ -1,0 +1,365 @@
+"""llama-server images: Containerfile per variant, base images, build, smoke test, tags, rollback.
+
+Tags: `podllama/llama-server:<variant>-<commit12>` for every build that passed its smoke test, and
+`podllama/llama-server:<variant>` for the one in use, moved only after the smoke test; the image it pointed to
+before keeps `:<variant>-previous` for rollback. A failed build or smoke test leaves every tag as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, source, tinymodel
+from .engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
+from .flags import FlagSet
+from .health import wait_healthy
+
+REPO = "podllama/llama-server"
+HELP_FILE = "/app/llama-server.help"
+LOCAL_BASE = "localhost/podllama-base"
+
+# (build stage, runtime stage) base images per variant
+UPSTREAM_BASES = {
+    "cpu": ("docker.io/library/debian:bookworm-slim", "docker.io/library/debian:bookworm-slim"),
+    "vulkan": ("docker.io/library/debian:trixie-slim", "docker.io/library/debian:trixie-slim"),
+    "cuda": ("docker.io/nvidia/cuda:12.8.1-devel-ubuntu24.04", "docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04"),
+    "rocm": ("docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete", "docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete"),
+}
+# Debian suites `podllama base-image` can bootstrap, per variant (none carries CUDA or ROCm toolkits)
+LOCAL_SUITES = {"cpu": "bookworm", "vulkan": "trixie"}
+# CUDA architectures built when none are detected or configured (Pascal to Blackwell, as llama.cpp's CI)
+DEFAULT_CUDA_ARCHITECTURES = ["61", "70", "75", "80", "86", "89", "90", "100", "120"]
+DEFAULT_ROCM_TARGETS = ["gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101", "gfx1102", "gfx1151",
+                        "gfx1200", "gfx1201"]
+
+
+class BuildError(Exception):
+    """A build that cannot start or did not pass; nothing was changed. The message says where the log is."""
+
+
+@dataclass
+class Base:
+    build: str
+    runtime: str
+    kind: str  # upstream | local | custom
+
+    def describe(self) -> str:
+        images = self.build if self.build == self.runtime else f"{self.build} (build), {self.runtime} (runtime)"
+        return f"{images} [{self.kind}]"
+
+
+@dataclass
+class BuildResult:
+    variant: str
+    commit: str
+    image_id: str
+    tags: list[str]
+    previous: str | None
+    base: str
+    ui: str
+    log: str
+    seconds: float
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tag_for(variant: str, commit: str | None = None) -> str:
+    return f"{REPO}:{variant}-{commit[:12]}" if commit else f"{REPO}:{variant}"
+
+
+def containerfile(variant: str, root: Path | None = None) -> Path:
+    path = (root or source.project_root()) / "containers" / f"Containerfile.{variant}"
+    if not path.is_file():
+        raise BuildError(f"no Containerfile for variant '{variant}' ({path}); variants: cpu, cuda, rocm, vulkan")
+    return path
+
+
+# -- base images ----------------------------------------------------------------------------------------------
+def resolve_base(variant: str, choice: str) -> Base:
+    if choice == "upstream":
+        return Base(*UPSTREAM_BASES[variant], kind="upstream")
+    if choice == "local":
+        suite = LOCAL_SUITES.get(variant)
+        if suite is None:
+            raise BuildError(
+                f"no local base for '{variant}': Debian has no {variant.upper()} toolkit image to bootstrap. "
+                f"Give a base that has it with --base IMAGE (or BUILD_IMAGE,RUNTIME_IMAGE), e.g. "
+                f"{UPSTREAM_BASES[variant][0]} saved from a connected machine and loaded here "
+                f"(`podman save`/`podman load`)"
+            )
+        return Base(f"{LOCAL_BASE}:{suite}", f"{LOCAL_BASE}:{suite}", kind="local")
+    build, _, runtime = choice.partition(",")
+    return Base(build.strip(), (runtime or build).strip(), kind="custom")
+
+
+def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> None:
+    """Every base image present (pulled if it must be); else fail before anything is built."""
+    for image in dict.fromkeys([base.build, base.runtime]):
+        if engine.image_exists(image):
+            continue
+        if base.kind == "local":
+            suite = image.rsplit(":", 1)[-1]
+            raise BuildError(f"local base image {image} is missing; create it with `podllama base-image --suite {suite}`")
+        progress(f"pulling base image {image}")
+        ok, why = engine.pull(image, timeout=600)
+        if not ok:
+            raise BuildError(
+                f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}. "
+                "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and build with "
+                "--base local (cpu, vulkan), or load the image yourself and pass --base IMAGE"
+            )
+
+
+def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debian.org/debian",
+                   progress: Callable[[str], None] = print) -> str:
+    """Make localhost/podllama-base:SUITE from Debian packages (debootstrap, as root), with no registry."""
+    if shutil.which("debootstrap") is None:
+        raise BuildError("debootstrap is not installed; `apt-get install debootstrap` (scripts/setup.sh does)")
+    if os.geteuid() != 0:
+        raise BuildError("debootstrap needs root; run `sudo podllama base-image`")
+    ref = f"{LOCAL_BASE}:{suite}"
+    root = source.cache_dir() / "rootfs" / suite
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"debootstrap {suite} from {mirror} (about a minute)")
+    proc = subprocess.run(["debootstrap", "--variant=minbase", suite, str(root), mirror], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"debootstrap {suite} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    progress(f"importing {ref} into {engine.name}")
+    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+    assert tar.stdout is not None
+    try:
+        engine.import_tar(tar.stdout, ref)
+    finally:
+        tar.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    return ref
+
+
+# -- the web UI -----------------------------------------------------------------------------------------------
+def prepare_ui(mode: str, tree: Path, commit: str, log: Any, progress: Callable[[str], None]) -> tuple[str, str]:
+    """Build llama.cpp's web UI (tools/ui) with npm when asked or possible. Returns ('on'|'off', why)."""
+    if mode == "off":
+        return "off", "disabled by configuration (build.ui = \"off\")"
+    ui = tree / "tools" / "ui"
+    stamp = ui / "dist" / ".podllama-commit"
+    if stamp.is_file() and stamp.read_text().strip() == commit:
+        return "on", f"built earlier from tools/ui at {commit[:12]}"
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        if mode == "on":
+            raise BuildError("build.ui = \"on\" needs npm and Node.js 20 or newer on this machine; install them or set ui = \"off\"")
+        return "off", "npm not found (install Node.js and npm to build the web UI)"
+    progress("building the web UI from tools/ui with npm (npm ci && npm run build)")
+    for step in (["npm", "ci", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
+        proc = subprocess.run(step, cwd=ui, stdout=log, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(ui / "dist", ignore_errors=True)
+            if mode == "on":
+                raise BuildError(f"`{' '.join(step)}` failed in {ui}; see the log")
+            return "off", f"`{' '.join(step)}` failed (see the build log); building without the web UI"
+    stamp.write_text(commit + "\n")
+    return "on", "built from tools/ui with npm"
+
+
+# -- build ----------------------------------------------------------------------------------------------------
+def build_args_for(variant: str, base: Base, commit: str, build_number: int, cpu_target: str, ui: str,
+                   cuda_architectures: list[str], rocm_targets: list[str]) -> dict[str, str]:
+    args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "LLAMA_COMMIT": commit[:12],
+            "LLAMA_BUILD_NUMBER": str(build_number), "CPU_TARGET": cpu_target, "UI": ui}
+    if variant == "cuda":
+        args["CUDA_ARCHITECTURES"] = ";".join(cuda_architectures or DEFAULT_CUDA_ARCHITECTURES)
+    if variant == "rocm":
+        args["ROCM_TARGETS"] = ";".join(rocm_targets or DEFAULT_ROCM_TARGETS)
+    return args
+
+
+_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+
+
+def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "portable",
+          ui_mode: str = "auto", cuda_architectures: list[str] | None = None, rocm_targets: list[str] | None = None,
+          log_dir: Path, root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None,
+          progress: Callable[[str], None] = print, on_percent: Callable[[int], None] | None = None) -> BuildResult:
+    """Build, smoke-test and tag the llama-server image for VARIANT from the llama.cpp tree."""
+    started = time.monotonic()
+    root = root or source.project_root()
+    tree = root / source.SUBMODULE
+    st = source.status(root)
+    if st.commit is None:
+        raise BuildError(f"{tree} is not checked out; run `podllama source init` (or `--mirror pypi` offline)")
+    commit = st.commit
+    file = containerfile(variant, root)
+    base = resolve_base(variant, base_choice)
+    progress(f"variant {variant}, llama.cpp {commit[:12]}{' (with local changes)' if st.dirty else ''}, "
+             f"engine {engine.name}, base {base.describe()}")
+    ensure_base(engine, base, progress)
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"build-{variant}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with log_path.open("w") as log:
+        ui, why = prepare_ui(ui_mode, tree, commit, log, progress)
+        progress(f"web UI: {ui} ({why})")
+        build_number = int(source.git("rev-list", "--count", "HEAD", cwd=tree, check=False) or 0)
+        args = build_args_for(variant, base, commit, build_number, cpu_target, ui,
+                              cuda_architectures or [], rocm_targets or [])
+        labels = {
+            "podllama.variant": variant, "podllama.llama-commit": commit, "podllama.llama-dirty": str(st.dirty).lower(),
+            "podllama.version": __version__, "podllama.base": base.describe(), "podllama.ui": ui,
+            "podllama.build-args": json.dumps(args, sort_keys=True),
+            "org.opencontainers.image.revision": commit, "org.opencontainers.image.source": source.UPSTREAM_URL,
+            "org.opencontainers.image.title": f"llama-server ({variant}) built by podllama",
+        }
+        progress(f"building (full log: {log_path})")
+
+        def on_line(line: str) -> None:
+            m = _PERCENT.match(line)
+            if m and on_percent:
+                on_percent(int(m.group(1)))
+
+        image_id = engine.build(file, tree, args, labels, log, on_line)
+    if image_id is None:
+        raise BuildError(f"the {variant} image did not build; nothing was changed. Full log: {log_path}\n"
+                         + _tail(log_path))
+
+    result = BuildResult(variant=variant, commit=commit, image_id=image_id, tags=[], previous=None,
+                         base=base.describe(), ui=ui, log=str(log_path), seconds=0.0)
+    if smoke:
+        progress("smoke test: start the new image with a tiny model, /health, one chat completion")
+        try:
+            result.smoke = smoke_test(engine, image_id, tree, gpu=gpu, log=log_path)
+        except BuildError:
+            if not _tagged(engine, image_id):
+                engine.remove_image(image_id)
+            raise
+    result.previous = promote(engine, image_id, variant, commit)
+    result.tags = [tag_for(variant, commit), tag_for(variant)]
+    record_flags(engine, image_id)
+    result.seconds = round(time.monotonic() - started, 1)
+    return result
+
+
+def promote(engine: CliEngine, image_id: str, variant: str, commit: str) -> str | None:
+    """Tag IMAGE_ID as the variant's commit image and as the one in use; keep the replaced one as -previous."""
+    current = engine.image_id(tag_for(variant))
+    previous = None
+    if current and current != image_id:
+        engine.tag(current, f"{REPO}:{variant}-previous")
+        previous = current
+    engine.tag(image_id, tag_for(variant, commit))
+    engine.tag(image_id, tag_for(variant))
+    return previous
+
+
+def rollback(engine: CliEngine, variant: str) -> str:
+    """Point `:<variant>` back at `:<variant>-previous` (and the other way round). Returns the image now in use."""
+    prev = engine.image_id(f"{REPO}:{variant}-previous")
+    if prev is None:
+        raise BuildError(f"no {REPO}:{variant}-previous to roll back to")
+    current = engine.image_id(tag_for(variant))
+    engine.tag(prev, tag_for(variant))
+    if current:
+        engine.tag(current, f"{REPO}:{variant}-previous")
+    return prev
+
+
+def _tagged(engine: CliEngine, image_id: str) -> bool:
+    info = engine.image_inspect(image_id) or {}
+    return bool(info.get("RepoTags"))
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+# -- smoke test -----------------------------------------------------------------------------------------------
+def smoke_model_dir(tree: Path) -> Path:
+    d = source.cache_dir() / "smoke"
+    tinymodel.ensure(d / "podllama-tiny.gguf", tree)
+    return d
+
+
+def smoke_test(engine: CliEngine, image: str, tree: Path, gpu: GpuRequest | None = None, timeout: float = 300,
+               log: Path | None = None) -> dict[str, Any]:
+    """Start IMAGE with the tiny model: /health must turn 200 and one chat completion must answer."""
+    import httpx
+
+    models = smoke_model_dir(tree)
+    name = f"podllama-smoke-{os.getpid()}-{int(time.time())}"
+    spec = ContainerSpec(
+        name=name, image=image, labels={"podllama.smoke": "true"},
+        args=["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"],
+        mounts=[Mount(str(models), "/models")], ports=[("127.0.0.1", 0, 8080)], gpu=gpu,
+        env={"GGML_VK_VISIBLE_DEVICES": "0"} if gpu and gpu.backend == "vulkan" else {},
+    )
+    try:
+        try:
+            engine.run(spec)
+        except EngineError as e:
+            raise BuildError(f"smoke test: the new image did not start: {e}") from None
+        info = engine.inspect(name)
+        port = info.ports.get(8080) if info else None
+        if not port:
+            raise BuildError("smoke test: the engine published no port for the test container")
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
+        if state != "ok":
+            raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")
+        ready_s = time.monotonic() - t0
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or not body.get("choices"):
+            raise BuildError(f"smoke test: chat completion answered {r.status_code}: {r.text[:300]}")
+        version = engine.run_once(ContainerSpec(name=f"{name}-v", image=image, args=["--version"]), timeout=60)
+        return {"ready_seconds": round(ready_s, 2), "completion_tokens": body.get("usage", {}).get("completion_tokens"),
+                "version": (version.stdout + version.stderr).strip().splitlines()[-2:]}
+    finally:
+        if log is not None:
+            with log.open("a") as f:
+                f.write("\n--- smoke test server log ---\n" + _logs(engine, name))
+        engine.remove(name)
+
+
+def _alive(engine: CliEngine, name: str) -> bool:
+    info = engine.inspect(name)
+    return bool(info and info.running)
+
+
+def _logs(engine: CliEngine, name: str) -> str:
+    return "".join(engine.logs(name, tail=40))
+
+
+# -- recorded flags -------------------------------------------------------------------------------------------
+def flags_cache(image_id: str) -> Path:
+    return source.cache_dir() / "images" / f"{image_id[:24]}.json"
+
+
+def record_flags(engine: CliEngine, image: str) -> FlagSet:
+    """The flags the image's llama-server knows, read from the help text recorded in the image (cached by id)."""
+    image_id = engine.image_id(image)
+    if image_id is None:
+        raise BuildError(f"image {image} does not exist; build it with `podllama build`")
+    cache = flags_cache(image_id)
+    if cache.is_file():
+        return FlagSet.parse(json.loads(cache.read_text())["help"])
+    out = engine.run_once(ContainerSpec(name=f"podllama-flags-{os.getpid()}-{int(time.time())}", image=image_id,
+                                        entrypoint=["cat"], args=[HELP_FILE]), timeout=60)
+    if out.returncode != 0 or "--model" not in out.stdout:
+        raise BuildError(f"image {image} carries no {HELP_FILE}; rebuild it with `podllama build`")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"image": image_id, "help": out.stdout}))
+    return FlagSet.parse(out.stdout)

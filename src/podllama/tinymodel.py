@@ -1,0 +1,92 @@
+"""A tiny but valid GGUF model, written locally: for smoke tests of new images and for the test suite.
+
+A 2-layer llama (n_embd 64) with llama.cpp's own SPM tokenizer (taken from the vocab file that ships in the
+llama.cpp source tree) and f16 weights from a seeded generator: the same bytes every time, about 9 MB.
+It loads in well under a second and answers completions, chat and (with --embedding) embeddings — gibberish
+text, but real llama-server behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+VOCAB_FILE = "models/ggml-vocab-llama-spm.gguf"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
+          n_ctx: int = 4096, seed: int = 0, name: str = "podllama-tiny") -> Path:
+    """Write the model to DEST (atomically) and return DEST."""
+    import gguf  # imported here: only smoke tests and tests need it
+
+    reader = gguf.GGUFReader(str(vocab))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    n_vocab = 0
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if field.name == "tokenizer.ggml.tokens":
+            n_vocab = len(value)
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(field.name, value, vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(field.name, value, vtype)
+    w.add_vocab_size(n_vocab)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    rng = np.random.default_rng(seed)
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.02).astype(np.float16)
+
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{t}.weight", mat(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dest)
+    return dest
+
+
+def ensure(dest: Path, source_tree: Path) -> Path:
+    """The tiny model at DEST, written from SOURCE_TREE's vocab file if it is not there yet."""
+    if dest.is_file():
+        return dest
+    vocab = source_tree / VOCAB_FILE
+    if not vocab.is_file():
+        raise FileNotFoundError(f"{vocab} is missing; check the llama.cpp submodule out (`podllama source init`)")
+    return write(dest, vocab)
