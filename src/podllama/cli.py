@@ -213,6 +213,31 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
 
 
 @app.command()
+def doctor(engine: EngineOpt = None, cfg_path: ConfigOpt = None, variant: VariantOpt = None,
+           fix: Annotated[bool, typer.Option("--fix", help="Apply the fixes podllama can make itself")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Check the engine, its runtime quirks, the API socket, GPU passthrough and base images."""
+    import os
+
+    from . import doctor as doc
+
+    cfg = load_config(cfg_path, required=False)
+    eng = engine_for(cfg, engine)
+    chosen = hardware.resolve_variant(variant or cfg.stack.variant)
+    findings = doc.run(eng, chosen, os.environ.get("PODLLAMA_BASE") or cfg.build.base, fix=fix)
+    if as_json:
+        emit([f.to_dict() for f in findings])
+    else:
+        for f in findings:
+            mark = "[green]fixed[/green]" if f.fixed else ("[green]ok[/green]" if f.ok else "[red]problem[/red]")
+            out.print(f"{mark:<22} {f.check}: {f.detail}", highlight=False)
+            if f.fix and not f.ok:
+                out.print(f"{'':>8}fix: {f.fix}", highlight=False)
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)
+
+
+@app.command()
 def version() -> None:
     """podllama's version and the llama.cpp commit it builds."""
     st = source.status()

@@ -168,7 +168,7 @@ class CliEngine:
                            env=self.build_env())
         if code != 0 or not iidfile.exists():
             return None
-        image_id = iidfile.read_text().strip()
+        image_id = _strip_digest(iidfile.read_text().strip())
         iidfile.unlink()
         return image_id
 

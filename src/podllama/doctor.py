@@ -1,0 +1,195 @@
+"""`podllama doctor`: is this machine ready to build and run the stack? Each finding says OK, or the problem and
+its fix; the fixes podllama can apply itself (`--fix`) are applied only when asked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import hardware, images
+from .engine import CliEngine
+
+CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+PODMAN_SOCKET = Path("/run/podman/podman.sock")
+DOCKER_SOCKET = Path("/var/run/docker.sock")
+
+# The errors crun/podman print on hosts like cgroup-v1 VMs without CAP_SYS_RESOURCE, and the settings that fix them.
+QUIRKS = {
+    "ulimits": (re.compile(r"setrlimit `?RLIMIT_(NOFILE|NPROC)|error setting rlimit"),
+                "[containers]", 'default_ulimits = ["nofile=20000:20000", "nproc=8192:8192"]'),
+    "runtime": (re.compile(r"cgroups in hybrid mode not supported"), "[engine]", 'runtime = "runc"'),
+}
+
+
+@dataclass
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    fixed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tiny_rootfs() -> Path:
+    """A root filesystem of just /bin/true and the libraries it needs: a container without any image."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="podllama-doctor-"))
+    true = shutil.which("true") or "/bin/true"
+    libs = re.findall(r"(/\S+\.so[.\d]*)", subprocess.run(["ldd", true], capture_output=True, text=True).stdout)
+    for f in [true, *libs]:
+        dest = root / f.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(f), dest)
+    (root / "bin").mkdir(exist_ok=True)
+    if not (root / "bin" / "true").exists():
+        shutil.copy2(true, root / "bin" / "true")
+    return root
+
+
+def trial_run(engine: CliEngine) -> subprocess.CompletedProcess[str]:
+    """Start a throwaway container; needs no image and no registry (Podman runs it from a tiny rootfs)."""
+    if engine.name == "podman":
+        root = tiny_rootfs()
+        try:
+            return engine.run_cli("run", "--rm", "--rootfs", str(root), "/bin/true", check=False, timeout=60)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    local = engine.run_cli("images", "--quiet", check=False).stdout.split()
+    if not local:
+        return subprocess.CompletedProcess([], 0, "", "")  # nothing to run yet: builds will tell
+    return engine.run_cli("run", "--rm", "--entrypoint", "/bin/true", local[0], check=False, timeout=60)
+
+
+def apply_conf(section: str, line: str, path: Path = CONTAINERS_CONF) -> None:
+    """Add LINE under SECTION of containers.conf, keeping what is there."""
+    text = path.read_text() if path.exists() else ""
+    key = line.split("=")[0].strip()
+    if re.search(rf"^\s*{re.escape(key)}\s*=", text, re.M):
+        text = re.sub(rf"^\s*{re.escape(key)}\s*=.*$", line, text, flags=re.M)
+    elif section in text:
+        text = text.replace(section, f"{section}\n{line}", 1)
+    else:
+        text = text.rstrip("\n") + ("\n" if text else "") + f"{section}\n{line}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def check_runtime(engine: CliEngine, fix: bool) -> list[Finding]:
+    findings: list[Finding] = []
+    for _ in range(len(QUIRKS) + 1):  # each fix can reveal the next quirk
+        proc = trial_run(engine)
+        if proc.returncode == 0:
+            findings.append(Finding("container runtime", True, f"{engine.name} starts containers"))
+            return findings
+        output = proc.stderr + proc.stdout
+        hit = next(((name, q) for name, q in QUIRKS.items() if q[0].search(output)), None)
+        if hit is None:
+            findings.append(Finding("container runtime", False, f"{engine.name} cannot start a container: "
+                                    f"{output.strip()[-400:]}", "see the engine's own error above"))
+            return findings
+        name, (_, section, line) = hit
+        fix_text = f"add to {CONTAINERS_CONF} under {section}: {line}"
+        if not fix or engine.name != "podman":
+            findings.append(Finding(f"runtime quirk: {name}", False, output.strip().splitlines()[-1], fix_text))
+            return findings
+        apply_conf(section, line)
+        findings.append(Finding(f"runtime quirk: {name}", True, output.strip().splitlines()[-1], fix_text, fixed=True))
+    return findings
+
+
+def check_socket(engine: CliEngine, fix: bool) -> Finding:
+    """The API socket the gateway container drives the engine through."""
+    sock = PODMAN_SOCKET if engine.name == "podman" else DOCKER_SOCKET
+    if sock.is_socket():
+        return Finding("API socket", True, f"{sock} (the gateway container uses it)")
+    if engine.name != "podman":
+        return Finding("API socket", False, f"{sock} missing", "start the Docker daemon (`dockerd &` or systemctl start docker)")
+    fix_text = (f"systemctl enable --now podman.socket, or without systemd: "
+                f"podman system service --time=0 unix://{sock} &")
+    if fix:
+        start_podman_service()
+        if sock.is_socket():
+            return Finding("API socket", True, f"{sock} started", fix_text, fixed=True)
+    return Finding("API socket", False, f"{sock} missing", fix_text)
+
+
+def start_podman_service(sock: Path = PODMAN_SOCKET, wait: float = 10) -> None:
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while not sock.is_socket() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def check_gpus(hw: hardware.Hardware) -> list[Finding]:
+    findings = []
+    if any(g.backend == "cuda" for g in hw.gpus):
+        if hw.nvidia.get("cdi"):
+            findings.append(Finding("NVIDIA passthrough", True, f"CDI spec {', '.join(hw.nvidia['cdi_specs'])}"))
+        else:
+            findings.append(Finding("NVIDIA passthrough", False, "no CDI spec for nvidia.com/gpu",
+                                    "install nvidia-container-toolkit, then nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"))
+    if any(g.backend == "rocm" for g in hw.gpus):
+        ok = os.path.exists("/dev/kfd") and os.path.isdir("/dev/dri")
+        findings.append(Finding("ROCm passthrough", ok, "/dev/kfd and /dev/dri present" if ok else "/dev/kfd or /dev/dri missing",
+                                None if ok else "load the amdgpu driver with KFD (ROCm); add your user to the video and render groups"))
+    if any(g.backend == "vulkan" for g in hw.gpus):
+        nodes = [g.render_node for g in hw.gpus if g.render_node]
+        findings.append(Finding("Vulkan passthrough", bool(nodes), ", ".join(nodes) or "no /dev/dri render node",
+                                None if nodes else "install the GPU's kernel driver (i915/xe, amdgpu)"))
+    return findings
+
+
+def check_bases(engine: CliEngine, variant: str, base_choice: str) -> Finding:
+    try:
+        base = images.resolve_base(variant, base_choice)
+    except images.BuildError as e:
+        return Finding(f"base images ({variant})", False, str(e))
+    missing = [i for i in dict.fromkeys([base.build, base.runtime]) if not engine.image_exists(i)]
+    if not missing:
+        return Finding(f"base images ({variant})", True, base.describe())
+    how = ("`podllama base-image`" if base.kind == "local" else "pulled at build time if a registry is reachable; "
+           "else `podllama base-image` and build with --base local")
+    return Finding(f"base images ({variant})", base.kind != "local", f"not present yet: {', '.join(missing)}", how)
+
+
+def run(engine: CliEngine, variant: str, base_choice: str, fix: bool = False) -> list[Finding]:
+    findings = [Finding("engine", True, f"{engine.name} {engine.version()}")]
+    findings += check_runtime(engine, fix)
+    findings.append(check_socket(engine, fix))
+    hw = hardware.detect()
+    findings += check_gpus(hw)
+    findings.append(check_bases(engine, variant, base_choice))
+    if shutil.which("debootstrap") is None:
+        findings.append(Finding("debootstrap", True, "not installed (only needed where no registry is reachable)",
+                                "apt-get install debootstrap"))
+    return findings
+
+
+def start_dockerd(wait: float = 60) -> None:
+    """Start the Docker daemon in the background where no service manager does (containers, CI machines)."""
+    def answers() -> bool:
+        return subprocess.run(["docker", "version"], capture_output=True).returncode == 0
+
+    if DOCKER_SOCKET.is_socket() and answers():
+        return
+    if shutil.which("dockerd") is None:
+        raise RuntimeError("dockerd is not installed: apt-get install docker.io (scripts/setup.sh --with-docker)")
+    log = open("/var/log/podllama-dockerd.log", "ab")
+    subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if DOCKER_SOCKET.is_socket() and answers():
+            return
+        time.sleep(0.5)
+    raise RuntimeError("dockerd did not come up within a minute; see /var/log/podllama-dockerd.log")

@@ -1,0 +1,32 @@
+"""Helpers the tests share: running the real `podllama` command, waiting for a condition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PODLLAMA = [sys.executable, "-m", "podllama.cli"]
+
+
+def podllama(*args: str, check: bool = True, timeout: float = 3600, env: dict | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `podllama` command."""
+    proc = subprocess.run(PODLLAMA + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podllama {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
