@@ -18,13 +18,15 @@ from .engine import CliEngine, EngineError, get_engine
 from .flags import FlagError
 from .images import BuildError
 from .source import SourceError
+from .stack import Stack, StackError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build, run and serve llama.cpp in containers.")
 source_app = typer.Typer(no_args_is_help=True, help="The llama.cpp source (a git submodule).")
 app.add_typer(source_app, name="source")
 
-out = Console()
-err = Console(stderr=True)
+# Wide enough for tables when the output is a pipe or a CI log (rich assumes 80 columns there).
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="services.toml to use "
                                                    "(default: $PODLLAMA_CONFIG or ./services.toml)")]
@@ -145,7 +147,7 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
         return emit(result.to_dict())
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
-        out.print(f"previous image kept as {images.REPO}:{chosen}-previous ({result.previous[:12]})")
+        out.print(f"previous image kept as {images.previous_tag(chosen, cfg.build.repository)} ({result.previous[:12]})")
 
 
 def _run_build(cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *, base: str | None = None,
@@ -165,15 +167,16 @@ def _run_build(cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Ha
             cpu_target="native" if native else cfg.build.cpu_target, ui_mode=ui or cfg.build.ui,
             cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
             rocm_targets=cfg.build.rocm_targets or hw.rocm_targets,
-            log_dir=cfg.state_path / "logs", smoke=smoke, gpu=gpu, progress=lambda m: bar.console.print(f"[dim]•[/dim] {m}", highlight=False),
+            log_dir=cfg.state_path / "logs", smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=lambda m: bar.console.print(f"[dim]•[/dim] {m}", highlight=False),
             on_percent=lambda p: bar.update(task, completed=p))
 
 
 @app.command("images")
 def list_images(engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """The llama-server images podllama built: variant, llama.cpp commit, tags."""
-    eng = engine_for(load_config(cfg_path, required=False), engine)
-    rows = eng.list_images(images.REPO)
+    cfg = load_config(cfg_path, required=False)
+    eng = engine_for(cfg, engine)
+    rows = eng.list_images(cfg.build.repository)
     if as_json:
         return emit(rows)
     table = Table("tag", "image", "created", "size")
@@ -181,6 +184,159 @@ def list_images(engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: J
         table.add_row(f"{r.get('Repository')}:{r.get('Tag')}", str(r.get("ID", ""))[:19].removeprefix("sha256:"),
                       str(r.get("CreatedSince") or r.get("CreatedAt", "")), str(r.get("Size", "")))
     out.print(table)
+
+
+# -- the stack ------------------------------------------------------------------------------------------------
+ServersArg = Annotated[Optional[list[str]], typer.Argument(help="Servers (default: all)", show_default=False)]
+
+
+def stack_for(cfg_path: Path | None, engine: str | None) -> Stack:
+    cfg = load_config(cfg_path)
+    return Stack(cfg, engine_for(cfg, engine), progress=say)
+
+
+def ensure_images(st: Stack, names: list[str] | None) -> None:
+    """Build the image of every variant the servers use that does not exist yet."""
+    for variant in dict.fromkeys(st.variant_of(st.cfg.servers[n]) for n in st.select(names)):
+        if not st.engine.image_exists(st.image_of(variant)):
+            say(f"image {st.image_of(variant)} missing: building it (once; later starts reuse it)")
+            _run_build(st.cfg, st.engine, variant, st.hardware)
+
+
+def start_gateway(st: Stack) -> str:
+    from . import doctor
+
+    import os
+
+    finding = doctor.check_socket(st.engine, fix=True)
+    if not finding.ok:
+        raise StackError(f"the gateway drives {st.engine.name} through its API socket, which is missing: {finding.fix}")
+    root = source.project_root()
+    image = images.build_gateway(st.engine, root, os.environ.get("PODLLAMA_BASE") or st.cfg.build.base,
+                                 st.cfg.state_path / "logs", progress=say)
+    return st.start_gateway(image, st.engine.api_socket(), root)
+
+
+@app.command()
+def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+          gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
+          wait: Annotated[bool, typer.Option(help="Wait until every server is healthy")] = True) -> None:
+    """Start the stack (or some servers): build missing images, check models, start, wait until healthy."""
+    st = stack_for(cfg_path, engine)
+    ensure_images(st, servers)
+    plan = st.start(servers, wait=wait, on_state=lambda c, s: say(f"{c}: {s}"))
+    out.print(f"servers: {plan.describe()}")
+    if gateway:
+        out.print(f"gateway: [bold]{start_gateway(st)}[/bold]")
+
+
+@app.command()
+def stop(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+         timeout: Annotated[int, typer.Option("--timeout", "-t", help="Seconds before SIGKILL")] = 10) -> None:
+    """Stop servers gracefully (all of them and the gateway when none is named); the supervisor leaves them down."""
+    st = stack_for(cfg_path, engine)
+    stopped = st.stop(servers, timeout)
+    out.print(f"stopped {len(stopped)} containers" if stopped else "nothing was running")
+
+
+@app.command()
+def kill(cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+    """Kill every container of the stack at once, the gateway included."""
+    st = stack_for(cfg_path, engine)
+    killed = st.kill()
+    out.print(f"killed {len(killed)} containers" if killed else "nothing was running")
+
+
+@app.command()
+def restart(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+    """Recreate servers one at a time, each healthy before the next."""
+    st = stack_for(cfg_path, engine)
+    st.restart(servers, on_state=lambda c, s: say(f"{c}: {s}"))
+    out.print("restarted " + ", ".join(st.select(servers)))
+
+
+@app.command()
+def down(cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+    """Remove every container of the stack and its network (models and images stay)."""
+    st = stack_for(cfg_path, engine)
+    removed = st.down()
+    out.print(f"removed {len(removed)} containers and network {st.network}")
+
+
+@app.command()
+def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOpt = False) -> None:
+    """Per server: state, health, uptime, restarts, image, commit, model, role."""
+    st = stack_for(cfg_path, engine)
+    rows = st.status()
+    gw = st.engine.inspect(st.gateway_name)
+    saved = st.state.read()
+    if as_json:
+        return emit({"stack": st.name, "servers": rows, "gateway": {
+            "container": st.gateway_name, "state": gw.state if gw else "missing", "url": st.gateway_url},
+            "last_update": saved.get("last_update")})
+    table = Table("server", "role", "state", "health", "uptime", "restarts", "commit", "model")
+    for r in rows:
+        state = r["state"] + ("" if r["declared"] else " (not declared)")
+        if r["desired"] == "stopped" and r["state"] != "running":
+            state += " (stopped)"
+        table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
+                      str(r["restarts"]), r["commit"] or "-", r["model"])
+    out.print(table)
+    out.print(f"gateway {st.gateway_name}: {gw.state if gw else 'missing'} ({st.gateway_url})")
+    for r in rows:
+        if r["failed"]:
+            out.print(f"[red]{r['container']} failed[/red]: {r['failed']['reason']}\n{r['failed']['logs']}")
+    last = saved.get("last_update")
+    if last:
+        word = "[green]ok[/green]" if last.get("ok") else "[red]failed[/red]"
+        out.print(f"last update {word}: {last.get('summary', '')}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@app.command()
+def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'")],
+         cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+         follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
+         tail: Annotated[Optional[int], typer.Option("--tail", "-n", help="Only the last N lines")] = None,
+         replica: Annotated[int, typer.Option(help="Which replica")] = 1) -> None:
+    """A server's log (llama-server's own output)."""
+    from .stack import container_name
+
+    st = stack_for(cfg_path, engine)
+    name = st.gateway_name if server == "gateway" else container_name(st.name, st.select([server])[0], replica)
+    if st.engine.inspect(name) is None:
+        raise StackError(f"no container {name}; is the stack started (`podllama start`)?")
+    try:
+        for line in st.engine.logs(name, tail=tail, follow=follow):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("gateway")
+def gateway_cmd(cfg_path: ConfigOpt = None,
+                host: Annotated[Optional[str], typer.Option(help="Bind address (default: [gateway] host)")] = None,
+                port: Annotated[Optional[int], typer.Option(help="Port (default: [gateway] port)")] = None,
+                supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True) -> None:
+    """Run the gateway in this process (development; `podllama start` runs it as a container)."""
+    import logging
+
+    import uvicorn
+
+    from .gateway.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cfg = load_config(cfg_path)
+    uvicorn.run(create_app(cfg, supervise=supervise), host=host or cfg.gateway.host, port=port or cfg.gateway.port,
+                loop="uvloop", http="httptools", log_level="warning", access_log=False)
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -247,7 +403,7 @@ def version() -> None:
 def main() -> None:
     try:
         app()
-    except (ConfigError, SourceError, BuildError, EngineError, FlagError) as e:
+    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:

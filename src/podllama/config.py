@@ -41,6 +41,7 @@ class StackSection(_Model):
     engine: EngineName = "auto"
     variant: VariantName = "auto"
     models_dir: str = "./models"
+    ready_timeout: Annotated[float, Field(gt=0)] = 600  # seconds a start waits for every server to be healthy
 
     @field_validator("name")
     @classmethod
@@ -54,6 +55,7 @@ class BuildSection(_Model):
     # "upstream": public base images from their registries; "local": images made by `podllama base-image`;
     # anything else is taken as one image reference used for both stages.
     base: str = "upstream"
+    repository: str = "podllama/llama-server"  # where built images are tagged
     cpu_target: Literal["portable", "native"] = "portable"
     ui: Literal["auto", "on", "off"] = "auto"
     cuda_architectures: list[str] = Field(default_factory=list)
@@ -63,6 +65,18 @@ class BuildSection(_Model):
 class GatewaySection(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
+
+
+class SupervisorSection(_Model):
+    """How the supervisor (inside the gateway) keeps servers up."""
+
+    interval: Annotated[float, Field(gt=0)] = 2.0  # seconds between rounds
+    unhealthy_after: Annotated[int, Field(ge=1)] = 3  # failed probes of a loaded server before it is restarted
+    stall_timeout: Annotated[float, Field(gt=0)] = 300  # loading with no new log output this long → restart
+    backoff_initial: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max: Annotated[float, Field(gt=0)] = 60.0
+    crash_loop_limit: Annotated[int, Field(ge=1)] = 5  # restarts within crash_loop_window → marked failed
+    crash_loop_window: Annotated[float, Field(gt=0)] = 300
 
 
 class ServerSection(_Model):
@@ -111,11 +125,18 @@ class ServerSection(_Model):
                 raise ValueError(f"'{key}' is not an environment variable name")
         return v
 
+    @model_validator(mode="after")
+    def _projector(self) -> ServerSection:
+        if self.role in ("vision", "audio") and not self.mmproj:
+            raise ValueError(f"role '{self.role}' needs mmproj = \"FILE\" (the model's multimodal projector GGUF)")
+        return self
+
 
 class Config(_Model):
     stack: StackSection = Field(default_factory=StackSection)
     build: BuildSection = Field(default_factory=BuildSection)
     gateway: GatewaySection = Field(default_factory=GatewaySection)
+    supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     servers: dict[str, ServerSection] = Field(default_factory=dict)
 
     _source: Path | None = PrivateAttr(default=None)

@@ -108,7 +108,7 @@ def check_runtime(engine: CliEngine, fix: bool) -> list[Finding]:
 
 def check_socket(engine: CliEngine, fix: bool) -> Finding:
     """The API socket the gateway container drives the engine through."""
-    sock = PODMAN_SOCKET if engine.name == "podman" else DOCKER_SOCKET
+    sock = engine.api_socket()
     if sock.is_socket():
         return Finding("API socket", True, f"{sock} (the gateway container uses it)")
     if engine.name != "podman":
@@ -116,7 +116,7 @@ def check_socket(engine: CliEngine, fix: bool) -> Finding:
     fix_text = (f"systemctl enable --now podman.socket, or without systemd: "
                 f"podman system service --time=0 unix://{sock} &")
     if fix:
-        start_podman_service()
+        start_podman_service(sock)
         if sock.is_socket():
             return Finding("API socket", True, f"{sock} started", fix_text, fixed=True)
     return Finding("API socket", False, f"{sock} missing", fix_text)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from .engine import CliEngine, ContainerInfo
 
 OK, LOADING, DOWN = "ok", "loading", "down"
 
@@ -34,3 +38,16 @@ def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] | None = No
             return "exited"
         time.sleep(interval)
     return "timeout"
+
+
+def container_health(engine: CliEngine, info: ContainerInfo, port: int) -> str:
+    """Health of a server container: over its network address, or, where that cannot be reached from here
+    (rootless networking), from inside the container."""
+    if info.ip:
+        state = probe(f"http://{info.ip}:{port}")
+        if state != DOWN:
+            return state
+    proc = engine.exec(info.name, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                                   f"http://127.0.0.1:{port}/health"], timeout=10)
+    code = proc.stdout.strip()
+    return OK if code == "200" else LOADING if code == "503" else DOWN

@@ -74,8 +74,13 @@ class BuildResult:
         return asdict(self)
 
 
-def tag_for(variant: str, commit: str | None = None) -> str:
-    return f"{REPO}:{variant}-{commit[:12]}" if commit else f"{REPO}:{variant}"
+def tag_for(variant: str, commit: str | None = None, repo: str = REPO, dirty: bool = False) -> str:
+    """`REPO:<variant>` (the image in use) or `REPO:<variant>-<commit12>[-dirty]` (one build of a commit)."""
+    return f"{repo}:{variant}-{commit[:12]}{'-dirty' if dirty else ''}" if commit else f"{repo}:{variant}"
+
+
+def previous_tag(variant: str, repo: str = REPO) -> str:
+    return f"{repo}:{variant}-previous"
 
 
 def containerfile(variant: str, root: Path | None = None) -> Path:
@@ -191,6 +196,7 @@ _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "portable",
           ui_mode: str = "auto", cuda_architectures: list[str] | None = None, rocm_targets: list[str] | None = None,
           log_dir: Path, root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None,
+          repo: str = REPO,
           progress: Callable[[str], None] = print, on_percent: Callable[[int], None] | None = None) -> BuildResult:
     """Build, smoke-test and tag the llama-server image for VARIANT from the llama.cpp tree."""
     started = time.monotonic()
@@ -243,34 +249,35 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
             if not _tagged(engine, image_id):
                 engine.remove_image(image_id)
             raise
-    result.previous = promote(engine, image_id, variant, commit)
-    result.tags = [tag_for(variant, commit), tag_for(variant)]
+    result.previous = promote(engine, image_id, variant, commit, repo=repo, dirty=st.dirty)
+    result.tags = [tag_for(variant, commit, repo, st.dirty), tag_for(variant, repo=repo)]
     record_flags(engine, image_id)
     result.seconds = round(time.monotonic() - started, 1)
     return result
 
 
-def promote(engine: CliEngine, image_id: str, variant: str, commit: str) -> str | None:
+def promote(engine: CliEngine, image_id: str, variant: str, commit: str, repo: str = REPO,
+            dirty: bool = False) -> str | None:
     """Tag IMAGE_ID as the variant's commit image and as the one in use; keep the replaced one as -previous."""
-    current = engine.image_id(tag_for(variant))
+    current = engine.image_id(tag_for(variant, repo=repo))
     previous = None
     if current and current != image_id:
-        engine.tag(current, f"{REPO}:{variant}-previous")
+        engine.tag(current, previous_tag(variant, repo))
         previous = current
-    engine.tag(image_id, tag_for(variant, commit))
-    engine.tag(image_id, tag_for(variant))
+    engine.tag(image_id, tag_for(variant, commit, repo, dirty))
+    engine.tag(image_id, tag_for(variant, repo=repo))
     return previous
 
 
-def rollback(engine: CliEngine, variant: str) -> str:
+def rollback(engine: CliEngine, variant: str, repo: str = REPO) -> str:
     """Point `:<variant>` back at `:<variant>-previous` (and the other way round). Returns the image now in use."""
-    prev = engine.image_id(f"{REPO}:{variant}-previous")
+    prev = engine.image_id(previous_tag(variant, repo))
     if prev is None:
-        raise BuildError(f"no {REPO}:{variant}-previous to roll back to")
-    current = engine.image_id(tag_for(variant))
-    engine.tag(prev, tag_for(variant))
+        raise BuildError(f"no {previous_tag(variant, repo)} to roll back to")
+    current = engine.image_id(tag_for(variant, repo=repo))
+    engine.tag(prev, tag_for(variant, repo=repo))
     if current:
-        engine.tag(current, f"{REPO}:{variant}-previous")
+        engine.tag(current, previous_tag(variant, repo))
     return prev
 
 
@@ -363,3 +370,61 @@ def record_flags(engine: CliEngine, image: str) -> FlagSet:
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"image": image_id, "help": out.stdout}))
     return FlagSet.parse(out.stdout)
+
+
+# -- the gateway image ----------------------------------------------------------------------------------------
+GATEWAY_REPO = "podllama/gateway"
+
+
+def gateway_source_hash(root: Path) -> str:
+    """A digest of what goes into the gateway image: a new one is built whenever podllama's code changes."""
+    import hashlib
+
+    files = [root / "containers" / "Containerfile.gateway", root / "pyproject.toml", root / "README.md",
+             *sorted((root / "src" / "podllama").rglob("*.py"))]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def host_ca_bundle() -> Path:
+    """The certificates this machine trusts, handed to pip inside the gateway build (a TLS-inspecting proxy's
+    CA included), so the build reaches the package index wherever the host does."""
+    import ssl
+
+    for candidate in (os.environ.get("SSL_CERT_FILE"), os.environ.get("PIP_CERT"), os.environ.get("REQUESTS_CA_BUNDLE"),
+                      ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    import certifi
+
+    return Path(certifi.where())
+
+
+def gateway_tag(engine: CliEngine, root: Path) -> str:
+    return f"{GATEWAY_REPO}:{engine.name}-{gateway_source_hash(root)}"
+
+
+def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path,
+                  progress: Callable[[str], None] = print) -> str:
+    """The gateway image for this podllama source and ENGINE, built if it does not exist yet."""
+    tag = gateway_tag(engine, root)
+    if engine.image_exists(tag):
+        return tag
+    base = resolve_base("cpu", base_choice)
+    ensure_base(engine, Base(base.runtime, base.runtime, base.kind), progress)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"build-gateway-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    progress(f"building the gateway image {tag} (full log: {log_path})")
+    labels = {"podllama.version": __version__, "podllama.kind": "gateway", "podllama.base": base.runtime}
+    args = {"BASE": base.runtime, "ENGINE": engine.name}
+    if os.environ.get("PIP_INDEX_URL"):
+        args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
+    with log_path.open("w") as log:
+        image_id = engine.build(root / "containers" / "Containerfile.gateway", root, args, labels, log,
+                                secrets={"cacert": host_ca_bundle()})
+    if image_id is None:
+        raise BuildError(f"the gateway image did not build. Full log: {log_path}\n" + _tail(log_path))
+    engine.tag(image_id, tag)
+    return tag

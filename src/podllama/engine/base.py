@@ -146,10 +146,16 @@ class CliEngine:
     def version(self) -> str:
         return self.run_cli("version", "--format", "{{.Server.Version}}").stdout.strip()
 
+    def api_socket(self) -> Path:
+        """The host's API socket of this engine (mounted into the gateway container)."""
+        raise NotImplementedError
+
     # -- images -------------------------------------------------------------------------------------------
     def build_args(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
-                   iidfile: Path) -> list[str]:
+                   iidfile: Path, secrets: dict[str, Path] | None = None) -> list[str]:
         argv = ["build", "-f", str(containerfile), f"--iidfile={iidfile}"]
+        for k, path in (secrets or {}).items():
+            argv.append(f"--secret=id={k},src={path}")
         for k, v in build_args.items():
             argv.append(f"--build-arg={k}={v}")
         for k, v in labels.items():
@@ -160,12 +166,14 @@ class CliEngine:
         return {}
 
     def build(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
-              log: IO[str], on_line: Callable[[str], None] | None = None) -> str | None:
-        """Build an image without tagging it. Returns its id, or None when the build failed (see the log)."""
-        iidfile = Path(log.name).with_suffix(".iid") if hasattr(log, "name") else Path(os.devnull)
+              log: IO[str], on_line: Callable[[str], None] | None = None,
+              secrets: dict[str, Path] | None = None) -> str | None:
+        """Build an image without tagging it. Returns its id, or None when the build failed (see the log).
+        SECRETS are files mounted into RUN steps that ask for them, never stored in the image."""
+        iidfile = Path(log.name).with_suffix(".iid")
         iidfile.unlink(missing_ok=True)
-        code = self.stream(self.build_args(containerfile, context, build_args, labels, iidfile), log, on_line,
-                           env=self.build_env())
+        code = self.stream(self.build_args(containerfile, context, build_args, labels, iidfile, secrets), log,
+                           on_line, env=self.build_env())
         if code != 0 or not iidfile.exists():
             return None
         image_id = _strip_digest(iidfile.read_text().strip())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .base import CliEngine, GpuRequest
 
 SOCKET = "unix:///var/run/docker.sock"
@@ -13,6 +16,10 @@ class DockerEngine(CliEngine):
 
     def base_argv(self) -> list[str]:
         return [self.binary, "-H", self.remote] if self.remote else [self.binary]
+
+    def api_socket(self) -> Path:
+        host = os.environ.get("DOCKER_HOST", "")
+        return Path(host.removeprefix("unix://")) if host.startswith("unix://") else Path("/var/run/docker.sock")
 
     def build_env(self) -> dict[str, str]:
         return {"DOCKER_BUILDKIT": "1"}  # cache mounts (RUN --mount=type=cache) need BuildKit

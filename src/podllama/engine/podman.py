@@ -17,10 +17,18 @@ class PodmanEngine(CliEngine):
         return [self.binary, "--remote", f"--url={self.remote}"] if self.remote else [self.binary]
 
     def build_args(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
-                   iidfile: Path) -> list[str]:
+                   iidfile: Path, secrets: dict[str, Path] | None = None) -> list[str]:
         # docker format: OCI images drop HEALTHCHECK
-        argv = super().build_args(containerfile, context, build_args, labels, iidfile)
+        argv = super().build_args(containerfile, context, build_args, labels, iidfile, secrets)
         return argv[:1] + ["--format=docker", "--layers"] + argv[1:]
+
+    def api_socket(self) -> Path:
+        """Where this host's Podman API socket lives (rootful, or the user's for rootless Podman)."""
+        import os
+
+        if os.geteuid() == 0:
+            return Path("/run/podman/podman.sock")
+        return Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")) / "podman" / "podman.sock"
 
     def untag(self, ref: str) -> None:
         self.run_cli("untag", ref, check=False)

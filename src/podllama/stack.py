@@ -1,0 +1,484 @@
+"""From services.toml to running containers: one container per server replica, a private network, the
+gateway; plans (what changes), their application, and the lifecycle commands.
+
+Container names are `<stack>-<server>-<replica>` (replicas count from 1) and `<stack>-gateway`; every
+container carries `podllama.stack` and the labels below, so podllama only ever touches its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import flags, hardware, images
+from .config import Config, ServerSection
+from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
+from .health import DOWN, LOADING, OK, container_health, wait_healthy
+from .state import RUNNING, STOPPED, StackState
+
+SERVER_PORT = 8080
+GATEWAY_PORT = 8080
+ENGINE_SOCKET = "/run/podllama/engine.sock"  # where the gateway container sees the host's engine API
+ROLE_FLAGS: dict[str, list[str]] = {
+    "chat": [], "embedding": ["--embedding"], "rerank": ["--rerank"], "vision": [], "infill": [], "audio": [],
+}
+L_STACK, L_KIND, L_SERVER, L_REPLICA, L_ROLE = "podllama.stack", "podllama.kind", "podllama.server", "podllama.replica", "podllama.role"
+L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
+
+
+class StackError(Exception):
+    """A lifecycle step that cannot be done; the message names the server, the cause and the fix."""
+
+
+@dataclass
+class Unit:
+    """One container the config asks for."""
+
+    server: str
+    replica: int
+    role: str
+    spec: ContainerSpec
+    hash: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.server}-{self.replica}"
+
+
+@dataclass
+class Step:
+    action: str  # start | restart | keep | stop | remove
+    server: str
+    replica: int | None
+    container: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def changes(self) -> list[Step]:
+        return [s for s in self.steps if s.action != "keep"]
+
+    def describe(self) -> str:
+        """One line a person reads: "restart embed; start rerank; chat untouched"."""
+        by_server: dict[str, set[str]] = {}
+        for s in self.steps:
+            by_server.setdefault(s.server, set()).add(s.action)
+        parts, untouched = [], []
+        for server, actions in by_server.items():
+            changed = sorted(actions - {"keep"})
+            if changed:
+                parts.append(f"{'/'.join(changed)} {server}")
+            else:
+                untouched.append(server)
+        if untouched:
+            parts.append(f"{', '.join(untouched)} untouched")
+        return "; ".join(parts) or "nothing to do"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.describe(), "steps": [asdict(s) for s in self.steps]}
+
+
+def container_name(stack: str, server: str, replica: int) -> str:
+    return f"{stack}-{server}-{replica}"
+
+
+def server_args(name: str, server: ServerSection, known: flags.FlagSet | None) -> list[str]:
+    """The llama-server command line of a server: model and role from podllama, then the user's args."""
+    argv = ["--model", f"/models/{server.model}", "--alias", server.alias or name]
+    if server.ctx_size is not None:
+        argv += ["--ctx-size", str(server.ctx_size)]
+    if server.gpu_layers is not None:
+        argv += ["--n-gpu-layers", str(server.gpu_layers)]
+    if server.mmproj:
+        argv += ["--mmproj", f"/models/{server.mmproj}"]
+    argv += ROLE_FLAGS[server.role]
+    if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
+        argv.append("--metrics")
+    try:
+        argv += flags.render(server.args, known)
+    except flags.FlagError as e:
+        raise StackError(f"servers.{name}.{e}") from None
+    return argv
+
+
+def spec_hash(spec: ContainerSpec, image_id: str) -> str:
+    """What decides whether a running container still matches the config (the image by id, so a moved tag
+    counts as a change)."""
+    data = asdict(spec) | {"image": image_id, "name": None}
+    data["labels"] = {k: v for k, v in spec.labels.items() if k != L_HASH}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stack:
+    def __init__(self, cfg: Config, engine: CliEngine, progress: Callable[[str], None] = lambda m: None,
+                 hw: hardware.Hardware | None = None, default_variant: str | None = None) -> None:
+        """DEFAULT_VARIANT: what 'auto' means, when it was decided elsewhere (the gateway container cannot see
+        the host's GPUs, so the host passes its choice in)."""
+        self.cfg, self.engine, self.progress = cfg, engine, progress
+        self.state = StackState(cfg.state_path)
+        self._hw = hw
+        self._default_variant = default_variant
+
+    # -- naming -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.cfg.stack.name
+
+    @property
+    def network(self) -> str:
+        return self.name
+
+    @property
+    def hardware(self) -> hardware.Hardware:
+        if self._hw is None:
+            self._hw = hardware.detect()
+        return self._hw
+
+    def variant_of(self, server: ServerSection) -> str:
+        requested = server.variant or self.cfg.stack.variant
+        if requested == "auto" and self._default_variant:
+            return self._default_variant
+        return hardware.resolve_variant(requested, self.hardware)
+
+    def image_of(self, variant: str) -> str:
+        return images.tag_for(variant, repo=self.cfg.build.repository)
+
+    def select(self, servers: list[str] | None) -> list[str]:
+        names = servers or list(self.cfg.servers)
+        unknown = [n for n in names if n not in self.cfg.servers]
+        if unknown:
+            raise StackError(f"no server named {', '.join(unknown)} in {self.cfg.source}; servers: "
+                             f"{', '.join(self.cfg.servers) or 'none'}")
+        return names
+
+    # -- what the config asks for -------------------------------------------------------------------------
+    def missing_models(self, names: list[str]) -> list[str]:
+        problems = []
+        for name in names:
+            server = self.cfg.servers[name]
+            for kind, file in (("model", server.model), ("mmproj", server.mmproj)):
+                if file and not (self.cfg.models_path / file).is_file():
+                    problems.append(f"servers.{name}: {kind} '{file}' not found in {self.cfg.models_path}; put the "
+                                    f"GGUF file there (`podllama models import FILE`) or download it "
+                                    f"(`podllama pull REPO[:QUANT]`)")
+        return problems
+
+    def units(self, names: list[str] | None = None) -> list[Unit]:
+        """Container specs for the servers; every server's args are checked against its image's flags first."""
+        out: list[Unit] = []
+        known: dict[str, flags.FlagSet] = {}
+        for name in self.select(names):
+            server = self.cfg.servers[name]
+            variant = self.variant_of(server)
+            image = self.image_of(variant)
+            image_id = self.engine.image_id(image)
+            if image_id is None:
+                raise StackError(f"servers.{name}: image {image} does not exist; run `podllama build --variant {variant}`")
+            if image not in known:
+                known[image] = images.record_flags(self.engine, image)
+            argv = server_args(name, server, known[image])
+            commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
+            gpu = None
+            if variant != "cpu":
+                gpu = GpuRequest(variant, ["all"] if server.gpus in (None, "all") else list(server.gpus))  # type: ignore[arg-type]
+            for replica in range(1, server.replicas + 1):
+                spec = ContainerSpec(
+                    name=container_name(self.name, name, replica), image=image, args=argv,
+                    labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
+                            L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model},
+                    env=dict(server.env), network=self.network, network_aliases=[name],
+                    mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True)], gpu=gpu,
+                )
+                h = spec_hash(spec, image_id)
+                spec.labels[L_HASH] = h
+                out.append(Unit(name, replica, server.role, spec, h))
+        return out
+
+    # -- what runs ----------------------------------------------------------------------------------------
+    def containers(self, kind: str | None = None) -> dict[str, ContainerInfo]:
+        labels = {L_STACK: self.name} | ({L_KIND: kind} if kind else {})
+        return {c.name: c for c in self.engine.list(labels)}
+
+    def plan(self, names: list[str] | None = None, units: list[Unit] | None = None) -> Plan:
+        """What start would do for NAMES (all servers when None): orphans are removed, changed servers
+        restarted, missing ones started, matching running ones kept."""
+        units = units if units is not None else self.units(names)
+        running = self.containers("server")
+        plan = Plan()
+        if names is None:  # a whole-stack plan also clears what the config no longer declares
+            declared = {container_name(self.name, s, r) for s, srv in self.cfg.servers.items()
+                        for r in range(1, srv.replicas + 1)}
+            for cname, info in sorted(running.items()):
+                if cname not in declared:
+                    plan.steps.append(Step("remove", info.labels.get(L_SERVER, "?"), _int(info.labels.get(L_REPLICA)),
+                                           cname, "no longer declared in the config"))
+        for u in units:
+            info = running.get(u.name)
+            if info is None:
+                plan.steps.append(Step("start", u.server, u.replica, u.name, "not created yet"))
+            elif info.labels.get(L_HASH) != u.hash:
+                plan.steps.append(Step("restart", u.server, u.replica, u.name, "config or image changed"))
+            elif not info.running:
+                plan.steps.append(Step("start", u.server, u.replica, u.name, f"was {info.state}"))
+            else:
+                plan.steps.append(Step("keep", u.server, u.replica, u.name, "running, unchanged"))
+        return plan
+
+    def apply(self, plan: Plan, units: list[Unit]) -> None:
+        by_name = {u.name: u for u in units}
+        for step in plan.changes:
+            if step.action == "remove":
+                self.progress(f"removing {step.container} ({step.reason})")
+                self.engine.remove(step.container)
+                continue
+            unit = by_name[step.container]
+            info = self.engine.inspect(step.container)
+            if step.action == "start" and info is not None and info.labels.get(L_HASH) == unit.hash:
+                self.progress(f"starting {step.container}")
+                self.engine.start(step.container)
+                continue
+            if info is not None:
+                self.engine.remove(step.container)
+            self.progress(f"{'re' if step.action == 'restart' else ''}creating {step.container}")
+            self.create(unit)
+
+    def create(self, unit: Unit) -> None:
+        try:
+            self.engine.run(unit.spec)
+        except EngineError as e:
+            raise StackError(f"servers.{unit.server}: the engine could not start {unit.name}: {e}") from None
+
+    # -- waiting ------------------------------------------------------------------------------------------
+    def wait_ready(self, units: list[Unit], timeout: float | None = None,
+                   on_state: Callable[[str, str], None] | None = None) -> None:
+        """Until every unit's llama-server answers /health with 200. 503 is "loading" and is waited for; a
+        container that exits is a failure, reported with its last log lines."""
+        deadline = time.monotonic() + (timeout or self.cfg.stack.ready_timeout)
+        pending = {u.name: u for u in units}
+        last: dict[str, str] = {}
+        while pending:
+            for cname, unit in list(pending.items()):
+                info = self.engine.inspect(cname)
+                state = "exited" if info is None or not info.running else container_health(self.engine, info, SERVER_PORT)
+                if state != last.get(cname) and on_state:
+                    on_state(cname, state)
+                last[cname] = state
+                if state == OK:
+                    del pending[cname]
+                elif state == "exited":
+                    raise StackError(f"servers.{unit.server}: {cname} exited while starting. Last log lines:\n"
+                                     f"{self.tail(cname)}")
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(f"{n} ({last.get(n)})" for n in pending)
+                raise StackError(f"not healthy after {timeout or self.cfg.stack.ready_timeout:.0f}s: {names}; "
+                                 f"see `podllama logs SERVER`")
+            if pending:
+                time.sleep(0.25)
+
+    def tail(self, container: str, lines: int = 20) -> str:
+        return "".join(self.engine.logs(container, tail=lines)).rstrip()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self, names: list[str] | None = None, wait: bool = True,
+              on_state: Callable[[str, str], None] | None = None) -> Plan:
+        selected = self.select(names)
+        problems = self.missing_models(selected)
+        if problems:
+            raise StackError("\n".join(problems))
+        units = self.units(selected)  # validates every server before anything changes
+        with self.state.operation():
+            self.engine.create_network(self.network, {L_STACK: self.name})
+            plan = self.plan(None if names is None else selected, units)
+            self.state.set_desired([u.key for u in units], RUNNING)
+            self.apply(plan, units)
+        if wait:
+            self.wait_ready(units, on_state=on_state)
+        return plan
+
+    def stop(self, names: list[str] | None = None, timeout: int = 10) -> list[str]:
+        """Graceful stop (SIGTERM, then SIGKILL after TIMEOUT seconds). Without NAMES: every server and the
+        gateway. Stopped containers are kept (their logs stay readable); orphans are removed."""
+        with self.state.operation():
+            running = self.containers()
+            if names is None:
+                targets = list(running)
+                keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in running.values()
+                        if i.labels.get(L_KIND) == "server"]
+            else:
+                self.select(names)
+                targets = [n for n, i in running.items() if i.labels.get(L_SERVER) in names]
+                keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for n, i in running.items() if n in targets]
+            self.state.set_desired(keys, STOPPED)
+            declared = {container_name(self.name, s, r) for s, srv in self.cfg.servers.items()
+                        for r in range(1, srv.replicas + 1)}
+            for cname in targets:
+                info = running[cname]
+                if info.labels.get(L_KIND) == "server" and cname not in declared:
+                    self.progress(f"removing {cname} (no longer declared)")
+                    self.engine.remove(cname)
+                elif info.running:
+                    self.progress(f"stopping {cname}")
+                    self.engine.stop(cname, timeout)
+            return targets
+
+    def kill(self) -> list[str]:
+        """SIGKILL every container of the stack, gateway included, at once."""
+        running = self.containers()
+        keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in running.values()
+                if i.labels.get(L_KIND) == "server"]
+        self.state.set_desired(keys, STOPPED)
+        for cname, info in running.items():
+            if info.running:
+                self.engine.kill(cname)
+        return list(running)
+
+    def restart(self, names: list[str] | None = None, wait: bool = True,
+                on_state: Callable[[str, str], None] | None = None) -> None:
+        """Recreate the servers' containers (one at a time, each healthy before the next)."""
+        units = self.units(self.select(names))
+        for unit in units:
+            with self.state.operation():
+                self.state.set_desired([unit.key], RUNNING)
+                self.engine.remove(unit.name)
+                self.progress(f"restarting {unit.name}")
+                self.create(unit)
+            if wait:
+                self.wait_ready([unit], on_state=on_state)
+
+    def down(self) -> list[str]:
+        """Remove every container of the stack and its network."""
+        with self.state.operation():
+            running = self.containers()
+            for cname in running:
+                self.engine.remove(cname)
+            self.engine.remove_network(self.network)
+            self.state.forget(list(self.state.read().get("servers", {})))
+            return list(running)
+
+    # -- the gateway container ----------------------------------------------------------------------------
+    @property
+    def gateway_name(self) -> str:
+        return f"{self.name}-gateway"
+
+    @property
+    def gateway_url(self) -> str:
+        host = self.cfg.gateway.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.cfg.gateway.port}"
+
+    def gateway_spec(self, image: str, socket: Path, root: Path) -> ContainerSpec:
+        """The gateway runs as root inside (to use the engine socket) but with no capabilities, no new
+        privileges and a read-only root; the checkout, the config's directory and the model store are
+        mounted at their host paths, so paths it hands to the engine mean the same on the host."""
+        if self.cfg.source is None:
+            raise StackError("the gateway container needs a config file on disk (-c/--config PATH)")
+        dirs: list[Path] = []
+        for d in (root.resolve(), self.cfg.source.parent, self.cfg.models_path):
+            if not any(d == p or d.is_relative_to(p) for p in dirs):
+                dirs = [p for p in dirs if not p.is_relative_to(d)] + [d]
+        variant = hardware.resolve_variant(self.cfg.stack.variant, self.hardware) if self._default_variant is None \
+            else self._default_variant
+        return ContainerSpec(
+            name=self.gateway_name, image=image, user="0:0",
+            labels={L_STACK: self.name, L_KIND: "gateway"},
+            env={"PODLLAMA_CONFIG": str(self.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
+                 "PODLLAMA_ENGINE": self.engine.name, "PODLLAMA_VARIANT": variant},
+            network=self.network, network_aliases=["gateway"],
+            mounts=[Mount(str(socket), ENGINE_SOCKET, read_only=False)]
+                   + [Mount(str(d), str(d), read_only=False) for d in dirs],
+            ports=[(self.cfg.gateway.host, self.cfg.gateway.port, GATEWAY_PORT)],
+        )
+
+    def start_gateway(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
+        spec = self.gateway_spec(image, socket, root)
+        spec.labels[L_HASH] = spec_hash(spec, self.engine.image_id(image) or image)
+        info = self.engine.inspect(self.gateway_name)
+        if info is None or info.labels.get(L_HASH) != spec.labels[L_HASH]:
+            if info is not None:
+                self.progress(f"recreating {self.gateway_name} (podllama or its settings changed)")
+                self.engine.remove(self.gateway_name)
+            try:
+                self.engine.run(spec)
+            except EngineError as e:
+                raise StackError(f"the gateway container did not start: {e}") from None
+        elif not info.running:
+            self.engine.start(self.gateway_name)
+        if wait:
+            state = wait_healthy(self.gateway_url, timeout=60, alive=lambda: bool(
+                (i := self.engine.inspect(self.gateway_name)) and i.running))
+            if state != OK:
+                raise StackError(f"the gateway at {self.gateway_url} is not healthy ({state}). Last log lines:\n"
+                                 f"{self.tail(self.gateway_name)}")
+        return self.gateway_url
+
+    # -- looking ------------------------------------------------------------------------------------------
+    def status(self, probe: bool = True) -> list[dict[str, Any]]:
+        running = self.containers()
+        saved = self.state.read().get("servers", {})
+        rows = []
+        declared = []
+        for name, server in self.cfg.servers.items():
+            for replica in range(1, server.replicas + 1):
+                declared.append(container_name(self.name, name, replica))
+                rows.append(self._row(name, replica, server.role, server.model, running.get(declared[-1]),
+                                      saved.get(f"{name}-{replica}", {}), probe, declared=True))
+        for cname, info in sorted(running.items()):
+            if cname in declared or info.labels.get(L_KIND) != "server":
+                continue
+            rows.append(self._row(info.labels.get(L_SERVER, "?"), _int(info.labels.get(L_REPLICA)) or 0,
+                                  info.labels.get(L_ROLE, "?"), info.labels.get(L_MODEL, "?"), info, {}, probe,
+                                  declared=False))
+        return rows
+
+    def _row(self, server: str, replica: int, role: str, model: str, info: ContainerInfo | None,
+             saved: dict[str, Any], probe: bool, declared: bool) -> dict[str, Any]:
+        state = "missing" if info is None else info.state
+        health = None
+        if info is not None and info.running and probe:
+            health = container_health(self.engine, info, SERVER_PORT)
+        failed = saved.get("failed")
+        return {
+            "server": server, "replica": replica, "container": container_name(self.name, server, replica),
+            "declared": declared, "role": role, "model": model, "state": "failed" if failed and not (info and info.running) else state,
+            "health": health, "desired": saved.get("desired", RUNNING),
+            "uptime_s": _uptime(info.started_at) if info is not None and info.running else None,
+            "restarts": saved.get("restarts", 0), "last_restart": saved.get("last_restart"),
+            "failed": failed, "image": info.image if info else None,
+            "commit": (info.labels.get(L_COMMIT) or "")[:12] if info else None,
+            "exit_code": info.exit_code if info is not None and not info.running else None,
+        }
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _uptime(started_at: str | None) -> float | None:
+    if not started_at:
+        return None
+    # both engines: RFC 3339 with nanoseconds, e.g. 2026-11-22T12:30:00.123456789Z (UTC)
+    try:
+        ts = datetime.fromisoformat(started_at.strip()[:19]).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return round(time.time() - ts.timestamp(), 1)
+
+
+__all__ = ["DOWN", "LOADING", "OK", "Plan", "Stack", "StackError", "Step", "Unit"]

@@ -1,0 +1,99 @@
+"""What a stack remembers between commands: which servers should run, restarts and failures seen by the
+supervisor, the last update. One JSON file beside the config (`.podllama/state.json`), shared by the CLI on
+the host and the gateway container (which mounts the config's directory at the same path).
+
+Every change happens under an exclusive lock and is written atomically; `operation()` is the lock that makes
+lifecycle commands and the supervisor take turns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+RUNNING, STOPPED = "running", "stopped"
+
+
+class StackState:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / "state.json"
+
+    # -- locking ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, name: str, blocking: bool = True) -> Iterator[bool]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / name, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def operation(self, blocking: bool = True) -> contextlib.AbstractContextManager[bool]:
+        """Held by a lifecycle command (start, stop, update …) for its whole duration; the supervisor only
+        tries it, and skips its round while a command is at work."""
+        return self._flock("operation.lock", blocking)
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"servers": {}}
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        with self._flock("state.lock"):
+            data = self.read()
+            yield data
+            tmp = self.path.with_name(f".state.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+            os.replace(tmp, self.path)
+
+    def server(self, name: str) -> dict[str, Any]:
+        return self.read()["servers"].get(name, {})
+
+    def desired(self, name: str) -> str:
+        return self.server(name).get("desired", RUNNING)
+
+    def set_desired(self, names: list[str], desired: str) -> None:
+        with self.edit() as data:
+            for name in names:
+                entry = data["servers"].setdefault(name, {})
+                entry["desired"] = desired
+                if desired == RUNNING:  # an explicit start clears a crash-loop verdict
+                    entry.pop("failed", None)
+                    entry["recent_restarts"] = []
+
+    def record_restart(self, name: str, reason: str) -> None:
+        now = time.time()
+        with self.edit() as data:
+            entry = data["servers"].setdefault(name, {})
+            entry["restarts"] = entry.get("restarts", 0) + 1
+            entry["recent_restarts"] = entry.get("recent_restarts", []) + [now]
+            entry["last_restart"] = {"at": now, "reason": reason}
+
+    def record_failure(self, name: str, reason: str, logs: str) -> None:
+        with self.edit() as data:
+            entry = data["servers"].setdefault(name, {})
+            entry["failed"] = {"at": time.time(), "reason": reason, "logs": logs}
+
+    def record_update(self, result: dict[str, Any]) -> None:
+        with self.edit() as data:
+            data["last_update"] = {"at": time.time(), **result}
+
+    def forget(self, names: list[str]) -> None:
+        with self.edit() as data:
+            for name in names:
+                data["servers"].pop(name, None)

@@ -1,0 +1,151 @@
+"""Keeps a stack's servers up: restarts what exits or stops answering, with exponential backoff and a
+crash-loop limit; leaves alone what is still loading (unless it makes no progress for `stall_timeout`).
+
+It runs inside the gateway process (so it lives as long as the stack) in a thread of its own, and one round
+is `check_once()`, which the tests drive directly. It skips a round while a lifecycle command holds the
+stack's operation lock, and never restarts a server the user stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SupervisorSection
+from .engine import ContainerInfo, EngineError
+from .health import LOADING, OK, container_health
+from .stack import SERVER_PORT, Stack, StackError, Unit
+from .state import STOPPED
+
+log = logging.getLogger("podllama.supervisor")
+UNITS_TTL = 30.0  # seconds before the container specs are computed again from the config and images
+
+
+@dataclass
+class Watch:
+    """What the supervisor knows of one container between rounds."""
+
+    failures: int = 0  # consecutive failed probes
+    loaded: bool = False  # answered 200 at least once since its last (re)start
+    progress_at: float = field(default_factory=time.monotonic)
+    last_log: str = ""
+    backoff: float = 0.0
+    not_before: float = 0.0  # no restart before this time (backoff)
+
+
+class Supervisor:
+    def __init__(self, stack: Stack, policy: SupervisorSection | None = None) -> None:
+        self.stack = stack
+        self.policy = policy or stack.cfg.supervisor
+        self.watch: dict[str, Watch] = {}
+        self.events: list[dict[str, Any]] = []
+        self._units: list[Unit] = []
+        self._units_at = 0.0
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Forget the cached container specs (after a config change)."""
+        self._units_at = 0.0
+
+    def units(self) -> list[Unit]:
+        if time.monotonic() - self._units_at > UNITS_TTL:
+            self._units = self.stack.units()
+            self._units_at = time.monotonic()
+        return self._units
+
+    # -- one round ----------------------------------------------------------------------------------------
+    def check_once(self) -> list[dict[str, Any]]:
+        """Look at every server once; restart or give up on the ones that need it. Returns what it did."""
+        with self._lock, self.stack.state.operation(blocking=False) as got:
+            if not got:
+                return []
+            try:
+                units = self.units()
+            except (StackError, EngineError) as e:
+                log.warning("supervisor: cannot compute the stack's containers: %s", e)
+                return []
+            running = self.stack.containers("server")
+            saved = self.stack.state.read().get("servers", {})
+            done = []
+            for unit in units:
+                entry = saved.get(unit.key, {})
+                if entry.get("desired") == STOPPED or entry.get("failed"):
+                    continue
+                event = self._check(unit, running.get(unit.name))
+                if event:
+                    done.append(event)
+            self.events = (self.events + done)[-200:]
+            return done
+
+    def _check(self, unit: Unit, info: ContainerInfo | None) -> dict[str, Any] | None:
+        w = self.watch.setdefault(unit.name, Watch())
+        now = time.monotonic()
+        if info is None:
+            return self._restart(unit, w, "container missing", recreate=True)
+        if not info.running:
+            return self._restart(unit, w, f"exited with code {info.exit_code}", recreate=False)
+        health = container_health(self.stack.engine, info, SERVER_PORT)
+        if health == OK:
+            if w.failures or not w.loaded:
+                log.info("%s healthy", unit.name)
+            w.failures, w.loaded, w.progress_at = 0, True, now
+            if now - w.not_before > self.policy.backoff_max:
+                w.backoff = 0.0  # healthy for a while: the next crash starts the backoff afresh
+            return None
+        if health == LOADING and not w.loaded:
+            line = self.stack.tail(unit.name, lines=1)
+            if line != w.last_log:
+                w.last_log, w.progress_at = line, now
+            elif now - w.progress_at > self.policy.stall_timeout:
+                return self._restart(unit, w, f"no loading progress for {self.policy.stall_timeout:.0f}s", recreate=True)
+            return None
+        w.failures += 1
+        if w.failures >= self.policy.unhealthy_after:
+            return self._restart(unit, w, f"not answering /health ({health}) {w.failures} times", recreate=True)
+        return None
+
+    def _restart(self, unit: Unit, w: Watch, reason: str, recreate: bool) -> dict[str, Any] | None:
+        now = time.monotonic()
+        if now < w.not_before:
+            return None  # backing off
+        state = self.stack.state
+        recent = [t for t in state.server(unit.key).get("recent_restarts", [])
+                  if time.time() - t < self.policy.crash_loop_window]
+        if len(recent) >= self.policy.crash_loop_limit:
+            logs = self.stack.tail(unit.name, lines=30)
+            state.record_failure(unit.key, f"crash loop: {len(recent)} restarts in "
+                                 f"{self.policy.crash_loop_window:.0f}s, last: {reason}", logs)
+            log.error("%s failed (crash loop); last log lines:\n%s", unit.name, logs)
+            return {"container": unit.name, "action": "failed", "reason": reason}
+        log.warning("restarting %s: %s", unit.name, reason)
+        state.record_restart(unit.key, reason)
+        try:
+            if recreate:
+                self.stack.engine.remove(unit.name)
+                self.stack.create(unit)
+            else:
+                self.stack.engine.start(unit.name)
+        except (EngineError, StackError) as e:
+            log.error("restart of %s failed: %s", unit.name, e)
+        w.backoff = min(self.policy.backoff_max, max(self.policy.backoff_initial, w.backoff * 2))
+        w.not_before = time.monotonic() + w.backoff
+        w.failures, w.loaded, w.progress_at, w.last_log = 0, False, time.monotonic(), ""
+        return {"container": unit.name, "action": "restart", "reason": reason}
+
+    # -- the thread ---------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        log.info("supervising stack %s every %.1fs", self.stack.name, self.policy.interval)
+        while not stop.wait(self.policy.interval):
+            try:
+                self.check_once()
+            except Exception:  # a round that breaks must not end supervision
+                log.exception("supervisor round failed")
+
+    def start_thread(self) -> tuple[threading.Thread, threading.Event]:
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run, args=(stop,), name="podllama-supervisor", daemon=True)
+        thread.start()
+        return thread, stop
