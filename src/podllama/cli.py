@@ -19,6 +19,7 @@ from .flags import FlagError
 from .images import BuildError
 from .source import SourceError
 from .stack import Stack, StackError
+from .update import UpdateError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build, run and serve llama.cpp in containers.")
 source_app = typer.Typer(no_args_is_help=True, help="The llama.cpp source (a git submodule).")
@@ -36,7 +37,7 @@ VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="auto | cpu
 
 
 def say(message: str) -> None:
-    err.print(f"[dim]•[/dim] {message}", highlight=False)
+    err.print(f"[dim]•[/dim] {message}", highlight=False, soft_wrap=True)
 
 
 def emit(data: Any) -> None:
@@ -320,6 +321,44 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
         pass
 
 
+@app.command()
+def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+           ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's newest commit)")] = "HEAD",
+           remote: Annotated[Optional[str], typer.Option(help="Fetch from this URL or path instead of the submodule's origin")] = None,
+           as_json: JsonOpt = False) -> None:
+    """Move llama.cpp to a new commit, build and smoke-test, restart servers one by one; roll back on any failure."""
+    from .update import update as run_update
+
+    st = stack_for(cfg_path, engine)
+    result = run_update(st, ref, remote, progress=say)
+    emit(result.to_dict()) if as_json else out.print(f"[green]updated[/green] {result.summary}")
+
+
+@app.command()
+def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+            as_json: JsonOpt = False) -> None:
+    """Rebuild the stack's images at the current commit and restart servers on them, with rollback on failure."""
+    from .update import rebuild as run_rebuild
+
+    st = stack_for(cfg_path, engine)
+    result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=say)
+    emit(result.to_dict()) if as_json else out.print(f"[green]rebuilt[/green] {result.summary}")
+
+
+@app.command()
+def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+    """Go back to the previous image of a variant (`:<variant>-previous`) and restart the servers that use it."""
+    st = stack_for(cfg_path, engine)
+    chosen = variant if variant and variant != "auto" else st.variant_of(next(iter(st.cfg.servers.values()))) \
+        if st.cfg.servers else hardware.resolve_variant(st.cfg.stack.variant)
+    image = images.rollback(st.engine, chosen, repo=st.cfg.build.repository)
+    out.print(f"{st.image_of(chosen)} → {image[:12]}")
+    users = [n for n, s in st.cfg.servers.items() if st.variant_of(s) == chosen]
+    if users:
+        st.restart(users, on_state=lambda c, s: say(f"{c}: {s}"))
+        out.print("restarted " + ", ".join(users))
+
+
 @app.command("gateway")
 def gateway_cmd(cfg_path: ConfigOpt = None,
                 host: Annotated[Optional[str], typer.Option(help="Bind address (default: [gateway] host)")] = None,
@@ -403,8 +442,8 @@ def version() -> None:
 def main() -> None:
     try:
         app()
-    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")

@@ -6,6 +6,7 @@ against the exact llama.cpp version that will run it.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ def render(args: dict[str, ArgValue], known: FlagSet | None = None) -> list[str]
         if known is not None:
             spelled = known.spelling(key)
             if spelled is None:
-                close = [n for n in known.names() if dashed in n][:5]
+                close = difflib.get_close_matches(f"--{dashed}", [n for n in known.names() if n.startswith("--")], n=3, cutoff=0.8)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise FlagError(f"args.{key}: this llama-server has no flag --{dashed}{hint}; see `llama-server --help`")
             flag, spec = spelled, known.flags[spelled]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import tarfile
 from dataclasses import asdict, dataclass
@@ -144,16 +145,17 @@ def checkout(ref: str, remote: str | None = None, root: Path | None = None) -> t
     if st.dirty:
         raise SourceError(f"{sub} has local changes; commit or discard them before moving to another commit")
     src = str(Path(remote).resolve()) if remote and Path(remote).exists() else (remote or "origin")
-    cfg = {"protocol.file.allow": "always"}
-    if not has_commit(sub, ref):
-        fetch_ref = ref if ref != "HEAD" else "HEAD"
-        proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", src, fetch_ref], cwd=sub,
+    if re.fullmatch(r"[0-9a-f]{40}", ref) and has_commit(sub, ref):
+        new = ref  # a full commit id already here: nothing to fetch
+    else:
+        proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", "--quiet", src, ref], cwd=sub,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SourceError(f"cannot fetch '{ref}' from {src}: {proc.stderr.strip()}")
-        new = git("rev-parse", "FETCH_HEAD^{commit}", cwd=sub, config=cfg)
-    else:
-        new = git("rev-parse", f"{ref}^{{commit}}", cwd=sub)
+            if ref == "HEAD" or not has_commit(sub, ref):  # offline, a known tag or branch still resolves
+                raise SourceError(f"cannot fetch '{ref}' from {src}: {proc.stderr.strip()}")
+            new = git("rev-parse", f"{ref}^{{commit}}", cwd=sub)
+        else:
+            new = git("rev-parse", "FETCH_HEAD^{commit}", cwd=sub)
     git("checkout", "--quiet", "--detach", new, cwd=sub)
     return st.commit, new
 

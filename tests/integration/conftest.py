@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,122 @@ def run_server(models_dir) -> Iterator:
     yield start
     for engine, name in started:
         engine.remove(name)
+
+
+@pytest.fixture(scope="session")
+def docker() -> CliEngine:
+    """Docker Engine, its daemon started here when no service manager runs it (CI machines)."""
+    from podllama import doctor
+
+    try:
+        doctor.start_dockerd()
+    except RuntimeError as e:
+        pytest.fail(f"{e}; run scripts/setup.sh --with-docker")
+    return get_engine("docker")
+
+
+@pytest.fixture(scope="session")
+def docker_cpu_image(docker, podman, cpu_image, tmp_path_factory) -> str:
+    """The llama-server image podllama built, handed from Podman to Docker (same image id)."""
+    want = podman.image_id(cpu_image)
+    if docker.image_id(cpu_image) != want:
+        tar = tmp_path_factory.mktemp("image") / "llama-server.tar"
+        podman.save(cpu_image, tar)
+        docker.load(tar)
+        docker.tag(want, cpu_image)
+        tar.unlink()
+    assert docker.image_id(cpu_image) == want
+    return cpu_image
+
+
+@pytest.fixture(params=["podman", "docker"])
+def engine(request) -> CliEngine:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def llama_image(engine, request) -> str:
+    return request.getfixturevalue("cpu_image" if engine.name == "podman" else "docker_cpu_image")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StackFiles:
+    """A services.toml of its own in a temporary directory, and the `podllama` command pointed at it."""
+
+    def __init__(self, directory: Path, name: str, engine: CliEngine, models: Path, port: int) -> None:
+        self.dir, self.name, self.engine, self.models, self.port = directory, name, engine, models, port
+        self.path = directory / "services.toml"
+
+    def write(self, servers: str, extra: str = "") -> StackFiles:
+        base = base_choice(self.engine)
+        self.path.write_text(f"""
+[stack]
+name = "{self.name}"
+engine = "{self.engine.name}"
+variant = "cpu"
+models_dir = "{self.models}"
+ready_timeout = 120
+[build]
+base = "{base}"
+cpu_target = "native"
+ui = "off"
+[gateway]
+port = {self.port}
+[supervisor]
+interval = 0.5
+{extra}
+{servers}
+""")
+        return self
+
+    def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
+        return podllama(*args, "-c", str(self.path), check=check, **kw)
+
+    def status(self) -> dict:
+        return json.loads(self.run("status", "--json").stdout)
+
+    def config(self):
+        from podllama import config
+
+        return config.load(self.path)
+
+
+CHAT_AND_EMBED = """
+[servers.chat]
+role = "chat"
+model = "tiny.gguf"
+alias = "tiny-chat"
+ctx_size = 1024
+args = { parallel = 2 }
+
+[servers.embed]
+role = "embedding"
+model = "tiny.gguf"
+alias = "tiny-embed"
+ctx_size = 512
+args = { pooling = "mean" }
+"""
+
+
+@pytest.fixture
+def stack_files(tmp_path, models_dir, cpu_image):
+    """A fresh stack per test (removed afterwards, containers and network), on Podman."""
+    made: list[StackFiles] = []
+
+    def make(engine: CliEngine, servers: str = CHAT_AND_EMBED, extra: str = "") -> StackFiles:
+        d = tmp_path / f"stack{len(made)}"
+        d.mkdir()
+        sf = StackFiles(d, f"pt{uuid.uuid4().hex[:6]}", engine, models_dir, free_port()).write(servers, extra)
+        made.append(sf)
+        return sf
+
+    yield make
+    for sf in made:
+        sf.run("down", check=False)

@@ -1,0 +1,137 @@
+"""`podllama update` and `podllama rebuild`: new llama-server images under running servers, never leaving a
+broken stack. The order is build → smoke test → restart servers one at a time (each healthy before the next);
+if any step fails, the submodule, the image tags and every server go back to where they were.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import images, source
+from .engine import EngineError
+from .stack import Stack, StackError, Unit
+
+
+class UpdateError(Exception):
+    """An update or rebuild that failed and was rolled back; the message says what failed and where the log is."""
+
+
+@dataclass
+class UpdateResult:
+    ok: bool
+    summary: str
+    old_commit: str | None = None
+    new_commit: str | None = None
+    restarted: list[str] = field(default_factory=list)
+    log: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def update(stack: Stack, ref: str = "HEAD", remote: str | None = None, progress: Callable[[str], None] = print,
+           build: Callable[..., images.BuildResult] | None = None) -> UpdateResult:
+    """Move llama.cpp to REF, build and smoke-test the images the stack uses, restart its servers."""
+    root = source.project_root()
+    with stack.state.operation():  # the supervisor waits until we are done
+        old, new = source.checkout(ref, remote, root)
+        if new == old:
+            result = UpdateResult(True, f"already at {new[:12]}; nothing to do", old, new)
+            stack.state.record_update(result.to_dict())
+            return result
+        progress(f"llama.cpp {old[:12]} → {new[:12]}")
+        return _roll(stack, progress, build, old=old, new=new, undo_source=lambda: source.checkout(old, root=root))
+
+
+def rebuild(stack: Stack, variants: list[str] | None = None, progress: Callable[[str], None] = print,
+            build: Callable[..., images.BuildResult] | None = None) -> UpdateResult:
+    """Build the stack's images again at the current commit (after a GPU was added, a base image changed …)
+    and restart the servers on them, with the same safety as an update."""
+    commit = source.status().commit
+    with stack.state.operation():
+        return _roll(stack, progress, build, old=commit, new=commit, undo_source=lambda: None,
+                     only=variants)
+
+
+def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., images.BuildResult] | None, *,
+          old: str | None, new: str | None, undo_source: Callable[[], Any], only: list[str] | None = None) -> UpdateResult:
+    cfg, engine = stack.cfg, stack.engine
+    variants = only or sorted({stack.variant_of(s) for s in cfg.servers.values()})
+    build = build or _default_build(stack)
+    moved: list[str] = []  # variants whose tag now points at a new image
+
+    def undo(what: str, log: str | None) -> UpdateError:
+        for v in moved:
+            images.rollback(engine, v, repo=cfg.build.repository)
+        undo_source()
+        stack.state.record_update(UpdateResult(False, f"{what}; rolled back to {(old or '?')[:12]}", old, new,
+                                               log=log).to_dict())
+        return UpdateError(f"{what}. Rolled back: llama.cpp at {(old or '?')[:12]}, images and servers as they were."
+                           + (f" Log: {log}" if log else ""))
+
+    for variant in variants:
+        progress(f"building {variant} at {(new or '?')[:12]}")
+        try:
+            result = build(variant)
+        except images.BuildError as e:
+            raise undo(f"the {variant} image failed: {e}", _log_of(e)) from None
+        if result.previous:
+            moved.append(variant)
+
+    units = stack.units()
+    restarted: list[Unit] = []
+    for unit in units:
+        info = engine.inspect(unit.name)
+        if info is not None and info.labels.get("podllama.config-hash") == unit.hash and info.running:
+            continue  # already on the new image (or its variant was not rebuilt)
+        progress(f"restarting {unit.name} on the new image")
+        try:
+            engine.remove(unit.name)
+            stack.create(unit)
+            restarted.append(unit)
+            stack.wait_ready([unit])
+        except (StackError, EngineError) as e:
+            error = undo(f"{unit.name} did not come back healthy on the new image: {e}", None)
+            _restore(stack, progress)
+            raise error from None
+    result = UpdateResult(True, f"{(old or '?')[:12]} → {(new or '?')[:12]}: "
+                                f"{len(restarted)} servers restarted", old, new, [u.name for u in restarted])
+    stack.state.record_update(result.to_dict())
+    return result
+
+
+def _restore(stack: Stack, progress: Callable[[str], None]) -> None:
+    """Put every server back on the image its tag points to now (the old one, after the tags were rolled back)."""
+    for unit in stack.units():
+        info = stack.engine.inspect(unit.name)
+        if info is not None and info.labels.get("podllama.config-hash") == unit.hash and info.running:
+            continue
+        progress(f"restoring {unit.name} on the previous image")
+        stack.engine.remove(unit.name)
+        stack.create(unit)
+        stack.wait_ready([unit])
+
+
+def _default_build(stack: Stack) -> Callable[[str], images.BuildResult]:
+    cfg = stack.cfg
+
+    def build(variant: str) -> images.BuildResult:
+        return images.build(
+            stack.engine, variant, base_choice=os.environ.get("PODLLAMA_BASE") or cfg.build.base,
+            cpu_target=cfg.build.cpu_target, ui_mode=cfg.build.ui,
+            cuda_architectures=cfg.build.cuda_architectures or stack.hardware.cuda_architectures,
+            rocm_targets=cfg.build.rocm_targets or stack.hardware.rocm_targets,
+            log_dir=cfg.state_path / "logs", repo=cfg.build.repository, progress=stack.progress)
+
+    return build
+
+
+def _log_of(e: Exception) -> str | None:
+    text = str(e)
+    marker = "Full log: "
+    if marker in text:
+        return text.split(marker, 1)[1].split()[0]
+    return None

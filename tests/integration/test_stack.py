@@ -1,0 +1,157 @@
+"""The stack lifecycle with real llama-server containers: `podllama start|stop|kill|restart|status|logs`,
+supervision by the gateway container, orphans, validation before anything starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import httpx
+
+from podllama.engine import ContainerSpec
+from tests.helpers import wait_until
+
+
+def servers(status: dict) -> dict[str, dict]:
+    return {r["server"]: r for r in status["servers"]}
+
+
+def container_ids(engine, name: str) -> dict[str, str]:
+    return {c.name: c.id for c in engine.list({"podllama.stack": name})}
+
+
+def test_start_gives_healthy_hardened_servers_and_is_idempotent(podman, stack_files):
+    sf = stack_files(podman)
+    out = sf.run("start")
+    assert f"gateway: http://127.0.0.1:{sf.port}" in out.stdout
+    rows = servers(sf.status())
+    assert {n: (r["state"], r["health"], r["role"]) for n, r in rows.items()} == {
+        "chat": ("running", "ok", "chat"), "embed": ("running", "ok", "embedding")}
+    assert rows["chat"]["commit"] == podman.image_labels("podllama/llama-server:cpu")["podllama.llama-commit"][:12]
+    # hardened, as `podman inspect` shows
+    for name in (f"{sf.name}-chat-1", f"{sf.name}-embed-1"):
+        raw = podman.inspect(name).raw
+        mounts = {m["Destination"]: m for m in raw["Mounts"]}
+        assert mounts["/models"]["RW"] is False and mounts["/models"]["Source"] == str(sf.models)
+        assert len(raw["HostConfig"]["CapDrop"]) >= 14 and raw["HostConfig"]["ReadonlyRootfs"] is True
+        assert podman.inspect(name).ports == {}
+        assert f"{sf.name}" in raw["NetworkSettings"]["Networks"]
+    # the role decides the flags: embeddings answer on the embedding server only
+    chat_ip, embed_ip = podman.inspect(f"{sf.name}-chat-1").ip, podman.inspect(f"{sf.name}-embed-1").ip
+    assert httpx.post(f"http://{embed_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 200
+    assert httpx.post(f"http://{chat_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 501
+    # a second start changes nothing
+    before = container_ids(podman, sf.name)
+    again = sf.run("start")
+    assert "chat, embed untouched" in again.stdout
+    assert container_ids(podman, sf.name) == before
+
+
+def test_supervisor_restarts_a_killed_server_and_leaves_a_stopped_one(podman, stack_files):
+    sf = stack_files(podman)
+    sf.run("start")
+    chat = f"{sf.name}-chat-1"
+    pid = podman.inspect(chat).pid
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    assert wait_until(lambda: (i := podman.inspect(chat)) and i.running and i.pid != pid, 30), "not restarted"
+    assert wait_until(lambda: servers(sf.status())["chat"]["health"] == "ok", 30)
+    row = servers(sf.status())["chat"]
+    assert row["restarts"] == 1 and "exited with code 137" in row["last_restart"]["reason"]
+    r = httpx.post(f"http://{podman.inspect(chat).ip}:8080/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200
+    # a server the user stopped stays stopped
+    sf.run("stop", "embed")
+    embed = f"{sf.name}-embed-1"
+    assert podman.inspect(embed).state == "exited"
+    import time
+
+    time.sleep(3)  # six supervisor rounds
+    assert podman.inspect(embed).state == "exited"
+    assert servers(sf.status())["embed"]["desired"] == "stopped"
+    sf.run("start", "embed")
+    assert servers(sf.status())["embed"]["health"] == "ok"
+
+
+def test_restart_recreates_one_server_at_a_time(podman, stack_files):
+    sf = stack_files(podman)
+    sf.run("start", "--no-gateway")
+    before = container_ids(podman, sf.name)
+    sf.run("restart", "chat")
+    after = container_ids(podman, sf.name)
+    assert after[f"{sf.name}-chat-1"] != before[f"{sf.name}-chat-1"]
+    assert after[f"{sf.name}-embed-1"] == before[f"{sf.name}-embed-1"]
+    assert servers(sf.status())["chat"]["health"] == "ok"
+
+
+def test_orphans_are_shown_and_removed_and_foreign_containers_untouched(podman, stack_files, cpu_image):
+    sf = stack_files(podman)
+    sf.run("start", "--no-gateway")
+    orphan, foreign = f"{sf.name}-old-1", f"{sf.name}-foreign"
+    podman.run(ContainerSpec(name=orphan, image=cpu_image, entrypoint=["sleep"], args=["300"],
+                             labels={"podllama.stack": sf.name, "podllama.kind": "server", "podllama.server": "old",
+                                     "podllama.replica": "1", "podllama.role": "chat"}))
+    podman.run(ContainerSpec(name=foreign, image=cpu_image, entrypoint=["sleep"], args=["300"]))
+    try:
+        rows = servers(sf.status())
+        assert rows["old"]["declared"] is False and rows["old"]["state"] == "running"
+        out = sf.run("start", "--no-gateway")
+        assert "remove old" in out.stdout
+        assert podman.inspect(orphan) is None
+        assert podman.inspect(foreign).running
+        sf.run("kill")
+        assert podman.inspect(foreign).running  # not podllama's: never touched
+    finally:
+        podman.remove(foreign)
+
+
+def test_kill_stops_every_container_including_the_gateway(podman, stack_files):
+    sf = stack_files(podman)
+    sf.run("start")
+    sf.run("kill")
+    infos = podman.list({"podllama.stack": sf.name})
+    assert len(infos) == 3 and not any(i.running for i in infos)
+    assert {i.labels["podllama.kind"] for i in infos} == {"server", "gateway"}
+    assert all(i.exit_code == 137 for i in infos)
+
+
+def test_stop_without_names_stops_everything_gracefully(podman, stack_files):
+    sf = stack_files(podman)
+    sf.run("start")
+    sf.run("stop")
+    infos = podman.list({"podllama.stack": sf.name})
+    assert infos and not any(i.running for i in infos)
+    assert {i.exit_code for i in infos if i.labels["podllama.kind"] == "server"} <= {0, 143}
+
+
+def test_logs_show_llama_server_output(podman, stack_files):
+    sf = stack_files(podman)
+    sf.run("start", "--no-gateway")
+    out = sf.run("logs", "chat", "--tail", "200").stdout
+    assert "listening" in out and "tiny.gguf" in out
+
+
+def test_an_unknown_flag_is_refused_before_anything_starts(podman, stack_files):
+    sf = stack_files(podman, servers='[servers.chat]\nmodel = "tiny.gguf"\nargs = { paralel = 2 }\n')
+    proc = sf.run("start", check=False)
+    assert proc.returncode == 1
+    assert "servers.chat.args.paralel: this llama-server has no flag --paralel (did you mean --parallel?)" in proc.stderr
+    assert podman.list({"podllama.stack": sf.name}) == []
+
+
+def test_a_missing_model_says_how_to_get_it(podman, stack_files):
+    sf = stack_files(podman, servers='[servers.chat]\nmodel = "nope.gguf"\n')
+    proc = sf.run("start", check=False)
+    assert proc.returncode == 1 and "model 'nope.gguf' not found" in proc.stderr and "podllama pull" in proc.stderr
+    assert podman.list({"podllama.stack": sf.name}) == []
+
+
+def test_replicas_get_one_container_each(podman, stack_files):
+    sf = stack_files(podman, servers='[servers.chat]\nmodel = "tiny.gguf"\nreplicas = 2\nctx_size = 512\n')
+    sf.run("start", "--no-gateway")
+    rows = sf.status()["servers"]
+    assert [(r["container"], r["health"]) for r in rows] == [(f"{sf.name}-chat-1", "ok"), (f"{sf.name}-chat-2", "ok")]
+    # fewer replicas: the extra one goes
+    sf.write('[servers.chat]\nmodel = "tiny.gguf"\nreplicas = 1\nctx_size = 512\n')
+    out = sf.run("start", "--no-gateway")
+    assert "remove chat" in out.stdout and podman.inspect(f"{sf.name}-chat-2") is None
