@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,12 @@ class Watch:
 
 
 class Supervisor:
-    def __init__(self, stack: Stack, policy: SupervisorSection | None = None) -> None:
+    def __init__(self, stack: Stack, policy: SupervisorSection | None = None,
+                 units: Callable[[], list[Unit]] | None = None) -> None:
+        """UNITS: where the containers to watch come from (default: the stack's config)."""
         self.stack = stack
         self.policy = policy or stack.cfg.supervisor
+        self._source = units or stack.units
         self.watch: dict[str, Watch] = {}
         self.events: list[dict[str, Any]] = []
         self._units: list[Unit] = []
@@ -52,7 +56,7 @@ class Supervisor:
 
     def units(self) -> list[Unit]:
         if time.monotonic() - self._units_at > UNITS_TTL:
-            self._units = self.stack.units()
+            self._units = self._source()
             self._units_at = time.monotonic()
         return self._units
 
