@@ -1,0 +1,133 @@
+"""`podllama update` and `podllama rollback` for real: a local git remote holds new llama.cpp commits on top of
+the pinned one; the image is rebuilt (compiler cache), smoke-tested, and servers restart on it — or, when the
+new commit does not compile, everything stays on the old commit and keeps answering.
+
+Runs in a clone of this checkout (its own llama.cpp work tree and image repository), so the project's own
+submodule and `podllama/llama-server` tags are never touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from podllama.engine import ContainerSpec
+from tests.helpers import ROOT, podllama
+
+REPO = "localhost/podllama-test/llama-server"
+SERVER_CPP = "tools/server/server.cpp"
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "protocol.file.allow=always", "-c", "user.email=t@t", "-c", "user.name=t",
+                           *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A second podllama checkout with the llama.cpp submodule at the pin."""
+    d = tmp_path_factory.mktemp("project") / "podllama"
+    git(ROOT, "worktree", "prune")
+    subprocess.run(["git", "clone", "-q", "--no-local", str(ROOT), str(d)], check=True)
+    git(d, "-c", f"submodule.llama.cpp.url={ROOT / 'llama.cpp'}", "submodule", "update", "--init", "llama.cpp")
+    return d
+
+
+@pytest.fixture(scope="module")
+def upstream(project, tmp_path_factory) -> dict[str, str]:
+    """A llama.cpp remote: GOOD adds a line of real code to the server on top of the pin, BAD breaks the build."""
+    d = tmp_path_factory.mktemp("upstream") / "llama.cpp"
+    git(project / "llama.cpp", "clone", "-q", str(project / "llama.cpp"), str(d))
+    with (d / SERVER_CPP).open("a") as f:
+        f.write("\n[[maybe_unused]] static const char * podllama_update_test = \"new commit\";\n")
+    git(d, "commit", "-qam", "podllama test: a new commit that builds")
+    good = git(d, "rev-parse", "HEAD")
+    with (d / SERVER_CPP).open("a") as f:
+        f.write("\nthis is not C++;\n")
+    git(d, "commit", "-qam", "podllama test: a commit that does not compile")
+    bad = git(d, "rev-parse", "HEAD")
+    return {"path": str(d), "good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def stack(project, podman, models_dir, tmp_path_factory):
+    from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, base_choice, free_port
+
+    d = tmp_path_factory.mktemp("update-stack")
+    sf = StackFiles(d, "ptupdate", podman, models_dir, free_port())
+    sf.write(CHAT_AND_EMBED, extra=f'[build.repository]\n'.replace("[build.repository]\n", ""))
+    sf.path.write_text(sf.path.read_text().replace('[build]\n', f'[build]\nrepository = "{REPO}"\n'))
+    env = {"PODLLAMA_HOME": str(project)}
+    sf.run_env = env
+    podllama("build", "--engine", "podman", "--variant", "cpu", "--native", "--ui", "off", "--base",
+             base_choice(podman), "-c", str(sf.path), env=env, cwd=project)
+    podllama("start", "--no-gateway", "-c", str(sf.path), env=env, cwd=project)
+    yield sf
+    podllama("down", "-c", str(sf.path), env=env, cwd=project, check=False)
+    for tag in podman.list_images(REPO):
+        podman.untag(f"{REPO}:{tag['Tag']}")
+
+
+def run(sf, *args, check=True):
+    return podllama(*args, "-c", str(sf.path), env=sf.run_env, cwd=Path(sf.run_env["PODLLAMA_HOME"]), check=check,
+                    timeout=3000)
+
+
+def version_of(podman, image: str) -> str:
+    out = podman.run_once(ContainerSpec(name=f"ptupdate-version-{abs(hash(image)) % 10**6}", image=image,
+                                        args=["--version"]))
+    return out.stdout + out.stderr
+
+
+def answers(podman, container: str) -> bool:
+    ip = podman.inspect(container).ip
+    r = httpx.post(f"http://{ip}:8080/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    return r.status_code == 200
+
+
+def servers(sf) -> dict:
+    return {r["server"]: r for r in json.loads(run(sf, "status", "--json").stdout)["servers"]}
+
+
+def test_update_to_a_new_commit_rebuilds_and_restarts_on_it(podman, stack, upstream, project):
+    pinned = git(project / "llama.cpp", "rev-parse", "HEAD")
+    out = json.loads(run(stack, "update", "--ref", upstream["good"], "--remote", upstream["path"], "--json").stdout)
+    assert out["ok"] and out["old_commit"] == pinned and out["new_commit"] == upstream["good"]
+    assert sorted(out["restarted"]) == ["ptupdate-chat-1", "ptupdate-embed-1"]
+    assert f"commit {upstream['good'][:12]}" in version_of(podman, f"{REPO}:cpu")
+    rows = servers(stack)
+    assert {r["commit"] for r in rows.values()} == {upstream["good"][:12]}
+    assert all(r["health"] == "ok" for r in rows.values())
+    assert answers(podman, "ptupdate-chat-1")
+    assert podman.image_id(f"{REPO}:cpu-previous") == podman.image_id(f"{REPO}:cpu-{pinned[:12]}")
+
+
+def test_update_to_a_commit_that_does_not_compile_changes_nothing(podman, stack, upstream, project):
+    before = {c.name: c.id for c in podman.list({"podllama.stack": "ptupdate"})}
+    image_before = podman.image_id(f"{REPO}:cpu")
+    proc = run(stack, "update", "--ref", upstream["bad"], "--remote", upstream["path"], check=False)
+    assert proc.returncode == 1
+    assert "the cpu image failed" in proc.stderr and "Rolled back" in proc.stderr
+    log = proc.stderr.split("Log: ")[1].split()[0]
+    assert "this is not C++" in Path(log).read_text() or "error" in Path(log).read_text()
+    # still the old commit everywhere, and answering
+    assert git(project / "llama.cpp", "rev-parse", "HEAD") == upstream["good"]
+    assert podman.image_id(f"{REPO}:cpu") == image_before
+    assert {c.name: c.id for c in podman.list({"podllama.stack": "ptupdate"})} == before
+    assert answers(podman, "ptupdate-chat-1")
+    status = json.loads(run(stack, "status", "--json").stdout)
+    assert status["last_update"]["ok"] is False and "rolled back" in status["last_update"]["summary"]
+    assert "last update failed" in run(stack, "status").stdout
+
+
+def test_rollback_returns_to_the_previous_image(podman, stack, upstream, project):
+    pinned_image = podman.image_id(f"{REPO}:cpu-previous")
+    run(stack, "rollback", "--variant", "cpu")
+    assert podman.image_id(f"{REPO}:cpu") == pinned_image
+    rows = servers(stack)
+    assert {r["commit"] for r in rows.values()} != {upstream["good"][:12]}
+    assert all(r["health"] == "ok" for r in rows.values())
