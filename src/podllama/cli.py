@@ -182,8 +182,7 @@ def list_images(engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: J
         return emit(rows)
     table = Table("tag", "image", "created", "size")
     for r in rows:
-        table.add_row(f"{r.get('Repository')}:{r.get('Tag')}", str(r.get("ID", ""))[:19].removeprefix("sha256:"),
-                      str(r.get("CreatedSince") or r.get("CreatedAt", "")), str(r.get("Size", "")))
+        table.add_row(f"{r['repository']}:{r['tag']}", r["id"][:12], r["created"], r["size"])
     out.print(table)
 
 

@@ -427,7 +427,7 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
     if image_id is None:
         raise BuildError(f"the gateway image did not build. Full log: {log_path}\n" + _tail(log_path))
     for old in engine.list_images(GATEWAY_REPO):  # gateway images of older podllama code are not needed again
-        if str(old.get("Tag", "")).startswith(f"{engine.name}-"):
-            engine.untag(f"{GATEWAY_REPO}:{old['Tag']}")
+        if old["tag"].startswith(f"{engine.name}-"):
+            engine.untag(f"{old['repository']}:{old['tag']}")
     engine.tag(image_id, tag)
     return tag

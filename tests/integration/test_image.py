@@ -83,9 +83,10 @@ def test_container_runs_as_non_root_with_a_healthcheck(podman, cpu_image):
 
 def test_unavailable_base_image_fails_fast_and_changes_nothing(podman, cpu_build):
     def snapshot():
-        return sorted((r.get("Repository"), r.get("Tag"), r.get("ID") or r.get("Id")) for r in podman.list_images(images.REPO))
+        return sorted((r["tag"], r["id"]) for r in podman.list_images(images.REPO))
 
     before = snapshot()
+    assert ("cpu", cpu_build["image_id"]) in before
     proc = podllama("build", "--variant", "cpu", "--engine", "podman", "--base", "registry.invalid/nothing:1",
                     check=False, timeout=120)
     assert proc.returncode == 1

@@ -26,8 +26,8 @@ def tiny_image(engine, ref: str, content: str, tmp_path) -> str:
 def clean(podman):
     yield
     for r in podman.list_images(images.REPO):
-        if str(r.get("Tag", "")).startswith(VARIANT):
-            podman.untag(f"{images.REPO}:{r['Tag']}")
+        if r["tag"].startswith(VARIANT):
+            podman.untag(f"{r['repository']}:{r['tag']}")
 
 
 def test_promote_keeps_the_previous_image_and_rollback_swaps(podman, clean, tmp_path):

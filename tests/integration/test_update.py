@@ -58,7 +58,7 @@ def stack(project, podman, models_dir, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("update-stack")
     sf = StackFiles(d, "ptupdate", podman, models_dir, free_port())
-    sf.write(CHAT_AND_EMBED, extra=f'[build.repository]\n'.replace("[build.repository]\n", ""))
+    sf.write(CHAT_AND_EMBED)
     sf.path.write_text(sf.path.read_text().replace('[build]\n', f'[build]\nrepository = "{REPO}"\n'))
     env = {"PODLLAMA_HOME": str(project)}
     sf.run_env = env
@@ -67,8 +67,8 @@ def stack(project, podman, models_dir, tmp_path_factory):
     podllama("start", "--no-gateway", "-c", str(sf.path), env=env, cwd=project)
     yield sf
     podllama("down", "-c", str(sf.path), env=env, cwd=project, check=False)
-    for tag in podman.list_images(REPO):
-        podman.untag(f"{REPO}:{tag['Tag']}")
+    for row in podman.list_images(REPO):
+        podman.untag(f"{row['repository']}:{row['tag']}")
 
 
 def run(sf, *args, check=True):

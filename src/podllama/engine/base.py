@@ -223,9 +223,18 @@ class CliEngine:
     def load(self, path: Path) -> None:
         self.run_cli("load", "-i", str(path), timeout=600)
 
-    def list_images(self, reference: str) -> list[dict[str, Any]]:
-        proc = self.run_cli("images", "--no-trunc", "--format", "{{json .}}", reference)
-        return _json_lines(proc.stdout)
+    def list_images(self, repository: str) -> list[dict[str, str]]:
+        """Every tag of REPOSITORY: repository, tag, id, created, size (the same keys on both engines)."""
+        fmt = "{{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}"
+        proc = self.run_cli("images", "--no-trunc", "--format", fmt, repository)
+        rows = []
+        for line in proc.stdout.splitlines():
+            repo, tag, image_id, created, size = (line.split("\t") + [""] * 5)[:5]
+            # engines match the reference loosely; keep the repository asked for (with or without its registry)
+            if tag and tag != "<none>" and repo.split("/")[-2:] == repository.split("/")[-2:]:
+                rows.append({"repository": repo, "tag": tag, "id": _strip_digest(image_id), "created": created,
+                             "size": size})
+        return rows
 
     # -- containers ---------------------------------------------------------------------------------------
     def gpu_flags(self, gpu: GpuRequest) -> list[str]:
@@ -324,13 +333,6 @@ class CliEngine:
 
 def _strip_digest(image_id: str) -> str:
     return image_id.removeprefix("sha256:")
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    text = text.strip()
-    if text.startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _container_info(d: dict[str, Any]) -> ContainerInfo:
