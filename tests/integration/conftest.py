@@ -117,9 +117,28 @@ def docker_cpu_image(docker, podman, cpu_image, tmp_path_factory) -> str:
     return cpu_image
 
 
+@pytest.fixture(scope="session")
+def docker_ready(docker, podman, docker_cpu_image, tmp_path_factory) -> CliEngine:
+    """Docker with the llama-server image and, where builds use the local base, that base image too."""
+    base = f"{images.LOCAL_BASE}:bookworm"
+    if base_choice(podman) == "local" and not docker.image_exists(base):
+        tar = tmp_path_factory.mktemp("base") / "base.tar"
+        podman.save(base, tar)
+        docker.load(tar)
+        tar.unlink()
+    return docker
+
+
 @pytest.fixture(params=["podman", "docker"])
 def engine(request) -> CliEngine:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["podman", "docker"])
+def stack_engine(request) -> CliEngine:
+    """Each engine, ready to run a whole stack (images and base images present)."""
+    return request.getfixturevalue("cpu_image" if request.param == "podman" else "docker_ready") and \
+        request.getfixturevalue(request.param)
 
 
 @pytest.fixture

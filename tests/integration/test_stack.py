@@ -20,54 +20,58 @@ def container_ids(engine, name: str) -> dict[str, str]:
     return {c.name: c.id for c in engine.list({"podllama.stack": name})}
 
 
-def test_start_gives_healthy_hardened_servers_and_is_idempotent(podman, stack_files):
-    sf = stack_files(podman)
+def test_start_gives_healthy_hardened_servers_and_is_idempotent(stack_engine, stack_files):
+    engine = stack_engine  # the same checks on Podman and on Docker
+    sf = stack_files(engine)
     out = sf.run("start")
     assert f"gateway: http://127.0.0.1:{sf.port}" in out.stdout
     rows = servers(sf.status())
     assert {n: (r["state"], r["health"], r["role"]) for n, r in rows.items()} == {
         "chat": ("running", "ok", "chat"), "embed": ("running", "ok", "embedding")}
-    assert rows["chat"]["commit"] == podman.image_labels("podllama/llama-server:cpu")["podllama.llama-commit"][:12]
+    assert rows["chat"]["commit"] == engine.image_labels("podllama/llama-server:cpu")["podllama.llama-commit"][:12]
+    assert engine.inspect(f"{sf.name}-gateway").running
     # hardened, as `podman inspect` shows
     for name in (f"{sf.name}-chat-1", f"{sf.name}-embed-1"):
-        raw = podman.inspect(name).raw
+        raw = engine.inspect(name).raw
         mounts = {m["Destination"]: m for m in raw["Mounts"]}
         assert mounts["/models"]["RW"] is False and mounts["/models"]["Source"] == str(sf.models)
-        assert len(raw["HostConfig"]["CapDrop"]) >= 14 and raw["HostConfig"]["ReadonlyRootfs"] is True
-        assert podman.inspect(name).ports == {}
+        caps = raw["HostConfig"]["CapDrop"]
+        assert (caps == ["ALL"] or len(caps) >= 14) and raw["HostConfig"]["ReadonlyRootfs"] is True
+        assert engine.inspect(name).ports == {}
         assert f"{sf.name}" in raw["NetworkSettings"]["Networks"]
     # the role decides the flags: embeddings answer on the embedding server only
-    chat_ip, embed_ip = podman.inspect(f"{sf.name}-chat-1").ip, podman.inspect(f"{sf.name}-embed-1").ip
+    chat_ip, embed_ip = engine.inspect(f"{sf.name}-chat-1").ip, engine.inspect(f"{sf.name}-embed-1").ip
     assert httpx.post(f"http://{embed_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 200
     assert httpx.post(f"http://{chat_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 501
     # a second start changes nothing
-    before = container_ids(podman, sf.name)
+    before = container_ids(engine, sf.name)
     again = sf.run("start")
     assert "chat, embed untouched" in again.stdout
-    assert container_ids(podman, sf.name) == before
+    assert container_ids(engine, sf.name) == before
 
 
-def test_supervisor_restarts_a_killed_server_and_leaves_a_stopped_one(podman, stack_files):
-    sf = stack_files(podman)
+def test_supervisor_restarts_a_killed_server_and_leaves_a_stopped_one(stack_engine, stack_files):
+    engine = stack_engine  # the same checks on Podman and on Docker
+    sf = stack_files(engine)
     sf.run("start")
     chat = f"{sf.name}-chat-1"
-    pid = podman.inspect(chat).pid
+    pid = engine.inspect(chat).pid
     subprocess.run(["kill", "-9", str(pid)], check=True)
-    assert wait_until(lambda: (i := podman.inspect(chat)) and i.running and i.pid != pid, 30), "not restarted"
+    assert wait_until(lambda: (i := engine.inspect(chat)) and i.running and i.pid != pid, 30), "not restarted"
     assert wait_until(lambda: servers(sf.status())["chat"]["health"] == "ok", 30)
     row = servers(sf.status())["chat"]
     assert row["restarts"] == 1 and "exited with code 137" in row["last_restart"]["reason"]
-    r = httpx.post(f"http://{podman.inspect(chat).ip}:8080/v1/chat/completions",
+    r = httpx.post(f"http://{engine.inspect(chat).ip}:8080/v1/chat/completions",
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, timeout=30)
     assert r.status_code == 200
     # a server the user stopped stays stopped
     sf.run("stop", "embed")
     embed = f"{sf.name}-embed-1"
-    assert podman.inspect(embed).state == "exited"
+    assert engine.inspect(embed).state == "exited"
     import time
 
     time.sleep(3)  # six supervisor rounds
-    assert podman.inspect(embed).state == "exited"
+    assert engine.inspect(embed).state == "exited"
     assert servers(sf.status())["embed"]["desired"] == "stopped"
     sf.run("start", "embed")
     assert servers(sf.status())["embed"]["health"] == "ok"

@@ -122,10 +122,14 @@ class CliEngine:
             raise EngineError(f"`{self.binary} {' '.join(args[:3])}…` failed: {(proc.stderr or proc.stdout).strip()}")
         return proc
 
-    def stream(self, args: list[str], log: IO[str], on_line: Callable[[str], None] | None = None,
+    def build_argv(self) -> list[str]:
+        """The client that runs builds (the same as for everything else, unless an engine says otherwise)."""
+        return self.base_argv()
+
+    def stream(self, argv: list[str], log: IO[str], on_line: Callable[[str], None] | None = None,
                env: dict[str, str] | None = None) -> int:
         """Run a long command (a build), copying every output line to LOG and to ON_LINE; returns the exit code."""
-        proc = subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, **(env or {})}, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -172,8 +176,8 @@ class CliEngine:
         SECRETS are files mounted into RUN steps that ask for them, never stored in the image."""
         iidfile = Path(log.name).with_suffix(".iid")
         iidfile.unlink(missing_ok=True)
-        code = self.stream(self.build_args(containerfile, context, build_args, labels, iidfile, secrets), log,
-                           on_line, env=self.build_env())
+        argv = self.build_argv() + self.build_args(containerfile, context, build_args, labels, iidfile, secrets)
+        code = self.stream(argv, log, on_line, env=self.build_env())
         if code != 0 or not iidfile.exists():
             return None
         image_id = _strip_digest(iidfile.read_text().strip())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
-from .base import CliEngine, GpuRequest
+from .base import CliEngine, EngineError, GpuRequest
 
 SOCKET = "unix:///var/run/docker.sock"
 
@@ -22,7 +24,25 @@ class DockerEngine(CliEngine):
         return Path(host.removeprefix("unix://")) if host.startswith("unix://") else Path("/var/run/docker.sock")
 
     def build_env(self) -> dict[str, str]:
-        return {"DOCKER_BUILDKIT": "1"}  # cache mounts (RUN --mount=type=cache) need BuildKit
+        return {"DOCKER_BUILDKIT": "1"}  # cache mounts and build secrets (RUN --mount) need BuildKit
+
+    def build_client(self) -> str:
+        """A docker client that can build with BuildKit: one with the buildx plugin (Docker CLI 23 and newer
+        need it), or an older client, which has BuildKit built in (Debian's docker.io 20.10)."""
+        if subprocess.run([self.binary, "buildx", "version"], capture_output=True).returncode == 0:
+            return self.binary
+        for client in (shutil.which(self.binary), "/usr/bin/docker", "/usr/local/bin/docker"):
+            if not client or not os.path.exists(client):
+                continue
+            out = subprocess.run([client, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True)
+            major = out.stdout.strip().split(".")[0]
+            if major.isdigit() and int(major) < 23:
+                return client
+        raise EngineError("Docker builds need BuildKit: install the buildx plugin (package docker-buildx-plugin or "
+                          "docker-buildx), or use Podman (--engine podman)")
+
+    def build_argv(self) -> list[str]:
+        return [self.build_client()] + (["-H", self.remote] if self.remote else [])
 
     def untag(self, ref: str) -> None:
         self.run_cli("rmi", "--no-prune", ref, check=False)
