@@ -368,13 +368,14 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
 
     import uvicorn
 
-    from .gateway.app import create_app
+    from .gateway.app import Gateway
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = load_config(cfg_path)
-    uvicorn.run(create_app(cfg, supervise=supervise), host=host or cfg.gateway.host, port=port or cfg.gateway.port,
-                loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    uvicorn.run(Gateway(cfg, supervise=supervise), host=host or cfg.gateway.host, port=port or cfg.gateway.port,
+                loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on",
+                proxy_headers=False, server_header=False)
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -65,6 +65,18 @@ class BuildSection(_Model):
 class GatewaySection(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    # auto: the host's network where the servers' addresses can be reached from the host (rootful engines),
+    # else the stack's network with the port published; see docs/gateway.md for the measured difference
+    network: Literal["auto", "host", "stack"] = "auto"
+    # role → server that gets requests without a (known) model; default: the role's first server
+    defaults: dict[Role, str] = Field(default_factory=dict)
+    load_timeout: Annotated[float, Field(ge=0)] = 120  # wait this long for a loading server, then 503
+    connect_timeout: Annotated[float, Field(gt=0)] = 5
+    first_byte_timeout: Annotated[float, Field(gt=0)] = 600  # from the request to the response's first byte
+    idle_timeout: Annotated[float, Field(gt=0)] = 300  # between two chunks of a response (no total timeout)
+    max_body_mb: Annotated[float, Field(gt=0)] = 64
+    api_keys_file: str | None = None  # one inference key per line (also $PODLLAMA_API_KEYS, comma-separated)
+    admin_key_file: str | None = None  # the key for /api (also $PODLLAMA_ADMIN_KEY)
 
 
 class SupervisorSection(_Model):
@@ -143,6 +155,11 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _servers(self) -> Config:
+        for role, server in self.gateway.defaults.items():
+            if server not in self.servers:
+                raise ValueError(f"gateway.defaults.{role}: no server named '{server}'")
+            if self.servers[server].role != role:
+                raise ValueError(f"gateway.defaults.{role}: server '{server}' has role '{self.servers[server].role}'")
         names: dict[str, str] = {}
         for name, server in self.servers.items():
             if not NAME_RE.match(name):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import httpx
 
 if TYPE_CHECKING:
     from .engine import CliEngine, ContainerInfo
@@ -15,16 +14,22 @@ OK, LOADING, DOWN = "ok", "loading", "down"
 
 
 def probe(url: str, timeout: float = 2.0) -> str:
-    """One look at URL/health: ok, loading (503), down (no answer), or error:<status>."""
+    """One look at URL/health (plain HTTP): ok, loading (503), down (no answer), or error:<status>.
+    A bare http.client request: it runs every few seconds per server, so it should cost next to nothing."""
+    host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+    conn = http.client.HTTPConnection(host, int(port or 80), timeout=timeout)
     try:
-        r = httpx.get(f"{url}/health", timeout=timeout)
-    except httpx.HTTPError:
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException):
         return DOWN
-    if r.status_code == 200:
+    finally:
+        conn.close()
+    if status == 200:
         return OK
-    if r.status_code == 503:
+    if status == 503:
         return LOADING
-    return f"error:{r.status_code}"
+    return f"error:{status}"
 
 
 def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] | None = None, interval: float = 0.2) -> str:

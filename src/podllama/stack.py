@@ -392,16 +392,35 @@ class Stack:
                 dirs = [p for p in dirs if not p.is_relative_to(d)] + [d]
         variant = hardware.resolve_variant(self.cfg.stack.variant, self.hardware) if self._default_variant is None \
             else self._default_variant
-        return ContainerSpec(
+        gw = self.cfg.gateway
+        spec = ContainerSpec(
             name=self.gateway_name, image=image, user="0:0",
             labels={L_STACK: self.name, L_KIND: "gateway"},
             env={"PODLLAMA_CONFIG": str(self.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
-                 "PODLLAMA_ENGINE": self.engine.name, "PODLLAMA_VARIANT": variant},
-            network=self.network, network_aliases=["gateway"],
+                 "PODLLAMA_ENGINE": self.engine.name, "PODLLAMA_VARIANT": variant,
+                 "PODLLAMA_PUBLISHED_HOST": gw.host},
             mounts=[Mount(str(socket), ENGINE_SOCKET, read_only=False)]
                    + [Mount(str(d), str(d), read_only=False) for d in dirs],
-            ports=[(self.cfg.gateway.host, self.cfg.gateway.port, GATEWAY_PORT)],
         )
+        if self.gateway_network() == "host":
+            # on the host's network: it binds the one port itself, and reaches the servers at their addresses
+            spec.network, spec.args = "host", ["--host", gw.host, "--port", str(gw.port)]
+            if gw.port < 1024:
+                spec.cap_add = ["NET_BIND_SERVICE"]
+        else:
+            spec.network, spec.network_aliases = self.network, ["gateway"]
+            spec.ports = [(gw.host, gw.port, GATEWAY_PORT)]
+        return spec
+
+    def gateway_network(self) -> str:
+        """'host' or 'stack'. Auto picks the host's network where the servers' addresses are reachable from the
+        host (rootful engines): it saves the published port's extra hop through NAT on every request."""
+        choice = self.cfg.gateway.network
+        if choice != "auto":
+            return choice
+        import os
+
+        return "host" if os.geteuid() == 0 and self.engine.remote is None else "stack"
 
     def start_gateway(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
         spec = self.gateway_spec(image, socket, root)

@@ -17,12 +17,13 @@ from typing import Any
 
 from .config import SupervisorSection
 from .engine import ContainerInfo, EngineError
-from .health import LOADING, OK, container_health
+from .health import LOADING, OK, container_health, probe
 from .stack import SERVER_PORT, Stack, StackError, Unit
 from .state import STOPPED
 
 log = logging.getLogger("podllama.supervisor")
-UNITS_TTL = 30.0  # seconds before the container specs are computed again from the config and images
+UNITS_TTL = 300.0  # seconds before the container specs are computed again from the config and images
+ENGINE_EVERY = 30.0  # while every server answers, the engine (costly to ask) is consulted this often
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Supervisor:
         self.events: list[dict[str, Any]] = []
         self._units: list[Unit] = []
         self._units_at = 0.0
+        self._addresses: dict[str, str] = {}  # container → address, from the last look at the engine
+        self._engine_at = 0.0
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
@@ -71,12 +74,21 @@ class Supervisor:
             except (StackError, EngineError) as e:
                 log.warning("supervisor: cannot compute the stack's containers: %s", e)
                 return []
-            running = self.stack.containers("server")
             saved = self.stack.state.read().get("servers", {})
+            active = [u for u in units if saved.get(u.key, {}).get("desired") != STOPPED
+                      and not saved.get(u.key, {}).get("failed")]
+            # The cheap look first: every server answering /health at its known address needs nothing more.
+            healthy = {u.name for u in active if (a := self._addresses.get(u.name)) and probe(f"http://{a}:{SERVER_PORT}") == OK}
+            for name in healthy:
+                self._healthy(self.watch.setdefault(name, Watch()), name)
+            if len(healthy) == len(active) and time.monotonic() - self._engine_at < ENGINE_EVERY:
+                return []
+            running = self.stack.containers("server")
+            self._engine_at = time.monotonic()
+            self._addresses = {n: i.ip for n, i in running.items() if i.ip and i.running}
             done = []
-            for unit in units:
-                entry = saved.get(unit.key, {})
-                if entry.get("desired") == STOPPED or entry.get("failed"):
+            for unit in active:
+                if unit.name in healthy and unit.name in running and running[unit.name].running:
                     continue
                 event = self._check(unit, running.get(unit.name))
                 if event:
@@ -93,11 +105,7 @@ class Supervisor:
             return self._restart(unit, w, f"exited with code {info.exit_code}", recreate=False)
         health = container_health(self.stack.engine, info, SERVER_PORT)
         if health == OK:
-            if w.failures or not w.loaded:
-                log.info("%s healthy", unit.name)
-            w.failures, w.loaded, w.progress_at = 0, True, now
-            if now - w.not_before > self.policy.backoff_max:
-                w.backoff = 0.0  # healthy for a while: the next crash starts the backoff afresh
+            self._healthy(w, unit.name)
             return None
         if health == LOADING and not w.loaded:
             line = self.stack.tail(unit.name, lines=1)
@@ -110,6 +118,14 @@ class Supervisor:
         if w.failures >= self.policy.unhealthy_after:
             return self._restart(unit, w, f"not answering /health ({health}) {w.failures} times", recreate=True)
         return None
+
+    def _healthy(self, w: Watch, name: str) -> None:
+        now = time.monotonic()
+        if w.failures or not w.loaded:
+            log.info("%s healthy", name)
+        w.failures, w.loaded, w.progress_at = 0, True, now
+        if now - w.not_before > self.policy.backoff_max:
+            w.backoff = 0.0  # healthy for a while: the next crash starts the backoff afresh
 
     def _restart(self, unit: Unit, w: Watch, reason: str, recreate: bool) -> dict[str, Any] | None:
         now = time.monotonic()

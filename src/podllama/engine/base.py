@@ -59,6 +59,7 @@ class ContainerSpec:
     tmpfs: list[str] = field(default_factory=lambda: ["/tmp"])
     read_only_root: bool = True
     stop_timeout: int = 10
+    cap_add: list[str] = field(default_factory=list)  # the only capabilities given back after dropping all
 
 
 @dataclass
@@ -84,7 +85,7 @@ class ContainerInfo:
 
 def hardening(spec: ContainerSpec) -> list[str]:
     """The security flags every podllama container gets."""
-    flags = ["--cap-drop=ALL", "--security-opt=no-new-privileges"]
+    flags = ["--cap-drop=ALL", *[f"--cap-add={c}" for c in spec.cap_add], "--security-opt=no-new-privileges"]
     if spec.read_only_root:
         flags.append("--read-only")
         flags += [f"--tmpfs={path}:rw,nosuid,nodev,size=256m" for path in spec.tmpfs]
@@ -263,7 +264,8 @@ class CliEngine:
             argv.append(f"--env={k}={v}")
         if spec.network:
             argv.append(f"--network={spec.network}")
-            argv += [f"--network-alias={a}" for a in spec.network_aliases]
+            if spec.network != "host":
+                argv += [f"--network-alias={a}" for a in spec.network_aliases]
         for m in spec.mounts:
             argv.append(f"--volume={m.source}:{m.target}:{'ro' if m.read_only else 'rw'}")
         for host, host_port, container_port in spec.ports:

@@ -1,0 +1,98 @@
+"""/help and the OpenAPI document, generated from the route table, the management routes and the live config."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from .auth import Keys
+from .routes import ENDPOINTS, PASSTHROUGH, Endpoint
+from .upstreams import Registry
+
+
+def _routes_to(ep: Endpoint, registry: Registry) -> str:
+    if ep.scope == "gateway":
+        return "the gateway itself"
+    if ep.scope == "server":
+        default = registry.default(ep.roles)
+        return f"?server=NAME or ?model=NAME, else '{default}'" if default else "no server configured"
+    servers = registry.servers_with_role(ep.roles)
+    if not servers:
+        return f"nothing: needs a server with role {' or '.join(ep.roles)}"
+    default = registry.default(ep.roles)
+    others = [s for s in servers if s != default]
+    return f"'{default}'" + (f"; by model: {', '.join(others)}" if others else "")
+
+
+def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]]:
+    inference = "inference key" if keys.inference else "no key (none configured)"
+    admin = "admin key" if keys.admin else ("no key (loopback only)" if not keys.public_bind else "admin key (none set: closed)")
+    out = []
+    for ep in ENDPOINTS:
+        out.append({
+            "name": ep.name, "methods": list(ep.methods), "path": ep.paths[0], "aliases": list(ep.paths[1:]),
+            "purpose": ep.purpose, "params": list(ep.params), "streams": ep.streams,
+            "routes_to": _routes_to(ep, registry), "roles": list(ep.roles) if ep.scope == "model" else [],
+            "llama_server_flag": ep.flag, "auth": "public" if ep.name == "health" else inference,
+        })
+    out.append({"name": "passthrough", "methods": ["*"], "path": f"{PASSTHROUGH}{{name}}/{{path}}", "aliases": [],
+                "purpose": "Anything, passed through to one server (its web UI, routes added upstream later …)",
+                "params": [], "streams": True, "routes_to": ", ".join(registry.servers) or "no servers",
+                "roles": [], "llama_server_flag": None, "auth": inference})
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path in ("/health", "/v1/health", "/v1/models", "/models", "/metrics"):
+            continue
+        is_api = route.path.startswith("/api")
+        out.append({
+            "name": route.name, "methods": sorted(route.methods - {"HEAD"}), "path": route.path, "aliases": [],
+            "purpose": (route.description or route.summary or "").strip().splitlines()[0] if (route.description or route.summary) else "",
+            "params": [p.name for p in route.dependant.query_params] + [p.name for p in route.dependant.path_params],
+            "streams": False, "routes_to": "the gateway itself", "roles": [], "llama_server_flag": None,
+            "auth": admin if is_api else "public",
+        })
+    return out
+
+
+def render_html(items: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td><code>{html.escape(' '.join(e['methods']))}</code></td><td><code>{html.escape(e['path'])}</code>"
+        f"{''.join(f'<br><code>{html.escape(a)}</code>' for a in e['aliases'])}</td>"
+        f"<td>{html.escape(e['purpose'])}</td><td>{html.escape(', '.join(e['params']))}</td>"
+        f"<td>{html.escape(e['routes_to'])}</td><td>{html.escape(e['auth'])}</td></tr>"
+        for e in items)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>podllama gateway</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}</style></head><body>"
+            "<h1>podllama gateway</h1><p>Every endpoint, where it routes now, and what it needs. "
+            "JSON: <code>GET /help</code> with <code>Accept: application/json</code>; OpenAPI: "
+            "<a href='/openapi.json'>/openapi.json</a>.</p><table><tr><th>method</th><th>path</th><th>purpose</th>"
+            f"<th>parameters</th><th>routes to</th><th>auth</th></tr>{rows}</table></body></html>")
+
+
+def openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document for the gateway's own routes, plus every proxied llama-server route of the table."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                      description="One port for a stack of llama-servers. See /help.")
+    for ep in ENDPOINTS:
+        if ep.scope == "gateway":
+            continue
+        for path in ep.paths:
+            item = doc["paths"].setdefault(path + ("{id}" if ep.prefix else ""), {})
+            for method in ep.methods:
+                op: dict[str, Any] = {
+                    "summary": ep.purpose.split(";")[0], "description": ep.purpose, "operationId": f"{ep.name}_{method}_{path}",
+                    "tags": [f"llama-server ({ep.capability})"],
+                    "parameters": [{"name": p, "in": "query", "required": False, "schema": {"type": "string"}}
+                                   for p in ("server", "model") if p in ep.params and ep.scope == "server"],
+                    "responses": {"200": {"description": "llama-server's answer, passed through"},
+                                  "503": {"description": "the server is down or still loading (Retry-After)"}},
+                }
+                if method == "POST":
+                    op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+                item[method.lower()] = op
+    return doc

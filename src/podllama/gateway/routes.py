@@ -1,0 +1,156 @@
+"""Every route llama-server registers (llama.cpp 0c1e570, single-model mode), as data.
+
+Routing, /help, the OpenAPI document and the tests all read this one table. Each entry says which methods and
+paths (aliases included) it has, the capability it needs (which decides the server roles that can answer),
+whether it can stream, whether it is about the model or about one server process, and the llama-server flag
+that turns it on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Which server roles provide a capability, best first. "generate" is text generation from a loaded LLM.
+CAPABILITY_ROLES: dict[str, tuple[str, ...]] = {
+    "generate": ("chat", "vision", "audio", "infill"),
+    "infill": ("infill", "chat"),
+    "embedding": ("embedding",),
+    "rerank": ("rerank",),
+    "transcription": ("audio",),
+    "server": ("chat", "vision", "audio", "infill", "embedding", "rerank"),
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    methods: tuple[str, ...]
+    paths: tuple[str, ...]
+    capability: str  # a key of CAPABILITY_ROLES
+    purpose: str
+    # model: routed by the request's model; server: one server process (?server=/?model=, else the chat default);
+    # gateway: answered by the gateway itself for the whole stack
+    scope: str = "model"
+    streams: bool = False
+    flag: str | None = None  # the llama-server flag it needs, when not always on
+    params: tuple[str, ...] = ()
+    body_model: bool = True  # the JSON (or multipart) body may carry "model"
+    prefix: bool = False  # paths are prefixes (/slots/{id})
+    multimodal: bool = False  # image/audio parts can send it to a vision/audio server
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return CAPABILITY_ROLES[self.capability]
+
+
+E = Endpoint
+ENDPOINTS: tuple[Endpoint, ...] = (
+    # -- generation ------------------------------------------------------------------------------------------
+    E("chat.completions", ("POST",), ("/v1/chat/completions", "/chat/completions"), "generate",
+      "OpenAI Chat Completions: messages, tools, response_format, reasoning; image/audio parts go to a vision/audio "
+      "server", streams=True, multimodal=True,
+      params=("model", "messages", "stream", "max_tokens", "temperature", "tools", "response_format")),
+    E("chat.control", ("POST",), ("/v1/chat/completions/control",), "generate",
+      "Act on an in-flight chat completion started with reasoning_control: {id, action: \"reasoning_end\"}",
+      params=("model", "id", "action")),
+    E("chat.input_tokens", ("POST",), ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"),
+      "generate", "Token count of a chat request, without generating", multimodal=True,
+      params=("model", "messages")),
+    E("completions.oai", ("POST",), ("/v1/completions",), "generate", "OpenAI legacy Completions", streams=True,
+      params=("model", "prompt", "stream", "max_tokens", "temperature")),
+    E("completions.native", ("POST",), ("/completion", "/completions"), "generate",
+      "llama.cpp-native completion (prompt as text, tokens or multimodal), every native sampling option",
+      streams=True, params=("prompt", "n_predict", "stream", "temperature", "grammar")),
+    E("responses", ("POST",), ("/v1/responses", "/responses"), "generate", "OpenAI Responses API",
+      streams=True, multimodal=True, params=("model", "input", "instructions", "stream")),
+    E("responses.input_tokens", ("POST",), ("/v1/responses/input_tokens", "/responses/input_tokens"), "generate",
+      "Token count of a Responses request", params=("model", "input")),
+    E("messages", ("POST",), ("/v1/messages",), "generate", "Anthropic Messages API", streams=True,
+      multimodal=True, params=("model", "messages", "max_tokens", "stream", "system")),
+    E("messages.count_tokens", ("POST",), ("/v1/messages/count_tokens",), "generate",
+      "Anthropic token counting: {input_tokens}", params=("model", "messages")),
+    E("infill", ("POST",), ("/infill",), "infill",
+      "Code fill-in-the-middle: input_prefix, input_suffix, input_extra (needs a model with FIM tokens)",
+      streams=True, params=("input_prefix", "input_suffix", "input_extra", "prompt", "n_predict")),
+    E("audio.transcriptions", ("POST",), ("/v1/audio/transcriptions", "/audio/transcriptions"), "transcription",
+      "OpenAI-style speech to text (multipart: file, model, prompt, language, response_format=json)",
+      streams=True, params=("file", "model", "prompt", "language", "stream")),
+    # -- embeddings and rerank -------------------------------------------------------------------------------
+    E("embeddings.oai", ("POST",), ("/v1/embeddings",), "embedding", "OpenAI embeddings", flag="--embedding",
+      params=("model", "input", "encoding_format")),
+    E("embeddings.native", ("POST",), ("/embedding", "/embeddings"), "embedding",
+      "llama.cpp-native embeddings (per-token vectors with --pooling none)", flag="--embedding",
+      params=("content", "input")),
+    E("rerank", ("POST",), ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking"), "rerank",
+      "Rerank documents against a query (Jina or TEI format)", flag="--rerank",
+      params=("model", "query", "documents", "top_n", "texts")),
+    # -- tokens and templates --------------------------------------------------------------------------------
+    E("tokenize", ("POST",), ("/tokenize",), "generate", "Text → tokens", params=("content", "add_special", "with_pieces")),
+    E("detokenize", ("POST",), ("/detokenize",), "generate", "Tokens → text", params=("tokens",)),
+    E("apply_template", ("POST",), ("/apply-template",), "generate",
+      "Apply the chat template to messages, without generating", params=("messages",)),
+    # -- one server process ----------------------------------------------------------------------------------
+    E("props", ("GET", "POST"), ("/props",), "server", "Server and model properties (POST needs --props)",
+      scope="server", params=("server", "model")),
+    E("slots", ("GET",), ("/slots",), "server", "Per-slot state (?fail_on_no_slot=1 → 503 when none is idle)",
+      scope="server", params=("server", "model", "fail_on_no_slot")),
+    E("slots.action", ("POST",), ("/slots/",), "server",
+      "Save, restore or erase a slot: /slots/{id}?action=save|restore|erase (needs --slot-save-path)",
+      scope="server", prefix=True, params=("server", "action", "filename")),
+    E("metrics", ("GET",), ("/metrics",), "server",
+      "Prometheus metrics: the gateway's own; with ?server=NAME (or ?model=) that llama-server's (needs --metrics, "
+      "which podllama turns on)", scope="server", params=("server", "model")),
+    E("lora_adapters", ("GET", "POST"), ("/lora-adapters",), "server",
+      "List LoRA adapters, or set their scales (POST body: [{id, scale}])", scope="server", body_model=False,
+      params=("server", "model")),
+    E("tools", ("GET", "POST"), ("/tools",), "server", "Built-in and MCP tools (experimental; needs --tools)",
+      scope="server", flag="--tools", params=("server",)),
+    E("cors_proxy", ("GET", "POST"), ("/cors-proxy",), "server",
+      "The web UI's proxy to remote MCP servers (experimental; needs --ui-mcp-proxy)", scope="server",
+      flag="--ui-mcp-proxy", params=("server", "url")),
+    E("health", ("GET",), ("/health", "/v1/health"), "server",
+      "Liveness: the gateway answers itself (public, no key); a server's own via /servers/NAME/health",
+      scope="gateway", body_model=False),
+    E("models", ("GET",), ("/v1/models", "/models"), "server",
+      "Every model of every server, in the OpenAI list shape (id, owned_by, role, capabilities, status)",
+      scope="gateway", body_model=False),
+    # -- resumable streams (X-Conversation-Id) ---------------------------------------------------------------
+    E("stream.follow", ("GET", "DELETE"), ("/v1/stream",), "generate",
+      "Replay and follow (GET) or stop (DELETE) a generation started with X-Conversation-Id",
+      scope="server", streams=True, params=("conv_id", "from")),
+    E("stream.lookup", ("POST",), ("/v1/streams/lookup",), "generate",
+      "Status of known conversation ids: {conversation_ids: [...]}", scope="server", body_model=False,
+      params=("conversation_ids",)),
+)
+
+PASSTHROUGH = "/servers/"  # /servers/{name}/{path}: anything, to one server (also routes added upstream later)
+
+
+@dataclass
+class RouteTable:
+    exact: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
+    prefixes: list[tuple[str, str, Endpoint]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> RouteTable:
+        table = cls()
+        for ep in endpoints:
+            for method in ep.methods:
+                for path in ep.paths:
+                    if ep.prefix:
+                        table.prefixes.append((method, path, ep))
+                    else:
+                        table.exact[(method, path)] = ep
+        return table
+
+    def match(self, method: str, path: str) -> Endpoint | None:
+        ep = self.exact.get((method, path))
+        if ep is not None:
+            return ep
+        for m, prefix, ep in self.prefixes:
+            if m == method and path.startswith(prefix) and len(path) > len(prefix):
+                return ep
+        return None
+
+    def paths(self) -> set[str]:
+        return {p for (_, p) in self.exact} | {p for (_, p, _) in self.prefixes}
