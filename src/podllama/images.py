@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__, source, tinymodel
 from .engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
 from .flags import FlagSet
-from .health import wait_healthy
+from .health import probe, wait_healthy
 
 REPO = "podllama/llama-server"
 HELP_FILE = "/app/llama-server.help"
@@ -244,7 +244,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
     if smoke:
         progress("smoke test: start the new image with a tiny model, /health, one chat completion")
         try:
-            result.smoke = smoke_test(engine, image_id, tree, gpu=gpu, log=log_path)
+            result.smoke = smoke_test(engine, image_id, tree, log_dir.parent / "smoke", gpu=gpu, log=log_path)
         except BuildError:
             if not _tagged(engine, image_id):
                 engine.remove_image(image_id)
@@ -292,18 +292,14 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 # -- smoke test -----------------------------------------------------------------------------------------------
-def smoke_model_dir(tree: Path) -> Path:
-    d = source.cache_dir() / "smoke"
-    tinymodel.ensure(d / "podllama-tiny.gguf", tree)
-    return d
-
-
-def smoke_test(engine: CliEngine, image: str, tree: Path, gpu: GpuRequest | None = None, timeout: float = 300,
-               log: Path | None = None) -> dict[str, Any]:
-    """Start IMAGE with the tiny model: /health must turn 200 and one chat completion must answer."""
+def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+               timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """Start IMAGE with the tiny model (written into MODELS, a directory the engine can mount: the gateway
+    container runs builds too): /health must turn 200 and one chat completion must answer."""
     import httpx
 
-    models = smoke_model_dir(tree)
+    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
+    models.chmod(0o755)
     name = f"podllama-smoke-{os.getpid()}-{int(time.time())}"
     spec = ContainerSpec(
         name=name, image=image, labels={"podllama.smoke": "true"},
@@ -320,8 +316,16 @@ def smoke_test(engine: CliEngine, image: str, tree: Path, gpu: GpuRequest | None
         port = info.ports.get(8080) if info else None
         if not port:
             raise BuildError("smoke test: the engine published no port for the test container")
-        url = f"http://127.0.0.1:{port}"
+        # its address where that can be reached (the host, and a gateway on the host's network), else the port
+        candidates = ([f"http://{info.ip}:8080"] if info.ip else []) + [f"http://127.0.0.1:{port}"]
         t0 = time.monotonic()
+        url = candidates[-1]
+        while time.monotonic() - t0 < 30 and _alive(engine, name):
+            answering = [c for c in candidates if probe(c, timeout=1) != "down"]
+            if answering:
+                url = answering[0]
+                break
+            time.sleep(0.2)
         state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
         if state != "ok":
             raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")

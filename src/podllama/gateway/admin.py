@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 import tomlkit
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 
 from .. import changes
 from ..changes import ChangeError
@@ -17,8 +17,21 @@ from ..stack import StackError
 from .jobs import Jobs
 
 
-def router(gw: Any) -> APIRouter:
-    """GW: the gateway (stack, registry, supervisor, keys)."""
+class _Prefixed:
+    """Routes registered on the app itself under a prefix, with shared dependencies (so /help and OpenAPI see
+    them as plain routes)."""
+
+    def __init__(self, app: FastAPI, prefix: str, **common: Any) -> None:
+        self.app, self.prefix, self.common = app, prefix, common
+
+    def __getattr__(self, method: str) -> Any:
+        def decorator(path: str, **kw: Any) -> Any:
+            return getattr(self.app, method)(self.prefix + path, **self.common, **kw)
+        return decorator
+
+
+def register(app: FastAPI, gw: Any) -> None:
+    """The /api routes, on APP. GW: the gateway (stack, registry, supervisor, keys)."""
 
     def admin(request: Request) -> None:
         if not gw.keys.admin_ok(request.scope["headers"]):
@@ -27,7 +40,7 @@ def router(gw: Any) -> APIRouter:
                                          "key; set $PODLLAMA_ADMIN_KEY or [gateway] admin_key_file")
             raise HTTPException(401, "Invalid admin key")
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(admin)], tags=["management"])
+    api = _Prefixed(app, "/api", dependencies=[Depends(admin)], tags=["management"])
     jobs = Jobs()
 
     def stack():
@@ -196,5 +209,3 @@ def router(gw: Any) -> APIRouter:
 
         threading.Timer(0.2, later).start()
         return {"stopping": [n for n in stack().containers()]}
-
-    return api

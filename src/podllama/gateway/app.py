@@ -152,7 +152,7 @@ class Gateway:
                     return item
             raise FastAPIHTTPException(404, f"no endpoint {wanted}; GET /help lists them")
 
-        app.include_router(admin.router(gw))
+        admin.register(app, gw)
         app.openapi = lambda: app.openapi_schema or _cache(app, helpdoc.openapi(app))  # type: ignore[method-assign]
         return app
 

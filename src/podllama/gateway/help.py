@@ -42,17 +42,26 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
                 "purpose": "Anything, passed through to one server (its web UI, routes added upstream later …)",
                 "params": [], "streams": True, "routes_to": ", ".join(registry.servers) or "no servers",
                 "roles": [], "llama_server_flag": None, "auth": inference})
+    own: dict[str, dict[str, Any]] = {}
     for route in app.routes:
         if not isinstance(route, APIRoute) or route.path in ("/health", "/v1/health", "/v1/models", "/models", "/metrics"):
             continue
-        is_api = route.path.startswith("/api")
-        out.append({
-            "name": route.name, "methods": sorted(route.methods - {"HEAD"}), "path": route.path, "aliases": [],
-            "purpose": (route.description or route.summary or "").strip().splitlines()[0] if (route.description or route.summary) else "",
+        methods = sorted(route.methods - {"HEAD"})
+        text = (route.description or route.summary or "").strip()
+        purpose = f"{'/'.join(methods)}: {text.splitlines()[0] if text else route.name}"
+        entry = own.get(route.path)
+        if entry is not None:  # one entry per path, with every method it has
+            entry["methods"] = sorted(set(entry["methods"]) | set(methods))
+            entry["purpose"] += f"; {purpose}"
+            entry["params"] = sorted(set(entry["params"]) | {p.name for p in route.dependant.query_params})
+            continue
+        own[route.path] = {
+            "name": route.name, "methods": methods, "path": route.path, "aliases": [], "purpose": purpose,
             "params": [p.name for p in route.dependant.query_params] + [p.name for p in route.dependant.path_params],
             "streams": False, "routes_to": "the gateway itself", "roles": [], "llama_server_flag": None,
-            "auth": admin if is_api else "public",
-        })
+            "auth": admin if route.path.startswith("/api") else "public",
+        }
+        out.append(own[route.path])
     return out
 
 

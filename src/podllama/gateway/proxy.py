@@ -253,6 +253,9 @@ class Proxy:
                 body, streamed = data, False
         watcher: asyncio.Task[None] | None = None
         replica = self.registry.pick(server)
+        if replica is None and self.registry.state_of(server) != LOADING:
+            await self.registry.refresh_soon()
+            replica = self.registry.pick(server)
         if replica is None:
             replica = await self._wait_for(server, None if streamed else receive, flight)
             if replica is None:
@@ -269,39 +272,44 @@ class Proxy:
         client = scope.get("client")
         if client:
             headers.append((b"x-forwarded-for", client[0].encode()))
-        replica.in_flight += 1
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         status, ttfb = 502, None
         try:
             if not streamed:
                 watcher = asyncio.ensure_future(self._watch(receive, flight))
-            try:
-                response = await self.client.request(
-                    replica.host, replica.port, scope["method"], target, headers, body,
-                    self._body_stream(receive, flight) if streamed else None,
-                    on_start=lambda r: setattr(flight, "response", r), limit=self.registry.http_threads(server))
-            except asyncio.CancelledError:
-                if flight.disconnected:  # the client went away while the request was queued
-                    status = 499
-                    return
-                raise
-            except UpstreamError as e:
-                if flight.disconnected:
-                    status = 499
-                    return
-                if watcher is None:
-                    watcher = asyncio.ensure_future(self._watch(receive, flight))
-                status = 504 if "timed out" in str(e) or "no data" in str(e) else 502
-                if e.phase == "connect":
-                    self.registry.mark_down(replica)
-                    status = 503
-                if e.phase == "too_large":
-                    status = 413
-                self.metrics.error(endpoint, server, e.phase)
-                return await send_error(send, status, f"server '{server}' ({replica.container}): {e}",
-                                        "unavailable_error" if status == 503 else "server_error",
-                                        [(b"retry-after", b"5")] if status == 503 else [])
+            for attempt in (1, 2):
+                replica.in_flight += 1
+                try:
+                    response = await self.client.request(
+                        replica.host, replica.port, scope["method"], target, headers, body,
+                        self._body_stream(receive, flight) if streamed else None,
+                        on_start=lambda r: setattr(flight, "response", r), limit=self.registry.http_threads(server))
+                    break
+                except asyncio.CancelledError:
+                    if flight.disconnected:  # the client went away while the request was queued
+                        status = 499
+                        return
+                    raise
+                except UpstreamError as e:
+                    if flight.disconnected:
+                        status = 499
+                        return
+                    if e.phase == "connect":
+                        self.registry.mark_down(replica)
+                        other = self.registry.pick(server)
+                        if attempt == 1 and other is not None and not streamed:
+                            replica.in_flight -= 1
+                            replica = other  # nothing reached the dead one: another replica takes it
+                            continue
+                    if watcher is None:
+                        watcher = asyncio.ensure_future(self._watch(receive, flight))
+                    status = {"connect": 503, "too_large": 413}.get(e.phase) or (
+                        504 if "timed out" in str(e) or "no data" in str(e) else 502)
+                    self.metrics.error(endpoint, server, e.phase)
+                    return await send_error(send, status, f"server '{server}' ({replica.container}): {e}",
+                                            "unavailable_error" if status == 503 else "server_error",
+                                            [(b"retry-after", b"5")] if status == 503 else [])
             if watcher is None:
                 watcher = asyncio.ensure_future(self._watch(receive, flight))
             status = response.status

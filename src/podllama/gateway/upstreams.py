@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..config import Config, ServerSection
 from ..engine import EngineError
 from .client import Client, UpstreamError
+from ..health import probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
 
 log = logging.getLogger("podllama.gateway")
@@ -41,6 +42,7 @@ class Registry:
         self.replicas: dict[str, list[Replica]] = {}
         self.names: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.refreshed = 0.0
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2)
         self.configure(stack.cfg)
 
@@ -106,9 +108,17 @@ class Registry:
                 prev = old.get(info.name)
                 if prev is not None and prev.host == info.ip:
                     fresh.setdefault(server, []).append(prev)
-                else:
-                    fresh.setdefault(server, []).append(Replica(server, info.name, info.ip))
+                else:  # new, or back at another address: one look at its health before it takes requests
+                    replica = Replica(server, info.name, info.ip)
+                    replica.state = probe(replica.url, timeout=1)
+                    fresh.setdefault(server, []).append(replica)
             self.replicas = fresh
+            self.refreshed = time.monotonic()
+
+    async def refresh_soon(self, at_most_every: float = 1.0) -> None:
+        """Look at the engine again now (a server seems gone: the supervisor may have restarted it elsewhere)."""
+        if time.monotonic() - self.refreshed >= at_most_every:
+            await asyncio.to_thread(self.refresh)
 
     def pick(self, server: str) -> Replica | None:
         """A healthy replica of SERVER with the fewest requests in flight."""

@@ -1,0 +1,382 @@
+"""The gateway container in front of real llama-servers: SDKs, every kind of endpoint, routing, streaming,
+cancellation, the management API, /help, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from podllama.gateway.routes import ENDPOINTS
+from tests.helpers import wait_until
+from tests.integration.conftest import StackFiles, free_port
+
+SERVERS = """
+[gateway.defaults]
+chat = "chat"
+
+[servers.chat]
+role = "chat"
+model = "tiny.gguf"
+alias = "tiny-chat"
+ctx_size = 2048
+args = { parallel = 2 }
+
+[servers.chat2]
+role = "chat"
+model = "tiny.gguf"
+alias = "tiny-chat-2"
+ctx_size = 4096
+replicas = 2
+args = { parallel = 1 }
+
+[servers.embed]
+role = "embedding"
+model = "tiny.gguf"
+alias = "tiny-embed"
+ctx_size = 512
+args = { pooling = "mean" }
+
+[servers.rerank]
+role = "rerank"
+model = "tiny.gguf"
+alias = "tiny-rerank"
+ctx_size = 512
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(podman, models_dir, cpu_image, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gateway-stack")
+    sf = StackFiles(d, "ptgw", podman, models_dir, free_port()).write(SERVERS)
+    sf.run("start")
+    sf.url = f"http://127.0.0.1:{sf.port}"
+    yield sf
+    sf.run("down", check=False)
+
+
+def post(gw, path: str, **kw) -> httpx.Response:
+    return httpx.post(f"{gw.url}{path}", timeout=60, **kw)
+
+
+def slots_busy(gw, server: str = "chat") -> bool:
+    slots = httpx.get(f"{gw.url}/slots?server={server}", timeout=10).json()
+    return any(s["is_processing"] for s in slots)
+
+
+# -- clients: the OpenAI and Anthropic SDKs ----------------------------------------------------------------------
+def test_openai_sdk_chat_completions_embeddings_models(gw):
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused")
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 5
+    stream = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=6, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 5
+    legacy = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=4)
+    assert legacy.choices[0].text and legacy.usage.completion_tokens == 4
+    legacy_stream = list(client.completions.create(model="tiny-chat", prompt="Once", max_tokens=4, stream=True))
+    assert sum(1 for c in legacy_stream if c.choices and c.choices[0].text) >= 3
+    emb = client.embeddings.create(model="tiny-embed", input=["a", "b c"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 64
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"tiny-chat", "tiny-chat-2", "tiny-embed", "tiny-rerank"}
+    extra = models["tiny-embed"].model_extra
+    assert extra["role"] == "embedding" and extra["server"] == "embed" and extra["status"] == "ok"
+    assert "embedding" in extra["capabilities"] and models["tiny-chat"].owned_by == "podllama"
+
+
+def test_anthropic_sdk_messages(gw):
+    client = anthropic.Anthropic(base_url=gw.url, api_key="unused")
+    msg = client.messages.create(model="tiny-chat", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+    assert msg.content[0].text and msg.usage.output_tokens == 5
+    with client.messages.stream(model="tiny-chat", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]) as s:
+        text = "".join(s.text_stream)
+    assert text
+    count = post(gw, "/v1/messages/count_tokens", json={"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]})
+    assert count.status_code == 200 and count.json()["input_tokens"] > 0
+
+
+# -- every kind of endpoint ---------------------------------------------------------------------------------
+def test_rerank_all_aliases(gw):
+    for path in ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking"):
+        r = post(gw, path, json={"query": "a", "documents": ["x", "y z"]})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2, (path, r.text)
+        assert r.headers["x-podllama-server"] == "rerank"
+
+
+def test_tokens_templates_props_slots(gw):
+    tokens = post(gw, "/tokenize", json={"content": "hello world"}).json()["tokens"]
+    assert tokens and post(gw, "/detokenize", json={"tokens": tokens}).json()["content"].strip() == "hello world"
+    prompt = post(gw, "/apply-template", json={"messages": [{"role": "user", "content": "hey"}]}).json()["prompt"]
+    assert "<|im_start|>user\nhey" in prompt
+    props = httpx.get(f"{gw.url}/props").json()
+    assert props["total_slots"] == 2  # the chat default
+    embed_props = httpx.get(f"{gw.url}/props?server=embed")
+    assert embed_props.headers["x-podllama-server"] == "embed" and embed_props.json()["total_slots"] >= 1
+    by_model = httpx.get(f"{gw.url}/props?model=tiny-chat-2")
+    assert by_model.headers["x-podllama-server"] == "chat2" and by_model.json()["total_slots"] == 1
+    slots = httpx.get(f"{gw.url}/slots?server=chat").json()
+    assert len(slots) == 2 and {"id", "is_processing"} <= set(slots[0])
+    assert httpx.get(f"{gw.url}/props?server=nope").status_code == 404
+
+
+def test_metrics_of_the_gateway_and_of_one_server(gw):
+    post(gw, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    own = httpx.get(f"{gw.url}/metrics").text
+    assert 'podllama_requests_total{endpoint="chat.completions",server="chat",status="200"}' in own
+    assert "podllama_time_to_first_byte_seconds_bucket" in own and "podllama_requests_in_flight" in own
+    server = httpx.get(f"{gw.url}/metrics?server=chat")
+    assert server.headers["x-podllama-server"] == "chat" and "llamacpp:prompt_tokens_total" in server.text
+
+
+def test_infill_and_transcriptions_fail_clearly(gw):
+    infill = post(gw, "/infill", json={"input_prefix": "def f(", "input_suffix": "):"})
+    # the tiny model has no fill-in-the-middle tokens: llama-server's own clear error, passed through
+    assert infill.status_code in (200, 400, 501)
+    if infill.status_code != 200:
+        assert "error" in infill.json()
+    audio = post(gw, "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF0000WAVE")}, data={"model": "x"})
+    assert audio.status_code == 501
+    assert "role 'audio'" in audio.json()["error"]["message"] and audio.json()["error"]["type"] == "not_supported_error"
+
+
+# -- routing --------------------------------------------------------------------------------------------------
+def test_routing_by_endpoint_type_and_model(gw):
+    def server_for(path: str, body: dict) -> tuple[int, str | None]:
+        r = post(gw, path, json=body)
+        return r.status_code, r.headers.get("x-podllama-server")
+
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert server_for("/v1/chat/completions", chat) == (200, "chat")  # no model: the default
+    assert server_for("/v1/chat/completions", chat | {"model": "tiny-chat-2"}) == (200, "chat2")  # by alias
+    assert server_for("/v1/chat/completions", chat | {"model": "chat2"}) == (200, "chat2")  # by server name
+    assert server_for("/v1/chat/completions", chat | {"model": "no-such-model"}) == (200, "chat")  # unknown: default
+    assert server_for("/v1/embeddings", {"input": "x"}) == (200, "embed")  # by endpoint type
+    assert server_for("/embeddings", {"content": "x"}) == (200, "embed")
+    wrong = post(gw, "/v1/embeddings", json={"input": "x", "model": "tiny-chat"})
+    assert wrong.status_code == 400
+    assert "served by server 'chat' (role chat)" in wrong.json()["error"]["message"]
+    assert "/v1/chat/completions" in wrong.json()["error"]["message"]
+    q = httpx.post(f"{gw.url}/v1/chat/completions?model=tiny-chat-2", json=chat)
+    assert q.headers["x-podllama-server"] == "chat2"
+
+
+def test_passthrough_and_unknown_paths(gw):
+    r = httpx.get(f"{gw.url}/servers/embed/props")
+    assert r.status_code == 200 and r.headers["x-podllama-server"] == "embed"
+    assert httpx.get(f"{gw.url}/servers/embed/health").json() == {"status": "ok"}
+    assert httpx.get(f"{gw.url}/servers/nope/health").status_code == 404
+    bad = httpx.get(f"{gw.url}/servers/embed/%2e%2e/etc/passwd")
+    assert bad.status_code == 400
+    missing = httpx.get(f"{gw.url}/v1/no-such-endpoint")
+    assert missing.status_code == 404 and "/help" in missing.json()["error"]["message"]
+
+
+def test_replicas_share_the_load(gw, podman):
+    def one() -> None:
+        post(gw, "/v1/chat/completions", json={"model": "tiny-chat-2", "max_tokens": 16,
+                                               "messages": [{"role": "user", "content": "x"}]})
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for replica in ("ptgw-chat2-1", "ptgw-chat2-2"):
+        ip = podman.inspect(replica).ip
+        metrics = httpx.get(f"http://{ip}:8080/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total"))
+        assert float(line.split()[-1]) > 0, f"{replica} got no requests"
+
+
+# -- streaming and cancellation -------------------------------------------------------------------------------
+def open_stream(gw, body: dict) -> socket.socket:
+    """A raw HTTP connection (so the test decides exactly when the client goes away)."""
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (len(data), data))
+    return sock
+
+
+def recv_until(sock: socket.socket, marker: bytes, limit: float = 10) -> bytes:
+    sock.settimeout(limit)
+    data = b""
+    while marker not in data:
+        piece = sock.recv(65536)
+        assert piece, f"connection closed before {marker!r}: {data[:300]!r}"
+        data += piece
+    return data
+
+
+LONG = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 4000, "temperature": 1.0}
+
+
+def test_sse_passes_through_event_by_event(gw):
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-accel-buffering"] == "no" and r.headers["x-podllama-server"] == "chat"
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 9
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_the_generation(gw):
+    sock = open_stream(gw, LONG | {"stream": True})
+    recv_until(sock, b"data: ")
+    assert wait_until(lambda: slots_busy(gw), 5)
+    sock.close()
+    assert wait_until(lambda: not slots_busy(gw), 1.0), "the slot kept generating after the client left"
+
+
+def test_a_client_that_goes_away_before_the_first_byte_cancels(gw):
+    sock = open_stream(gw, LONG)  # not streamed: no byte comes back before the end
+    assert wait_until(lambda: slots_busy(gw), 5)
+    sock.close()
+    assert wait_until(lambda: not slots_busy(gw), 1.0)
+
+
+def test_a_queued_request_whose_client_left_never_runs(gw):
+    # chat2's replicas each have one slot: fill both, then queue a third and leave
+    busy = [open_stream(gw, LONG | {"model": "tiny-chat-2", "stream": True}) for _ in range(2)]
+    for s in busy:
+        recv_until(s, b"data: ")
+    queued = open_stream(gw, LONG | {"model": "tiny-chat-2", "stream": True})
+    time.sleep(0.5)
+    queued.close()
+    for s in busy:
+        s.close()
+    assert wait_until(lambda: not slots_busy(gw, "chat2"), 1.5)
+    time.sleep(1.0)
+    assert not slots_busy(gw, "chat2"), "the abandoned request started after all"
+
+
+def test_an_upstream_that_dies_mid_stream_ends_with_an_error_event(gw, podman):
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=60,
+                      json=LONG | {"model": "tiny-chat-2", "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        server = r.headers["x-podllama-server"]
+        assert server == "chat2"
+        # whichever replica answers: kill both llama-server processes
+        for pid in [podman.inspect(f"ptgw-chat2-{n}").pid for n in (1, 2)]:
+            os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest and '"error"' in rest[-1] and "broke off" in rest[-1]
+    # the supervisor brings them back
+    assert wait_until(lambda: post(gw, "/v1/chat/completions", json={
+        "model": "tiny-chat-2", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}).status_code == 200, 60)
+
+
+def test_many_sequential_requests_reuse_connections_safely(gw):
+    for i in range(30):
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": i % 2 == 0}
+        r = post(gw, "/v1/chat/completions", json=body)
+        assert r.status_code == 200, (i, r.text)
+    time.sleep(6)  # longer than llama-server keeps an idle connection
+    assert post(gw, "/tokenize", json={"content": "x"}).status_code == 200
+
+
+def test_body_size_cap(gw):
+    huge = b'{"content": "' + b"a" * (65 * 2**20) + b'"}'
+    r = httpx.post(f"{gw.url}/tokenize", content=huge, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "max_body_mb" in r.json()["error"]["message"]
+
+
+# -- /help and OpenAPI ----------------------------------------------------------------------------------------
+def test_help_lists_every_route_of_the_table(gw):
+    items = httpx.get(f"{gw.url}/help").json()["endpoints"]
+    listed = {p for e in items for p in [e["path"], *e["aliases"]]}
+    for ep in ENDPOINTS:
+        for path in ep.paths:
+            assert path in listed, path
+    embeddings = httpx.get(f"{gw.url}/help/v1/embeddings").json()
+    assert embeddings["routes_to"] == "'embed'" and embeddings["llama_server_flag"] == "--embedding"
+    chat = httpx.get(f"{gw.url}/help/chat/completions").json()  # by alias
+    assert "chat2" in chat["routes_to"] and chat["path"] == "/v1/chat/completions"
+    api = {e["path"]: e for e in items if e["path"].startswith("/api")}
+    assert {"/api/config", "/api/servers/{name}", "/api/jobs/{kind}", "/api/shutdown"} <= set(api)
+    assert api["/api/config"]["methods"] == ["GET", "PUT"] or set(api["/api/config"]["methods"]) >= {"GET"}
+    html = httpx.get(f"{gw.url}/help", headers={"accept": "text/html"})
+    assert html.headers["content-type"].startswith("text/html") and "/v1/rerank" in html.text
+    spec = httpx.get(f"{gw.url}/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "/api/servers/{name}" in spec["paths"]
+    assert "post" in spec["paths"]["/v1/embeddings"]
+
+
+# -- management API -------------------------------------------------------------------------------------------
+def test_config_api_round_trip(gw, podman):
+    api = f"{gw.url}/api"
+    got = httpx.get(f"{api}/config")
+    etag = got.headers["etag"]
+    assert got.json()["servers"]["embed"]["role"] == "embedding"
+    toml = httpx.get(f"{api}/config?format=toml")
+    assert toml.headers["content-type"].startswith("application/toml") and "[servers.embed]" in toml.text
+    ids = {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})}
+
+    dry = httpx.patch(f"{api}/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
+    assert dry["dry_run"] and "restart embed" in dry["plan"]["summary"] and "chat" in dry["plan"]["summary"]
+    assert "untouched" in dry["plan"]["summary"]
+
+    stale = httpx.patch(f"{api}/servers/embed", json={"ctx_size": 768}, headers={"If-Match": '"0000"'}, timeout=60)
+    assert stale.status_code == 409
+
+    invalid = httpx.patch(f"{api}/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
+    assert invalid.status_code == 422 and "paralel" in invalid.json()["error"]["message"]
+    assert httpx.get(f"{api}/config").headers["etag"] == etag  # nothing changed
+    assert {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})} == ids
+
+    # chat keeps answering while embed restarts
+    failures, stop = [], threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = post(gw, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+            if r.status_code != 200:
+                failures.append(r.status_code)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        applied = httpx.patch(f"{api}/servers/embed", json={"ctx_size": 768}, headers={"If-Match": etag}, timeout=120)
+    finally:
+        stop.set()
+        t.join()
+    assert applied.status_code == 200, applied.text
+    assert failures == []
+    after = {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})}
+    assert after["ptgw-embed-1"] != ids["ptgw-embed-1"]
+    assert all(after[n] == ids[n] for n in ids if n != "ptgw-embed-1")
+    assert "ctx_size = 768" in gw.path.read_text() and "[servers.chat]" in gw.path.read_text()
+    assert httpx.get(f"{api}/config").headers["etag"] != etag
+    assert post(gw, "/v1/embeddings", json={"input": "x"}).status_code == 200
+
+
+def test_server_api_lists_and_acts(gw):
+    api = f"{gw.url}/api"
+    servers = {s["name"]: s for s in httpx.get(f"{api}/servers").json()}
+    assert set(servers) == {"chat", "chat2", "embed", "rerank"}
+    assert [r["health"] for r in servers["chat2"]["replicas"]] == ["ok", "ok"]
+    assert httpx.get(f"{api}/servers/nope").status_code == 404
+    restarted = httpx.post(f"{api}/servers/rerank/restart", timeout=120).json()
+    assert restarted["replicas"][0]["health"] == "ok"
+    status = httpx.get(f"{api}/status").json()
+    assert status["stack"] == "ptgw" and len(status["servers"]) == 5
+
+
+def test_rebuild_job_over_the_api(gw):
+    job = httpx.post(f"{gw.url}/api/jobs/rebuild", json={"variant": "cpu"}, timeout=30).json()
+    assert job["state"] == "running" and job["kind"] == "rebuild"
+    done = wait_until(lambda: (j := httpx.get(f"{gw.url}/api/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
+    assert done["state"] == "done", done
+    assert done["result"]["ok"] and any("building cpu" in line for line in done["log"])
+    assert httpx.post(f"{gw.url}/api/jobs/dance", timeout=10).status_code == 404
