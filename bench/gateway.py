@@ -152,7 +152,7 @@ def summarize(results: dict, seconds: float, rounds: int, note: str) -> str:
         "container. *direct*: the container's address; *gateway*: the podllama gateway container's published "
         "port. Load: aiohttp in one process, a new connection per request. "
         "Cells interleaved round by round; medians. Ratio = gateway ÷ direct in the same cell.", "",
-        "| workload | conc | direct | gateway | ratio | added p50 | added p99 | target |",
+        "| workload | conc | direct | gateway | ratio (rounds' range) | added p50 | added p99 | target |",
         "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
@@ -170,7 +170,10 @@ def summarize(results: dict, seconds: float, rounds: int, note: str) -> str:
             target, ok = "—", True
         verdicts.append(ok)
         what = "TTFT " if kind == "stream" else ""
-        lines.append(f"| {kind} ({unit}) | {conc} | {d:,.1f} | {g:,.1f} | {ratio:.3f}× | {what}{gp50 - dp50:+.2f} ms | "
+        per_round = [gr["rate"] / dr["rate"] for dr, gr in zip(results[(kind, conc, "direct")],
+                                                              results[(kind, conc, "gateway")]) if dr["rate"]]
+        spread = f" ({min(per_round):.2f}–{max(per_round):.2f})" if len(per_round) > 1 else ""
+        lines.append(f"| {kind} ({unit}) | {conc} | {d:,.1f} | {g:,.1f} | {ratio:.3f}×{spread} | {what}{gp50 - dp50:+.2f} ms | "
                      f"{what}{gp99 - dp99:+.2f} ms | {target} {'✓' if ok else '✗'} |")
     lines += ["", f"Targets met: {sum(verdicts)}/{len(verdicts)}."]
     return "\n".join(lines) + "\n"

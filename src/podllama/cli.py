@@ -358,6 +358,19 @@ def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Eng
         out.print("restarted " + ", ".join(users))
 
 
+@app.command()
+def endpoints(as_json: JsonOpt = False) -> None:
+    """Every llama-server endpoint the gateway serves, from its route table (Markdown, or --json)."""
+    from dataclasses import asdict
+
+    from .gateway import help as helpdoc
+    from .gateway.routes import ENDPOINTS
+
+    if as_json:
+        return emit([asdict(ep) | {"roles": list(ep.roles)} for ep in ENDPOINTS])
+    sys.stdout.write(helpdoc.markdown())
+
+
 @app.command("gateway")
 def gateway_cmd(cfg_path: ConfigOpt = None,
                 host: Annotated[Optional[str], typer.Option(help="Bind address (default: [gateway] host)")] = None,

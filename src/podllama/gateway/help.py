@@ -105,3 +105,16 @@ def openapi(app: FastAPI) -> dict[str, Any]:
                     op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
                 item[method.lower()] = op
     return doc
+
+
+def markdown() -> str:
+    """The llama-server routes of the table as a Markdown reference (docs/api.md is this, generated)."""
+    lines = ["| method | path (aliases) | what | main parameters | served by role | needs flag | streams |",
+             "|---|---|---|---|---|---|---|"]
+    for ep in ENDPOINTS:
+        paths = "<br>".join(f"`{p}{'{id}' if ep.prefix else ''}`" for p in ep.paths)
+        roles = "the gateway" if ep.scope == "gateway" else (
+            "one server: `?server=`/`?model=`, else the chat default" if ep.scope == "server" else ", ".join(ep.roles))
+        lines.append(f"| {' '.join(ep.methods)} | {paths} | {ep.purpose} | {', '.join(f'`{p}`' for p in ep.params)} | "
+                     f"{roles} | {f'`{ep.flag}`' if ep.flag else ''} | {'yes' if ep.streams else ''} |")
+    return "\n".join(lines) + "\n"
