@@ -33,11 +33,11 @@ app.add_typer(models_app, name="models")
 out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="services.toml to use "
+ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="services.toml to use "
                                                    "(default: $PODLLAMA_CONFIG or ./services.toml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
-EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="podman | docker | auto (default: from the config)")]
-VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="auto | cpu | cuda | rocm | vulkan")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="podman | docker | auto (default: from the config)")]
+VariantOpt = Annotated[str | None, typer.Option("--variant", help="auto | cpu | cuda | rocm | vulkan")]
 
 
 def say(message: str) -> None:
@@ -62,16 +62,18 @@ def engine_for(cfg: config.Config, name: str | None) -> CliEngine:
 
 # -- detect ---------------------------------------------------------------------------------------------------
 @app.command()
-def detect(as_json: JsonOpt = False,
-           capture: Annotated[Optional[Path], typer.Option(help="Also write what was read into DIR, as a fixture "
-                                                                  "tree for tests and bug reports.")] = None) -> None:
-    """Detect CPU and GPUs, and the image variants that suit this machine."""
+def detect(as_json: JsonOpt = False, cfg_path: ConfigOpt = None,
+           capture: Annotated[Path | None, typer.Option(help="Also write what was read into DIR, as a fixture "
+                                                              "tree for tests and bug reports.")] = None) -> None:
+    """Detect CPU and GPUs, and the image variants that suit this machine (and what the stack's variant means)."""
     host: hardware.Host = hardware.LiveHost()
     if capture:
         host = hardware.RecordingHost(host, capture)
     hw = hardware.detect(host)
+    cfg = load_config(cfg_path, required=False)
+    chosen = hardware.resolve_variant(cfg.stack.variant, hw)
     if as_json:
-        return emit(hw.to_dict())
+        return emit(hw.to_dict() | {"stack_variant": {"configured": cfg.stack.variant, "resolved": chosen}})
     c = hw.cpu
     out.print(f"CPU      {c.arch}, {c.cores} cores, {c.model or 'unknown model'}; features: {', '.join(c.features) or 'none'}")
     for g in hw.gpus:
@@ -83,7 +85,8 @@ def detect(as_json: JsonOpt = False,
         out.print("GPU      none found")
     for note in hw.notes:
         out.print(f"[yellow]note[/yellow]     {note}")
-    out.print(f"variants [bold]{', '.join(hw.variants)}[/bold] (best first)")
+    out.print(f"variants [bold]{', '.join(hw.variants)}[/bold] (best first); the stack's variant "
+              f"'{cfg.stack.variant}' means [bold]{chosen}[/bold]")
 
 
 # -- source ---------------------------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ def source_status(as_json: JsonOpt = False) -> None:
 
 
 @source_app.command("init")
-def source_init(mirror: Annotated[Optional[str], typer.Option(
+def source_init(mirror: Annotated[str | None, typer.Option(
         help="A local git repository or work tree to check out from, or 'pypi' for the llama.cpp tree inside "
              "llama-cpp-python's source distribution (for sites without GitHub).")] = None) -> None:
     """Check the llama.cpp submodule out at the pinned commit."""
@@ -113,7 +116,7 @@ def source_init(mirror: Annotated[Optional[str], typer.Option(
 
 @source_app.command("update")
 def source_update(ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's HEAD)")] = "HEAD",
-                  remote: Annotated[Optional[str], typer.Option(help="Fetch from this URL or path instead of origin")] = None,
+                  remote: Annotated[str | None, typer.Option(help="Fetch from this URL or path instead of origin")] = None,
                   pin: Annotated[bool, typer.Option(help="Also stage the new commit as the project's pin")] = False) -> None:
     """Move the llama.cpp checkout to another commit (no build; `podllama update` builds and restarts safely)."""
     old, new = source.checkout(ref, remote)
@@ -135,11 +138,11 @@ def base_image(suite: Annotated[str, typer.Option(help="Debian suite: bookworm (
 
 @app.command()
 def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: ConfigOpt = None,
-          base: Annotated[Optional[str], typer.Option(
+          base: Annotated[str | None, typer.Option(
               help="upstream (public registries), local (`podllama base-image`), or IMAGE[,RUNTIME_IMAGE]. "
                    "Default: [build] base, or $PODLLAMA_BASE")] = None,
           native: Annotated[bool, typer.Option("--native", help="Optimise for this machine's CPU only")] = False,
-          ui: Annotated[Optional[str], typer.Option(help="auto | on | off: embed llama.cpp's web UI")] = None,
+          ui: Annotated[str | None, typer.Option(help="auto | on | off: embed llama.cpp's web UI")] = None,
           smoke: Annotated[bool, typer.Option(help="Smoke-test before tagging")] = True,
           as_json: JsonOpt = False) -> None:
     """Build the llama-server image for this machine's hardware from the llama.cpp submodule."""
@@ -157,22 +160,12 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
 
 def _run_build(cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *, base: str | None = None,
                native: bool = False, ui: str | None = None, smoke: bool = True) -> images.BuildResult:
-    import os
-
-    gpu = None
-    if variant != "cpu" and any(g.backend == variant for g in hw.gpus):
-        from .engine import GpuRequest
-
-        gpu = GpuRequest(backend=variant)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"building {variant}", total=100)
-        return images.build(
-            eng, variant, base_choice=base or os.environ.get("PODLLAMA_BASE") or cfg.build.base,
-            cpu_target="native" if native else cfg.build.cpu_target, ui_mode=ui or cfg.build.ui,
-            cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
-            rocm_targets=cfg.build.rocm_targets or hw.rocm_targets,
-            log_dir=cfg.state_path / "logs", smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=lambda m: bar.console.print(f"[dim]•[/dim] {m}", highlight=False),
+        return images.build_configured(
+            eng, cfg, variant, hw, base=base, native=native, ui=ui, smoke=smoke,
+            progress=lambda m: bar.console.print(f"[dim]•[/dim] {m}", highlight=False),
             on_percent=lambda p: bar.update(task, completed=p))
 
 
@@ -191,7 +184,7 @@ def list_images(engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: J
 
 
 # -- the stack ------------------------------------------------------------------------------------------------
-ServersArg = Annotated[Optional[list[str]], typer.Argument(help="Servers (default: all)", show_default=False)]
+ServersArg = Annotated[list[str] | None, typer.Argument(help="Servers (default: all)", show_default=False)]
 
 
 def stack_for(cfg_path: Path | None, engine: str | None) -> Stack:
@@ -210,14 +203,13 @@ def ensure_images(st: Stack, names: list[str] | None) -> None:
 def start_gateway(st: Stack) -> str:
     from . import doctor
 
-    import os
 
     finding = doctor.check_socket(st.engine, fix=True)
     if not finding.ok:
         raise StackError(f"the gateway drives {st.engine.name} through its API socket, which is missing: {finding.fix}")
     root = source.project_root()
-    image = images.build_gateway(st.engine, root, os.environ.get("PODLLAMA_BASE") or st.cfg.build.base,
-                                 st.cfg.state_path / "logs", progress=say)
+    image = images.build_gateway(st.engine, root, images.base_choice(st.cfg), st.cfg.state_path / "logs",
+                                 progress=say)
     return st.start_gateway(image, st.engine.api_socket(), root)
 
 
@@ -307,7 +299,7 @@ def _duration(seconds: float | None) -> str:
 def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'")],
          cfg_path: ConfigOpt = None, engine: EngineOpt = None,
          follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
-         tail: Annotated[Optional[int], typer.Option("--tail", "-n", help="Only the last N lines")] = None,
+         tail: Annotated[int | None, typer.Option("--tail", "-n", help="Only the last N lines")] = None,
          replica: Annotated[int, typer.Option(help="Which replica")] = 1) -> None:
     """A server's log (llama-server's own output)."""
     from .stack import container_name
@@ -327,7 +319,7 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
 @app.command()
 def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
            ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's newest commit)")] = "HEAD",
-           remote: Annotated[Optional[str], typer.Option(help="Fetch from this URL or path instead of the submodule's origin")] = None,
+           remote: Annotated[str | None, typer.Option(help="Fetch from this URL or path instead of the submodule's origin")] = None,
            as_json: JsonOpt = False) -> None:
     """Move llama.cpp to a new commit, build and smoke-test, restart servers one by one; roll back on any failure."""
     from .update import update as run_update
@@ -377,8 +369,8 @@ def endpoints(as_json: JsonOpt = False) -> None:
 
 @app.command("gateway")
 def gateway_cmd(cfg_path: ConfigOpt = None,
-                host: Annotated[Optional[str], typer.Option(help="Bind address (default: [gateway] host)")] = None,
-                port: Annotated[Optional[int], typer.Option(help="Port (default: [gateway] port)")] = None,
+                host: Annotated[str | None, typer.Option(help="Bind address (default: [gateway] host)")] = None,
+                port: Annotated[int | None, typer.Option(help="Port (default: [gateway] port)")] = None,
                 supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True) -> None:
     """Run the gateway in this process (development; `podllama start` runs it as a container)."""
     import logging
@@ -415,7 +407,7 @@ def download_bars() -> tuple[Progress, Any]:
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/FILE.gguf (as llama.cpp's -hf)")],
          cfg_path: ConfigOpt = None,
-         revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main)")] = None,
+         revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (default: main)")] = None,
          mmproj: Annotated[bool, typer.Option(help="Also the multimodal projector, when the repo has one")] = True,
          as_json: JsonOpt = False) -> None:
     """Download a model from Hugging Face into the store (resumes; checks every file's sha256)."""
@@ -464,7 +456,7 @@ def models_rm(model_id: Annotated[str, typer.Argument(help="A model id from `pod
 
 
 @models_app.command("verify")
-def models_verify(model_id: Annotated[Optional[str], typer.Argument(help="One model (default: all)")] = None,
+def models_verify(model_id: Annotated[str | None, typer.Argument(help="One model (default: all)")] = None,
                   cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-check every byte of the stored models against their manifests (sizes and sha256)."""
     from .store import Store
@@ -482,7 +474,7 @@ def models_verify(model_id: Annotated[Optional[str], typer.Argument(help="One mo
 
 @models_app.command("import")
 def models_import(file: Annotated[Path, typer.Argument(help="A local GGUF file")], cfg_path: ConfigOpt = None,
-                  name: Annotated[Optional[str], typer.Option(help="Its name in the store (default: the file's)")] = None) -> None:
+                  name: Annotated[str | None, typer.Option(help="Its name in the store (default: the file's)")] = None) -> None:
     """Copy a local GGUF into the store and record it (checked before it takes its name)."""
     from .store import Store
 
@@ -538,14 +530,13 @@ def doctor(engine: EngineOpt = None, cfg_path: ConfigOpt = None, variant: Varian
            fix: Annotated[bool, typer.Option("--fix", help="Apply the fixes podllama can make itself")] = False,
            as_json: JsonOpt = False) -> None:
     """Check the engine, its runtime quirks, the API socket, GPU passthrough and base images."""
-    import os
 
     from . import doctor as doc
 
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
     chosen = hardware.resolve_variant(variant or cfg.stack.variant)
-    findings = doc.run(eng, chosen, os.environ.get("PODLLAMA_BASE") or cfg.build.base, fix=fix)
+    findings = doc.run(eng, chosen, images.base_choice(cfg), fix=fix)
     if as_json:
         emit([f.to_dict() for f in findings])
     else:

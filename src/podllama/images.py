@@ -45,6 +45,10 @@ DEFAULT_ROCM_TARGETS = ["gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx
 class BuildError(Exception):
     """A build that cannot start or did not pass; nothing was changed. The message says where the log is."""
 
+    def __init__(self, message: str, log: Path | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+
 
 @dataclass
 class Base:
@@ -237,7 +241,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
         image_id = engine.build(file, tree, args, labels, log, on_line)
     if image_id is None:
         raise BuildError(f"the {variant} image did not build; nothing was changed. Full log: {log_path}\n"
-                         + _tail(log_path))
+                         + _tail(log_path), log=log_path)
 
     result = BuildResult(variant=variant, commit=commit, image_id=image_id, tags=[], previous=None,
                          base=base.describe(), ui=ui, log=str(log_path), seconds=0.0)
@@ -254,6 +258,25 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
     record_flags(engine, image_id)
     result.seconds = round(time.monotonic() - started, 1)
     return result
+
+
+def base_choice(cfg: Any, override: str | None = None) -> str:
+    """Which base images: --base, else $PODLLAMA_BASE, else [build] base."""
+    return override or os.environ.get("PODLLAMA_BASE") or cfg.build.base
+
+
+def build_configured(engine: CliEngine, cfg: Any, variant: str, hw: Any, *, base: str | None = None,
+                     native: bool = False, ui: str | None = None, smoke: bool = True,
+                     progress: Callable[[str], None] = print, on_percent: Callable[[int], None] | None = None
+                     ) -> BuildResult:
+    """`build` with everything taken from a stack's config (CFG) and this machine's hardware (HW): base images,
+    CPU target, UI, GPU targets, the repository, the log directory, and the GPU for the smoke test."""
+    gpu = GpuRequest(backend=variant) if variant != "cpu" and any(g.backend == variant for g in hw.gpus) else None
+    return build(engine, variant, base_choice=base_choice(cfg, base),
+                 cpu_target="native" if native else cfg.build.cpu_target, ui_mode=ui or cfg.build.ui,
+                 cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
+                 rocm_targets=cfg.build.rocm_targets or hw.rocm_targets, log_dir=cfg.state_path / "logs",
+                 smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=progress, on_percent=on_percent)
 
 
 def promote(engine: CliEngine, image_id: str, variant: str, commit: str, repo: str = REPO,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,10 @@ class Stack:
         labels = {L_STACK: self.name} | ({L_KIND: kind} if kind else {})
         return {c.name: c for c in self.engine.list(labels)}
 
+    def declared(self) -> set[str]:
+        """The container names the config asks for."""
+        return {container_name(self.name, s, r) for s, srv in self.cfg.servers.items() for r in range(1, srv.replicas + 1)}
+
     def plan(self, names: list[str] | None = None, units: list[Unit] | None = None) -> Plan:
         """What start would do for NAMES (all servers when None): orphans are removed, changed servers
         restarted, missing ones started, matching running ones kept."""
@@ -283,8 +287,7 @@ class Stack:
         running = self.containers("server")
         plan = Plan()
         if names is None:  # a whole-stack plan also clears what the config no longer declares
-            declared = {container_name(self.name, s, r) for s, srv in self.cfg.servers.items()
-                        for r in range(1, srv.replicas + 1)}
+            declared = self.declared()
             for cname, info in sorted(running.items()):
                 if cname not in declared:
                     plan.steps.append(Step("remove", info.labels.get(L_SERVER, "?"), _int(info.labels.get(L_REPLICA)),
@@ -380,15 +383,11 @@ class Stack:
             running = self.containers()
             if names is None:
                 targets = list(running)
-                keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in running.values()
-                        if i.labels.get(L_KIND) == "server"]
             else:
                 self.select(names)
                 targets = [n for n, i in running.items() if i.labels.get(L_SERVER) in names]
-                keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for n, i in running.items() if n in targets]
-            self.state.set_desired(keys, STOPPED)
-            declared = {container_name(self.name, s, r) for s, srv in self.cfg.servers.items()
-                        for r in range(1, srv.replicas + 1)}
+            self.state.set_desired(_keys(running[n] for n in targets), STOPPED)
+            declared = self.declared()
             for cname in targets:
                 info = running[cname]
                 if info.labels.get(L_KIND) == "server" and cname not in declared:
@@ -402,9 +401,7 @@ class Stack:
     def kill(self) -> list[str]:
         """SIGKILL every container of the stack, gateway included, at once."""
         running = self.containers()
-        keys = [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in running.values()
-                if i.labels.get(L_KIND) == "server"]
-        self.state.set_desired(keys, STOPPED)
+        self.state.set_desired(_keys(running.values()), STOPPED)
         for cname, info in running.items():
             if info.running:
                 self.engine.kill(cname)
@@ -546,6 +543,11 @@ class Stack:
         }
 
 
+def _keys(infos: Iterable[ContainerInfo]) -> list[str]:
+    """State keys ("<server>-<replica>") of the server containers among INFOS."""
+    return [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in infos if i.labels.get(L_KIND) == "server"]
+
+
 def _int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -558,7 +560,7 @@ def _uptime(started_at: str | None) -> float | None:
         return None
     # both engines: RFC 3339 with nanoseconds, e.g. 2026-11-22T12:30:00.123456789Z (UTC)
     try:
-        ts = datetime.fromisoformat(started_at.strip()[:19]).replace(tzinfo=timezone.utc)
+        ts = datetime.fromisoformat(started_at.strip()[:19]).replace(tzinfo=UTC)
     except ValueError:
         return None
     return round(time.time() - ts.timestamp(), 1)

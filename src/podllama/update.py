@@ -5,7 +5,6 @@ if any step fails, the submodule, the image tags and every server go back to whe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +76,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
         try:
             result = build(variant)
         except images.BuildError as e:
-            raise undo(f"the {variant} image failed: {e}", _log_of(e)) from None
+            raise undo(f"the {variant} image failed: {e}", str(e.log) if e.log else None) from None
         if result.previous:
             moved.append(variant)
 
@@ -116,22 +115,5 @@ def _restore(stack: Stack, progress: Callable[[str], None]) -> None:
 
 
 def _default_build(stack: Stack) -> Callable[[str], images.BuildResult]:
-    cfg = stack.cfg
-
-    def build(variant: str) -> images.BuildResult:
-        return images.build(
-            stack.engine, variant, base_choice=os.environ.get("PODLLAMA_BASE") or cfg.build.base,
-            cpu_target=cfg.build.cpu_target, ui_mode=cfg.build.ui,
-            cuda_architectures=cfg.build.cuda_architectures or stack.hardware.cuda_architectures,
-            rocm_targets=cfg.build.rocm_targets or stack.hardware.rocm_targets,
-            log_dir=cfg.state_path / "logs", repo=cfg.build.repository, progress=stack.progress)
-
-    return build
-
-
-def _log_of(e: Exception) -> str | None:
-    text = str(e)
-    marker = "Full log: "
-    if marker in text:
-        return text.split(marker, 1)[1].split()[0]
-    return None
+    return lambda variant: images.build_configured(stack.engine, stack.cfg, variant, stack.hardware,
+                                                   progress=stack.progress)

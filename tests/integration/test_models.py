@@ -12,7 +12,7 @@ import pytest
 
 from podllama import source, tinymodel
 from tests.fakehub import FakeHub
-from tests.helpers import ROOT, podllama, wait_until
+from tests.helpers import ROOT, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
 

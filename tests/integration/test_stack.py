@@ -3,7 +3,6 @@ supervision by the gateway container, orphans, validation before anything starts
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import httpx

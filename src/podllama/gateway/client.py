@@ -295,7 +295,7 @@ class Pool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: Connection(self), self.host, self.port), connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.dropped()
             raise UpstreamError(f"connecting to {self.host}:{self.port} timed out after {connect_timeout:.0f}s",
                                 "connect") from None

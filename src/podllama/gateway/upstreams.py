@@ -167,7 +167,7 @@ class Registry:
             await self.probe_all()
             try:
                 await asyncio.wait_for(stop.wait(), every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def wait_ready(self, server: str, timeout: float) -> Replica | None:
