@@ -19,7 +19,7 @@ done
 if [ "$(id -u)" != 0 ]; then echo "run as root: sudo $0 $*" >&2; exit 1; fi
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-packages="podman runc debootstrap git python3-venv ca-certificates curl uidmap iptables"
+packages="podman runc netavark aardvark-dns slirp4netns fuse-overlayfs catatonit debootstrap git python3-venv ca-certificates curl uidmap iptables"
 [ "$with_docker" = 1 ] && packages="$packages docker.io"
 missing=$(for p in $packages; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then

@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 
 
 def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
-          n_ctx: int = 4096, seed: int = 0, name: str = "podllama-tiny", shards: int = 1) -> Path:
+          n_ctx: int = 32768, seed: int = 0, name: str = "podllama-tiny", shards: int = 1) -> Path:
     """Write the model to DEST (atomically) and return DEST. With SHARDS > 1 it is a split GGUF
     (DEST's stem + -0000k-of-0000N.gguf, as llama.cpp's gguf-split names them); the first shard is returned."""
     import gguf  # imported here: only smoke tests and tests need it
