@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -192,38 +192,19 @@ def stack_for(cfg_path: Path | None, engine: str | None) -> Stack:
     return Stack(cfg, engine_for(cfg, engine), progress=say)
 
 
-def ensure_images(st: Stack, names: list[str] | None) -> None:
-    """Build the image of every variant the servers use that does not exist yet."""
-    for variant in dict.fromkeys(st.variant_of(st.cfg.servers[n]) for n in st.select(names)):
-        if not st.engine.image_exists(st.image_of(variant)):
-            say(f"image {st.image_of(variant)} missing: building it (once; later starts reuse it)")
-            _run_build(st.cfg, st.engine, variant, st.hardware)
-
-
-def start_gateway(st: Stack) -> str:
-    from . import doctor
-
-
-    finding = doctor.check_socket(st.engine, fix=True)
-    if not finding.ok:
-        raise StackError(f"the gateway drives {st.engine.name} through its API socket, which is missing: {finding.fix}")
-    root = source.project_root()
-    image = images.build_gateway(st.engine, root, images.base_choice(st.cfg), st.cfg.state_path / "logs",
-                                 progress=say)
-    return st.start_gateway(image, st.engine.api_socket(), root)
-
-
 @app.command()
 def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
           gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
           wait: Annotated[bool, typer.Option(help="Wait until every server is healthy")] = True) -> None:
     """Start the stack (or some servers): build missing images, check models, start, wait until healthy."""
     st = stack_for(cfg_path, engine)
-    ensure_images(st, servers)
+    for variant in st.missing_variants(servers):
+        say(f"image {st.image_of(variant)} missing: building it (once; later starts reuse it)")
+        _run_build(st.cfg, st.engine, variant, st.hardware)
     plan = st.start(servers, wait=wait, on_state=lambda c, s: say(f"{c}: {s}"))
     out.print(f"servers: {plan.describe()}")
     if gateway:
-        out.print(f"gateway: [bold]{start_gateway(st)}[/bold]")
+        out.print(f"gateway: [bold]{st.start_gateway(source.project_root())}[/bold]")
 
 
 @app.command()

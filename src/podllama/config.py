@@ -20,8 +20,6 @@ CONFIG_ENV = "PODLLAMA_CONFIG"
 Role = Literal["chat", "embedding", "rerank", "vision", "infill", "audio"]
 EngineName = Literal["auto", "podman", "docker"]
 VariantName = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
-ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
-VARIANTS: tuple[str, ...] = ("cpu", "cuda", "rocm", "vulkan")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 Scalar = str | int | float | bool

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone, UTC
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -483,7 +483,25 @@ class Stack:
 
         return "host" if os.geteuid() == 0 and self.engine.remote is None else "stack"
 
-    def start_gateway(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
+    def start_gateway(self, root: Path) -> str:
+        """The gateway container up: the engine's API socket ready (started where podllama can), the gateway
+        image built from ROOT's code when missing, the container (re)created when it changed. Returns its URL."""
+        from . import doctor
+
+        finding = doctor.check_socket(self.engine, fix=True)
+        if not finding.ok:
+            raise StackError(f"the gateway drives {self.engine.name} through its API socket, which is missing: "
+                             f"{finding.fix}")
+        image = images.build_gateway(self.engine, root, images.base_choice(self.cfg), self.cfg.state_path / "logs",
+                                     progress=self.progress)
+        return self.run_gateway(image, self.engine.api_socket(), root)
+
+    def missing_variants(self, names: list[str] | None) -> list[str]:
+        """Variants the servers use whose image does not exist yet."""
+        variants = dict.fromkeys(self.variant_of(self.cfg.servers[n]) for n in self.select(names))
+        return [v for v in variants if not self.engine.image_exists(self.image_of(v))]
+
+    def run_gateway(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
         spec = self.gateway_spec(image, socket, root)
         spec.labels[L_HASH] = spec_hash(spec, self.engine.image_id(image) or image)
         info = self.engine.inspect(self.gateway_name)

@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, IO
 
-LABEL_PREFIX = "podllama."
-
-
 class EngineError(Exception):
     """A container engine call failed; the message carries the engine's own words."""
 

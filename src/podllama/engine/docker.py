@@ -9,8 +9,6 @@ from pathlib import Path
 
 from .base import CliEngine, EngineError, GpuRequest
 
-SOCKET = "unix:///var/run/docker.sock"
-
 
 class DockerEngine(CliEngine):
     name = "docker"

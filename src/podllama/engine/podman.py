@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .base import CliEngine, EngineError, GpuRequest
-
-SOCKET = "unix:///run/podman/podman.sock"
+from .base import CliEngine, GpuRequest
 
 
 class PodmanEngine(CliEngine):
@@ -24,8 +23,6 @@ class PodmanEngine(CliEngine):
 
     def api_socket(self) -> Path:
         """Where this host's Podman API socket lives (rootful, or the user's for rootless Podman)."""
-        import os
-
         if os.geteuid() == 0:
             return Path("/run/podman/podman.sock")
         return Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")) / "podman" / "podman.sock"
@@ -43,11 +40,3 @@ class PodmanEngine(CliEngine):
 
     def network_exists(self, name: str) -> bool:
         return self.run_cli("network", "exists", name, check=False).returncode == 0
-
-    def info(self) -> dict:
-        import json
-
-        proc = self.run_cli("info", "--format", "json", check=False)
-        if proc.returncode != 0:
-            raise EngineError(f"podman info failed: {proc.stderr.strip()}")
-        return json.loads(proc.stdout)

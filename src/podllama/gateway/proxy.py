@@ -119,7 +119,7 @@ class Proxy:
         if server is None:
             return await send_error(send, why[0], why[1], why[2])
         await self.forward(scope, receive, send, server, ep.name, scope["raw_path"] or scope["path"].encode(),
-                           body, streamed, sse=ep.streams)
+                           body, streamed)
 
     async def passthrough(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """/servers/{name}/{path}: anything, to one server."""
@@ -137,7 +137,7 @@ class Proxy:
         target = ("/" + path).encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
-        await self.forward(scope, receive, send, name, "passthrough", target, b"", True, sse=True)
+        await self.forward(scope, receive, send, name, "passthrough", target, b"", True)
 
     # -- choosing a server --------------------------------------------------------------------------------
     def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]], scope: dict[str, Any]
@@ -234,7 +234,7 @@ class Proxy:
 
     # -- forwarding ---------------------------------------------------------------------------------------
     async def forward(self, scope: dict[str, Any], receive: Any, send: Any, server: str, endpoint: str,
-                      target: bytes, body: bytes, streamed: bool, sse: bool) -> None:
+                      target: bytes, body: bytes, streamed: bool) -> None:
         started = time.perf_counter()
         flight = Flight()
         headers = [(k, v) for k, v in scope["headers"] if k not in NOT_FORWARDED]
