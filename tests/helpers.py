@@ -6,10 +6,17 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PODLLAMA = [sys.executable, "-m", "podllama.cli"]
+# Stacks the tests name carry this run's mark, so two test runs on one machine never share containers.
+RUN = uuid.uuid4().hex[:4]
+
+
+def stack_name(prefix: str) -> str:
+    return f"{prefix}{RUN}"
 
 
 def podllama(*args: str, check: bool = True, timeout: float = 3600, env: dict | None = None,

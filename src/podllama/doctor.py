@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -107,27 +108,43 @@ def check_runtime(engine: CliEngine, fix: bool) -> list[Finding]:
 
 
 def check_socket(engine: CliEngine, fix: bool) -> Finding:
-    """The API socket the gateway container drives the engine through."""
+    """The API socket the gateway container drives the engine through: it must answer, not merely exist (a
+    socket file outlives the service that made it, e.g. across a reboot where /run is not cleared)."""
     sock = engine.api_socket()
-    if sock.is_socket():
+    if socket_answers(sock):
         return Finding("API socket", True, f"{sock} (the gateway container uses it)")
+    problem = f"{sock} exists but nothing answers on it" if sock.exists() else f"{sock} missing"
     if engine.name != "podman":
-        return Finding("API socket", False, f"{sock} missing", "start the Docker daemon (`dockerd &` or systemctl start docker)")
+        return Finding("API socket", False, problem, "start the Docker daemon (`dockerd &` or systemctl start docker)")
     fix_text = (f"systemctl enable --now podman.socket, or without systemd: "
                 f"podman system service --time=0 unix://{sock} &")
     if fix:
         start_podman_service(sock)
-        if sock.is_socket():
-            return Finding("API socket", True, f"{sock} started", fix_text, fixed=True)
-    return Finding("API socket", False, f"{sock} missing", fix_text)
+        if socket_answers(sock):
+            return Finding("API socket", True, f"{sock} started ({problem} before)", fix_text, fixed=True)
+    return Finding("API socket", False, problem, fix_text)
+
+
+def socket_answers(sock: Path) -> bool:
+    """Whether a server accepts connections on the Unix socket SOCK."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def start_podman_service(sock: Path = PODMAN_SOCKET, wait: float = 10) -> None:
+    """Podman's API service in the background, on SOCK (a stale socket file left there is replaced)."""
     sock.parent.mkdir(parents=True, exist_ok=True)
+    if sock.is_socket():
+        sock.unlink()
     subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + wait
-    while not sock.is_socket() and time.monotonic() < deadline:
+    while not socket_answers(sock) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

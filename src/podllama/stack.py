@@ -490,7 +490,7 @@ class Stack:
 
         finding = doctor.check_socket(self.engine, fix=True)
         if not finding.ok:
-            raise StackError(f"the gateway drives {self.engine.name} through its API socket, which is missing: "
+            raise StackError(f"the gateway drives {self.engine.name} through its API socket, but {finding.detail}: "
                              f"{finding.fix}")
         image = images.build_gateway(self.engine, root, images.base_choice(self.cfg), self.cfg.state_path / "logs",
                                      progress=self.progress)

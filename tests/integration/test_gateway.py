@@ -16,9 +16,10 @@ import openai
 import pytest
 
 from podllama.gateway.routes import ENDPOINTS
-from tests.helpers import wait_until
+from tests.helpers import stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
+STACK = stack_name("ptgw")
 SERVERS = """
 [gateway.defaults]
 chat = "chat"
@@ -56,7 +57,7 @@ ctx_size = 512
 @pytest.fixture(scope="module")
 def gw(podman, models_dir, cpu_image, tmp_path_factory):
     d = tmp_path_factory.mktemp("gateway-stack")
-    sf = StackFiles(d, "ptgw", podman, models_dir, free_port()).write(SERVERS)
+    sf = StackFiles(d, STACK, podman, models_dir, free_port()).write(SERVERS)
     sf.run("start")
     sf.url = f"http://127.0.0.1:{sf.port}"
     yield sf
@@ -190,7 +191,7 @@ def test_replicas_share_the_load(gw, podman):
         t.start()
     for t in threads:
         t.join()
-    for replica in ("ptgw-chat2-1", "ptgw-chat2-2"):
+    for replica in (f"{STACK}-chat2-1", f"{STACK}-chat2-2"):
         ip = podman.inspect(replica).ip
         metrics = httpx.get(f"http://{ip}:8080/metrics").text
         line = next(x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total"))
@@ -253,7 +254,7 @@ def test_a_client_that_goes_away_before_the_first_byte_cancels(gw, podman):
         assert wait_until(lambda: not slots_busy(gw), 6, interval=1.2), "the slot kept generating after the client left"
         return time.monotonic() - t0
 
-    direct = time_to_idle(podman.inspect("ptgw-chat-1").ip, 8080)
+    direct = time_to_idle(podman.inspect(f"{STACK}-chat-1").ip, 8080)
     through = time_to_idle("127.0.0.1", gw.port)
     assert through <= direct + 1.2 and through < 3.7, (direct, through)
 
@@ -281,7 +282,7 @@ def test_an_upstream_that_dies_mid_stream_ends_with_an_error_event(gw, podman):
         server = r.headers["x-podllama-server"]
         assert server == "chat2"
         # whichever replica answers: kill both llama-server processes
-        for pid in [podman.inspect(f"ptgw-chat2-{n}").pid for n in (1, 2)]:
+        for pid in [podman.inspect(f"{STACK}-chat2-{n}").pid for n in (1, 2)]:
             os.kill(pid, signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest and '"error"' in rest[-1] and "broke off" in rest[-1]
@@ -334,7 +335,7 @@ def test_config_api_round_trip(gw, podman):
     assert got.json()["servers"]["embed"]["role"] == "embedding"
     toml = httpx.get(f"{api}/config?format=toml")
     assert toml.headers["content-type"].startswith("application/toml") and "[servers.embed]" in toml.text
-    ids = {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})}
+    ids = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
 
     dry = httpx.patch(f"{api}/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
     assert dry["dry_run"] and "restart embed" in dry["plan"]["summary"] and "chat" in dry["plan"]["summary"]
@@ -346,7 +347,7 @@ def test_config_api_round_trip(gw, podman):
     invalid = httpx.patch(f"{api}/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
     assert invalid.status_code == 422 and "paralel" in invalid.json()["error"]["message"]
     assert httpx.get(f"{api}/config").headers["etag"] == etag  # nothing changed
-    assert {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})} == ids
+    assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == ids
 
     # chat keeps answering while embed restarts
     failures, stop = [], threading.Event()
@@ -366,9 +367,9 @@ def test_config_api_round_trip(gw, podman):
         t.join()
     assert applied.status_code == 200, applied.text
     assert failures == []
-    after = {c.name: c.id for c in podman.list({"podllama.stack": "ptgw"})}
-    assert after["ptgw-embed-1"] != ids["ptgw-embed-1"]
-    assert all(after[n] == ids[n] for n in ids if n != "ptgw-embed-1")
+    after = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
+    assert after[f"{STACK}-embed-1"] != ids[f"{STACK}-embed-1"]
+    assert all(after[n] == ids[n] for n in ids if n != f"{STACK}-embed-1")
     assert "ctx_size = 768" in gw.path.read_text() and "[servers.chat]" in gw.path.read_text()
     assert httpx.get(f"{api}/config").headers["etag"] != etag
     assert post(gw, "/v1/embeddings", json={"input": "x"}).status_code == 200
@@ -383,7 +384,7 @@ def test_server_api_lists_and_acts(gw):
     restarted = httpx.post(f"{api}/servers/rerank/restart", timeout=120).json()
     assert restarted["replicas"][0]["health"] == "ok"
     status = httpx.get(f"{api}/status").json()
-    assert status["stack"] == "ptgw" and len(status["servers"]) == 5
+    assert status["stack"] == STACK and len(status["servers"]) == 5
 
 
 def test_rebuild_job_over_the_api(gw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.helpers import stack_name
 from tests.integration.conftest import StackFiles, free_port
 
 INFERENCE, ADMIN = "sk-inference-7f3a9c", "sk-admin-51be20"
@@ -15,7 +16,7 @@ def secured(podman, models_dir, cpu_image, tmp_path_factory):
     d = tmp_path_factory.mktemp("auth-stack")
     (d / "keys.txt").write_text(f"# inference keys\n{INFERENCE}\nsk-second-key\n")
     (d / "admin.key").write_text(ADMIN + "\n")
-    sf = StackFiles(d, "ptauth", podman, models_dir, free_port())
+    sf = StackFiles(d, stack_name("ptauth"), podman, models_dir, free_port())
     sf.write('[servers.chat]\nmodel = "tiny.gguf"\nctx_size = 512\n',
              extra='')
     text = sf.path.read_text().replace("[gateway]\n", '[gateway]\napi_keys_file = "keys.txt"\nadmin_key_file = "admin.key"\n')
@@ -54,7 +55,7 @@ def test_the_admin_api_needs_the_admin_key(secured):
 def test_keys_are_never_logged(secured, podman):
     httpx.get(f"{secured.url}/api/config", headers={"Authorization": f"Bearer {ADMIN}"})
     httpx.post(f"{secured.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {INFERENCE}"})
-    logs = "".join(podman.logs("ptauth-gateway"))
+    logs = "".join(podman.logs(f"{secured.name}-gateway"))
     assert INFERENCE not in logs and ADMIN not in logs
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from podllama import source, tinymodel
 from tests.fakehub import FakeHub
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
 
@@ -33,7 +33,7 @@ def hubsrv(tmp_path_factory):
 
 
 def stack_with(podman, models: Path, d: Path, servers: str, hub_url: str | None, name: str, extra: str = "") -> StackFiles:
-    sf = StackFiles(d, name, podman, models, free_port()).write(servers, extra=extra)
+    sf = StackFiles(d, stack_name(name), podman, models, free_port()).write(servers, extra=extra)
     if hub_url:
         sf.path.write_text(sf.path.read_text().replace("[supervisor]", f'[hub]\nendpoint = "{hub_url}"\n[supervisor]'))
     return sf
@@ -98,7 +98,7 @@ def test_an_offline_start_names_the_pull_to_run(podman, cpu_image, store_dir, tm
     proc = sf.run("start", "--no-gateway", check=False)
     assert proc.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in proc.stderr and "`podllama pull org/absent-GGUF:Q4_K_M`" in proc.stderr
-    assert podman.list({"podllama.stack": "ptoff"}) == []
+    assert podman.list({"podllama.stack": stack_name("ptoff")}) == []
 
 
 def test_the_models_api(podman, cpu_image, hubsrv, store_dir, tmp_path):

@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from podllama.engine import ContainerSpec
-from tests.helpers import ROOT, podllama
+from tests.helpers import ROOT, podllama, stack_name
+
+STACK = stack_name("ptupdate")
 
 REPO = "localhost/podllama-test/llama-server"
 SERVER_CPP = "tools/server/server.cpp"
@@ -57,7 +59,7 @@ def stack(project, podman, models_dir, tmp_path_factory):
     from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, base_choice, free_port
 
     d = tmp_path_factory.mktemp("update-stack")
-    sf = StackFiles(d, "ptupdate", podman, models_dir, free_port())
+    sf = StackFiles(d, STACK, podman, models_dir, free_port())
     sf.write(CHAT_AND_EMBED)
     sf.path.write_text(sf.path.read_text().replace('[build]\n', f'[build]\nrepository = "{REPO}"\n'))
     env = {"PODLLAMA_HOME": str(project)}
@@ -77,7 +79,7 @@ def run(sf, *args, check=True):
 
 
 def version_of(podman, image: str) -> str:
-    out = podman.run_once(ContainerSpec(name=f"ptupdate-version-{abs(hash(image)) % 10**6}", image=image,
+    out = podman.run_once(ContainerSpec(name=f"{STACK}-version-{abs(hash(image)) % 10**6}", image=image,
                                         args=["--version"]))
     return out.stdout + out.stderr
 
@@ -97,17 +99,17 @@ def test_update_to_a_new_commit_rebuilds_and_restarts_on_it(podman, stack, upstr
     pinned = git(project / "llama.cpp", "rev-parse", "HEAD")
     out = json.loads(run(stack, "update", "--ref", upstream["good"], "--remote", upstream["path"], "--json").stdout)
     assert out["ok"] and out["old_commit"] == pinned and out["new_commit"] == upstream["good"]
-    assert sorted(out["restarted"]) == ["ptupdate-chat-1", "ptupdate-embed-1"]
+    assert sorted(out["restarted"]) == [f"{STACK}-chat-1", f"{STACK}-embed-1"]
     assert f"commit {upstream['good'][:12]}" in version_of(podman, f"{REPO}:cpu")
     rows = servers(stack)
     assert {r["commit"] for r in rows.values()} == {upstream["good"][:12]}
     assert all(r["health"] == "ok" for r in rows.values())
-    assert answers(podman, "ptupdate-chat-1")
+    assert answers(podman, f"{STACK}-chat-1")
     assert podman.image_id(f"{REPO}:cpu-previous") == podman.image_id(f"{REPO}:cpu-{pinned[:12]}")
 
 
 def test_update_to_a_commit_that_does_not_compile_changes_nothing(podman, stack, upstream, project):
-    before = {c.name: c.id for c in podman.list({"podllama.stack": "ptupdate"})}
+    before = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
     image_before = podman.image_id(f"{REPO}:cpu")
     proc = run(stack, "update", "--ref", upstream["bad"], "--remote", upstream["path"], check=False)
     assert proc.returncode == 1
@@ -117,8 +119,8 @@ def test_update_to_a_commit_that_does_not_compile_changes_nothing(podman, stack,
     # still the old commit everywhere, and answering
     assert git(project / "llama.cpp", "rev-parse", "HEAD") == upstream["good"]
     assert podman.image_id(f"{REPO}:cpu") == image_before
-    assert {c.name: c.id for c in podman.list({"podllama.stack": "ptupdate"})} == before
-    assert answers(podman, "ptupdate-chat-1")
+    assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == before
+    assert answers(podman, f"{STACK}-chat-1")
     status = json.loads(run(stack, "status", "--json").stdout)
     assert status["last_update"]["ok"] is False and "rolled back" in status["last_update"]["summary"]
     assert "last update failed" in run(stack, "status").stdout
