@@ -113,7 +113,8 @@ def check_socket(engine: CliEngine, fix: bool) -> Finding:
     sock = engine.api_socket()
     if socket_answers(sock):
         return Finding("API socket", True, f"{sock} (the gateway container uses it)")
-    problem = f"{sock} exists but nothing answers on it" if sock.exists() else f"{sock} missing"
+    stale = sock.exists()
+    problem = f"{sock} exists but nothing answers on it" if stale else f"{sock} missing"
     if engine.name != "podman":
         return Finding("API socket", False, problem, "start the Docker daemon (`dockerd &` or systemctl start docker)")
     fix_text = (f"systemctl enable --now podman.socket, or without systemd: "
@@ -121,7 +122,8 @@ def check_socket(engine: CliEngine, fix: bool) -> Finding:
     if fix:
         start_podman_service(sock)
         if socket_answers(sock):
-            return Finding("API socket", True, f"{sock} started ({problem} before)", fix_text, fixed=True)
+            started = "started in place of a stale socket file" if stale else "started"
+            return Finding("API socket", True, f"{sock} {started}", fix_text, fixed=True)
     return Finding("API socket", False, problem, fix_text)
 
 
