@@ -18,6 +18,9 @@ from .engine import CliEngine
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN_SOCKET = Path("/run/podman/podman.sock")
 DOCKER_SOCKET = Path("/var/run/docker.sock")
+DOCKER_PIDFILE = Path("/var/run/docker.pid")
+CONTAINERD_PIDFILE = Path("/var/run/docker/containerd/containerd.pid")  # the one dockerd starts
+DOCKERD_LOG = Path("/var/log/podllama-dockerd.log")
 
 # The errors crun/podman print on hosts like cgroup-v1 VMs without CAP_SYS_RESOURCE, and the settings that fix them.
 QUIRKS = {
@@ -195,6 +198,14 @@ def run(engine: CliEngine, variant: str, base_choice: str, fix: bool = False) ->
     return findings
 
 
+def pidfile_names(pidfile: Path, command: str) -> bool:
+    """Whether PIDFILE holds the pid of a live process running COMMAND."""
+    try:
+        return Path(f"/proc/{int(pidfile.read_text().strip())}/comm").read_text().strip() == command
+    except (OSError, ValueError):
+        return False
+
+
 def start_dockerd(wait: float = 60) -> None:
     """Start the Docker daemon in the background where no service manager does (containers, CI machines)."""
     def answers() -> bool:
@@ -204,11 +215,17 @@ def start_dockerd(wait: float = 60) -> None:
         return
     if shutil.which("dockerd") is None:
         raise RuntimeError("dockerd is not installed: apt-get install docker.io (scripts/setup.sh --with-docker)")
-    log = open("/var/log/podllama-dockerd.log", "ab")
-    subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    if not pidfile_names(DOCKER_PIDFILE, "dockerd"):
+        # pid files left by daemons that died stop the new ones where their pids are taken again (after a restart)
+        DOCKER_PIDFILE.unlink(missing_ok=True)
+        if not pidfile_names(CONTAINERD_PIDFILE, "containerd"):
+            CONTAINERD_PIDFILE.unlink(missing_ok=True)
+        log = open(DOCKERD_LOG, "ab")
+        subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if DOCKER_SOCKET.is_socket() and answers():
             return
         time.sleep(0.5)
-    raise RuntimeError("dockerd did not come up within a minute; see /var/log/podllama-dockerd.log")
+    last = DOCKERD_LOG.read_text(errors="replace").strip().splitlines()[-1:] if DOCKERD_LOG.exists() else []
+    raise RuntimeError(f"dockerd did not come up within {wait:.0f} s ({''.join(last) or 'no log'}); see {DOCKERD_LOG}")
