@@ -112,7 +112,8 @@ class Supervisor:
             if line != w.last_log:
                 w.last_log, w.progress_at = line, now
             elif now - w.progress_at > self.policy.stall_timeout:
-                return self._restart(unit, w, f"no loading progress for {self.policy.stall_timeout:.0f}s", recreate=True)
+                return self._restart(unit, w, f"no loading progress for {self.policy.stall_timeout:.0f}s "
+                                              f"(last log line: {line[-160:]!r})", recreate=True)
             return None
         w.failures += 1
         if w.failures >= self.policy.unhealthy_after:
