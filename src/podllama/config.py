@@ -18,6 +18,7 @@ DEFAULT_CONFIG = "services.toml"
 CONFIG_ENV = "PODLLAMA_CONFIG"
 
 Role = Literal["chat", "embedding", "rerank", "vision", "infill", "audio"]
+PROJECTOR_ROLES = ("vision", "audio")  # roles whose server needs a multimodal projector (mmproj)
 EngineName = Literal["auto", "podman", "docker"]
 VariantName = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
 
@@ -150,7 +151,7 @@ class ServerSection(_Model):
 
     @model_validator(mode="after")
     def _projector(self) -> ServerSection:
-        if self.role in ("vision", "audio") and not self.mmproj and not self.model.startswith("hf://"):
+        if self.role in PROJECTOR_ROLES and not self.mmproj and not self.model.startswith("hf://"):
             raise ValueError(f"role '{self.role}' needs mmproj = \"FILE\" (the model's multimodal projector GGUF), "
                              "or a model = \"hf://…\" whose repo has one")
         return self

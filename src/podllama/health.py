@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .engine import CliEngine, ContainerInfo
 
 OK, LOADING, DOWN = "ok", "loading", "down"
+STATES = {200: OK, 503: LOADING}  # /health status → state
 
 
 def probe(url: str, timeout: float = 2.0) -> str:
@@ -25,11 +26,7 @@ def probe(url: str, timeout: float = 2.0) -> str:
         return DOWN
     finally:
         conn.close()
-    if status == 200:
-        return OK
-    if status == 503:
-        return LOADING
-    return f"error:{status}"
+    return STATES.get(status, f"error:{status}")
 
 
 def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] | None = None, interval: float = 0.2) -> str:
@@ -55,4 +52,4 @@ def container_health(engine: CliEngine, info: ContainerInfo, port: int) -> str:
     proc = engine.exec(info.name, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
                                    f"http://127.0.0.1:{port}/health"], timeout=10)
     code = proc.stdout.strip()
-    return OK if code == "200" else LOADING if code == "503" else DOWN
+    return STATES.get(int(code), DOWN) if code.isdigit() else DOWN

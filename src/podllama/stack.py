@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import flags, hardware, hub, images
-from .config import Config, ServerSection
+from .config import PROJECTOR_ROLES, Config, ServerSection
 from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
 from .health import DOWN, LOADING, OK, container_health, wait_healthy
 from .state import RUNNING, STOPPED, StackState
@@ -183,8 +183,8 @@ class Stack:
         if m is None:
             raise StackError(f"servers.{name}: {server.model} is not in the model store yet; run "
                              f"`podllama pull {server.model.removeprefix('hf://')}`")
-        mmproj = server.mmproj or (m.mmproj if server.role in ("vision", "audio") else None)
-        if server.role in ("vision", "audio") and not mmproj:
+        mmproj = server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None)
+        if server.role in PROJECTOR_ROLES and not mmproj:
             raise StackError(f"servers.{name}: role '{server.role}' needs a projector, and {server.model} has no "
                              "mmproj file; set mmproj = \"FILE\"")
         return m.model, mmproj
@@ -199,7 +199,7 @@ class Stack:
             self.progress(f"servers.{name}: downloading {ref}")
             try:
                 hub.pull(self.store, ref, hf_token=token, hub=self.cfg.hub.endpoint, progress=progress,
-                         mmproj=self.cfg.servers[name].role in ("vision", "audio"), say=self.progress)
+                         mmproj=self.cfg.servers[name].role in PROJECTOR_ROLES, say=self.progress)
             except hub.PullError as e:
                 raise StackError(f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
                                  f"{e}. When the hub can be reached, run `podllama pull "

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qs
 
-from ..config import NAME_RE
+from ..config import NAME_RE, PROJECTOR_ROLES
 from .auth import Keys
 from .client import Client, Response, UpstreamError
 from .metrics import Metrics
@@ -113,7 +113,7 @@ class Proxy:
                     return
                 streamed = False
                 if b'"model"' in body or b'name="model"' in body or (
-                        ep.multimodal and self.registry.servers_with_role(("vision", "audio"))):
+                        ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
                     model, media = self._inspect(scope, body, ep)
             server, why = self._choose(ep, model, media)
         if server is None:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from ..config import Config, ServerSection
 from ..engine import EngineError
 from .client import Client, UpstreamError
-from ..health import probe
+from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
 
 log = logging.getLogger("podllama.gateway")
-OK, LOADING, DOWN = "ok", "loading", "down"
 
 
 @dataclass
@@ -145,7 +144,7 @@ class Registry:
         try:
             resp = await self.probes.request(r.host, r.port, "GET", b"/health", [])
             await resp.read(self.probes.idle_timeout)
-            state = OK if resp.status == 200 else LOADING if resp.status == 503 else DOWN
+            state = STATES.get(resp.status, DOWN)
         except UpstreamError:
             state = DOWN
         if state != r.state:
