@@ -31,7 +31,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from podllama import config as cfgmod, source, tinymodel  # noqa: E402
+from podllama import config as cfgmod  # noqa: E402
+from podllama import source, tinymodel
 from podllama.engine import get_engine  # noqa: E402
 
 CHAT = {"messages": [{"role": "user", "content": "Write a long story about a gateway."}], "max_tokens": 64,

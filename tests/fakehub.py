@@ -67,7 +67,8 @@ class FakeHub:
                     self._error(401, "RepoNotFound", "Repository Not Found")
                     return None
                 if repo.gated_token and self.headers.get("Authorization") != f"Bearer {repo.gated_token}":
-                    self._error(401, "GatedRepo", "Access to this repo is restricted. You must have access to it and be authenticated.")
+                    self._error(401, "GatedRepo", "Access to this repo is restricted. You must have access to it and be "
+                                "authenticated.")
                     return None
                 return repo
 

@@ -2,20 +2,21 @@
 
 Validation is complete before anything changes: the schema, every server's args against the flags of the
 image it will run, the models present. The plan restarts only the servers the change touches. The file is
-replaced atomically (write + rename) and versioned by a hash of its text (the API's ETag); edits of single
+replaced atomically (atomic_write) and versioned by a hash of its text (the API's ETag); edits of single
 servers keep the rest of the file, comments included.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import tomlkit
 
 from . import config
+from .atomic import atomic_write
 from .config import ConfigError
 from .stack import Plan, Stack, StackError, Unit
 
@@ -45,12 +46,8 @@ def current_text(stack: Stack) -> str:
     return stack.cfg.source.read_text()
 
 
-def propose(stack: Stack, text: str, if_match: str | None = None) -> Change:
+def propose(stack: Stack, text: str) -> Change:
     """Check a whole new services.toml against what runs; nothing is changed."""
-    current = current_text(stack)
-    if if_match is not None and if_match.strip().strip('"') not in (version_of(current), "*"):
-        raise ChangeError(409, f"the config changed since version {if_match.strip()} was read (now "
-                               f"{version_of(current)}); GET it again and redo the change")
     try:
         cfg = config.parse(text, source=stack.cfg.source)
     except ConfigError as e:
@@ -70,21 +67,28 @@ def propose(stack: Stack, text: str, if_match: str | None = None) -> Change:
     return Change(text, cfg, new, units, new.plan(None, units))
 
 
-def apply(change: Change, wait: bool = True) -> Plan:
-    """Persist the new file, then start/restart/remove what the plan says; wait for the changed servers."""
-    stack = change.stack
+def submit(stack: Stack, edit: Callable[[str], str], if_match: str | None = None, dry_run: bool = False,
+           wait: bool = True) -> Change:
+    """One change, start to end: under the stack's operation lock the current file is read, checked against
+    IF_MATCH (412 when it changed since), edited by EDIT, validated and planned; unless DRY_RUN it is then
+    written (atomically) and applied. The changed servers are waited for after the lock is let go."""
     with stack.state.operation():
+        current = current_text(stack)
+        if if_match is not None and if_match.strip().strip('"') not in (version_of(current), "*"):
+            raise ChangeError(412, f"the config changed since version {if_match.strip()} was read (now "
+                                   f"{version_of(current)}); GET it again and redo the change")
+        change = propose(stack, edit(current))
+        if dry_run:
+            return change
         path = change.cfg.source
         assert path is not None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(change.text)
-        os.replace(tmp, path)
-        stack.state.set_desired([u.key for u in change.units], "running")
-        stack.apply(change.plan, change.units)
+        atomic_write(path, change.text)
+        change.stack.state.set_desired([u.key for u in change.units], "running")
+        change.stack.apply(change.plan, change.units)
     changed = {s.container for s in change.plan.changes}
     if wait:
-        stack.wait_ready([u for u in change.units if u.name in changed])
-    return change.plan
+        change.stack.wait_ready([u for u in change.units if u.name in changed])
+    return change
 
 
 # -- editing one server, keeping the rest of the file -----------------------------------------------------------

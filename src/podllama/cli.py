@@ -13,17 +13,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__, config, hardware, images, source
+from .api import ApiError
 from .config import ConfigError
 from .engine import CliEngine, EngineError, get_engine
 from .flags import FlagError
+from .hub import PullError
 from .images import BuildError
 from .source import SourceError
 from .stack import Stack, StackError
-from .update import UpdateError
-from .hub import PullError
 from .store import StoreError
+from .update import UpdateError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build, run and serve llama.cpp in containers.")
+# No locals in tracebacks: a token or key can be among them.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Build, run and serve llama.cpp in containers.")
 source_app = typer.Typer(no_args_is_help=True, help="The llama.cpp source (a git submodule).")
 app.add_typer(source_app, name="source")
 models_app = typer.Typer(no_args_is_help=True, help="The model store: list, remove, verify, import.")
@@ -197,14 +200,24 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
           gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
           wait: Annotated[bool, typer.Option(help="Wait until every server is healthy")] = True) -> None:
     """Start the stack (or some servers): build missing images, check models, start, wait until healthy."""
+    from .api import GatewayAPI
+
     st = stack_for(cfg_path, engine)
+    taken = st.credentials.capture_env()
+    if taken:
+        say(f"{', '.join(taken)} handed to the gateway as files in {st.credentials.dir} (never in its environment)")
     for variant in st.missing_variants(servers):
         say(f"image {st.image_of(variant)} missing: building it (once; later starts reuse it)")
         _run_build(st.cfg, st.engine, variant, st.hardware)
     plan = st.start(servers, wait=wait, on_state=lambda c, s: say(f"{c}: {s}"))
     out.print(f"servers: {plan.describe()}")
     if gateway:
-        out.print(f"gateway: [bold]{st.start_gateway(source.project_root())}[/bold]")
+        url = st.start_gateway(source.project_root())
+        try:  # a gateway that kept running reads the config (and keys) just written
+            GatewayAPI(st).reload()
+        except ApiError as e:
+            err.print(f"[yellow]note:[/yellow] {e}", highlight=False)
+        out.print(f"gateway: [bold]{url}[/bold] (admin key: {st.credentials.path('admin.key')})")
 
 
 @app.command()
@@ -300,7 +313,8 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
 @app.command()
 def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
            ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's newest commit)")] = "HEAD",
-           remote: Annotated[str | None, typer.Option(help="Fetch from this URL or path instead of the submodule's origin")] = None,
+           remote: Annotated[str | None, typer.Option(
+               help="Fetch from this URL or path instead of the submodule's origin")] = None,
            as_json: JsonOpt = False) -> None:
     """Move llama.cpp to a new commit, build and smoke-test, restart servers one by one; roll back on any failure."""
     from .update import update as run_update
@@ -355,17 +369,19 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
                 supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True) -> None:
     """Run the gateway in this process (development; `podllama start` runs it as a container)."""
     import logging
-
-    import uvicorn
+    import os
 
     from .gateway.app import Gateway
+    from .gateway.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = load_config(cfg_path)
-    uvicorn.run(Gateway(cfg, supervise=supervise), host=host or cfg.gateway.host, port=port or cfg.gateway.port,
-                loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on",
-                proxy_headers=False, server_header=False)
+    host = host or cfg.gateway.host
+    # in a container on the stack's network it binds 0.0.0.0, but clients reach it at the published address
+    bound = os.environ.get("PODLLAMA_PUBLISHED_HOST") or host
+    gw = Gateway(cfg, supervise=supervise, bound=bound)
+    serve(gw, host, port or cfg.gateway.port, gw.limits)
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -540,7 +556,8 @@ def version() -> None:
 def main() -> None:
     try:
         app()
-    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError, StoreError) as e:
+    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError, StoreError,
+            ApiError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from . import validate as checks
+from .atomic import atomic_write
+
 DEFAULT_CONFIG = "services.toml"
 CONFIG_ENV = "PODLLAMA_CONFIG"
 
@@ -60,6 +63,29 @@ class BuildSection(_Model):
     cuda_architectures: list[str] = Field(default_factory=list)
     rocm_targets: list[str] = Field(default_factory=list)
 
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if v not in ("upstream", "local"):
+            for part in v.split(","):
+                checks.image(part.strip())
+        return v
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, v: str) -> str:
+        return checks.image_name(v)
+
+    @field_validator("cuda_architectures")
+    @classmethod
+    def _cuda(cls, v: list[str]) -> list[str]:
+        return [checks.cuda_architecture(a) for a in v]
+
+    @field_validator("rocm_targets")
+    @classmethod
+    def _rocm(cls, v: list[str]) -> list[str]:
+        return [checks.rocm_target(t) for t in v]
+
 
 class GatewaySection(_Model):
     host: str = "127.0.0.1"
@@ -76,6 +102,33 @@ class GatewaySection(_Model):
     max_body_mb: Annotated[float, Field(gt=0)] = 64
     api_keys_file: str | None = None  # one inference key per line (also $PODLLAMA_API_KEYS, comma-separated)
     admin_key_file: str | None = None  # the key for /api (also $PODLLAMA_ADMIN_KEY)
+    # Host names the gateway answers to besides its bound address and localhost (DNS rebinding defence);
+    # "*" turns the check off (behind a proxy that rewrites Host)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Web origins allowed to call the gateway from a browser (CORS), e.g. "http://localhost:3000"; "*" = any
+    cors_origins: list[str] = Field(default_factory=list)
+    queue_timeout: Annotated[float, Field(gt=0)] = 30  # wait this long for a free connection to a server, then 503
+    header_timeout: Annotated[float, Field(gt=0)] = 10  # a request's line and headers must arrive within this
+    body_timeout: Annotated[float, Field(gt=0)] = 60  # a request body that sends nothing this long is cut off
+    max_header_kb: Annotated[int, Field(ge=4, le=1024)] = 64  # request line and headers together (431 beyond)
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if host != "*" and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]", host):
+                raise ValueError(f"'{host}' is not a host name (like example.lan, 192.168.1.5 or [fd00::5]), or '*'")
+        return [h.lower() for h in v]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", origin):
+                raise ValueError(f"'{origin}' is not an origin (scheme://host[:port], no path, e.g. "
+                                 "http://localhost:3000), or '*'")
+        return [o.lower().rstrip("/") for o in v]
 
 
 class HubSection(_Model):
@@ -115,8 +168,7 @@ class ServerSection(_Model):
     def _file(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not v or "\x00" in v:
-            raise ValueError("must be a non-empty file name without NUL bytes")
+        checks.text(v, "the file name")
         if v.startswith("hf://"):
             from .hub import parse_ref
 
@@ -133,20 +185,34 @@ class ServerSection(_Model):
             )
         return v
 
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        return None if v is None else checks.text(v, "alias")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: list[str] | str | None) -> list[str] | str | None:
+        return [checks.device(d) for d in v] if isinstance(v, list) else v
+
     @field_validator("args")
     @classmethod
     def _args(cls, v: dict[str, ArgValue]) -> dict[str, ArgValue]:
-        for key in v:
+        for key, value in v.items():
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", key):
                 raise ValueError(f"'{key}' is not a flag name; write it without dashes, e.g. parallel = 2")
+            for item in value if isinstance(value, list) else [value]:
+                checks.arg_value(item, key)
         return v
 
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"'{key}' is not an environment variable name")
+            if "\x00" in value:
+                raise ValueError(f"env.{key} holds a NUL byte")
         return v
 
     @model_validator(mode="after")
@@ -169,11 +235,11 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _servers(self) -> Config:
-        for role, server in self.gateway.defaults.items():
-            if server not in self.servers:
-                raise ValueError(f"gateway.defaults.{role}: no server named '{server}'")
-            if self.servers[server].role != role:
-                raise ValueError(f"gateway.defaults.{role}: server '{server}' has role '{self.servers[server].role}'")
+        for role, chosen in self.gateway.defaults.items():
+            if chosen not in self.servers:
+                raise ValueError(f"gateway.defaults.{role}: no server named '{chosen}'")
+            if self.servers[chosen].role != role:
+                raise ValueError(f"gateway.defaults.{role}: server '{chosen}' has role '{self.servers[chosen].role}'")
         names: dict[str, str] = {}
         for name, server in self.servers.items():
             if not NAME_RE.match(name):
@@ -181,11 +247,12 @@ class Config(_Model):
                     f"server name '{name}' must be 1-40 characters of a-z, 0-9, '-' or '_' "
                     "(it becomes part of container names)"
                 )
-            for routable in {name, server.alias} - {None}:
-                other = names.get(routable)  # type: ignore[arg-type]
+            for routable in {name, server.alias or name}:
+                other = names.get(routable)
                 if other is not None and other != name:
-                    raise ValueError(f"'{routable}' names both server '{other}' and server '{name}'; names and aliases must be unique")
-                names[routable] = name  # type: ignore[index]
+                    raise ValueError(f"'{routable}' names both server '{other}' and server '{name}'; names and aliases "
+                                     "must be unique")
+                names[routable] = name
         return self
 
     # -- where things live -------------------------------------------------------------------------------
@@ -263,16 +330,17 @@ def format_errors(e: ValidationError, where: str) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds the member type of a union to the location ("int", "literal['auto','all']" ...)
-    return isinstance(part, str) and (part.startswith(("literal[", "list[", "function-")) or part in {"int", "str", "float", "bool"})
+    return isinstance(part, str) and (part.startswith(("literal[", "list[", "function-"))
+                                      or part in {"int", "str", "float", "bool"})
 
 
-def _explain(err: dict[str, Any]) -> str:
+def _explain(err: Any) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown key; remove it or check its spelling (docs/configuration.md lists every key)"
     if kind == "missing":
         return "required key is missing; add it"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = str(err["msg"]).removeprefix("Value error, ")
     if "input" in err and kind != "value_error":
         return f"{msg} (got {err['input']!r})"
     return msg
@@ -280,6 +348,4 @@ def _explain(err: dict[str, Any]) -> str:
 
 def save(cfg: Config, path: Path) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(cfg.to_toml(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, cfg.to_toml())

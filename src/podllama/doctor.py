@@ -38,7 +38,7 @@ class Finding:
     fix: str | None = None
     fixed: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -160,11 +160,13 @@ def check_gpus(hw: hardware.Hardware) -> list[Finding]:
             findings.append(Finding("NVIDIA passthrough", True, f"CDI spec {', '.join(hw.nvidia['cdi_specs'])}"))
         else:
             findings.append(Finding("NVIDIA passthrough", False, "no CDI spec for nvidia.com/gpu",
-                                    "install nvidia-container-toolkit, then nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"))
+                                    "install nvidia-container-toolkit, then "
+                                    "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"))
     if any(g.backend == "rocm" for g in hw.gpus):
         ok = os.path.exists("/dev/kfd") and os.path.isdir("/dev/dri")
         findings.append(Finding("ROCm passthrough", ok, "/dev/kfd and /dev/dri present" if ok else "/dev/kfd or /dev/dri missing",
-                                None if ok else "load the amdgpu driver with KFD (ROCm); add your user to the video and render groups"))
+                                None if ok else "load the amdgpu driver with KFD (ROCm); add your user to the video and "
+                                                "render groups"))
     if any(g.backend == "vulkan" for g in hw.gpus):
         nodes = [g.render_node for g in hw.gpus if g.render_node]
         findings.append(Finding("Vulkan passthrough", bool(nodes), ", ".join(nodes) or "no /dev/dri render node",

@@ -91,7 +91,8 @@ def render(args: dict[str, ArgValue], known: FlagSet | None = None) -> list[str]
         if known is not None:
             spelled = known.spelling(key)
             if spelled is None:
-                close = difflib.get_close_matches(f"--{dashed}", [n for n in known.names() if n.startswith("--")], n=3, cutoff=0.8)
+                long_names = [n for n in known.names() if n.startswith("--")]
+                close = difflib.get_close_matches(f"--{dashed}", long_names, n=3, cutoff=0.8)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise FlagError(f"args.{key}: this llama-server has no flag --{dashed}{hint}; see `llama-server --help`")
             flag, spec = spelled, known.flags[spelled]

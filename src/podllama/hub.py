@@ -17,9 +17,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from . import validate
 from .store import Manifest, Store, StoredFile, StoreError, safe_name
 
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
@@ -130,10 +132,11 @@ def select(files: list[str], ref: Ref, mmproj: bool = True) -> tuple[list[str], 
             raise PullError(f"{ref.repo} has no file {ref.file}; its GGUF files: {', '.join(_ggufs(files)) or 'none'}")
         first = ref.file
     else:
-        first = best_model(files, ref.tag)
-        if first is None:
+        best = best_model(files, ref.tag)
+        if best is None:
             wanted = f"no GGUF with the quant tag {ref.tag}" if ref.tag else "no GGUF model file"
             raise PullError(f"{ref.repo} has {wanted}; its GGUF files: {', '.join(_ggufs(files)) or 'none'}")
+        first = best
     return shards_of(files, first), (best_mmproj(files, first) if mmproj else None)
 
 
@@ -188,6 +191,11 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
     from huggingface_hub import HfApi
 
     ref = parse_ref(text)
+    if revision is not None:
+        try:
+            validate.revision(revision)
+        except ValueError as e:
+            raise PullError(str(e)) from None
     base = endpoint(hub)
     api = HfApi(endpoint=base, token=hf_token or False)
     try:
@@ -223,7 +231,7 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
     return store.commit(m, staged)
 
 
-def _remote(sibling, kind: str) -> Remote:
+def _remote(sibling: Any, kind: str) -> Remote:
     lfs = sibling.lfs
     return Remote(sibling.rfilename, (lfs.size if lfs else sibling.size), (lfs.sha256 if lfs else None),
                   sibling.blob_id, kind)
@@ -250,7 +258,7 @@ def _matches(path: Path, r: Remote) -> bool:
 def _download(store: Store, base: str, repo: str, commit: str, r: Remote, rel: str, hf_token: str | None,
               progress: Callable[[str, int, int], None] | None, cancel: threading.Event | None) -> Path:
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
     part = store.partial(rel)
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +316,7 @@ def resolve(store: Store, text: str) -> Manifest | None:
     return next((m for m in store.manifests() if m.repo == ref.repo), None)
 
 
-def listing(store: Store, servers: dict) -> list[dict]:
+def listing(store: Store, servers: dict[str, Any]) -> list[dict[str, Any]]:
     """Every model in the store (and GGUF files placed by hand), with the servers whose config uses it."""
     def users(m: Manifest) -> list[str]:
         names = []

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, source, tinymodel
+from . import __version__, source, tinymodel, validate
 from .engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
 from .flags import FlagSet
 from .health import probe, wait_healthy
@@ -109,7 +109,13 @@ def resolve_base(variant: str, choice: str) -> Base:
             )
         return Base(f"{LOCAL_BASE}:{suite}", f"{LOCAL_BASE}:{suite}", kind="local")
     build, _, runtime = choice.partition(",")
-    return Base(build.strip(), (runtime or build).strip(), kind="custom")
+    build, runtime = build.strip(), (runtime or build).strip()
+    try:
+        validate.image(build)
+        validate.image(runtime)
+    except ValueError as e:
+        raise BuildError(f"base: {e}; give upstream, local, or IMAGE[,RUNTIME_IMAGE]") from None
+    return Base(build, runtime, kind="custom")
 
 
 def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> None:
@@ -168,7 +174,8 @@ def prepare_ui(mode: str, tree: Path, commit: str, log: Any, progress: Callable[
         return "on", f"built earlier from tools/ui at {commit[:12]}"
     if shutil.which("npm") is None or shutil.which("node") is None:
         if mode == "on":
-            raise BuildError("build.ui = \"on\" needs npm and Node.js 20 or newer on this machine; install them or set ui = \"off\"")
+            raise BuildError("build.ui = \"on\" needs npm and Node.js 20 or newer on this machine; install them or set "
+                             "ui = \"off\"")
         return "off", "npm not found (install Node.js and npm to build the web UI)"
     progress("building the web UI from tools/ui with npm (npm ci && npm run build)")
     for step in (["npm", "ci", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
@@ -337,7 +344,7 @@ def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: Gpu
             raise BuildError(f"smoke test: the new image did not start: {e}") from None
         info = engine.inspect(name)
         port = info.ports.get(8080) if info else None
-        if not port:
+        if info is None or not port:
             raise BuildError("smoke test: the engine published no port for the test container")
         # its address where that can be reached (the host, and a gateway on the host's network), else the port
         candidates = ([f"http://{info.ip}:8080"] if info.ip else []) + [f"http://127.0.0.1:{port}"]

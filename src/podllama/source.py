@@ -11,11 +11,14 @@ import os
 import re
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from . import validate
 
 SUBMODULE = "llama.cpp"
 UPSTREAM_URL = "https://github.com/ggml-org/llama.cpp.git"
@@ -101,7 +104,7 @@ def has_commit(repo: Path | str, commit: str) -> bool:
     return bool(git("cat-file", "-t", f"{commit}^{{commit}}", cwd=Path(repo), check=False))
 
 
-def init(mirror: str | None = None, root: Path | None = None, progress=print) -> SourceStatus:
+def init(mirror: str | None = None, root: Path | None = None, progress: Callable[[str], object] = print) -> SourceStatus:
     """Check the submodule out at the pinned commit: from its URL, or from a mirror."""
     root = root or project_root()
     st = status(root)
@@ -144,12 +147,18 @@ def checkout(ref: str, remote: str | None = None, root: Path | None = None) -> t
         raise SourceError("llama.cpp is not checked out yet; run `podllama source init` first")
     if st.dirty:
         raise SourceError(f"{sub} has local changes; commit or discard them before moving to another commit")
-    src = str(Path(remote).resolve()) if remote and Path(remote).exists() else (remote or "origin")
+    try:
+        validate.git_ref(ref)
+        src = str(Path(remote).resolve()) if remote and Path(remote).exists() else (remote or "origin")
+        if remote:
+            validate.git_remote(src)
+    except ValueError as e:
+        raise SourceError(f"{e}; nothing was changed") from None
     if re.fullmatch(r"[0-9a-f]{40}", ref) and has_commit(sub, ref):
         new = ref  # a full commit id already here: nothing to fetch
     else:
-        proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", "--quiet", src, ref], cwd=sub,
-                              capture_output=True, text=True)
+        proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", "--quiet", "--", src, ref],
+                              cwd=sub, capture_output=True, text=True)
         if proc.returncode != 0:
             if ref == "HEAD" or not has_commit(sub, ref):  # offline, a known tag or branch still resolves
                 raise SourceError(f"cannot fetch '{ref}' from {src}: {proc.stderr.strip()}")
@@ -172,7 +181,7 @@ def cache_dir() -> Path:
     return Path(base) / "podllama"
 
 
-def pypi_mirror(commit: str, version: str | None = None, progress=print) -> Path:
+def pypi_mirror(commit: str, version: str | None = None, progress: Callable[[str], object] = print) -> Path:
     """Download llama-cpp-python's sdist (checked against the index's sha256) and return its llama.cpp work tree."""
     version = version or PYPI_RELEASES.get(commit)
     if version is None:

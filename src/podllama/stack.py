@@ -12,16 +12,17 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import flags, hardware, hub, images
 from .config import PROJECTOR_ROLES, Config, ServerSection
+from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
 from .health import DOWN, LOADING, OK, container_health, wait_healthy
 from .state import RUNNING, STOPPED, StackState
-from .store import Store, StoreError
+from .store import ModelNotFound, Store, StoreError
 
 SERVER_PORT = 8080
 GATEWAY_PORT = 8080
@@ -29,7 +30,8 @@ ENGINE_SOCKET = "/run/podllama/engine.sock"  # where the gateway container sees 
 ROLE_FLAGS: dict[str, list[str]] = {
     "chat": [], "embedding": ["--embedding"], "rerank": ["--rerank"], "vision": [], "infill": [], "audio": [],
 }
-L_STACK, L_KIND, L_SERVER, L_REPLICA, L_ROLE = "podllama.stack", "podllama.kind", "podllama.server", "podllama.replica", "podllama.role"
+L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
+L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
 L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
 L_FILE = "podllama.model-file"
 
@@ -102,7 +104,7 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
                 mmproj: str | None) -> list[str]:
     """The llama-server command line of a server: model and role from podllama, then the user's args.
     MODEL and MMPROJ are files in the store (a hub reference already resolved)."""
-    argv = ["--model", f"/models/{model}", "--alias", server.alias or name]
+    argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
     if server.ctx_size is not None:
         argv += ["--ctx-size", str(server.ctx_size)]
     if server.gpu_layers is not None:
@@ -174,6 +176,10 @@ class Stack:
     def store(self) -> Store:
         return Store(self.cfg.models_path)
 
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.cfg.state_path)
+
     def model_files(self, name: str) -> tuple[str, str | None]:
         """The model and projector files (in the store) of server NAME."""
         server = self.cfg.servers[name]
@@ -191,14 +197,15 @@ class Stack:
 
     def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None) -> None:
         """Download every hub model of NAMES that the store does not have yet."""
-        token = hub.token(self.cfg.hub_token_file)
+        creds = self.credentials
+        token, endpoint = creds.hub_token(self.cfg), creds.hub_endpoint(self.cfg)
         for name in names:
             ref = self.cfg.servers[name].model
             if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None:
                 continue
             self.progress(f"servers.{name}: downloading {ref}")
             try:
-                hub.pull(self.store, ref, hf_token=token, hub=self.cfg.hub.endpoint, progress=progress,
+                hub.pull(self.store, ref, hf_token=token, hub=endpoint, progress=progress,
                          mmproj=self.cfg.servers[name].role in PROJECTOR_ROLES, say=self.progress)
             except hub.PullError as e:
                 raise StackError(f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
@@ -210,7 +217,7 @@ class Stack:
         those servers first. Returns (files removed, servers stopped)."""
         m = self.store.manifest(model_id)
         if m is None:
-            raise StoreError(f"no model '{model_id}' in the store; `podllama models list` shows them")
+            raise ModelNotFound(model_id)
         files = {f.path for f in m.files}
         users = sorted({i.labels.get(L_SERVER, "?") for i in self.containers("server").values()
                         if i.running and i.labels.get(L_FILE) in files})
@@ -242,6 +249,9 @@ class Stack:
         """Container specs for the servers; every server's args are checked against its image's flags first."""
         out: list[Unit] = []
         known: dict[str, flags.FlagSet] = {}
+        creds = self.credentials
+        creds.ensure()  # every server mounts the stack's server key
+        secret = Mount(str(creds.path("server.key")), SERVER_KEY_IN_CONTAINER, read_only=True)
         for name in self.select(names):
             server = self.cfg.servers[name]
             variant = self.variant_of(server)
@@ -256,7 +266,7 @@ class Stack:
             commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
             gpu = None
             if variant != "cpu":
-                gpu = GpuRequest(variant, ["all"] if server.gpus in (None, "all") else list(server.gpus))  # type: ignore[arg-type]
+                gpu = GpuRequest(variant, server.gpus if isinstance(server.gpus, list) else ["all"])
             for replica in range(1, server.replicas + 1):
                 spec = ContainerSpec(
                     name=container_name(self.name, name, replica), image=image, args=argv,
@@ -264,7 +274,8 @@ class Stack:
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
                             L_FILE: model},
                     env=dict(server.env), network=self.network, network_aliases=[name],
-                    mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True)], gpu=gpu,
+                    mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True), secret], gpu=gpu,
+                    groups=[str(SERVER_GID)],
                 )
                 h = spec_hash(spec, image_id)
                 spec.labels[L_HASH] = h
@@ -288,10 +299,10 @@ class Stack:
         plan = Plan()
         if names is None:  # a whole-stack plan also clears what the config no longer declares
             declared = self.declared()
-            for cname, info in sorted(running.items()):
+            for cname, orphan in sorted(running.items()):
                 if cname not in declared:
-                    plan.steps.append(Step("remove", info.labels.get(L_SERVER, "?"), _int(info.labels.get(L_REPLICA)),
-                                           cname, "no longer declared in the config"))
+                    plan.steps.append(Step("remove", orphan.labels.get(L_SERVER, "?"),
+                                           _int(orphan.labels.get(L_REPLICA)), cname, "no longer declared in the config"))
         for u in units:
             info = running.get(u.name)
             if info is None:
@@ -366,9 +377,12 @@ class Stack:
         problems = self.missing_models(selected)
         if problems:
             raise StackError("\n".join(problems))
+        for made in self.credentials.ensure():
+            self.progress(made)
         units = self.units(selected)  # validates every server before anything changes
         with self.state.operation():
-            self.engine.create_network(self.network, {L_STACK: self.name})
+            # internal (no route out) where the gateway reaches the servers from the host's network
+            self.engine.create_network(self.network, {L_STACK: self.name}, internal=self.gateway_network() == "host")
             plan = self.plan(None if names is None else selected, units)
             self.state.set_desired([u.key for u in units], RUNNING)
             self.apply(plan, units)
@@ -551,7 +565,8 @@ class Stack:
         failed = saved.get("failed")
         return {
             "server": server, "replica": replica, "container": container_name(self.name, server, replica),
-            "declared": declared, "role": role, "model": model, "state": "failed" if failed and not (info and info.running) else state,
+            "declared": declared, "role": role, "model": model,
+            "state": "failed" if failed and not (info and info.running) else state,
             "health": health, "desired": saved.get("desired", RUNNING),
             "uptime_s": _uptime(info.started_at) if info is not None and info.running else None,
             "restarts": saved.get("restarts", 0), "last_restart": saved.get("last_restart"),

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 RUNNING, STOPPED = "running", "stopped"
 
@@ -48,24 +49,24 @@ class StackState:
     # -- data ---------------------------------------------------------------------------------------------
     def read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            data: dict[str, Any] = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {"servers": {}}
+        return data
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
         with self._flock("state.lock"):
             data = self.read()
             yield data
-            tmp = self.path.with_name(f".state.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True))
 
     def server(self, name: str) -> dict[str, Any]:
-        return self.read()["servers"].get(name, {})
+        entry: dict[str, Any] = self.read()["servers"].get(name, {})
+        return entry
 
     def desired(self, name: str) -> str:
-        return self.server(name).get("desired", RUNNING)
+        return str(self.server(name).get("desired", RUNNING))
 
     def set_desired(self, names: list[str], desired: str) -> None:
         with self.edit() as data:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -23,12 +22,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .atomic import atomic_write, commit_file
+
 MANIFESTS, PARTIAL = ".manifests", ".partial"
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class StoreError(Exception):
     pass
+
+
+class ModelNotFound(StoreError):
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"no model '{model_id}' in the store; `podllama models list` shows them")
 
 
 def safe_name(name: str) -> PurePosixPath:
@@ -101,10 +107,17 @@ class Store:
 
     # -- paths --------------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
-        """The absolute path of NAME, checked to stay inside the store (symlinks included)."""
-        p = self.root / safe_name(name)
-        real_root = self.root.resolve()
-        if p.exists() and not p.resolve().is_relative_to(real_root):
+        """The absolute path of NAME, checked to stay inside the store: no directory on the way is a symbolic
+        link (a file written through one would land outside), and the file itself is no link leading out."""
+        rel = safe_name(name)
+        p = self.root / rel
+        here = self.root
+        for part in rel.parts[:-1]:
+            here = here / part
+            if here.is_symlink():
+                raise StoreError(f"{name!r}: {here} is a symbolic link; directories in the model store cannot be "
+                                 "links (a file written through it would land outside the store); remove the link")
+        if p.exists() and not p.resolve().is_relative_to(self.root.resolve()):
             raise StoreError(f"{name!r} is a link that leads out of the model store ({p.resolve()}); remove it")
         return p
 
@@ -129,9 +142,7 @@ class Store:
     def save(self, m: Manifest) -> None:
         d = self.root / MANIFESTS
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{manifest_file_name(m.id)}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(asdict(m), indent=2))
-        os.replace(tmp, d / manifest_file_name(m.id))
+        atomic_write(d / manifest_file_name(m.id), json.dumps(asdict(m), indent=2))
 
     def find(self, ref: str) -> Manifest | None:
         """A manifest by id ('org/repo:Q4_K_M', 'local/x'), or the one holding the file REF."""
@@ -150,7 +161,8 @@ class Store:
         for f in m.files:
             final = self.path(f.path)
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged[f.path], final)
+            if staged[f.path] != final:
+                commit_file(staged[f.path], final)
         self.save(m)
         return m
 
@@ -180,7 +192,7 @@ class Store:
     def remove(self, model_id: str) -> list[str]:
         m = self.manifest(model_id)
         if m is None:
-            raise StoreError(f"no model '{model_id}' in the store; `podllama models list` shows them")
+            raise ModelNotFound(model_id)
         shared = {f.path for other in self.manifests() if other.id != m.id for f in other.files}
         removed = []
         for f in m.files:
@@ -194,7 +206,7 @@ class Store:
         """Every byte of every file (or of one model) against its manifest: {model id: [problems]}."""
         targets = [self.manifest(model_id)] if model_id else self.manifests()
         if model_id and targets[0] is None:
-            raise StoreError(f"no model '{model_id}' in the store")
+            raise ModelNotFound(model_id)
         report = {}
         for m in targets:
             problems = []

@@ -40,11 +40,15 @@ class Watch:
 
 class Supervisor:
     def __init__(self, stack: Stack, policy: SupervisorSection | None = None,
-                 units: Callable[[], list[Unit]] | None = None) -> None:
-        """UNITS: where the containers to watch come from (default: the stack's config)."""
+                 units: Callable[[], list[Unit]] | None = None,
+                 before_round: Callable[[], object] | None = None) -> None:
+        """UNITS: where the containers to watch come from (default: the stack's config). BEFORE_ROUND runs at
+        the start of every round, once no lifecycle command holds the stack (the gateway re-reads its config
+        there, so a server removed from services.toml is never brought back)."""
         self.stack = stack
         self.policy = policy or stack.cfg.supervisor
         self._source = units or stack.units
+        self._before_round = before_round
         self.watch: dict[str, Watch] = {}
         self.events: list[dict[str, Any]] = []
         self._units: list[Unit] = []
@@ -56,6 +60,11 @@ class Supervisor:
     def refresh(self) -> None:
         """Forget the cached container specs (after a config change)."""
         self._units_at = 0.0
+
+    def configure(self, policy: SupervisorSection) -> None:
+        """A new config: its policy, and container specs computed afresh."""
+        self.policy = policy
+        self.refresh()
 
     def units(self) -> list[Unit]:
         if time.monotonic() - self._units_at > UNITS_TTL:
@@ -69,6 +78,8 @@ class Supervisor:
         with self._lock, self.stack.state.operation(blocking=False) as got:
             if not got:
                 return []
+            if self._before_round is not None:
+                self._before_round()
             try:
                 units = self.units()
             except (StackError, EngineError) as e:

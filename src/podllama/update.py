@@ -74,10 +74,10 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
     for variant in variants:
         progress(f"building {variant} at {(new or '?')[:12]}")
         try:
-            result = build(variant)
+            built = build(variant)
         except images.BuildError as e:
             raise undo(f"the {variant} image failed: {e}", str(e.log) if e.log else None) from None
-        if result.previous:
+        if built.previous:
             moved.append(variant)
 
     units = stack.units()

@@ -9,12 +9,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from podllama import images, source, tinymodel
 from podllama.engine import CliEngine, ContainerSpec, Mount, get_engine
 from podllama.health import wait_healthy
-
 from tests.helpers import ROOT, podllama
 
 
@@ -188,6 +188,24 @@ interval = 0.5
 
     def status(self) -> dict:
         return json.loads(self.run("status", "--json").stdout)
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers with this stack's admin key (made by its first start)."""
+        from podllama.credentials import Credentials
+
+        return {"Authorization": f"Bearer {Credentials(self.dir / '.podllama').admin_key()}"}
+
+    @property
+    def server_key(self) -> dict[str, str]:
+        """Headers with the key this stack's llama-servers require (only the gateway sends it)."""
+        from podllama.credentials import Credentials
+
+        return {"Authorization": f"Bearer {Credentials(self.dir / '.podllama').server_key()}"}
+
+    def api(self, timeout: float = 60) -> httpx.Client:
+        """A client for the stack's gateway that sends the admin key."""
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=self.admin, timeout=timeout)
 
     def config(self):
         from podllama import config

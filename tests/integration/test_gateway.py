@@ -193,7 +193,7 @@ def test_replicas_share_the_load(gw, podman):
         t.join()
     for replica in (f"{STACK}-chat2-1", f"{STACK}-chat2-2"):
         ip = podman.inspect(replica).ip
-        metrics = httpx.get(f"http://{ip}:8080/metrics").text
+        metrics = httpx.get(f"http://{ip}:8080/metrics", headers=gw.server_key).text
         line = next(x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total"))
         assert float(line.split()[-1]) > 0, f"{replica} got no requests"
 
@@ -203,7 +203,7 @@ def open_stream(gw, body: dict) -> socket.socket:
     """A raw HTTP connection (so the test decides exactly when the client goes away)."""
     sock = socket.create_connection(("127.0.0.1", gw.port))
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%b" % (len(data), data))
     return sock
 
@@ -243,11 +243,13 @@ def test_a_client_that_goes_away_before_the_first_byte_cancels(gw, podman):
     """Not streamed: llama-server looks at the client's connection when a second passes with no result for the
     request (its HTTP_POLLING_SECONDS). So the test looks at /slots only every 1.2 s (other requests' results
     would keep postponing that look), and holds the gateway to what a direct client gets."""
+    key = gw.server_key["Authorization"].encode()
+
     def time_to_idle(host: str, port: int) -> float:
         sock = socket.create_connection((host, port))
         data = json.dumps(LONG).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%b" % (len(data), data))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: %b\r\nContent-Length: %d\r\n\r\n%b" % (key, len(data), data))
         assert wait_until(lambda: slots_busy(gw), 5)
         sock.close()
         t0 = time.monotonic()
@@ -318,7 +320,7 @@ def test_help_lists_every_route_of_the_table(gw):
     chat = httpx.get(f"{gw.url}/help/chat/completions").json()  # by alias
     assert "chat2" in chat["routes_to"] and chat["path"] == "/v1/chat/completions"
     api = {e["path"]: e for e in items if e["path"].startswith("/api")}
-    assert {"/api/config", "/api/servers/{name}", "/api/jobs/{kind}", "/api/shutdown"} <= set(api)
+    assert {"/api/config", "/api/servers/{name}", "/api/jobs/update", "/api/reload", "/api/shutdown"} <= set(api)
     assert api["/api/config"]["methods"] == ["GET", "PUT"] or set(api["/api/config"]["methods"]) >= {"GET"}
     html = httpx.get(f"{gw.url}/help", headers={"accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html") and "/v1/rerank" in html.text
@@ -329,24 +331,24 @@ def test_help_lists_every_route_of_the_table(gw):
 
 # -- management API -------------------------------------------------------------------------------------------
 def test_config_api_round_trip(gw, podman):
-    api = f"{gw.url}/api"
-    got = httpx.get(f"{api}/config")
+    api = gw.api(timeout=120)
+    got = api.get("/api/config")
     etag = got.headers["etag"]
     assert got.json()["servers"]["embed"]["role"] == "embedding"
-    toml = httpx.get(f"{api}/config?format=toml")
+    toml = api.get("/api/config?format=toml")
     assert toml.headers["content-type"].startswith("application/toml") and "[servers.embed]" in toml.text
     ids = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
 
-    dry = httpx.patch(f"{api}/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
+    dry = api.patch("/api/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
     assert dry["dry_run"] and "restart embed" in dry["plan"]["summary"] and "chat" in dry["plan"]["summary"]
     assert "untouched" in dry["plan"]["summary"]
 
-    stale = httpx.patch(f"{api}/servers/embed", json={"ctx_size": 768}, headers={"If-Match": '"0000"'}, timeout=60)
-    assert stale.status_code == 409
+    stale = api.patch("/api/servers/embed", json={"ctx_size": 768}, headers={"If-Match": '"0000"'}, timeout=60)
+    assert stale.status_code == 412
 
-    invalid = httpx.patch(f"{api}/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
+    invalid = api.patch("/api/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
     assert invalid.status_code == 422 and "paralel" in invalid.json()["error"]["message"]
-    assert httpx.get(f"{api}/config").headers["etag"] == etag  # nothing changed
+    assert api.get("/api/config").headers["etag"] == etag  # nothing changed
     assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == ids
 
     # chat keeps answering while embed restarts
@@ -361,7 +363,7 @@ def test_config_api_round_trip(gw, podman):
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        applied = httpx.patch(f"{api}/servers/embed", json={"ctx_size": 768}, headers={"If-Match": etag}, timeout=120)
+        applied = api.patch("/api/servers/embed", json={"ctx_size": 768}, headers={"If-Match": etag}, timeout=120)
     finally:
         stop.set()
         t.join()
@@ -371,26 +373,27 @@ def test_config_api_round_trip(gw, podman):
     assert after[f"{STACK}-embed-1"] != ids[f"{STACK}-embed-1"]
     assert all(after[n] == ids[n] for n in ids if n != f"{STACK}-embed-1")
     assert "ctx_size = 768" in gw.path.read_text() and "[servers.chat]" in gw.path.read_text()
-    assert httpx.get(f"{api}/config").headers["etag"] != etag
+    assert api.get("/api/config").headers["etag"] != etag
     assert post(gw, "/v1/embeddings", json={"input": "x"}).status_code == 200
 
 
 def test_server_api_lists_and_acts(gw):
-    api = f"{gw.url}/api"
-    servers = {s["name"]: s for s in httpx.get(f"{api}/servers").json()}
+    api = gw.api(timeout=120)
+    servers = {s["name"]: s for s in api.get("/api/servers").json()}
     assert set(servers) == {"chat", "chat2", "embed", "rerank"}
     assert [r["health"] for r in servers["chat2"]["replicas"]] == ["ok", "ok"]
-    assert httpx.get(f"{api}/servers/nope").status_code == 404
-    restarted = httpx.post(f"{api}/servers/rerank/restart", timeout=120).json()
+    assert api.get("/api/servers/nope").status_code == 404
+    restarted = api.post("/api/servers/rerank/restart", timeout=120).json()
     assert restarted["replicas"][0]["health"] == "ok"
-    status = httpx.get(f"{api}/status").json()
+    status = api.get("/api/status").json()
     assert status["stack"] == STACK and len(status["servers"]) == 5
 
 
 def test_rebuild_job_over_the_api(gw):
-    job = httpx.post(f"{gw.url}/api/jobs/rebuild", json={"variant": "cpu"}, timeout=30).json()
+    api = gw.api()
+    job = api.post("/api/jobs/rebuild", json={"variant": "cpu"}).json()
     assert job["state"] == "running" and job["kind"] == "rebuild"
-    done = wait_until(lambda: (j := httpx.get(f"{gw.url}/api/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
+    done = wait_until(lambda: (j := api.get(f"/api/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
     assert done["state"] == "done", done
     assert done["result"]["ok"] and any("building cpu" in line for line in done["log"])
-    assert httpx.post(f"{gw.url}/api/jobs/dance", timeout=10).status_code == 404
+    assert api.post("/api/jobs/dance").status_code == 404

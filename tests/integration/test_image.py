@@ -10,7 +10,6 @@ import httpx
 
 from podllama import images, source
 from podllama.engine import ContainerSpec
-
 from tests.helpers import ROOT, podllama
 
 PINNED = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"

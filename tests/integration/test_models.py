@@ -67,7 +67,7 @@ def test_a_split_model_pulled_with_an_interruption_is_verified_and_served(podman
     try:
         sf.run("start", "--no-gateway")
         ip = podman.inspect(f"{sf.name}-chat-1").ip
-        r = httpx.post(f"http://{ip}:8080/v1/chat/completions", timeout=30,
+        r = httpx.post(f"http://{ip}:8080/v1/chat/completions", timeout=30, headers=sf.server_key,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         # a model in use is not removed, unless forced (which stops its server)
@@ -106,36 +106,36 @@ def test_the_models_api(podman, cpu_image, hubsrv, store_dir, tmp_path):
                     hubsrv.url, "ptmapi")
     try:
         sf.run("start")
-        api = f"http://127.0.0.1:{sf.port}/api"
-        job = httpx.post(f"{api}/models/pull", json={"ref": "org/tiny-split-GGUF:Q4_K_M"}).json()
+        api = sf.api(timeout=120)
+        job = api.post("/api/models/pull", json={"ref": "org/tiny-split-GGUF:Q4_K_M"}).json()
         events = []
-        with httpx.stream("GET", f"{api}/jobs/{job['id']}/events", timeout=120) as r:
+        with api.stream("GET", f"/api/jobs/{job['id']}/events") as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
         assert events[-1]["state"] == "done", events[-1]["error"]
         assert any(e["progress"] for e in events)
         assert events[-1]["result"]["id"] == "org/tiny-split-GGUF:Q4_K_M"
-        models = {m["id"]: m for m in httpx.get(f"{api}/models").json()}
+        models = {m["id"]: m for m in api.get("/api/models").json()}
         assert set(models) == {"org/tiny-GGUF:Q8_0", "org/tiny-split-GGUF:Q4_K_M"}
         assert models["org/tiny-GGUF:Q8_0"]["used_by"] == ["chat"]
-        usage = httpx.get(f"{api}/models/usage").json()
+        usage = api.get("/api/models/usage").json()
         assert usage["models"] == 2 and usage["bytes"] > 2 * 9_000_000 and usage["disk_free_bytes"] > 0
         # a slow download, cancelled: the job says so, the partial file stays for the next pull
         hubsrv.slow["slow-Q4_K_M.gguf"] = 0.05
-        job = httpx.post(f"{api}/models/pull", json={"ref": "org/slow-GGUF:Q4_K_M"}).json()
-        assert wait_until(lambda: httpx.get(f"{api}/jobs/{job['id']}").json()["progress"], 20)
-        httpx.delete(f"{api}/jobs/{job['id']}")
-        done = wait_until(lambda: (j := httpx.get(f"{api}/jobs/{job['id']}").json())["state"] != "running" and j, 20)
+        job = api.post("/api/models/pull", json={"ref": "org/slow-GGUF:Q4_K_M"}).json()
+        assert wait_until(lambda: api.get(f"/api/jobs/{job['id']}").json()["progress"], 20)
+        api.delete(f"/api/jobs/{job['id']}")
+        done = wait_until(lambda: (j := api.get(f"/api/jobs/{job['id']}").json())["state"] != "running" and j, 20)
         assert done["state"] == "cancelled" and "cancelled" in done["error"]
         assert (store_dir / ".partial/org/slow-GGUF/slow-Q4_K_M.gguf").stat().st_size > 0
         assert not (store_dir / "org/slow-GGUF/slow-Q4_K_M.gguf").exists()
         hubsrv.slow.clear()
         # removal over the API: refused while in use, allowed otherwise
-        assert httpx.delete(f"{api}/models/org/tiny-GGUF:Q8_0").status_code == 409
-        gone = httpx.delete(f"{api}/models/org/tiny-split-GGUF:Q4_K_M").json()
+        assert api.delete("/api/models/org/tiny-GGUF:Q8_0").status_code == 409
+        gone = api.delete("/api/models/org/tiny-split-GGUF:Q4_K_M").json()
         assert len(gone["removed"]) == 3 and gone["stopped"] == []
-        bad = httpx.post(f"{api}/models/pull", json={"ref": "../etc"})
+        bad = api.post("/api/models/pull", json={"ref": "../etc"})
         assert bad.status_code == 422
     finally:
         sf.run("down", check=False)

@@ -40,8 +40,12 @@ def test_start_gives_healthy_hardened_servers_and_is_idempotent(stack_engine, st
         assert f"{sf.name}" in raw["NetworkSettings"]["Networks"]
     # the role decides the flags: embeddings answer on the embedding server only
     chat_ip, embed_ip = engine.inspect(f"{sf.name}-chat-1").ip, engine.inspect(f"{sf.name}-embed-1").ip
-    assert httpx.post(f"http://{embed_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 200
-    assert httpx.post(f"http://{chat_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 501
+    key = sf.server_key
+    assert httpx.post(f"http://{embed_ip}:8080/v1/embeddings", json={"input": "hi"}, headers=key).status_code == 200
+    assert httpx.post(f"http://{chat_ip}:8080/v1/embeddings", json={"input": "hi"}, headers=key).status_code == 501
+    # around the gateway, without the stack's server key, a server answers nothing but /health
+    assert httpx.post(f"http://{embed_ip}:8080/v1/embeddings", json={"input": "hi"}).status_code == 401
+    assert httpx.get(f"http://{chat_ip}:8080/props").status_code == 401
     # a second start changes nothing
     before = container_ids(engine, sf.name)
     again = sf.run("start")
@@ -60,7 +64,7 @@ def test_supervisor_restarts_a_killed_server_and_leaves_a_stopped_one(stack_engi
     assert wait_until(lambda: servers(sf.status())["chat"]["health"] == "ok", 30)
     row = servers(sf.status())["chat"]
     assert row["restarts"] == 1 and "exited with code 137" in row["last_restart"]["reason"]
-    r = httpx.post(f"http://{engine.inspect(chat).ip}:8080/v1/chat/completions",
+    r = httpx.post(f"http://{engine.inspect(chat).ip}:8080/v1/chat/completions", headers=sf.server_key,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, timeout=30)
     assert r.status_code == 200
     # a server the user stopped stays stopped

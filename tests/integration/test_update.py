@@ -84,9 +84,9 @@ def version_of(podman, image: str) -> str:
     return out.stdout + out.stderr
 
 
-def answers(podman, container: str) -> bool:
+def answers(podman, container: str, sf) -> bool:
     ip = podman.inspect(container).ip
-    r = httpx.post(f"http://{ip}:8080/v1/chat/completions", timeout=30,
+    r = httpx.post(f"http://{ip}:8080/v1/chat/completions", timeout=30, headers=sf.server_key,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     return r.status_code == 200
 
@@ -104,7 +104,7 @@ def test_update_to_a_new_commit_rebuilds_and_restarts_on_it(podman, stack, upstr
     rows = servers(stack)
     assert {r["commit"] for r in rows.values()} == {upstream["good"][:12]}
     assert all(r["health"] == "ok" for r in rows.values())
-    assert answers(podman, f"{STACK}-chat-1")
+    assert answers(podman, f"{STACK}-chat-1", stack)
     assert podman.image_id(f"{REPO}:cpu-previous") == podman.image_id(f"{REPO}:cpu-{pinned[:12]}")
 
 
@@ -120,7 +120,7 @@ def test_update_to_a_commit_that_does_not_compile_changes_nothing(podman, stack,
     assert git(project / "llama.cpp", "rev-parse", "HEAD") == upstream["good"]
     assert podman.image_id(f"{REPO}:cpu") == image_before
     assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == before
-    assert answers(podman, f"{STACK}-chat-1")
+    assert answers(podman, f"{STACK}-chat-1", stack)
     status = json.loads(run(stack, "status", "--json").stdout)
     assert status["last_update"]["ok"] is False and "rolled back" in status["last_update"]["summary"]
     assert "last update failed" in run(stack, "status").stdout

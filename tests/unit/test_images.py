@@ -39,7 +39,7 @@ def test_every_variant_has_a_containerfile(project_root):
 def fake_ui(tmp_path, script: str):
     ui = tmp_path / "tools" / "ui"
     ui.mkdir(parents=True)
-    (ui / "package.json").write_text('{"name": "ui", "version": "1.0.0", "scripts": {"build": "%s"}}' % script)
+    (ui / "package.json").write_text('{"name": "ui", "version": "1.0.0", "scripts": {"build": "' + script + '"}}')
     (ui / "package-lock.json").write_text('{"name": "ui", "version": "1.0.0", "lockfileVersion": 3, "requires": true,'
                                           ' "packages": {"": {"name": "ui", "version": "1.0.0"}}}')
     return ui

@@ -10,6 +10,7 @@ Security flags are applied here and nowhere else (see `hardening`).
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
+
 
 class EngineError(Exception):
     """A container engine call failed; the message carries the engine's own words."""
@@ -57,6 +59,7 @@ class ContainerSpec:
     read_only_root: bool = True
     stop_timeout: int = 10
     cap_add: list[str] = field(default_factory=list)  # the only capabilities given back after dropping all
+    groups: list[str] = field(default_factory=list)  # supplementary groups (e.g. to read a mounted secret)
 
 
 @dataclass
@@ -88,6 +91,7 @@ def hardening(spec: ContainerSpec) -> list[str]:
         flags += [f"--tmpfs={path}:rw,nosuid,nodev,size=256m" for path in spec.tmpfs]
     if spec.user:
         flags.append(f"--user={spec.user}")
+    flags += [f"--group-add={g}" for g in spec.groups]
     return flags
 
 
@@ -113,7 +117,8 @@ class CliEngine:
             proc = subprocess.run(self.command(*args), capture_output=True, text=True, input=input, timeout=timeout,
                                   env={**os.environ, **(env or {})})
         except FileNotFoundError:
-            raise EngineError(f"{self.binary} is not installed; install it (scripts/setup.sh does) or pick another engine") from None
+            raise EngineError(f"{self.binary} is not installed; install it (scripts/setup.sh does) or pick another "
+                              "engine") from None
         except subprocess.TimeoutExpired:
             raise EngineError(f"`{self.binary} {' '.join(args[:3])}` did not answer within {timeout:.0f}s") from None
         if check and proc.returncode != 0:
@@ -319,16 +324,19 @@ class CliEngine:
             proc.kill()
             proc.wait()
 
-    def exec(self, name: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def exec(self, name: str, argv: builtins.list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.run_cli("exec", name, *argv, check=False, timeout=timeout)
 
     # -- networks -----------------------------------------------------------------------------------------
     def network_exists(self, name: str) -> bool:
         return self.run_cli("network", "inspect", name, check=False).returncode == 0
 
-    def create_network(self, name: str, labels: dict[str, str]) -> None:
+    def create_network(self, name: str, labels: dict[str, str], internal: bool = False) -> None:
+        """A bridge network with container-name DNS; INTERNAL: no route out of it (the host still reaches its
+        containers' addresses)."""
         if not self.network_exists(name):
-            self.run_cli("network", "create", *[f"--label={k}={v}" for k, v in labels.items()], name)
+            self.run_cli("network", "create", *[f"--label={k}={v}" for k, v in labels.items()],
+                         *(["--internal"] if internal else []), "--", name)
 
     def remove_network(self, name: str) -> None:
         self.run_cli("network", "rm", name, check=False)

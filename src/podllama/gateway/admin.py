@@ -1,210 +1,285 @@
-"""The management API under /api: servers, config, builds and updates, shutdown. Admin key required."""
+"""The management API under /api: servers, config, builds and updates, models, the whole stack. The guard lets
+only admin-key holders in (401 before the body is read); here every body is a typed model, so a value that
+would reach git, podman or llama-server is checked before any work starts (422)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import tomlkit
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, field_validator
+from starlette.concurrency import run_in_threadpool
 
-from .. import changes, hub
+from .. import changes, hub, validate
 from ..changes import ChangeError
+from ..config import VariantName
 from ..stack import StackError
-from ..store import StoreError
-from .jobs import Jobs
+from ..store import ModelNotFound, StoreError
+from .jobs import Job, Jobs
+
+if TYPE_CHECKING:
+    from .app import Gateway
 
 
-class _Prefixed:
-    """Routes registered on the app itself under a prefix, with shared dependencies (so /help and OpenAPI see
-    them as plain routes)."""
-
-    def __init__(self, app: FastAPI, prefix: str, **common: Any) -> None:
-        self.app, self.prefix, self.common = app, prefix, common
-
-    def __getattr__(self, method: str) -> Any:
-        def decorator(path: str, **kw: Any) -> Any:
-            return getattr(self.app, method)(self.prefix + path, **self.common, **kw)
-        return decorator
+# -- request bodies -----------------------------------------------------------------------------------------------
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def register(app: FastAPI, gw: Any) -> None:
-    """The /api routes, on APP. GW: the gateway (stack, registry, supervisor, keys)."""
+class UpdateJob(Body):
+    ref: str = "HEAD"
+    remote: str | None = None
 
-    def admin(request: Request) -> None:
-        if not gw.keys.admin_ok(request.scope["headers"]):
-            if not gw.keys.admin and gw.keys.public_bind:
-                raise HTTPException(403, "the management API is closed on a published gateway without an admin "
-                                         "key; set $PODLLAMA_ADMIN_KEY or [gateway] admin_key_file")
-            raise HTTPException(401, "Invalid admin key")
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        return validate.git_ref(v)
 
-    api = _Prefixed(app, "/api", dependencies=[Depends(admin)], tags=["management"])
-    jobs = Jobs()
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str | None) -> str | None:
+        return None if v is None else validate.git_remote(v)
 
-    def stack():
-        return gw.stack
 
-    def change(text: str, if_match: str | None, dry_run: bool) -> dict[str, Any]:
+class RebuildJob(Body):
+    variant: VariantName | None = None
+
+
+class PullJob(Body):
+    ref: str
+    revision: str | None = None
+    mmproj: bool = True
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str) -> str:
         try:
-            proposed = changes.propose(stack(), text, if_match)
+            hub.parse_ref(v)
+        except (hub.PullError, StoreError) as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        return None if v is None else validate.revision(v)
+
+
+DryRun = Annotated[bool, Query(description="Only plan: what would start, restart or stop")]
+
+
+def existing(name: str, request: Request) -> str:
+    """The server named in the path, which must exist."""
+    servers = request.app.state.gateway.stack.cfg.servers
+    if name not in servers:
+        raise HTTPException(404, f"no server named '{name}'; servers: {', '.join(servers)}")
+    return name
+
+
+def existing_job(job_id: str, request: Request) -> Job:
+    job: Job | None = request.app.state.jobs.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job '{job_id}'")
+    return job
+
+
+Existing = Annotated[str, Depends(existing)]
+ExistingJob = Annotated[Job, Depends(existing_job)]
+
+
+def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
+    """The /api routers, bound to GW (the gateway: stack, registry, supervisor) and its JOBS."""
+
+    def change(edit: Callable[[str], str], if_match: str | None, dry_run: bool) -> dict[str, Any]:
+        try:
+            done = changes.submit(gw.stack, edit, if_match, dry_run)
         except ChangeError as e:
             raise HTTPException(e.status, str(e)) from None
-        if dry_run:
-            return {"dry_run": True, "plan": proposed.plan.to_dict()}
-        try:
-            plan = changes.apply(proposed)
         except StackError as e:
-            gw.adopt(proposed.stack)
+            gw.reload()
             raise HTTPException(500, f"the change was saved but did not come up healthy: {e}") from None
-        gw.adopt(proposed.stack)
-        return {"dry_run": False, "plan": plan.to_dict(), "version": changes.version_of(text)}
+        if dry_run:
+            return {"dry_run": True, "plan": done.plan.to_dict()}
+        gw.adopt(done.stack)
+        return {"dry_run": False, "plan": done.plan.to_dict(), "version": changes.version_of(done.text)}
 
-    # -- servers ------------------------------------------------------------------------------------------
-    @api.get("/servers")
+    def server_rows(name: str) -> list[dict[str, Any]]:
+        return [r for r in gw.stack.status() if r["server"] == name]
+
+    # -- servers ------------------------------------------------------------------------------------------------
+    servers = APIRouter(prefix="/api/servers", tags=["servers"])
+
+    @servers.get("")
     def list_servers() -> list[dict[str, Any]]:
         """Every server with its config and live status."""
-        rows = stack().status()
+        rows = gw.stack.status()
         return [{"name": n, "config": s.model_dump(mode="json", exclude_none=True),
-                 "replicas": [r for r in rows if r["server"] == n]} for n, s in stack().cfg.servers.items()]
+                 "replicas": [r for r in rows if r["server"] == n]} for n, s in gw.stack.cfg.servers.items()]
 
-    @api.get("/servers/{name}")
-    def get_server(name: str) -> dict[str, Any]:
+    @servers.get("/{name}")
+    def get_server(name: Existing) -> dict[str, Any]:
         """One server: config and live status."""
-        st = stack()
-        if name not in st.cfg.servers:
-            raise HTTPException(404, f"no server named '{name}'")
-        return {"name": name, "config": st.cfg.servers[name].model_dump(mode="json", exclude_none=True),
-                "replicas": [r for r in st.status() if r["server"] == name]}
+        return {"name": name, "config": gw.stack.cfg.servers[name].model_dump(mode="json", exclude_none=True),
+                "replicas": server_rows(name)}
 
-    @api.post("/servers", status_code=201)
-    def create_server(body: dict[str, Any], dry_run: bool = Query(False), request: Request = None) -> dict[str, Any]:
+    @servers.post("", status_code=201)
+    def create_server(body: dict[str, Any], request: Request, dry_run: DryRun = False) -> dict[str, Any]:
         """Add a server ({name, role, model, …}); it is started."""
         name = body.pop("name", None)
         if not isinstance(name, str):
-            raise HTTPException(422, "body needs \"name\"")
-        text = changes.current_text(stack())
-        if name in stack().cfg.servers:
+            raise HTTPException(422, 'body needs "name"')
+        if name in gw.stack.cfg.servers:
             raise HTTPException(409, f"server '{name}' exists; PUT or PATCH /api/servers/{name} changes it")
-        return change(changes.with_server(text, name, body), request.headers.get("if-match"), dry_run)
+        return change(lambda text: changes.with_server(text, name, body), request.headers.get("if-match"), dry_run)
 
-    @api.put("/servers/{name}")
-    def replace_server(name: str, body: dict[str, Any], request: Request, dry_run: bool = Query(False)) -> dict[str, Any]:
+    @servers.put("/{name}")
+    def replace_server(name: str, body: dict[str, Any], request: Request, dry_run: DryRun = False) -> dict[str, Any]:
         """Replace a server's config (created if missing); only it restarts."""
-        text = changes.current_text(stack())
-        return change(changes.with_server(text, name, body), request.headers.get("if-match"), dry_run)
+        return change(lambda text: changes.with_server(text, name, body), request.headers.get("if-match"), dry_run)
 
-    @api.patch("/servers/{name}")
-    def patch_server(name: str, body: dict[str, Any], request: Request, dry_run: bool = Query(False)) -> dict[str, Any]:
+    @servers.patch("/{name}")
+    def patch_server(name: Existing, body: dict[str, Any], request: Request, dry_run: DryRun = False) -> dict[str, Any]:
         """Change some keys of a server (JSON merge patch: null removes a key); only it restarts."""
-        st = stack()
-        if name not in st.cfg.servers:
-            raise HTTPException(404, f"no server named '{name}'")
-        merged = changes.merge_patch(changes.server_fields(st.cfg, name), body)
-        return change(changes.with_server(changes.current_text(st), name, merged), request.headers.get("if-match"), dry_run)
+        def edit(text: str) -> str:
+            merged = changes.merge_patch(changes.server_fields(gw.stack.cfg, name), body)
+            return changes.with_server(text, name, merged)
 
-    @api.delete("/servers/{name}")
-    def delete_server(name: str, request: Request, dry_run: bool = Query(False)) -> dict[str, Any]:
+        return change(edit, request.headers.get("if-match"), dry_run)
+
+    @servers.delete("/{name}")
+    def delete_server(name: Existing, request: Request, dry_run: DryRun = False) -> dict[str, Any]:
         """Remove a server from the config; its containers go."""
-        if name not in stack().cfg.servers:
-            raise HTTPException(404, f"no server named '{name}'")
-        return change(changes.with_server(changes.current_text(stack()), name, None), request.headers.get("if-match"), dry_run)
+        return change(lambda text: changes.with_server(text, name, None), request.headers.get("if-match"), dry_run)
 
-    @api.post("/servers/{name}/{action}")
-    def server_action(name: str, action: str) -> dict[str, Any]:
-        """start, stop or restart one server."""
-        st = stack()
-        if name not in st.cfg.servers:
-            raise HTTPException(404, f"no server named '{name}'")
+    def act(name: str, action: Callable[[list[str]], object], verb: str) -> dict[str, Any]:
         try:
-            if action == "start":
-                st.start([name])
-            elif action == "stop":
-                st.stop([name])
-            elif action == "restart":
-                st.restart([name])
-            else:
-                raise HTTPException(404, f"unknown action '{action}'; use start, stop or restart")
+            action([name])
         except StackError as e:
             raise HTTPException(500, str(e)) from None
         gw.supervisor.refresh()
-        return {"server": name, "action": action, "replicas": [r for r in st.status() if r["server"] == name]}
+        return {"server": name, "action": verb, "replicas": server_rows(name)}
 
-    # -- config -------------------------------------------------------------------------------------------
-    @api.get("/config")
-    def get_config(response: Response, request: Request, format: str = Query("json")) -> Any:
+    @servers.post("/{name}/start")
+    def start_server(name: Existing) -> dict[str, Any]:
+        """Start a server (and wait until it is healthy)."""
+        return act(name, gw.stack.start, "start")
+
+    @servers.post("/{name}/stop")
+    def stop_server(name: Existing) -> dict[str, Any]:
+        """Stop a server; the supervisor leaves it down."""
+        return act(name, gw.stack.stop, "stop")
+
+    @servers.post("/{name}/restart")
+    def restart_server(name: Existing) -> dict[str, Any]:
+        """Recreate a server's containers, one at a time."""
+        return act(name, gw.stack.restart, "restart")
+
+    # -- config -------------------------------------------------------------------------------------------------
+    config = APIRouter(prefix="/api", tags=["config"])
+
+    @config.get("/config")
+    def get_config(request: Request, format: str = Query("json")) -> Any:
         """The whole services.toml (JSON, or TOML with ?format=toml or Accept: application/toml), with its ETag."""
-        text = changes.current_text(stack())
-        response.headers["ETag"] = f'"{changes.version_of(text)}"'
+        try:
+            text = changes.current_text(gw.stack)
+        except ChangeError as e:
+            raise HTTPException(e.status, str(e)) from None
+        etag = {"ETag": f'"{changes.version_of(text)}"'}
         if format == "toml" or "application/toml" in request.headers.get("accept", ""):
-            return Response(text, media_type="application/toml", headers={"ETag": f'"{changes.version_of(text)}"'})
-        return stack().cfg.model_dump(mode="json", exclude_none=True)
+            return Response(text, media_type="application/toml", headers=etag)
+        return Response(json.dumps(gw.stack.cfg.model_dump(mode="json", exclude_none=True)),
+                        media_type="application/json", headers=etag)
 
-    @api.put("/config")
-    async def put_config(request: Request, dry_run: bool = Query(False)) -> Any:
+    @config.put("/config")
+    async def put_config(request: Request, dry_run: DryRun = False) -> Any:
         """Replace services.toml (TOML, or JSON of the same shape). Validated, diffed, applied, saved."""
-        raw = (await request.body()).decode()
+        raw = (await request.body()).decode(errors="replace")
         if "json" in request.headers.get("content-type", ""):
             try:
                 raw = tomlkit.dumps(json.loads(raw))
             except ValueError as e:
                 raise HTTPException(422, f"body is not JSON: {e}") from None
-        from starlette.concurrency import run_in_threadpool
+        return await run_in_threadpool(change, lambda _: raw, request.headers.get("if-match"), dry_run)
 
-        return await run_in_threadpool(change, raw, request.headers.get("if-match"), dry_run)
+    @config.post("/reload")
+    async def reload() -> dict[str, Any]:
+        """Read services.toml and the keys again now (`podllama start` calls this after an edit)."""
+        await asyncio.to_thread(gw.reload)
+        await asyncio.to_thread(gw.registry.refresh)
+        await gw.registry.probe_all()
+        return {"version": gw.version(), "error": gw.config_error, "servers": list(gw.registry.servers)}
 
-    @api.patch("/config/servers/{name}")
-    def patch_config_server(name: str, body: dict[str, Any], request: Request, dry_run: bool = Query(False)) -> dict[str, Any]:
-        """Same as PATCH /api/servers/{name}."""
-        return patch_server(name, body, request, dry_run)
+    @config.get("/status")
+    def status() -> dict[str, Any]:
+        """Every server's state and health, the supervisor's recent actions, the last update, config problems."""
+        st = gw.stack
+        return {"stack": st.name, "servers": st.status(), "supervisor": gw.supervisor.events[-20:],
+                "last_update": st.state.read().get("last_update"), "config_version": gw.version(),
+                "config_error": gw.config_error}
 
-    # -- builds and updates -------------------------------------------------------------------------------
-    @api.post("/jobs/{kind}", status_code=202)
-    def start_job(kind: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Start an update ({ref, remote}) or a rebuild ({variant}); poll /api/jobs/{id}."""
-        from .. import update as upd
+    @config.post("/shutdown", status_code=202)
+    def shutdown() -> dict[str, Any]:
+        """Stop every server and then the gateway itself."""
+        def later() -> None:
+            gw.stack.stop()  # in a container this stops the gateway's own container too
+            os.kill(os.getpid(), signal.SIGTERM)
 
-        body = body or {}
-        if kind == "update":
-            work = lambda job: upd.update(stack(), body.get("ref", "HEAD"), body.get("remote"), progress=job.lines.append)  # noqa: E731
-        elif kind == "rebuild":
-            variant = body.get("variant")
-            work = lambda job: upd.rebuild(stack(), [variant] if variant else None, progress=job.lines.append)  # noqa: E731
-        else:
-            raise HTTPException(404, f"unknown job '{kind}'; use update or rebuild (or POST /api/models/pull)")
+        threading.Timer(0.2, later).start()
+        return {"stopping": list(gw.stack.containers())}
+
+    # -- builds, updates and downloads (jobs) ---------------------------------------------------------------------
+    job_api = APIRouter(prefix="/api", tags=["jobs"])
+
+    def run_job(kind: str, params: dict[str, Any], work: Callable[[Job], Any]) -> dict[str, Any]:
         try:
-            job = jobs.start(kind, body, work)
+            return jobs.start(kind, params, work).to_dict()
         except RuntimeError as e:
             raise HTTPException(409, str(e)) from None
-        return job.to_dict()
 
-    @api.get("/jobs")
+    @job_api.post("/jobs/update", status_code=202)
+    def update_job(body: UpdateJob | None = None) -> dict[str, Any]:
+        """Move llama.cpp to {ref} (from {remote}), build, restart servers; rolled back on failure."""
+        from .. import update as upd
+
+        job = body or UpdateJob()
+        return run_job("update", job.model_dump(), lambda j: upd.update(
+            gw.stack, job.ref, job.remote, progress=j.lines.append))
+
+    @job_api.post("/jobs/rebuild", status_code=202)
+    def rebuild_job(body: RebuildJob | None = None) -> dict[str, Any]:
+        """Build the stack's images again ({variant}) and restart servers on them; rolled back on failure."""
+        from .. import update as upd
+
+        job = body or RebuildJob()
+        variants: list[str] | None = [job.variant] if job.variant and job.variant != "auto" else None
+        return run_job("rebuild", job.model_dump(), lambda j: upd.rebuild(gw.stack, variants, progress=j.lines.append))
+
+    @job_api.post("/jobs/{kind}", include_in_schema=False)
+    def unknown_job(kind: str) -> None:
+        raise HTTPException(404, f"no job kind '{kind}'; POST /api/jobs/update, /api/jobs/rebuild or /api/models/pull")
+
+    @job_api.get("/jobs")
     def list_jobs() -> list[dict[str, Any]]:
         """Jobs started since the gateway started."""
         return [j.to_dict() for j in jobs.jobs.values()]
 
-    @api.get("/jobs/{job_id}")
-    def get_job(job_id: str, log: bool = Query(False)) -> dict[str, Any]:
+    @job_api.get("/jobs/{job_id}")
+    def get_job(job: ExistingJob, log: bool = Query(False)) -> dict[str, Any]:
         """A job's state, its last progress line, and (?log=1) every line."""
-        job = jobs.jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job '{job_id}'")
         return job.to_dict(with_log=log)
 
-    @api.get("/jobs/{job_id}/events")
-    async def job_events(job_id: str) -> Any:
+    @job_api.get("/jobs/{job_id}/events")
+    async def job_events(job: ExistingJob) -> StreamingResponse:
         """The job's progress as server-sent events (one JSON event per change), until it ends."""
-        import asyncio
-
-        from fastapi.responses import StreamingResponse
-
-        job = jobs.jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job '{job_id}'")
-
-        async def events():
+        async def events() -> AsyncIterator[str]:
             last = None
             while True:
                 now = json.dumps(job.to_dict())
@@ -217,74 +292,49 @@ def register(app: FastAPI, gw: Any) -> None:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
-    @api.delete("/jobs/{job_id}", status_code=202)
-    def cancel_job(job_id: str) -> dict[str, Any]:
+    @job_api.delete("/jobs/{job_id}", status_code=202)
+    def cancel_job(job: ExistingJob) -> dict[str, Any]:
         """Cancel a job (a download stops at once and resumes on the next pull)."""
-        job = jobs.jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job '{job_id}'")
         job.cancel.set()
         return job.to_dict()
 
-    # -- models -------------------------------------------------------------------------------------------
-    @api.get("/models")
+    # -- models -------------------------------------------------------------------------------------------------
+    models = APIRouter(prefix="/api/models", tags=["models"])
+
+    @models.get("")
     def list_models() -> list[dict[str, Any]]:
         """Models in the store: files, size, source, revision, which servers use them."""
-        return hub.listing(stack().store, stack().cfg.servers)
+        return hub.listing(gw.stack.store, gw.stack.cfg.servers)
 
-    @api.get("/models/usage")
+    @models.get("/usage")
     def models_usage() -> dict[str, Any]:
         """Disk used by the model store, partial downloads, free space."""
-        return stack().store.usage()
+        return gw.stack.store.usage()
 
-    @api.post("/models/pull", status_code=202)
-    def pull_model(body: dict[str, Any]) -> dict[str, Any]:
+    @models.post("/pull", status_code=202)
+    def pull_model(body: PullJob) -> dict[str, Any]:
         """Download {ref, revision?, mmproj?} from Hugging Face as a job; follow /api/jobs/{id}/events."""
-        ref = body.get("ref")
-        if not isinstance(ref, str):
-            raise HTTPException(422, 'body needs "ref": "ORG/REPO[:QUANT]"')
-        try:
-            hub.parse_ref(ref)
-        except (hub.PullError, StoreError) as e:
-            raise HTTPException(422, str(e)) from None
-        st = stack()
+        st = gw.stack
 
-        def work(job):
+        def work(job: Job) -> Any:
             def progress(name: str, done: int, total: int) -> None:
                 job.progress[name] = {"done": done, "total": total}
 
-            return hub.pull(st.store, ref, revision=body.get("revision"), mmproj=body.get("mmproj", True),
-                            hf_token=hub.token(st.cfg.hub_token_file), hub=st.cfg.hub.endpoint, progress=progress,
-                            cancel=job.cancel, say=job.lines.append)
+            return hub.pull(st.store, body.ref, revision=body.revision, mmproj=body.mmproj,
+                            hf_token=gw.credentials.hub_token(st.cfg), hub=gw.credentials.hub_endpoint(st.cfg),
+                            progress=progress, cancel=job.cancel, say=job.lines.append)
 
-        try:
-            return jobs.start("pull", {"ref": ref}, work).to_dict()
-        except RuntimeError as e:
-            raise HTTPException(409, str(e)) from None
+        return run_job("pull", {"ref": body.ref}, work)
 
-    @api.delete("/models/{model_id:path}")
+    @models.delete("/{model_id:path}")
     def delete_model(model_id: str, force: bool = Query(False)) -> dict[str, Any]:
         """Remove a model; refused (409) while a running server uses it, unless ?force=1 (which stops them)."""
         try:
-            removed, stopped = stack().remove_model(model_id, force)
+            removed, stopped = gw.stack.remove_model(model_id, force)
+        except ModelNotFound as e:
+            raise HTTPException(404, str(e)) from None
         except StoreError as e:
-            raise HTTPException(404 if "no model" in str(e) else 409, str(e)) from None
+            raise HTTPException(409, str(e)) from None
         return {"removed": removed, "stopped": stopped}
 
-    # -- the whole stack ----------------------------------------------------------------------------------
-    @api.get("/status")
-    def status() -> dict[str, Any]:
-        """Every server's state and health, the supervisor's recent actions, the last update."""
-        st = stack()
-        return {"stack": st.name, "servers": st.status(), "supervisor": gw.supervisor.events[-20:],
-                "last_update": st.state.read().get("last_update")}
-
-    @api.post("/shutdown", status_code=202)
-    def shutdown() -> dict[str, Any]:
-        """Stop every server and then the gateway itself."""
-        def later() -> None:
-            stack().stop()  # in a container this stops the gateway's own container too
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Timer(0.2, later).start()
-        return {"stopping": [n for n in stack().containers()]}
+    return [servers, config, job_api, models]

@@ -1,6 +1,10 @@
-"""The gateway application: one ASGI app. llama-server routes take the raw proxy path (routes.py, proxy.py);
-everything the gateway answers itself — /health, /v1/models, /metrics, /help, /api — is FastAPI.
+"""The gateway application: one ASGI app. Every request passes the guard first (Host, Origin, keys, body
+limits); llama-server routes then take the raw proxy path (routes.py, proxy.py); everything the gateway
+answers itself — /health, /v1/models, /metrics, /help, /api — is FastAPI.
 
+The gateway follows its config: services.toml, the key files it names and the stack's credentials are looked
+at every round of the registry and of the supervisor, and a change is applied to routing, keys, limits,
+timeouts and supervision at once (an invalid file is reported and the running config kept).
 `podllama gateway` serves it in-process; the gateway container runs the same.
 """
 
@@ -10,61 +14,144 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException as FastAPIHTTPException
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, config
+from ..changes import version_of
+from ..credentials import Credentials
 from ..engine import get_engine
 from ..stack import Stack
 from ..supervisor import Supervisor
-from . import admin, help as helpdoc
-from .auth import Keys
+from . import admin
+from . import help as helpdoc
+from .auth import Keys, key_files
+from .errors import error_type
+from .guard import Access, Guard, access_of_own
+from .jobs import Jobs
 from .metrics import Metrics
-from .proxy import Proxy, error_body
+from .proxy import Proxy
 from .routes import ENDPOINTS, PASSTHROUGH, RouteTable
-from .upstreams import Registry
+from .server import Limits
+from .upstreams import Discover, Registry, engine_discovery
 
 log = logging.getLogger("podllama.gateway")
 
 
 class Gateway:
-    """The ASGI app. Holds the stack, the registry of servers, the proxy, the supervisor and the FastAPI app."""
+    """The ASGI app. Holds the stack, the registry of servers, the guard, the proxy, the supervisor and the
+    FastAPI app."""
 
-    def __init__(self, cfg: config.Config, supervise: bool = True, engine_name: str | None = None) -> None:
+    def __init__(self, cfg: config.Config, supervise: bool = True, engine_name: str | None = None,
+                 discover: Discover | None = None, bound: str | None = None) -> None:
+        """DISCOVER: where the servers' addresses come from (default: the engine's containers). BOUND: the
+        address the gateway listens on, when not [gateway] host."""
         engine = get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE") or cfg.stack.engine)
         self.stack = Stack(cfg, engine, progress=log.info, default_variant=os.environ.get("PODLLAMA_VARIANT"))
-        self.registry = Registry(self.stack)
+        self.credentials = Credentials(cfg.state_path)
+        for made in self.credentials.ensure():
+            log.info(made)
+        self.bound = bound
         self.keys = Keys.load(cfg)
+        self.guard = Guard(cfg.gateway, self.keys, bound)
+        self.limits = Limits()
+        self.limits.configure(cfg.gateway)
+        self.registry = Registry(cfg, discover or engine_discovery(self.stack))
         self.metrics = Metrics()
-        self.proxy = Proxy(self.registry, self.keys, self.metrics)
-        self.supervisor = Supervisor(self.stack)
+        self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
+        self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
         self.supervise = supervise
         self.table = RouteTable.build()
         self.started = int(time.time())
+        self.config_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._seen = self._stamp()
         self.api = self._fastapi()
 
+    # -- following the config -----------------------------------------------------------------------------
+    def _stamp(self) -> tuple[Any, ...]:
+        cfg = self.stack.cfg
+        files = [p for p in [cfg.source, *key_files(cfg)] if p is not None]
+        stats = []
+        for p in files:
+            try:
+                st = p.stat()
+                stats.append((str(p), st.st_mtime_ns, st.st_size))
+            except OSError:
+                stats.append((str(p), 0, 0))
+        return tuple(stats) + self.credentials.stamp()
+
+    def follow_config(self) -> bool:
+        """Reload when services.toml, a key file or a credential changed since last seen. True: reloaded."""
+        if self.stack.cfg.source is None or self._stamp() == self._seen:
+            return False
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Read services.toml (and keys) again and apply them; an invalid file is reported, the running config
+        kept. True when the new config is in use."""
+        with self._reload_lock:
+            self._seen = self._stamp()
+            source = self.stack.cfg.source
+            if source is None:
+                return False
+            try:
+                cfg = config.load(source)
+                keys = Keys.load(cfg)
+            except (config.ConfigError, ValueError) as e:
+                self.config_error = str(e)
+                log.error("services.toml changed but cannot be used; the running config stays: %s", e)
+                return False
+            self.config_error = None
+            self._adopt(cfg, keys)
+            log.info("config reloaded (version %s)", self.version())
+            return True
+
     def adopt(self, stack: Stack) -> None:
-        """After a config change: the new config everywhere (routing, supervision)."""
-        self.stack.cfg = stack.cfg
-        self.registry.configure(stack.cfg)
-        self.registry.refresh()
-        self.supervisor.refresh()
+        """After a change made through the API: its config everywhere."""
+        with self._reload_lock:
+            self._seen = self._stamp()
+            self._adopt(stack.cfg, Keys.load(stack.cfg))
+
+    def _adopt(self, cfg: config.Config, keys: Keys) -> None:
+        self.stack.cfg = cfg
+        self.keys = keys
+        self.guard.configure(cfg.gateway, keys, self.bound)
+        self.limits.configure(cfg.gateway)
+        self.registry.configure(cfg)
+        self.proxy.configure(cfg.gateway, self.credentials.server_key())
+        self.supervisor.configure(cfg.supervisor)
+        self._seen = self._stamp()
+
+    def version(self) -> str | None:
+        source = self.stack.cfg.source
+        return version_of(source.read_text()) if source is not None and source.exists() else None
 
     # -- ASGI ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            ep = self.table.match(scope["method"], path)
-            if ep is not None and ep.scope != "gateway" and not (ep.name == "metrics" and not _asks_server(scope)):
-                return await self.proxy.endpoint(scope, receive, send, ep)
-            if path.startswith(PASSTHROUGH):
-                return await self.proxy.passthrough(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.api(scope, receive, send)
+        path = scope["path"]
+        ep = self.table.match(scope["method"], path)
+        proxied = ep is not None and ep.scope != "gateway" and not (ep.name == "metrics" and not _asks_server(scope))
+        passthrough = not proxied and path.startswith(PASSTHROUGH)
+        access = Access.INFERENCE if proxied or passthrough else access_of_own(path)
+        checked = await self.guard(scope, receive, send, access, own=not (proxied or passthrough))
+        if checked is None:
+            return
+        receive, send = checked
+        if proxied:
+            assert ep is not None
+            return await self.proxy.endpoint(scope, receive, send, ep)
+        if passthrough:
+            return await self.proxy.passthrough(scope, receive, send)
         await self.api(scope, receive, send)
 
     # -- the routes the gateway answers -------------------------------------------------------------------
@@ -76,7 +163,7 @@ class Gateway:
             stop = asyncio.Event()
             await asyncio.to_thread(gw.registry.refresh)
             await gw.registry.probe_all()
-            poller = asyncio.create_task(gw.registry.run(stop))
+            poller = asyncio.create_task(gw.registry.run(stop, on_round=gw.follow_config))
             sup_stop = gw.supervisor.start_thread()[1] if gw.supervise else None
             if gw.keys.public_bind and not gw.keys.inference:
                 log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
@@ -94,19 +181,17 @@ class Gateway:
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-            kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error"}.get(exc.status_code, "server_error")
             message = str(exc.detail)
             if exc.status_code == 404 and message == "Not Found":
                 message = f"no endpoint {request.method} {request.url.path}; GET /help lists every endpoint"
-            return JSONResponse({"error": {"code": exc.status_code, "message": message, "type": kind}},
-                                status_code=exc.status_code)
-
-        from fastapi.exceptions import RequestValidationError
+            return JSONResponse({"error": {"code": exc.status_code, "message": message,
+                                           "type": error_type(exc.status_code)}},
+                                status_code=exc.status_code, headers=exc.headers)
 
         @app.exception_handler(RequestValidationError)
         async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-            return JSONResponse({"error": {"code": 422, "message": str(exc.errors()), "type": "invalid_request_error"}},
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+            return JSONResponse({"error": {"code": 422, "message": problems, "type": "invalid_request_error"}},
                                 status_code=422)
 
         @app.get("/health", summary="The gateway is up (public, no key)")
@@ -114,27 +199,22 @@ class Gateway:
         async def health() -> dict[str, str]:
             return {"status": "ok"}
 
-        def require_inference(request: Request) -> None:
-            if not gw.keys.inference_ok(request.scope["headers"]):
-                raise FastAPIHTTPException(401, "Invalid API Key")
-
         @app.get("/v1/models", summary="Every model of every server (OpenAI list shape)")
         @app.get("/models", include_in_schema=False)
-        async def models(request: Request) -> dict[str, Any]:
-            require_inference(request)
+        async def models() -> dict[str, Any]:
             data = []
             for name, server in gw.registry.servers.items():
                 caps = sorted({ep.capability for ep in ENDPOINTS if ep.scope == "model" and server.role in ep.roles})
                 data.append({
                     "id": server.alias or name, "object": "model", "created": gw.started, "owned_by": "podllama",
                     "server": name, "role": server.role, "model_file": server.model, "capabilities": caps,
-                    "status": gw.registry.state_of(name), "aliases": [a for a in (name, server.model) if a != (server.alias or name)],
+                    "status": gw.registry.state_of(name),
+                    "aliases": [a for a in (name, server.model) if a != (server.alias or name)],
                 })
             return {"object": "list", "data": data}
 
         @app.get("/metrics", summary="Gateway metrics (Prometheus); ?server=NAME for a server's own")
-        async def metrics(request: Request) -> PlainTextResponse:
-            require_inference(request)
+        async def metrics() -> PlainTextResponse:
             return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
         @app.get("/help", summary="Every endpoint: where it routes now and what it needs (JSON or HTML)")
@@ -150,9 +230,11 @@ class Gateway:
             for item in helpdoc.entries(app, gw.registry, gw.keys):
                 if wanted == item["path"] or wanted in item["aliases"]:
                     return item
-            raise FastAPIHTTPException(404, f"no endpoint {wanted}; GET /help lists them")
+            raise StarletteHTTPException(404, f"no endpoint {wanted}; GET /help lists them")
 
-        admin.register(app, gw)
+        app.state.gateway, app.state.jobs = gw, Jobs()
+        for router in admin.routers(gw, app.state.jobs):  # their routes as the app's own: /help, OpenAPI see them
+            app.router.routes.extend(router.routes)
         app.openapi = lambda: app.openapi_schema or _cache(app, helpdoc.openapi(app))  # type: ignore[method-assign]
         return app
 
@@ -167,8 +249,4 @@ def _asks_server(scope: dict[str, Any]) -> bool:
     return b"server=" in q or b"model=" in q
 
 
-def create_app(cfg: config.Config, supervise: bool = True) -> Gateway:
-    return Gateway(cfg, supervise=supervise)
-
-
-__all__ = ["Gateway", "create_app", "error_body"]
+__all__ = ["Gateway"]

@@ -1,8 +1,11 @@
-"""Gateway keys: inference keys for the llama-server routes, a separate admin key for /api.
+"""Gateway keys: inference keys for the llama-server routes, admin keys for /api.
 
-Keys come from the environment ($PODLLAMA_API_KEYS, comma-separated; $PODLLAMA_ADMIN_KEY) or from files named
-in [gateway] (one key per line, '#' comments). Credentials are read from `Authorization: Bearer <key>` or
-`X-Api-Key: <key>`, compared in constant time against every key, and never logged or returned.
+Inference keys come from $PODLLAMA_API_KEYS (comma-separated), [gateway] api_keys_file, and what
+`podllama start` was given (the stack's credentials, `api_keys`); without any, inference is open to whoever
+reaches the port. Admin keys come from $PODLLAMA_ADMIN_KEY, [gateway] admin_key_file and the stack's own
+`admin.key`, which always exists: the management API is never open. Credentials are read from
+`Authorization: Bearer <key>` or `X-Api-Key: <key>`, compared in constant time against every key, and never
+logged or returned.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..credentials import Credentials
 
 
 def _read_keys(path: str | None, base: Path) -> list[str]:
@@ -27,6 +31,12 @@ def _read_keys(path: str | None, base: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
+def key_files(cfg: Config) -> list[Path]:
+    """The key files the config names (watched for changes)."""
+    return [p if p.is_absolute() else cfg.root / p
+            for p in (Path(f) for f in (cfg.gateway.api_keys_file, cfg.gateway.admin_key_file) if f)]
+
+
 @dataclass
 class Keys:
     inference: list[bytes]
@@ -35,10 +45,12 @@ class Keys:
 
     @classmethod
     def load(cls, cfg: Config) -> Keys:
+        creds = Credentials(cfg.state_path)
         inference = [k for k in os.environ.get("PODLLAMA_API_KEYS", "").split(",") if k.strip()]
-        inference += _read_keys(cfg.gateway.api_keys_file, cfg.root)
+        inference += _read_keys(cfg.gateway.api_keys_file, cfg.root) + creds.inference_keys()
         admin = [os.environ["PODLLAMA_ADMIN_KEY"]] if os.environ.get("PODLLAMA_ADMIN_KEY") else []
         admin += _read_keys(cfg.gateway.admin_key_file, cfg.root)
+        admin += [k for k in [creds.admin_key()] if k]
         host = os.environ.get("PODLLAMA_PUBLISHED_HOST") or cfg.gateway.host
         return cls([k.strip().encode() for k in inference], [k.strip().encode() for k in admin], not _loopback(host))
 
@@ -62,14 +74,14 @@ class Keys:
         return ok
 
     def inference_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        return not self.inference or self._matches(self.credential(headers), self.inference)
+        """An inference key, or the admin key (an admin may do everything); open when no inference key is set."""
+        if not self.inference:
+            return True
+        given = self.credential(headers)
+        return self._matches(given, self.inference) | self._matches(given, self.admin)
 
     def admin_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Admin routes need the admin key; without one configured they are open on a loopback-only gateway
-        and closed on a published one."""
-        if not self.admin:
-            return not self.public_bind
-        return self._matches(self.credential(headers), self.admin)
+        return bool(self.admin) and self._matches(self.credential(headers), self.admin)
 
 
 def _loopback(host: str) -> bool:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from .auth import Keys
+from .guard import Access, access_of_own
 from .routes import ENDPOINTS, PASSTHROUGH, Endpoint
 from .upstreams import Registry
 
@@ -28,8 +29,7 @@ def _routes_to(ep: Endpoint, registry: Registry) -> str:
 
 
 def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]]:
-    inference = "inference key" if keys.inference else "no key (none configured)"
-    admin = "admin key" if keys.admin else ("no key (loopback only)" if not keys.public_bind else "admin key (none set: closed)")
+    inference = Access.INFERENCE.value if keys.inference else "no key (none configured)"
     out = []
     for ep in ENDPOINTS:
         out.append({
@@ -46,7 +46,7 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
     for route in app.routes:
         if not isinstance(route, APIRoute) or route.path in ("/health", "/v1/health", "/v1/models", "/models", "/metrics"):
             continue
-        methods = sorted(route.methods - {"HEAD"})
+        methods = sorted((route.methods or set()) - {"HEAD"})
         text = (route.description or route.summary or "").strip()
         purpose = f"{'/'.join(methods)}: {text.splitlines()[0] if text else route.name}"
         entry = own.get(route.path)
@@ -59,7 +59,7 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
             "name": route.name, "methods": methods, "path": route.path, "aliases": [], "purpose": purpose,
             "params": [p.name for p in route.dependant.query_params] + [p.name for p in route.dependant.path_params],
             "streams": False, "routes_to": "the gateway itself", "roles": [], "llama_server_flag": None,
-            "auth": admin if route.path.startswith("/api") else "public",
+            "auth": inference if access_of_own(route.path) is Access.INFERENCE else access_of_own(route.path).value,
         }
         out.append(own[route.path])
     return out

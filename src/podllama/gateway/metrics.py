@@ -65,7 +65,7 @@ class Metrics:
             for (e, s), h in sorted(hists.items()):
                 labels = f'endpoint="{e}",server="{s}"'
                 acc = 0
-                for bound, count in zip((*BUCKETS, float("inf")), h.counts):
+                for bound, count in zip((*BUCKETS, float("inf")), h.counts, strict=True):
                     acc += count
                     le = "+Inf" if bound == float("inf") else repr(bound)
                     out.append(f'{name}_bucket{{{labels},le="{le}"}} {acc}')

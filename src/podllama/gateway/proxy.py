@@ -1,74 +1,69 @@
 """The hot path: an llama-server request in, the right server chosen, bytes streamed both ways.
 
-A raw ASGI handler (no framework on this path): classify the path with the route table, check the key,
-choose the server (capability → roles, then the request's model, then the role's default; image/audio parts →
-a vision/audio server), pick the least busy healthy replica, forward, and stream the answer back chunk by
-chunk. A client that goes away closes the upstream connection at once, in every phase.
+A raw ASGI handler (no framework on this path), reached after the guard let the request in: classify the path
+with the route table, choose the server (capability → roles, then the request's model, then the role's
+default; image/audio parts → a vision/audio server), pick the least busy healthy replica, forward, and stream
+the answer back chunk by chunk. A client that goes away closes the upstream connection at once, in every phase.
+
+What goes upstream is rebuilt, never copied blindly: the target from the *decoded* path, re-encoded (a
+`%0D%0A` in a URL cannot become a line break in the request line), the query string as it came (checked),
+the client's headers minus hop-by-hop ones and the client's credentials, plus the stack's server key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
-from ..config import NAME_RE, PROJECTOR_ROLES
-from .auth import Keys
-from .client import Client, Response, UpstreamError
+from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
+from ..health import LOADING
+from . import body as bodies
+from .client import Client, ClientGone, ConnectFailed, Response, UpstreamError
+from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint
-from .upstreams import LOADING, Registry
+from .upstreams import Registry, Replica
 
 log = logging.getLogger("podllama.gateway")
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-              b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"}
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"x-api-key"}  # the gateway's credentials stay here
-RESPONSE_DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"}
-SMALL_BODY = 1 << 20  # bodies up to this size are read before forwarding (and sent with a content-length)
-MODEL_FIELD = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]*)\r\n')
-_MEDIA = {"image_url": "vision", "input_image": "vision", "image": "vision", "input_audio": "audio", "audio": "audio",
-          "input_video": "vision"}
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"x-api-key", b"origin"}  # the gateway's credentials stay here
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"trailer",
+                           b"upgrade", b"proxy-authenticate"})
+SMALL_BODY = bodies.EXACT_LIMIT  # bodies up to this size are read before forwarding (sent with a content-length)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in the decoded path (a space is fine there: it is re-encoded)
+_QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
+PATH_SAFE = "/:@!$&'()*+,;=~"
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
-    """The OpenAI (and llama-server) error shape."""
-    return json.dumps({"error": {"code": status, "message": message, "type": kind}}).encode()
+def target_of(path: str, query: bytes) -> bytes | None:
+    """The request target sent upstream: PATH (decoded) re-encoded, plus QUERY as it came. None when the path
+    holds control characters or the query anything but visible ASCII."""
+    if _CONTROL.search(path) or not _QUERY_OK.match(query):
+        return None
+    target = quote(path, safe=PATH_SAFE).encode()
+    return target + b"?" + query if query else target
 
 
-async def send_error(send: Any, status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = error_body(status, message, kind)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def media_role(body: dict[str, Any]) -> str | None:
-    """'vision' or 'audio' when a chat/responses/messages body carries image or audio parts."""
-    found = None
-    for message in body.get("messages") or (body.get("input") if isinstance(body.get("input"), list) else []) or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            role = _MEDIA.get(part.get("type")) if isinstance(part, dict) else None
-            if role == "audio":
-                return "audio"
-            found = found or role
-    return found
-
-
-def drive(coro: Any, resume: Any) -> bool:
+def drive(coro: Any, resume: Callable[[], object]) -> bool:
     """Run an ASGI send() to completion right now if it does not have to wait (it waits only when the client
     reads slower than the server writes); else finish it when it can, then call RESUME. True: done now."""
     try:
         future = coro.send(None)
     except StopIteration:
         return True
-    future.add_done_callback(lambda _: drive(coro, resume) and resume())
+    def later(_: object) -> None:
+        if drive(coro, resume):
+            resume()
+
+    future.add_done_callback(later)
     return False
 
 
@@ -85,94 +80,82 @@ class Flight:
 
 
 class Proxy:
-    def __init__(self, registry: Registry, keys: Keys, metrics: Metrics) -> None:
-        self.registry, self.keys, self.metrics = registry, keys, metrics
-        gw = registry.stack.cfg.gateway
-        self.client = Client(gw.connect_timeout, gw.first_byte_timeout, gw.idle_timeout)
+    def __init__(self, registry: Registry, metrics: Metrics, gateway: GatewaySection, server_key: str | None) -> None:
+        self.registry, self.metrics = registry, metrics
+        self.client = Client()
+        self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
+        self.configure(gateway, server_key)
+
+    def configure(self, gw: GatewaySection, server_key: str | None) -> None:
+        c = self.client
+        c.connect_timeout, c.first_byte_timeout, c.idle_timeout = gw.connect_timeout, gw.first_byte_timeout, gw.idle_timeout
+        c.queue_timeout = gw.queue_timeout
         self.max_body = int(gw.max_body_mb * 2**20)
         self.load_timeout = gw.load_timeout
-        self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
+        self.body_timeout = gw.body_timeout
+        self.upstream_auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
 
     # -- entry points -------------------------------------------------------------------------------------
-    async def endpoint(self, scope: dict[str, Any], receive: Any, send: Any, ep: Endpoint) -> None:
+    async def endpoint(self, scope: dict[str, Any], receive: Receive, send: Send, ep: Endpoint) -> None:
         """A route of the table."""
-        if not self.keys.inference_ok(scope["headers"]):
-            return await send_error(send, 401, "Invalid API Key", "authentication_error")
+        target = target_of(scope["path"], scope["query_string"])
+        if target is None:
+            return await send_error(send, 400, "the request path or query holds control characters or spaces")
         query = parse_qs(scope["query_string"].decode("latin-1")) if scope["query_string"] else {}
         body, streamed = b"", True
         if ep.scope == "server":
-            server, why = self._server_scoped(ep, query, scope)
+            server, why = self._server_scoped(ep, query)
         else:
-            model = (query.get("model") or [None])[0]
+            model = next(iter(query.get("model", [])), None)
             media = None
             if scope["method"] == "POST" and ep.body_model and model is None and (
                     self._small_body(scope) or len(self.registry.servers_with_role(ep.roles)) > 1):
-                # read it (it is small): the model it names decides, and a model of another role is refused
-                body = await self._read_body(scope, receive, send)
-                if body is None:
+                # read it: the model it names decides, and a model of another role is refused
+                data = await self._read_body(receive, send)
+                if data is None:
                     return
-                streamed = False
+                body, streamed = data, False
                 if b'"model"' in body or b'name="model"' in body or (
                         ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
-                    model, media = self._inspect(scope, body, ep)
+                    ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+                    model, media = bodies.inspect(ctype, body, ep.multimodal)
             server, why = self._choose(ep, model, media)
         if server is None:
-            return await send_error(send, why[0], why[1], why[2])
-        await self.forward(scope, receive, send, server, ep.name, scope["raw_path"] or scope["path"].encode(),
-                           body, streamed)
+            return await send_error(send, why[0], why[1], why[2] or None)
+        await self.forward(scope, receive, send, server, ep.name, target, body, streamed)
 
-    async def passthrough(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def passthrough(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """/servers/{name}/{path}: anything, to one server."""
-        if not self.keys.inference_ok(scope["headers"]):
-            return await send_error(send, 401, "Invalid API Key", "authentication_error")
         rest = scope["path"][len("/servers/"):]
         name, _, path = rest.partition("/")
         segments = path.split("/")
-        if not NAME_RE.match(name) or ".." in segments or "." in segments or "\x00" in path or "\\" in path:
-            return await send_error(send, 400, f"'{scope['path']}' is not /servers/NAME/PATH with a plain server name "
-                                    "and path", "invalid_request_error")
+        target = target_of("/" + path, scope["query_string"])
+        if not NAME_RE.match(name) or ".." in segments or "." in segments or "\\" in path or target is None:
+            return await send_error(send, 400, "the path is not /servers/NAME/PATH with a plain server name and path "
+                                               "(no '..', control characters or spaces)")
         if name not in self.registry.servers:
-            return await send_error(send, 404, f"no server named '{name}'; servers: "
-                                    f"{', '.join(self.registry.servers)}", "not_found_error")
-        target = ("/" + path).encode()
-        if scope["query_string"]:
-            target += b"?" + scope["query_string"]
+            return await send_error(send, 404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}")
         await self.forward(scope, receive, send, name, "passthrough", target, b"", True)
 
     # -- choosing a server --------------------------------------------------------------------------------
-    def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]], scope: dict[str, Any]
-                       ) -> tuple[str | None, tuple[int, str, str]]:
+    def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]]) -> tuple[str | None, tuple[int, str, str]]:
         if ep.name == "stream.follow" and query.get("conv_id"):
             known = self.conversations.get(query["conv_id"][0])
             if known:
                 return known, (0, "", "")
-        name = (query.get("server") or [None])[0]
+        name = next(iter(query.get("server", [])), None)
         if name is not None:
             if name in self.registry.servers:
                 return name, (0, "", "")
-            return None, (404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}", "not_found_error")
-        model = (query.get("model") or [None])[0]
+            return None, (404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}", "")
+        model = next(iter(query.get("model", [])), None)
         if model is not None:
             server = self.registry.server_for_model(model)
             if server is None:
-                return None, (404, f"model '{model}' not found; GET /v1/models lists them", "not_found_error")
+                return None, (404, f"model '{model}' not found; GET /v1/models lists them", "")
             return server, (0, "", "")
         server = self.registry.default(CAPABILITY_ROLES["server"])
-        return server, (503, "no servers are configured", "unavailable_error")
-
-    def _inspect(self, scope: dict[str, Any], body: bytes, ep: Endpoint) -> tuple[str | None, str | None]:
-        ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-        if ctype.startswith(b"multipart/form-data"):
-            m = MODEL_FIELD.search(body)
-            return (m.group(1).decode(errors="replace") if m else None), None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return None, None  # llama-server will say what is wrong with it
-        if not isinstance(data, dict):
-            return None, None
-        model = data.get("model") if isinstance(data.get("model"), str) else None
-        return model, media_role(data) if ep.multimodal else None
+        return server, (503, "no servers are configured", "")
 
     def _choose(self, ep: Endpoint, model: str | None, media: str | None) -> tuple[str | None, tuple[int, str, str]]:
         reg = self.registry
@@ -187,7 +170,7 @@ class Proxy:
                     return server, (0, "", "")
                 serves = sorted({p for e in ENDPOINTS if role in e.roles and e.scope == "model" for p in e.paths[:1]})
                 return None, (400, f"model '{model}' is served by server '{server}' (role {role}), which cannot "
-                              f"answer {ep.paths[0]}; it serves {', '.join(serves)}", "invalid_request_error")
+                              f"answer {ep.paths[0]}; it serves {', '.join(serves)}", "")
         server = reg.default(roles)
         if server is None:
             needed = " or ".join(f"'{r}'" for r in roles)
@@ -196,85 +179,66 @@ class Proxy:
         return server, (0, "", "")
 
     # -- request body -------------------------------------------------------------------------------------
-    def _small_body(self, scope: dict[str, Any]) -> bool:
+    @staticmethod
+    def _small_body(scope: dict[str, Any]) -> bool:
         """A body small enough to read before choosing (JSON requests); big uploads stream through unread,
         unless several servers could take them and only the body can tell which."""
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        return length is not None and int(length) <= SMALL_BODY
-    async def _read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> bytes | None:
-        parts, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await send_error(send, 413, f"request body over {self.max_body >> 20} MiB ([gateway] max_body_mb)",
-                                 "invalid_request_error")
-                return None
-            parts.append(chunk)
-            if not msg.get("more_body"):
-                return b"".join(parts)
+        return length is not None and length.isdigit() and int(length) <= SMALL_BODY
 
-    async def _body_stream(self, receive: Any, flight: Flight):
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                flight.disconnected = True
-                raise UpstreamError("the client went away while sending", "body")
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise UpstreamError("request body too large", "too_large")
-            yield chunk
-            if not msg.get("more_body"):
-                return
+    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None when the client left or an error was answered (too large, too slow)."""
+        try:
+            return await bodies.read_all(receive, self.max_body, self.body_timeout)
+        except UpstreamError as e:
+            if e.status != 499:
+                await send_error(send, e.status, str(e))
+            return None
 
     # -- forwarding ---------------------------------------------------------------------------------------
-    async def forward(self, scope: dict[str, Any], receive: Any, send: Any, server: str, endpoint: str,
+    def _upstream_headers(self, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+        headers = scope["headers"]
+        named = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
+        drop = NOT_FORWARDED | named if named else NOT_FORWARDED
+        out = [(k, v) for k, v in headers if k not in drop]
+        client = scope.get("client")
+        if client:
+            out.append((b"x-forwarded-for", client[0].encode()))
+        return out + self.upstream_auth
+
+    async def forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
                       target: bytes, body: bytes, streamed: bool) -> None:
         started = time.perf_counter()
         flight = Flight()
-        headers = [(k, v) for k, v in scope["headers"] if k not in NOT_FORWARDED]
         if streamed:
             length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
             if length is None and not chunked:
                 streamed = False  # no body (GET, DELETE …)
-            elif length is not None and int(length) > self.max_body:
-                return await send_error(send, 413, f"request body over {self.max_body >> 20} MiB "
-                                        "([gateway] max_body_mb)", "invalid_request_error")
+            elif length is not None and (not length.isdigit() or int(length) > self.max_body):
+                return await send_error(send, 413, bodies.too_large(self.max_body, "[gateway] max_body_mb"))
             elif length is not None and int(length) <= SMALL_BODY:  # small: read now, forward with a content-length
-                data = await self._read_body(scope, receive, send)
+                data = await self._read_body(receive, send)
                 if data is None:
                     return
                 body, streamed = data, False
-        watcher: asyncio.Task[None] | None = None
-        replica = self.registry.pick(server)
-        if replica is None and self.registry.state_of(server) != LOADING:
-            await self.registry.refresh_soon()
-            replica = self.registry.pick(server)
+        replica = await self._replica(server, None if streamed else receive, flight)
         if replica is None:
-            replica = await self._wait_for(server, None if streamed else receive, flight)
-            if replica is None:
-                if flight.disconnected:
-                    return
-                state = self.registry.state_of(server)
-                self.metrics.error(endpoint, server, "unavailable")
-                return await send_error(send, 503, f"server '{server}' is {'still loading' if state == LOADING else 'not running'}"
-                                        f"; try again shortly (`podllama status` tells more)", "unavailable_error",
-                                        [(b"retry-after", b"5" if state == LOADING else b"10")])
+            if flight.disconnected:
+                return
+            loading = self.registry.state_of(server) == LOADING
+            self.metrics.error(endpoint, server, "unavailable")
+            return await send_error(send, 503, f"server '{server}' is {'still loading' if loading else 'not running'}; "
+                                    "try again shortly (`podllama status` tells more)", None,
+                                    [(b"retry-after", b"5" if loading else b"10")])
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv:
             self._remember(conv.decode(errors="replace"), server)
-        client = scope.get("client")
-        if client:
-            headers.append((b"x-forwarded-for", client[0].encode()))
+        headers = self._upstream_headers(scope)
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         status, ttfb = 502, None
+        watcher: asyncio.Task[None] | None = None
         try:
             if not streamed:
                 watcher = asyncio.ensure_future(self._watch(receive, flight))
@@ -283,7 +247,7 @@ class Proxy:
                 try:
                     response = await self.client.request(
                         replica.host, replica.port, scope["method"], target, headers, body,
-                        self._body_stream(receive, flight) if streamed else None,
+                        self._upload(receive, flight) if streamed else None,
                         on_start=lambda r: setattr(flight, "response", r), limit=self.registry.http_threads(server))
                     break
                 except asyncio.CancelledError:
@@ -292,10 +256,10 @@ class Proxy:
                         return
                     raise
                 except UpstreamError as e:
-                    if flight.disconnected:
+                    if flight.disconnected or isinstance(e, ClientGone):
                         status = 499
                         return
-                    if e.phase == "connect":
+                    if isinstance(e, ConnectFailed):
                         self.registry.mark_down(replica)
                         other = self.registry.pick(server)
                         if attempt == 1 and other is not None and not streamed:
@@ -304,17 +268,17 @@ class Proxy:
                             continue
                     if watcher is None:
                         watcher = asyncio.ensure_future(self._watch(receive, flight))
-                    status = {"connect": 503, "too_large": 413}.get(e.phase) or (
-                        504 if "timed out" in str(e) or "no data" in str(e) else 502)
-                    self.metrics.error(endpoint, server, e.phase)
-                    return await send_error(send, status, f"server '{server}' ({replica.container}): {e}",
-                                            "unavailable_error" if status == 503 else "server_error",
+                    status = e.status
+                    self.metrics.error(endpoint, server, e.kind)
+                    log.warning("%s (%s): %s", server, replica.container, e)
+                    return await send_error(send, status, f"server '{server}': {e}", None,
                                             [(b"retry-after", b"5")] if status == 503 else [])
             if watcher is None:
                 watcher = asyncio.ensure_future(self._watch(receive, flight))
             status = response.status
             ttfb = time.perf_counter() - started
-            out_headers = [(k, v) for k, v in response.headers if k not in RESPONSE_DROP]
+            out_headers = [(k, v) for k, v in response.headers
+                           if k not in RESPONSE_DROP and not k.startswith(b"access-control-")]
             out_headers.append((b"x-podllama-server", server.encode()))
             is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in response.headers)
             if is_sse and not any(k == b"x-accel-buffering" for k, _ in out_headers):
@@ -348,24 +312,23 @@ class Proxy:
                 watcher.cancel()
             self.metrics.done(endpoint, server, status, time.perf_counter() - started, ttfb)
 
-    async def _watch(self, receive: Any, flight: Flight) -> None:
-        """Waits for the client to go away; then closes the upstream connection (llama-server stops)."""
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                break
-        if not flight.finished:
+    async def _upload(self, receive: Receive, flight: Flight) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in bodies.pieces(receive, self.max_body, self.body_timeout):
+                yield chunk
+        except ClientGone:
             flight.disconnected = True
-            if flight.response is not None:
-                flight.response.close()  # llama-server sees the connection go and stops
-            elif flight.task is not None:
-                flight.task.cancel()  # still queued for a connection: stop waiting
+            raise
 
-    async def _wait_for(self, server: str, receive: Any, flight: Flight):
-        """A healthy replica, waiting up to load_timeout while the server loads; gives up when the client goes
-        (watched through RECEIVE, when the request body has been read already)."""
-        if self.registry.state_of(server) != LOADING or not self.load_timeout:
-            return None
+    async def _replica(self, server: str, receive: Receive | None, flight: Flight) -> Replica | None:
+        """A healthy replica of SERVER; while it loads, waited for up to load_timeout (and given up when the
+        client goes, watched through RECEIVE where the body has been read already)."""
+        replica = self.registry.pick(server)
+        if replica is None and self.registry.state_of(server) != LOADING:
+            await self.registry.refresh_soon()
+            replica = self.registry.pick(server)
+        if replica is not None or self.registry.state_of(server) != LOADING or not self.load_timeout:
+            return replica
         if receive is None:
             return await self.registry.wait_ready(server, self.load_timeout)
         waiting = asyncio.ensure_future(self.registry.wait_ready(server, self.load_timeout))
@@ -378,6 +341,19 @@ class Proxy:
             waiting.cancel()
             return None
         return waiting.result()
+
+    async def _watch(self, receive: Receive, flight: Flight) -> None:
+        """Waits for the client to go away; then closes the upstream connection (llama-server stops)."""
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+        if not flight.finished:
+            flight.disconnected = True
+            if flight.response is not None:
+                flight.response.close()  # llama-server sees the connection go and stops
+            elif flight.task is not None:
+                flight.task.cancel()  # still queued for a connection: stop waiting
 
     def _remember(self, conv: str, server: str) -> None:
         self.conversations[conv] = server

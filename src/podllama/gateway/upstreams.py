@@ -1,6 +1,6 @@
 """Where requests can go: the stack's servers, their replicas' addresses and health, and which server a model
-name means. Addresses come from the engine (refreshed in a thread); health from /health probes on the event
-loop. Replicas are picked by fewest requests in flight, among healthy ones."""
+name means. Addresses come from a discovery function (the engine's containers, in a thread); health from
+/health probes on the event loop. Replicas are picked by fewest requests in flight, among healthy ones."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Config, ServerSection
 from ..engine import EngineError
-from .client import Client, UpstreamError
 from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
+from .client import Client, UpstreamError
 
 log = logging.getLogger("podllama.gateway")
 
@@ -35,15 +36,42 @@ class Replica:
         return f"http://{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Target:
+    """One running replica of a server, as discovery sees it."""
+
+    server: str
+    container: str
+    host: str
+    port: int = SERVER_PORT
+
+
+Discover = Callable[[], list[Target] | None]  # None: could not look (the engine did not answer)
+
+
+def engine_discovery(stack: Stack) -> Discover:
+    """The running server containers of STACK and their addresses, from the engine."""
+    def discover() -> list[Target] | None:
+        try:
+            infos = stack.engine.list({"podllama.stack": stack.name, L_KIND: "server"})
+        except EngineError as e:
+            log.warning("cannot list the stack's containers: %s", e)
+            return None
+        ordered = sorted(infos, key=lambda i: (i.labels.get(L_SERVER, ""), int(i.labels.get(L_REPLICA, "0") or 0)))
+        return [Target(i.labels[L_SERVER], i.name, i.ip) for i in ordered
+                if i.labels.get(L_SERVER) and i.running and i.ip]
+    return discover
+
+
 class Registry:
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
+    def __init__(self, cfg: Config, discover: Discover) -> None:
+        self.discover = discover
         self.replicas: dict[str, list[Replica]] = {}
         self.names: dict[str, str] = {}
         self._lock = threading.Lock()
         self.refreshed = 0.0
-        self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2)
-        self.configure(stack.cfg)
+        self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
+        self.configure(cfg)
 
     # -- configuration ------------------------------------------------------------------------------------
     def configure(self, cfg: Config) -> None:
@@ -54,12 +82,13 @@ class Registry:
                         server.model.rsplit("/", 1)[-1].removesuffix(".gguf")):
                 if key:
                     names.setdefault(key, name)
-        self.stack.cfg = cfg
+        self.cfg = cfg
         self.names = names
+        self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.servers}
 
     @property
     def servers(self) -> dict[str, ServerSection]:
-        return self.stack.cfg.servers
+        return self.cfg.servers
 
     def server_for_model(self, model: str) -> str | None:
         return self.names.get(model)
@@ -67,11 +96,11 @@ class Registry:
     def default(self, roles: tuple[str, ...]) -> str | None:
         """The server a request without a (known) model goes to: the configured default of the first role that
         has servers, else that role's first server in the config."""
-        defaults = self.stack.cfg.gateway.defaults
+        defaults = self.cfg.gateway.defaults
         for role in roles:
-            chosen = defaults.get(role)
+            chosen = defaults.get(role)  # type: ignore[call-overload]
             if chosen and chosen in self.servers:
-                return chosen
+                return str(chosen)
             for name, server in self.servers.items():
                 if server.role == role:
                     return name
@@ -80,9 +109,10 @@ class Registry:
     def http_threads(self, server: str) -> int:
         """How many connections the server's llama-server serves at once (its HTTP threads): --threads-http,
         else llama-server's own default, max(n_parallel + 4, CPUs - 1), with n_parallel -1 meaning 4."""
-        args = self.servers[server].args
-        if isinstance(args.get("threads_http"), int) and args["threads_http"] > 0:
-            return args["threads_http"]
+        args = self.servers[server].args if server in self.servers else {}
+        threads = args.get("threads_http")
+        if isinstance(threads, int) and threads > 0:
+            return threads
         parallel = next((v for k, v in args.items() if k in ("parallel", "np") and isinstance(v, int)), -1)
         return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
 
@@ -91,31 +121,28 @@ class Registry:
 
     # -- addresses ----------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Read the servers' containers and addresses from the engine (blocking: run it in a thread)."""
-        try:
-            infos = self.stack.engine.list({"podllama.stack": self.stack.name, L_KIND: "server"})
-        except EngineError as e:
-            log.warning("cannot list the stack's containers: %s", e)
+        """Look up the servers' replicas and addresses (blocking: run it in a thread)."""
+        found = self.discover()
+        if found is None:
             return
         with self._lock:
             old = {r.container: r for rs in self.replicas.values() for r in rs}
             fresh: dict[str, list[Replica]] = {}
-            for info in sorted(infos, key=lambda i: (i.labels.get(L_SERVER, ""), int(i.labels.get(L_REPLICA, "0") or 0))):
-                server = info.labels.get(L_SERVER)
-                if server not in self.servers or not info.running or not info.ip:
+            for t in found:
+                if t.server not in self.servers:
                     continue
-                prev = old.get(info.name)
-                if prev is not None and prev.host == info.ip:
-                    fresh.setdefault(server, []).append(prev)
+                prev = old.get(t.container)
+                if prev is not None and prev.host == t.host and prev.port == t.port:
+                    fresh.setdefault(t.server, []).append(prev)
                 else:  # new, or back at another address: one look at its health before it takes requests
-                    replica = Replica(server, info.name, info.ip)
+                    replica = Replica(t.server, t.container, t.host, t.port)
                     replica.state = probe(replica.url, timeout=1)
-                    fresh.setdefault(server, []).append(replica)
+                    fresh.setdefault(t.server, []).append(replica)
             self.replicas = fresh
             self.refreshed = time.monotonic()
 
     async def refresh_soon(self, at_most_every: float = 1.0) -> None:
-        """Look at the engine again now (a server seems gone: the supervisor may have restarted it elsewhere)."""
+        """Look again now (a server seems gone: the supervisor may have restarted it elsewhere)."""
         if time.monotonic() - self.refreshed >= at_most_every:
             await asyncio.to_thread(self.refresh)
 
@@ -152,12 +179,14 @@ class Registry:
             r.state, r.changed = state, time.monotonic()
 
     async def run(self, stop: asyncio.Event, every: float = 2.0, refresh_busy: float = 2.0,
-                  refresh_idle: float = 30.0) -> None:
-        """Keep addresses and health current until STOP is set. Health is a cheap HTTP probe every second;
-        the engine (costly: it runs the engine's client) is asked for addresses every 30 s while everything is
-        healthy, and every 2 s while some server is missing, loading or down."""
+                  refresh_idle: float = 30.0, on_round: Callable[[], object] | None = None) -> None:
+        """Keep addresses and health current until STOP is set. Health is a cheap HTTP probe every round;
+        discovery (costly with an engine: it runs the engine's client) every 30 s while everything is healthy,
+        and every 2 s while some server is missing, loading or down. ON_ROUND runs first in every round."""
         last_refresh = time.monotonic()
         while not stop.is_set():
+            if on_round is not None:
+                on_round()
             healthy = all(r.state == OK for rs in self.replicas.values() for r in rs) and \
                 set(self.replicas) >= set(self.servers)
             if time.monotonic() - last_refresh >= (refresh_idle if healthy else refresh_busy):

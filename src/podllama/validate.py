@@ -1,0 +1,126 @@
+"""Values that end up on a program's command line (git, podman, docker, llama-server), checked by type and
+pattern before they get there. Every check refuses a leading '-' (it would be read as an option), control
+characters and NUL; each raises ValueError naming the value and what it may look like.
+
+Callers still pass `--` where the program supports it: these checks are the first wall, not the only one.
+"""
+
+from __future__ import annotations
+
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NUMBER = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+
+# git: commit ids, tags and branches (a subset of what `git check-ref-format` allows), and HEAD
+_GIT_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
+# git remotes: a URL of a transport that runs no local program, scp-like ssh, or a local path
+_GIT_URL = re.compile(r"^(https?|ssh|git|file)://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+$")
+_GIT_SCP = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[A-Za-z0-9._~/-]+$")
+_LOCAL_PATH = re.compile(r"^(/|\./|\.\./)[^\x00-\x1f\x7f]*$")
+
+# container images: [registry[:port]/]path[:tag][@sha256:digest], as the OCI distribution spec spells them
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REGISTRY = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?/)?"
+_IMAGE_NAME = re.compile(rf"^{_REGISTRY}{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
+_IMAGE = re.compile(rf"^{_REGISTRY}{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+
+_DEVICE = re.compile(r"^(?:/dev/[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*|[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})$")
+_CUDA_ARCH = re.compile(r"^[0-9]{2,3}[a-z]?(?:-real|-virtual)?$")
+_ROCM_TARGET = re.compile(r"^gfx[0-9a-f]{3,5}(?::[a-z]+[+-])*$")
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
+
+
+def _plain(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} {value!r} holds control characters")
+    if value.startswith("-"):
+        raise ValueError(f"{what} {value!r} starts with '-', which a program would read as an option")
+    return value
+
+
+def git_ref(ref: str) -> str:
+    """A commit id, tag, branch or HEAD."""
+    _plain(ref, "git ref")
+    if not _GIT_REF.match(ref) or ".." in ref or "@{" in ref or ref.endswith((".lock", "/", ".")) or "//" in ref:
+        raise ValueError(f"git ref {ref!r} is not a commit id, tag or branch name (letters, digits, '.', '_', "
+                         "'/', '+', '-'; no '..')")
+    return ref
+
+
+def git_remote(remote: str) -> str:
+    """A remote to fetch from: an http(s)/ssh/git/file URL, user@host:path, or a local path (/… or ./…)."""
+    _plain(remote, "git remote")
+    if "::" in remote.split("://", 1)[0]:
+        raise ValueError(f"git remote {remote!r} names a transport helper; give a URL or a path")
+    if _GIT_URL.match(remote) or _GIT_SCP.match(remote) or _LOCAL_PATH.match(remote):
+        return remote
+    raise ValueError(f"git remote {remote!r} is not an https://, http://, ssh://, git:// or file:// URL, "
+                     "user@host:path, or a path starting with / or ./")
+
+
+def image(ref: str) -> str:
+    """An image reference: [registry/]name[:tag][@sha256:…]."""
+    _plain(ref, "image")
+    if not _IMAGE.match(ref):
+        raise ValueError(f"image {ref!r} is not an image reference such as docker.io/library/debian:bookworm-slim")
+    return ref
+
+
+def image_name(ref: str) -> str:
+    """An image repository without a tag: [registry/]name."""
+    _plain(ref, "image repository")
+    if not _IMAGE_NAME.match(ref):
+        raise ValueError(f"image repository {ref!r} is not a name such as podllama/llama-server (no tag)")
+    return ref
+
+
+def device(dev: str) -> str:
+    """A GPU id: an index, a UUID, or a /dev path."""
+    _plain(dev, "device")
+    if not _DEVICE.match(dev) or ".." in dev:
+        raise ValueError(f"device {dev!r} is not a GPU index, id or /dev path")
+    return dev
+
+
+def cuda_architecture(arch: str) -> str:
+    _plain(arch, "CUDA architecture")
+    if not _CUDA_ARCH.match(arch):
+        raise ValueError(f"CUDA architecture {arch!r} is not like 86, 90a or 120-real")
+    return arch
+
+
+def rocm_target(target: str) -> str:
+    _plain(target, "ROCm target")
+    if not _ROCM_TARGET.match(target):
+        raise ValueError(f"ROCm target {target!r} is not like gfx1100 or gfx90a:xnack-")
+    return target
+
+
+def revision(rev: str) -> str:
+    """A Hugging Face revision: branch, tag or commit."""
+    _plain(rev, "revision")
+    if not _REVISION.match(rev) or ".." in rev:
+        raise ValueError(f"revision {rev!r} is not a branch, tag or commit id")
+    return rev
+
+
+def arg_value(value: object, what: str) -> object:
+    """A value for a llama-server flag: numbers (negative ones too) as they are; strings without NUL and not
+    starting with '-' (newlines are fine: a chat template may hold them)."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        return value
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL byte")
+    if value.startswith("-") and not _NUMBER.match(value):
+        raise ValueError(f"{what} = {value!r} starts with '-', which llama-server would read as another flag")
+    return value
+
+
+def text(value: str, what: str) -> str:
+    """A name that becomes one command-line argument (an alias, a file name): no control characters, no
+    leading '-'."""
+    return _plain(value, what)
