@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""Gateway vs direct, side by side in one run, on this machine.
+"""Gateway vs direct, and the gateway's upstream client vs aiohttp's, side by side in one run on this machine.
 
-Starts a stack (one chat server: the tiny test model, -c 4096 --parallel 4, on the CPU image) with its gateway
-container, then measures, interleaved round by round:
-  small   POST /tokenize (non-streaming, mostly overhead) at concurrency 1, 16, 64: requests/s, latency
-  stream  streaming chat completions, max_tokens 64, at 1, 16, 64 concurrent streams: tokens/s
-"direct" talks to the llama-server container's address, "gateway" to the gateway's published port. The load
-generator (aiohttp, a new connection per request, as in the peer measurements) runs in this process.
-Writes bench/RESULTS.md.
+Part 1 — on a real llama-server (one chat server: the tiny test model, -c 4096 --parallel 4, CPU image), four
+targets measured interleaved, round by round:
+  direct   the llama-server container's address (with the stack's server key, as the gateway sends it)
+  gateway  the gateway container, as `podllama start` runs it
+  own      a gateway process with podllama's upstream client
+  aiohttp  the same gateway process with aiohttp's client behind the same interface
+Workloads, as in the peer measurements (docs in bench/RESULTS.md): small = a non-streamed chat completion
+with max_tokens 1 (mostly overhead) at concurrency 1 and 16; stream = streaming chat completions, max_tokens
+64, at 1, 16 and 64 streams; a new connection per request.
 
-Usage: bench/gateway.py [--seconds 6] [--rounds 2] [--keep] [--config services.toml-of-a-running-stack]
+Part 2 — what the gateway itself costs: `own` and `aiohttp` in front of a fast fake upstream
+(bench/fakeupstream.py), CPU seconds of the gateway process per request (keep-alive clients, concurrency 16)
+and per streamed token (16 streams of 200 events).
+
+Writes bench/RESULTS.md and bench/results.json.
+
+Usage: bench/gateway.py [--seconds 5] [--rounds 3] [--base local]
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from podllama import config as cfgmod  # noqa: E402
-from podllama import source, tinymodel
+from podllama import source, tinymodel  # noqa: E402
+from podllama.credentials import Credentials  # noqa: E402
 from podllama.engine import get_engine  # noqa: E402
 
 CHAT = {"messages": [{"role": "user", "content": "Write a long story about a gateway."}], "max_tokens": 64,
         "stream": True, "temperature": 1.0}
-TOKENIZE = {"content": "Hello, gateway! How fast are you today?"}
+SMALL = {"messages": [{"role": "user", "content": "Hello, gateway! How fast are you today?"}], "max_tokens": 1}
+CELLS = [("small", 1), ("small", 16), ("stream", 1), ("stream", 16), ("stream", 64)]
+TARGETS = {("small", 1): 0.95, ("small", 16): 0.95, ("stream", 1): 0.95, ("stream", 16): 1.0, ("stream", 64): 1.0}
+PORTS = {"gateway": 18900, "own": 18911, "aiohttp": 18912, "fake": 18920, "own-fake": 18921, "aiohttp-fake": 18922}
 
 
 def podllama(*args: str, cfg: Path) -> str:
@@ -50,7 +62,6 @@ def make_stack(workdir: Path, base: str) -> Path:
     models.mkdir(parents=True)
     models.chmod(0o755)
     tinymodel.ensure(models / "tiny.gguf", source.source_dir(ROOT))
-    port = 18900
     cfg = workdir / "services.toml"
     cfg.write_text(f"""
 [stack]
@@ -62,7 +73,7 @@ base = "{base}"
 cpu_target = "native"
 ui = "off"
 [gateway]
-port = {port}
+port = {PORTS["gateway"]}
 [servers.chat]
 role = "chat"
 model = "tiny.gguf"
@@ -72,17 +83,41 @@ args = {{ parallel = 4 }}
     return cfg
 
 
-async def small(url: str, conc: int, seconds: float) -> dict:
+def spawn(*argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def gateway_proc(cfg: Path, port: int, client: str, upstream: str | None = None) -> subprocess.Popen[bytes]:
+    return spawn("bench/gatewayproc.py", "--config", str(cfg), "--port", str(port), "--client", client,
+                 *(["--upstream", upstream] if upstream else []))
+
+
+def wait_up(url: str, timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+# -- load ---------------------------------------------------------------------------------------------------------
+async def small(url: str, headers: dict[str, str], conc: int, seconds: float) -> dict[str, float]:
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
     async def worker() -> None:
         while time.monotonic() < stop:
             t0 = time.perf_counter()
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                async with s.post(f"{url}/tokenize", json=TOKENIZE) as r:
-                    await r.read()
-                    assert r.status == 200, (r.status, await r.text())
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+                    s.post(f"{url}/v1/chat/completions", json=SMALL, headers=headers) as r:
+                await r.read()
+                assert r.status == 200, (r.status, await r.text())
             lat.append(time.perf_counter() - t0)
 
     t0 = time.monotonic()
@@ -93,7 +128,8 @@ async def small(url: str, conc: int, seconds: float) -> dict:
             "n": len(lat)}
 
 
-async def stream(url: str, conc: int, seconds: float) -> dict:
+async def stream(url: str, headers: dict[str, str], conc: int, seconds: float, body: dict | None = None
+                 ) -> dict[str, float]:
     tokens = 0
     ttft: list[float] = []
     stop = time.monotonic() + seconds
@@ -103,15 +139,15 @@ async def stream(url: str, conc: int, seconds: float) -> dict:
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             first = True
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                async with s.post(f"{url}/v1/chat/completions", json=CHAT) as r:
-                    assert r.status == 200, (r.status, await r.text())
-                    async for line in r.content:
-                        if line.startswith(b"data: {") and b'"content"' in line:
-                            if first:
-                                ttft.append(time.perf_counter() - t0)
-                                first = False
-                            tokens += 1
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+                    s.post(f"{url}/v1/chat/completions", json=body or CHAT, headers=headers) as r:
+                assert r.status == 200, (r.status, await r.text())
+                async for line in r.content:
+                    if line.startswith(b"data: {") and b'"content"' in line:
+                        if first:
+                            ttft.append(time.perf_counter() - t0)
+                            first = False
+                        tokens += 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(conc)))
@@ -121,69 +157,137 @@ async def stream(url: str, conc: int, seconds: float) -> dict:
             "p99": ttft[int(len(ttft) * 0.99)] * 1000 if ttft else 0, "n": tokens}
 
 
-CELLS = [("small", 1), ("small", 16), ("small", 64), ("stream", 1), ("stream", 16), ("stream", 64)]
-
-
-async def measure(direct: str, gateway: str, seconds: float, rounds: int) -> dict:
-    results: dict = {(k, c, t): [] for k, c in CELLS for t in ("direct", "gateway")}
-    for _ in range(2):  # warm both paths (connections, caches)
-        await small(direct, 4, 1)
-        await small(gateway, 4, 1)
+async def measure(targets: dict[str, tuple[str, dict[str, str]]], seconds: float, rounds: int
+                  ) -> dict[tuple[str, int, str], list[dict[str, float]]]:
+    results: dict[tuple[str, int, str], list[dict[str, float]]] = {
+        (k, c, t): [] for k, c in CELLS for t in targets}
+    for url, headers in targets.values():  # warm every path (connections, caches)
+        await small(url, headers, 4, 1)
+    names = list(targets)
     for r in range(rounds):
         for kind, conc in CELLS:
-            order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
+            order = names[r % len(names):] + names[:r % len(names)]  # who goes first rotates
             for target in order:
                 fn = small if kind == "small" else stream
-                res = await fn(direct if target == "direct" else gateway, conc, seconds)
+                res = await fn(*targets[target], conc, seconds)
                 results[(kind, conc, target)].append(res)
                 print(f"round {r + 1} {kind:6} c{conc:<3} {target:8} {res['rate']:9.1f}/s  p50 {res['p50']:7.2f} ms"
                       f"  p99 {res['p99']:7.2f} ms", flush=True)
     return results
 
 
-def summarize(results: dict, seconds: float, rounds: int, note: str) -> str:
+# -- CPU time of the gateway itself -------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_cost(url: str, pid: int, requests: int, streams: int) -> dict[str, float]:
+    """Gateway CPU per small request (keep-alive clients, 16 at once) and per streamed token (16 streams)."""
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async def one() -> None:
+            async with s.post(f"{url}/v1/chat/completions", json=SMALL) as r:
+                await r.read()
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        await worker(50)
+        c0 = cpu_seconds(pid)
+        await asyncio.gather(*(worker(requests // 16) for _ in range(16)))
+        per_request = (cpu_seconds(pid) - c0) / (requests // 16 * 16)
+    body = CHAT | {"max_tokens": 200}
+    tokens = 0
+
+    async def one_stream() -> None:
+        nonlocal tokens
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+                s.post(f"{url}/v1/chat/completions", json=body) as r:
+            async for line in r.content:
+                tokens += line.startswith(b"data: {")
+
+    c0 = cpu_seconds(pid)
+    for _ in range(streams // 16):
+        await asyncio.gather(*(one_stream() for _ in range(16)))
+    per_token = (cpu_seconds(pid) - c0) / max(tokens, 1)
+    return {"us_per_request": per_request * 1e6, "us_per_token": per_token * 1e6, "tokens": tokens}
+
+
+async def measure_cpu(urls: dict[str, tuple[str, int]], rounds: int, requests: int, streams: int
+                      ) -> dict[str, list[dict[str, float]]]:
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    for r in range(rounds):
+        for name in (list(urls) if r % 2 == 0 else list(reversed(urls))):
+            res = await cpu_cost(*urls[name], requests, streams)
+            out[name].append(res)
+            print(f"cpu round {r + 1} {name:8} {res['us_per_request']:7.1f} µs/request "
+                  f"{res['us_per_token']:6.1f} µs/token ({res['tokens']} tokens)", flush=True)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def summarize(results: dict, cpu: dict, seconds: float, rounds: int, note: str) -> str:
     def med(kind: str, conc: int, target: str, key: str) -> float:
         return statistics.median(x[key] for x in results[(kind, conc, target)])
+
+    def spread(kind: str, conc: int, target: str) -> str:
+        per_round = [g["rate"] / d["rate"] for d, g in zip(results[(kind, conc, "direct")],
+                                                           results[(kind, conc, target)], strict=True) if d["rate"]]
+        return f" ({min(per_round):.2f}–{max(per_round):.2f})" if len(per_round) > 1 else ""
 
     lines = [
         "# Gateway benchmark", "",
         f"`bench/gateway.py --seconds {seconds:g} --rounds {rounds}`, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{platform.node()}, {os.cpu_count()} cores. {note}", "",
+        "## Against llama-server: gateway ÷ direct, same run", "",
         "Upstream: one llama-server (CPU image, the 9 MB tiny test model, `-c 4096 --parallel 4`) in a Podman "
-        "container. *direct*: the container's address; *gateway*: the podllama gateway container's published "
-        "port. Load: aiohttp in one process, a new connection per request. "
-        "Cells interleaved round by round; medians. Ratio = gateway ÷ direct in the same cell.", "",
-        "| workload | conc | direct | gateway | ratio (rounds' range) | added p50 | added p99 | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "container. *direct*: the container's address; *gateway*: the gateway container as `podllama start` "
+        "runs it; *own* / *aiohttp*: the same gateway as a process, with podllama's upstream client or aiohttp's. "
+        "small = a non-streamed chat completion, max_tokens 1; stream = a streamed one, 64 tokens (the workloads "
+        "of the peer measurements). Load: aiohttp in one process, "
+        "a new connection per request. Cells interleaved round by round, the order rotating; medians; each ratio "
+        "is against *direct* in the same cell (the rounds' range in brackets).", "",
+        "| workload | conc | direct | gateway (ratio) | own (ratio) | aiohttp (ratio) | gateway added p50 | "
+        "target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
+    met = 0
     for kind, conc in CELLS:
-        d, g = med(kind, conc, "direct", "rate"), med(kind, conc, "gateway", "rate")
-        ratio = g / d if d else 0
-        dp50, gp50 = med(kind, conc, "direct", "p50"), med(kind, conc, "gateway", "p50")
-        dp99, gp99 = med(kind, conc, "direct", "p99"), med(kind, conc, "gateway", "p99")
+        d = med(kind, conc, "direct", "rate")
+        cells = []
+        for target in ("gateway", "own", "aiohttp"):
+            g = med(kind, conc, target, "rate")
+            cells.append(f"{g:,.1f} ({g / d:.3f}×{spread(kind, conc, target)})")
+        ratio = med(kind, conc, "gateway", "rate") / d
+        goal = TARGETS[(kind, conc)]
+        ok = ratio >= goal
+        met += ok
+        added = med(kind, conc, "gateway", "p50") - med(kind, conc, "direct", "p50")
         unit = "req/s" if kind == "small" else "tokens/s"
-        if kind == "stream":
-            target, ok = "≥ 0.98×", ratio >= 0.98
-        elif conc == 16:
-            target, ok = "+p50 ≤ 1 ms, +p99 ≤ 5 ms", gp50 - dp50 <= 1 and gp99 - dp99 <= 5
-        else:
-            target, ok = "—", True
-        verdicts.append(ok)
         what = "TTFT " if kind == "stream" else ""
-        per_round = [gr["rate"] / dr["rate"] for dr, gr in zip(results[(kind, conc, "direct")],
-                                                              results[(kind, conc, "gateway")]) if dr["rate"]]
-        spread = f" ({min(per_round):.2f}–{max(per_round):.2f})" if len(per_round) > 1 else ""
-        lines.append(f"| {kind} ({unit}) | {conc} | {d:,.1f} | {g:,.1f} | {ratio:.3f}×{spread} | {what}{gp50 - dp50:+.2f} ms | "
-                     f"{what}{gp99 - dp99:+.2f} ms | {target} {'✓' if ok else '✗'} |")
-    lines += ["", f"Targets met: {sum(verdicts)}/{len(verdicts)}."]
+        lines.append(f"| {kind} ({unit}) | {conc} | {d:,.1f} | {' | '.join(cells)} | {what}{added:+.2f} ms | "
+                     f"≥ {goal:.2f}× | {'✓' if ok else '✗'} |")
+    lines += ["", f"Targets met (gateway container ÷ direct): {met}/{len(CELLS)}.", "",
+              "## What the gateway itself costs: CPU time against a fast fake upstream", "",
+              "The gateway process (uvloop, httptools) in front of bench/fakeupstream.py, which answers at once and "
+              "streams one SSE event per write. CPU seconds of the gateway process (user + system) ÷ work done; "
+              "small requests from keep-alive clients, 16 at once; 16 streams of 200 tokens at a time. Medians of "
+              "the rounds.", "",
+              "| upstream client | µs CPU per request | µs CPU per streamed token |", "|---|---|---|"]
+    for name, runs in cpu.items():
+        lines.append(f"| {name.removesuffix('-fake')} | {statistics.median(r['us_per_request'] for r in runs):.0f} | "
+                     f"{statistics.median(r['us_per_token'] for r in runs):.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=6)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpu-requests", type=int, default=4000)
+    p.add_argument("--cpu-streams", type=int, default=64)
     p.add_argument("--base", default=os.environ.get("PODLLAMA_BASE", "local"))
     p.add_argument("--keep", action="store_true", help="leave the stack running")
     p.add_argument("--note", default="")
@@ -192,17 +296,37 @@ def main() -> None:
     cfg = make_stack(work, args.base)
     print("starting the stack …", flush=True)
     podllama("start", cfg=cfg)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         c = cfgmod.load(cfg)
         info = get_engine(c.stack.engine).inspect("plbench-chat-1")
-        direct, gateway = f"http://{info.ip}:8080", f"http://127.0.0.1:{c.gateway.port}"
-        results = asyncio.run(measure(direct, gateway, args.seconds, args.rounds))
-        text = summarize(results, args.seconds, args.rounds, args.note)
+        assert info is not None and info.ip
+        key = {"Authorization": f"Bearer {Credentials(c.state_path).server_key()}"}
+        procs += [gateway_proc(cfg, PORTS["own"], "own"), gateway_proc(cfg, PORTS["aiohttp"], "aiohttp")]
+        targets = {"direct": (f"http://{info.ip}:8080", key)} | {
+            name: (f"http://127.0.0.1:{PORTS[name]}", {}) for name in ("gateway", "own", "aiohttp")}
+        for name in ("own", "aiohttp"):
+            wait_up(targets[name][0])
+        results = asyncio.run(measure(targets, args.seconds, args.rounds))
+        for proc in procs:
+            proc.terminate()
+        procs += [spawn("bench/fakeupstream.py", str(PORTS["fake"]))]
+        fake = f"127.0.0.1:{PORTS['fake']}"
+        procs += [gateway_proc(cfg, PORTS["own-fake"], "own", fake),
+                  gateway_proc(cfg, PORTS["aiohttp-fake"], "aiohttp", fake)]
+        urls = {name: (f"http://127.0.0.1:{PORTS[name]}", procs[-2 + i].pid)
+                for i, name in enumerate(("own-fake", "aiohttp-fake"))}
+        for url, _ in urls.values():
+            wait_up(url)
+        cpu = asyncio.run(measure_cpu(urls, args.rounds, args.cpu_requests, args.cpu_streams))
+        text = summarize(results, cpu, args.seconds, args.rounds, args.note)
         (ROOT / "bench" / "RESULTS.md").write_text(text)
         (ROOT / "bench" / "results.json").write_text(json.dumps(
-            {f"{k}|{c}|{t}": v for (k, c, t), v in results.items()}, indent=1))
+            {"requests": {f"{k}|{c}|{t}": v for (k, c, t), v in results.items()}, "cpu": cpu}, indent=1))
         print(text)
     finally:
+        for proc in procs:
+            proc.terminate()
         if not args.keep:
             podllama("down", cfg=cfg)
 

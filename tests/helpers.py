@@ -37,3 +37,24 @@ def wait_until(predicate, timeout: float, interval: float = 0.2):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def flood_headers(port: int, total: int = 32 * 2**20) -> tuple[bytes, int]:
+    """Send up to TOTAL bytes of request headers to 127.0.0.1:PORT; returns (the answer's start, bytes sent
+    before the other side stopped taking them)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sent = 0
+        try:
+            while sent < total:
+                sock.sendall(b"X-Filler: " + b"a" * 65000 + b"\r\n")
+                sent += 65012
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(3)
+        try:
+            return sock.recv(200), sent
+        except (TimeoutError, ConnectionResetError):
+            return b"", sent

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import hardware, images
+from .atomic import atomic_write
 from .engine import CliEngine
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
@@ -84,7 +85,7 @@ def apply_conf(section: str, line: str, path: Path = CONTAINERS_CONF) -> None:
     else:
         text = text.rstrip("\n") + ("\n" if text else "") + f"{section}\n{line}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, text)
 
 
 def check_runtime(engine: CliEngine, fix: bool) -> list[Finding]:

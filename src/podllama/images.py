@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, source, tinymodel, validate
+from .atomic import atomic_write
 from .engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
 from .flags import FlagSet
 from .health import probe, wait_healthy
@@ -402,7 +403,7 @@ def record_flags(engine: CliEngine, image: str) -> FlagSet:
     if out.returncode != 0 or "--model" not in out.stdout:
         raise BuildError(f"image {image} carries no {HELP_FILE}; rebuild it with `podllama build`")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"image": image_id, "help": out.stdout}))
+    atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
     return FlagSet.parse(out.stdout)
 
 

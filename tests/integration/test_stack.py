@@ -3,6 +3,7 @@ supervision by the gateway container, orphans, validation before anything starts
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import httpx
@@ -38,6 +39,9 @@ def test_start_gives_healthy_hardened_servers_and_is_idempotent(stack_engine, st
         assert (caps == ["ALL"] or len(caps) >= 14) and raw["HostConfig"]["ReadonlyRootfs"] is True
         assert engine.inspect(name).ports == {}
         assert f"{sf.name}" in raw["NetworkSettings"]["Networks"]
+    # the servers' network has no route out (the gateway reaches them from the host's network)
+    net = json.loads(engine.run_cli("network", "inspect", sf.name).stdout)[0]
+    assert net.get("internal", net.get("Internal")) is True
     # the role decides the flags: embeddings answer on the embedding server only
     chat_ip, embed_ip = engine.inspect(f"{sf.name}-chat-1").ip, engine.inspect(f"{sf.name}-embed-1").ip
     key = sf.server_key

@@ -6,13 +6,12 @@ bodies up to EXACT_LIMIT are parsed as JSON; bigger ones (images, audio) are sca
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .client import BodyTimeout, BodyTooLarge, ClientGone
+from .client import BodyTooLarge, ClientGone
 from .errors import Receive
 
 EXACT_LIMIT = 1 << 20
@@ -94,27 +93,18 @@ def multipart_field(content_type: bytes, body: bytes, name: bytes, limit: int = 
 
 
 # -- reading a request body, within limits ------------------------------------------------------------------------
-async def message(receive: Receive, timeout: float) -> dict[str, Any]:
-    """The next ASGI message of a request: BodyTimeout after TIMEOUT seconds of nothing from the client."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await receive()
-    except TimeoutError:
-        raise BodyTimeout(f"the request body sent nothing for {timeout:.0f}s") from None
-
-
+# (a body that stalls is cut off by the server protocol: gateway/server.py, body_timeout)
 def too_large(limit: int, setting: str) -> str:
     size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
     return f"request body over {size} ({setting})"
 
 
-async def pieces(receive: Receive, limit: int, timeout: float, setting: str = "[gateway] max_body_mb"
-                 ) -> AsyncIterator[bytes]:
+async def pieces(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> AsyncIterator[bytes]:
     """The request body as it arrives; ClientGone when the client leaves, BodyTooLarge past LIMIT bytes
     (its message names SETTING, what raises the limit)."""
     size = 0
     while True:
-        msg = await message(receive, timeout)
+        msg = await receive()
         if msg["type"] == "http.disconnect":
             raise ClientGone("the client went away while sending")
         chunk = msg.get("body", b"")
@@ -126,5 +116,5 @@ async def pieces(receive: Receive, limit: int, timeout: float, setting: str = "[
             return
 
 
-async def read_all(receive: Receive, limit: int, timeout: float, setting: str = "[gateway] max_body_mb") -> bytes:
-    return b"".join([chunk async for chunk in pieces(receive, limit, timeout, setting)])
+async def read_all(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> bytes:
+    return b"".join([chunk async for chunk in pieces(receive, limit, setting)])

@@ -68,10 +68,6 @@ class BodyTooLarge(UpstreamError):
     status, kind = 413, "too_large"
 
 
-class BodyTimeout(UpstreamError):
-    status, kind = 408, "body_timeout"
-
-
 class Response:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn

@@ -10,7 +10,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error", 412: "precondition_failed",
+         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error",
+         412: "precondition_failed",
          413: "invalid_request_error", 421: "misdirected_request", 422: "invalid_request_error",
          429: "rate_limit_error", 431: "invalid_request_error", 501: "not_supported_error",
          503: "unavailable_error", 504: "timeout_error"}

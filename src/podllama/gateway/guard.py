@@ -74,7 +74,6 @@ class Guard:
     def configure(self, gateway: GatewaySection, keys: Keys, bound: str | None = None) -> None:
         """BOUND: the address the gateway listens on (default: [gateway] host)."""
         self.keys = keys
-        self.body_timeout = gateway.body_timeout
         bound = (bound if bound is not None else gateway.host).strip("[]").lower()
         self.any_host = "*" in gateway.allowed_hosts
         self.hosts = set(LOOPBACK_NAMES) | set(gateway.allowed_hosts) | ({bound} - WILDCARDS)
@@ -163,7 +162,7 @@ class Guard:
             await send_error(send, 413, bodies.too_large(API_MAX_BODY, "the management API's limit"))
             return None
         try:
-            data = await bodies.read_all(receive, API_MAX_BODY, self.body_timeout, "the management API's limit")
+            data = await bodies.read_all(receive, API_MAX_BODY, "the management API's limit")
         except UpstreamError as e:
             if e.status != 499:
                 await send_error(send, e.status, str(e))

@@ -92,7 +92,6 @@ class Proxy:
         c.queue_timeout = gw.queue_timeout
         self.max_body = int(gw.max_body_mb * 2**20)
         self.load_timeout = gw.load_timeout
-        self.body_timeout = gw.body_timeout
         self.upstream_auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
 
     # -- entry points -------------------------------------------------------------------------------------
@@ -189,7 +188,7 @@ class Proxy:
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None when the client left or an error was answered (too large, too slow)."""
         try:
-            return await bodies.read_all(receive, self.max_body, self.body_timeout)
+            return await bodies.read_all(receive, self.max_body)
         except UpstreamError as e:
             if e.status != 499:
                 await send_error(send, e.status, str(e))
@@ -314,7 +313,7 @@ class Proxy:
 
     async def _upload(self, receive: Receive, flight: Flight) -> AsyncIterator[bytes]:
         try:
-            async for chunk in bodies.pieces(receive, self.max_body, self.body_timeout):
+            async for chunk in bodies.pieces(receive, self.max_body):
                 yield chunk
         except ClientGone:
             flight.disconnected = True

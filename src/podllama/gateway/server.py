@@ -1,8 +1,9 @@
-"""Serving the gateway: uvicorn (httptools, uvloop) with limits on what a client may send before the app
-sees the request. uvicorn's own parser takes headers of any size and count, and waits for them forever; a
-client sending 32 MB of headers, or one byte a minute, would hold memory or a connection for as long as it
-likes. Here the request line and headers together are capped (`max_header_kb`, `max_headers` → 431) and must
-arrive within `header_timeout` (→ 408); bodies have their own limits in the guard and the proxy.
+"""Serving the gateway: uvicorn (httptools, uvloop) with limits on what a client may send. uvicorn's own
+parser takes headers of any size and count, and waits for them and for bodies forever; a client sending 32 MB
+of headers, or one byte a minute, would hold memory or a connection for as long as it likes. Here the request
+line and headers together are capped (`max_header_kb`, `max_headers` → 431) and must arrive within
+`header_timeout`, and a body that sends nothing for `body_timeout` — while the gateway is reading it — is cut
+off (both → 408). Body sizes are capped in the guard and the proxy.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ class Limits:
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
     def configure(self, gateway: GatewaySection) -> None:
         self.max_header_bytes = gateway.max_header_kb * 1024
         self.max_headers = gateway.max_headers
         self.header_timeout = gateway.header_timeout
+        self.body_timeout = gateway.body_timeout
 
 
 class HeadTooLarge(Exception):
@@ -46,6 +49,8 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_count = 0
         self._refusal: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_seen = 0.0  # when body bytes last arrived (or the gateway last paused reading them)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -53,6 +58,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_body_watch()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -86,6 +92,45 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        self._body_seen = self.loop.time()
+        self._stop_body_watch()
+        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._check_body)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._stop_body_watch()
+        super().on_message_complete()
+
+    def _stop_body_watch(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _check_body(self) -> None:
+        """A request body still pending: cut it off when the client has sent nothing for body_timeout while the
+        gateway was reading (a pause the gateway made itself — backpressure — is not the client's)."""
+        self._body_timer = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._body_seen = now
+        idle = now - self._body_seen
+        if idle < self.limits.body_timeout:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout - idle, self._check_body)
+            return
+        message = f"the request body sent nothing for {self.limits.body_timeout:g}s ([gateway] body_timeout)"
+        started = cycle.response_started
+        cycle.disconnected = True  # the app sees the client gone and writes nothing after this
+        cycle.message_event.set()
+        if started:
+            self.transport.close()
+        else:
+            self._refuse(408, message)
 
     def _count(self, size: int, headers: int) -> None:
         self._head_bytes += size

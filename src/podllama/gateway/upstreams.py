@@ -63,6 +63,16 @@ def engine_discovery(stack: Stack) -> Discover:
     return discover
 
 
+def _http_threads(server: ServerSection) -> int:
+    """How many connections a llama-server serves at once (its HTTP threads): --threads-http, else
+    llama-server's own default, max(n_parallel + 4, CPUs - 1), with n_parallel -1 meaning 4."""
+    threads = server.args.get("threads_http")
+    if isinstance(threads, int) and threads > 0:
+        return threads
+    parallel = next((v for k, v in server.args.items() if k in ("parallel", "np") and isinstance(v, int)), -1)
+    return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
+
+
 class Registry:
     def __init__(self, cfg: Config, discover: Discover) -> None:
         self.discover = discover
@@ -84,6 +94,7 @@ class Registry:
                     names.setdefault(key, name)
         self.cfg = cfg
         self.names = names
+        self.threads = {name: _http_threads(server) for name, server in cfg.servers.items()}
         self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.servers}
 
     @property
@@ -107,14 +118,8 @@ class Registry:
         return None
 
     def http_threads(self, server: str) -> int:
-        """How many connections the server's llama-server serves at once (its HTTP threads): --threads-http,
-        else llama-server's own default, max(n_parallel + 4, CPUs - 1), with n_parallel -1 meaning 4."""
-        args = self.servers[server].args if server in self.servers else {}
-        threads = args.get("threads_http")
-        if isinstance(threads, int) and threads > 0:
-            return threads
-        parallel = next((v for k, v in args.items() if k in ("parallel", "np") and isinstance(v, int)), -1)
-        return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
+        """How many connections the server's llama-server serves at once."""
+        return self.threads.get(server, 8)
 
     def servers_with_role(self, roles: tuple[str, ...]) -> list[str]:
         return [n for n, s in self.servers.items() if s.role in roles]

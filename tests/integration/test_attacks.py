@@ -1,0 +1,192 @@
+"""A real stack (gateway container, llama-servers, Podman) attacked as a hostile web page, a neighbour on the
+host and a hostile client would. Each test is one class of attack; each fails if its defence goes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import flood_headers, stack_name
+from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, free_port
+
+STACK = stack_name("ptatk")
+CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+SERVERS = CHAT_AND_EMBED.replace("args = { parallel = 2 }", 'args = { parallel = 2, slot_save_path = "/tmp/" }')
+
+
+@pytest.fixture(scope="module")
+def stack(podman, models_dir, cpu_image, tmp_path_factory):
+    sf = StackFiles(tmp_path_factory.mktemp("attacks"), STACK, podman, models_dir, free_port()).write(SERVERS)
+    sf.run("start")
+    sf.url = f"http://127.0.0.1:{sf.port}"
+    yield sf
+    sf.run("down", check=False)
+
+
+def ids(podman) -> dict[str, str]:
+    return {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
+
+
+def raw(sf, data: bytes, timeout: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", sf.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while piece := sock.recv(65536):
+                out += piece
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+def test_the_admin_api_is_closed_without_its_key(stack, podman):
+    before = ids(podman)
+    assert httpx.get(f"{stack.url}/api/config").status_code == 401
+    assert httpx.post(f"{stack.url}/api/servers/chat/restart").status_code == 401
+    assert ids(podman) == before
+    key = stack.dir / ".podllama" / "secrets" / "admin.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
+    assert stack.api().get("/api/config").status_code == 200
+
+
+def test_dns_rebinding_gets_no_answer(stack):
+    rebound = {"Host": f"attacker.example:{stack.port}"}
+    assert httpx.get(f"{stack.url}/api/status", headers=rebound | stack.admin).status_code == 421
+    assert httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, headers=rebound).status_code == 421
+    assert httpx.get(f"{stack.url}/v1/models", headers=rebound).status_code == 421
+
+
+def test_a_cross_site_page_cannot_drive_the_stack(stack, podman):
+    before = ids(podman)
+    evil = {"Origin": "http://attacker.example"}
+    assert httpx.post(f"{stack.url}/api/servers/chat/restart", headers=evil | stack.admin).status_code == 403
+    simple = httpx.post(f"{stack.url}/v1/chat/completions", content=json.dumps(CHAT),
+                        headers=evil | {"Content-Type": "text/plain"})
+    assert simple.status_code == 403
+    assert ids(podman) == before
+
+
+def test_cors_belongs_to_the_gateway(stack):
+    r = httpx.get(f"{stack.url}/props", headers={"Origin": "http://attacker.example"})
+    assert r.status_code == 200 and not [h for h in r.headers if h.startswith("access-control")]
+    pre = httpx.options(f"{stack.url}/v1/chat/completions",
+                        headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 403
+
+
+def test_no_command_reaches_git_through_the_update_job(stack, podman):
+    for body in ({"remote": "--upload-pack=touch /tmp/podllama-pwned;false", "ref": "."},
+                 {"ref": "--upload-pack=touch /tmp/podllama-pwned"}):
+        r = stack.api().post("/api/jobs/update", json=body)
+        assert r.status_code == 422, r.text
+    probe = podman.exec(f"{STACK}-gateway", ["sh", "-c", "ls /tmp/podllama-pwned || echo absent"])
+    assert "absent" in probe.stdout
+    assert stack.api().get("/api/jobs").json() == []
+
+
+def test_an_encoded_line_break_never_splits_the_upstream_request(stack):
+    smuggle = b"GET /servers/chat/health%0D%0A%0D%0APOST%20/slots/0?action=erase%20HTTP/1.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    assert raw(stack, smuggle, 3).startswith(b"HTTP/1.1 400")
+
+
+def test_the_query_string_reaches_the_server_on_routed_endpoints(stack):
+    r = httpx.post(f"{stack.url}/slots/0?action=erase&server=chat", timeout=30)
+    assert r.status_code == 200 and r.json()["id_slot"] == 0, r.text
+
+
+def test_servers_answer_only_the_gateway(stack, podman):
+    ip = podman.inspect(f"{STACK}-chat-1").ip
+    assert httpx.get(f"http://{ip}:8080/props").status_code == 401
+    assert httpx.post(f"http://{ip}:8080/v1/chat/completions", json=CHAT).status_code == 401
+    assert httpx.get(f"http://{ip}:8080/health").status_code == 200  # liveness stays public
+    inspected = json.dumps(podman.inspect(f"{STACK}-chat-1").raw)
+    key = stack.server_key["Authorization"].removeprefix("Bearer ")
+    assert key not in inspected
+
+
+def test_huge_heads_and_bodies_are_cut_off_before_they_are_read(stack):
+    answer, sent = flood_headers(stack.port)
+    assert answer.startswith(b"HTTP/1.1 431") and sent < 8 * 2**20
+    head = b"POST /api/models/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 300000000\r\n"
+    assert raw(stack, head + b"\r\n", 3).startswith(b"HTTP/1.1 401")
+    keyed = head + b"Authorization: " + stack.admin["Authorization"].encode() + b"\r\n\r\n"
+    assert raw(stack, keyed, 3).startswith(b"HTTP/1.1 413")
+
+
+def test_a_hostile_multipart_body_does_not_stall_other_requests(stack):
+    evil = b'--b\r\nContent-Disposition: form-data; name="model"\r\n' + b"a\r\n" * 45000 + b"\r\n"
+    worst: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            httpx.get(f"{stack.url}/health")
+            worst.append(time.monotonic() - t0)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    for _ in range(5):
+        httpx.post(f"{stack.url}/v1/audio/transcriptions", content=evil,
+                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+    stop.set()
+    pinger.join()
+    assert len(worst) > 5 and max(worst) < 0.5, f"/health took up to {max(worst) * 1000:.0f} ms"
+
+
+def test_aborted_uploads_leave_the_server_reachable(stack):
+    for _ in range(24):
+        with socket.create_connection(("127.0.0.1", stack.port)) as sock:
+            sock.sendall(b"POST /servers/chat/completion HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{\"prompt\": \""
+                         + b"a" * 2_000_000)
+    t0 = time.monotonic()
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=30)
+    assert r.status_code == 200 and time.monotonic() - t0 < 5
+
+
+def test_two_changes_from_one_version_cannot_both_win(stack):
+    """If-Match is checked under the stack's lock: of two changes made from the same version, one applies
+    and the other is told the config changed (412), never both written one over the other."""
+    api = stack.api(timeout=120)
+    etag = api.get("/api/config").headers["etag"]
+    results: dict[int, httpx.Response] = {}
+
+    def change(size: int) -> None:
+        results[size] = api.patch("/api/servers/embed", json={"ctx_size": size}, headers={"If-Match": etag})
+
+    threads = [threading.Thread(target=change, args=(s,)) for s in (640, 768)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in results.values()) == [200, 412]
+    winner = next(size for size, r in results.items() if r.status_code == 200)
+    assert f"ctx_size = {winner}" in stack.path.read_text()
+    loser = next(r for r in results.values() if r.status_code == 412)
+    assert "changed since" in loser.json()["error"]["message"]
+
+
+def test_the_gateway_follows_the_config_and_the_keys_given_to_start(podman, models_dir, cpu_image, tmp_path):
+    sf = StackFiles(tmp_path, stack_name("ptfol"), podman, models_dir, free_port()).write(CHAT_AND_EMBED)
+    url = f"http://127.0.0.1:{sf.port}"
+    try:
+        sf.run("start")
+        text = sf.path.read_text()
+        sf.path.write_text(text[:text.index("[servers.embed]")])
+        sf.run("start", env={"PODLLAMA_API_KEYS": "sk-given-to-start"})
+        time.sleep(3)  # several supervisor rounds (every 0.5 s): the removed server must stay removed
+        assert podman.inspect(f"{sf.name}-embed-1") is None
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-given-to-start"}).json()
+        assert [m["server"] for m in models["data"]] == ["chat"]
+        assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 401
+        assert httpx.post(f"{url}/v1/chat/completions", json=CHAT,
+                          headers={"Authorization": "Bearer sk-given-to-start"}).status_code == 200
+        assert "sk-given-to-start" not in json.dumps(podman.inspect(f"{sf.name}-gateway").raw)
+    finally:
+        sf.run("down", check=False)
