@@ -115,10 +115,12 @@ class Gateway:
             return True
 
     def adopt(self, stack: Stack) -> None:
-        """After a change made through the API: its config everywhere."""
+        """After a change made through the API (in a worker thread): its config everywhere, and the servers'
+        new containers looked up at once (a restarted server has a new address)."""
         with self._reload_lock:
             self._seen = self._stamp()
             self._adopt(stack.cfg, Keys.load(stack.cfg))
+        self.registry.refresh()
 
     def _adopt(self, cfg: config.Config, keys: Keys) -> None:
         self.stack.cfg = cfg
