@@ -27,6 +27,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.drop_after: dict[str, int] = {}  # path → bytes sent before the connection drops (once)
+        self.always_drop: dict[str, int] = {}  # path → bytes sent before the connection drops, every time
         self.corrupt: set[str] = set()  # paths served with damaged bytes
         self.slow: dict[str, float] = {}  # path → seconds to wait between 64 KiB pieces
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, range header)
@@ -139,7 +140,7 @@ class FakeHub:
                 self.end_headers()
                 if head:
                     return
-                cut = hub.drop_after.pop(fname, None)
+                cut = hub.drop_after.pop(fname, None) or hub.always_drop.get(fname)
                 if cut is not None:
                     self.wfile.write(body[:cut])
                     self.wfile.flush()

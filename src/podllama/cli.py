@@ -1,36 +1,47 @@
-"""The `podllama` command: parses, calls the modules that do the work, prints. Nothing else lives here."""
+"""The `podllama` command: parses, calls the modules that do the work, prints. Nothing else lives here.
+
+Exit codes: 0 done; 1 an error podllama explains (one line: what, why, the fix — under --json, as JSON on
+stdout); 2 a usage error (an unknown option, a missing argument); 130 interrupted (Ctrl-C). `models verify`
+and `doctor` exit 1 when they find a problem.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__, config, hardware, images, source
-from .api import ApiError
+from .api import ApiError, GatewayAPI
 from .config import ConfigError
 from .engine import CliEngine, EngineError, get_engine
 from .flags import FlagError
+from .gguf_meta import GGUFError
 from .hub import PullError
 from .images import BuildError
+from .progress import Step, Steps
+from .service import ServiceError
 from .source import SourceError
 from .stack import Stack, StackError
 from .store import StoreError
 from .update import UpdateError
 
-# No locals in tracebacks: a token or key can be among them.
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+# No locals in tracebacks: a token or key can be among them (and unexpected errors print one line anyway).
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Build, run and serve llama.cpp in containers.")
 source_app = typer.Typer(no_args_is_help=True, help="The llama.cpp source (a git submodule).")
 app.add_typer(source_app, name="source")
 models_app = typer.Typer(no_args_is_help=True, help="The model store: list, remove, verify, import.")
 app.add_typer(models_app, name="models")
+service_app = typer.Typer(no_args_is_help=True, help="Start the stack with the machine (a systemd unit).")
+app.add_typer(service_app, name="service")
 
 # Wide enough for tables when the output is a pipe or a CI log (rich assumes 80 columns there).
 out = Console(width=None if sys.stdout.isatty() else 140)
@@ -38,9 +49,12 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="services.toml to use "
                                                    "(default: $PODLLAMA_CONFIG or ./services.toml)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts (errors too).")]
 EngineOpt = Annotated[str | None, typer.Option("--engine", help="podman | docker | auto (default: from the config)")]
 VariantOpt = Annotated[str | None, typer.Option("--variant", help="auto | cpu | cuda | rocm | vulkan")]
+ServersArg = Annotated[list[str] | None, typer.Argument(help="Servers (default: all)", show_default=False)]
+ROOT_ONLY = ("podllama runs its stacks as root (rootful Podman or Docker; rootless Podman is not supported yet): "
+             "run it with sudo, e.g. `sudo podllama {command}`")
 
 
 def say(message: str) -> None:
@@ -49,6 +63,11 @@ def say(message: str) -> None:
 
 def emit(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def show(as_json: bool, data: Any, text: str) -> None:
+    """DATA as JSON, or TEXT for a person."""
+    emit(data) if as_json else out.print(text, highlight=False)
 
 
 def load_config(path: Path | None, required: bool = True) -> config.Config:
@@ -60,7 +79,35 @@ def load_config(path: Path | None, required: bool = True) -> config.Config:
 
 
 def engine_for(cfg: config.Config, name: str | None) -> CliEngine:
+    if os.geteuid() != 0:
+        raise RootRequired(ROOT_ONLY.format(command=" ".join(sys.argv[1:3])))
     return get_engine(name or cfg.stack.engine)
+
+
+def stack_for(cfg_path: Path | None, engine: str | None) -> Stack:
+    cfg = load_config(cfg_path)
+    return Stack(cfg, engine_for(cfg, engine), progress=say)
+
+
+class RootRequired(Exception):
+    pass
+
+
+# -- the command itself -----------------------------------------------------------------------------------------
+def _version(value: bool) -> None:
+    if value:
+        st = source.status()
+        out.print(f"podllama {__version__}, llama.cpp {st.commit[:12] if st.commit else 'not checked out'}")
+        raise typer.Exit()
+
+
+@app.callback()
+def podllama(cfg_path: ConfigOpt = None,
+             version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                   help="Print podllama's version and exit.")] = False) -> None:
+    """Build, run and serve llama.cpp in containers."""
+    if cfg_path is not None:  # before the subcommand: the same as after it
+        os.environ[config.CONFIG_ENV] = str(cfg_path)
 
 
 # -- detect ---------------------------------------------------------------------------------------------------
@@ -78,7 +125,8 @@ def detect(as_json: JsonOpt = False, cfg_path: ConfigOpt = None,
     if as_json:
         return emit(hw.to_dict() | {"stack_variant": {"configured": cfg.stack.variant, "resolved": chosen}})
     c = hw.cpu
-    out.print(f"CPU      {c.arch}, {c.cores} cores, {c.model or 'unknown model'}; features: {', '.join(c.features) or 'none'}")
+    out.print(f"CPU      {c.arch}, {c.cores} cores, {c.model or 'unknown model'}; "
+              f"features: {', '.join(c.features) or 'none'}")
     for g in hw.gpus:
         extra = ", ".join(x for x in [f"{g.memory_mib} MiB" if g.memory_mib else "",
                                       f"compute {g.compute_capability}" if g.compute_capability else "",
@@ -111,32 +159,49 @@ def source_status(as_json: JsonOpt = False) -> None:
 @source_app.command("init")
 def source_init(mirror: Annotated[str | None, typer.Option(
         help="A local git repository or work tree to check out from, or 'pypi' for the llama.cpp tree inside "
-             "llama-cpp-python's source distribution (for sites without GitHub).")] = None) -> None:
+             "llama-cpp-python's source distribution (for sites without GitHub).")] = None,
+        as_json: JsonOpt = False) -> None:
     """Check the llama.cpp submodule out at the pinned commit."""
     st = source.init(mirror, progress=say)
-    out.print(f"llama.cpp {st.commit[:12] if st.commit else '?'} checked out at {st.path}")
+    show(as_json, st.to_dict(), f"llama.cpp {st.commit[:12] if st.commit else '?'} checked out at {st.path}")
 
 
 @source_app.command("update")
 def source_update(ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's HEAD)")] = "HEAD",
                   remote: Annotated[str | None, typer.Option(help="Fetch from this URL or path instead of origin")] = None,
-                  pin: Annotated[bool, typer.Option(help="Also stage the new commit as the project's pin")] = False) -> None:
+                  pin: Annotated[bool, typer.Option(help="Also stage the new commit as the project's pin")] = False,
+                  as_json: JsonOpt = False) -> None:
     """Move the llama.cpp checkout to another commit (no build; `podllama update` builds and restarts safely)."""
     old, new = source.checkout(ref, remote)
     if pin:
         source.pin()
-    out.print(f"llama.cpp {old[:12]} → {new[:12]}" + (" (pinned)" if pin else ""))
+    show(as_json, {"old": old, "new": new, "pinned": pin}, f"llama.cpp {old[:12]} → {new[:12]}" + (" (pinned)" if pin else ""))
 
 
 # -- images ---------------------------------------------------------------------------------------------------
 @app.command("base-image")
 def base_image(suite: Annotated[str, typer.Option(help="Debian suite: bookworm (cpu) or trixie (vulkan)")] = "bookworm",
                mirror: Annotated[str, typer.Option(help="Debian package mirror")] = "http://deb.debian.org/debian",
-               engine: EngineOpt = None, cfg_path: ConfigOpt = None) -> None:
+               engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Make a Debian base image from packages (debootstrap), for machines that reach no container registry."""
     eng = engine_for(load_config(cfg_path, required=False), engine)
-    ref = images.bootstrap_base(eng, suite, mirror, progress=say)
-    out.print(f"{ref} ready in {eng.name}; build with `podllama build --base local`")
+    steps = Steps(err)
+    with steps.step(f"Debian {suite} base image (debootstrap)") as s:
+        ref = images.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
+    show(as_json, {"image": ref, "engine": eng.name}, f"{ref} ready in {eng.name}; build with `podllama build --base local`")
+
+
+TargetOpt = Annotated[str | None, typer.Option(
+    "--cpu-target", help="native (this machine's CPU; the default for images built here) or portable (every CPU "
+                         "of the architecture: for images meant for other machines)")]
+
+
+def build_variant(step: Step, cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *,
+                  base: str | None = None, target: str | None = None, ui: str | None = None,
+                  smoke: bool = True) -> images.BuildResult:
+    """One image build, its output read for progress (objects compiled n/N) by STEP."""
+    return images.build_configured(eng, cfg, variant, hw, base=base, target=target, ui=ui, smoke=smoke,
+                                   progress=step.say, on_line=step.on_build_line)
 
 
 @app.command()
@@ -144,7 +209,9 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           base: Annotated[str | None, typer.Option(
               help="upstream (public registries), local (`podllama base-image`), or IMAGE[,RUNTIME_IMAGE]. "
                    "Default: [build] base, or $PODLLAMA_BASE")] = None,
-          native: Annotated[bool, typer.Option("--native", help="Optimise for this machine's CPU only")] = False,
+          native: Annotated[bool, typer.Option("--native", help="Same as --cpu-target native")] = False,
+          portable: Annotated[bool, typer.Option("--portable", help="Same as --cpu-target portable")] = False,
+          cpu_target: TargetOpt = None,
           ui: Annotated[str | None, typer.Option(help="auto | on | off: embed llama.cpp's web UI")] = None,
           smoke: Annotated[bool, typer.Option(help="Smoke-test before tagging")] = True,
           as_json: JsonOpt = False) -> None:
@@ -153,23 +220,15 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     eng = engine_for(cfg, engine)
     hw = hardware.detect()
     chosen = hardware.resolve_variant(variant or cfg.stack.variant, hw)
-    result = _run_build(cfg, eng, chosen, hw, base=base, native=native, ui=ui, smoke=smoke)
+    target = cpu_target or ("native" if native else "portable" if portable else None)
+    steps = Steps(err)
+    with steps.step(f"build the {chosen} llama-server image") as s:
+        result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke)
     if as_json:
         return emit(result.to_dict())
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
         out.print(f"previous image kept as {images.previous_tag(chosen, cfg.build.repository)} ({result.previous[:12]})")
-
-
-def _run_build(cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *, base: str | None = None,
-               native: bool = False, ui: str | None = None, smoke: bool = True) -> images.BuildResult:
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task(f"building {variant}", total=100)
-        return images.build_configured(
-            eng, cfg, variant, hw, base=base, native=native, ui=ui, smoke=smoke,
-            progress=lambda m: bar.console.print(f"[dim]•[/dim] {m}", highlight=False),
-            on_percent=lambda p: bar.update(task, completed=p))
 
 
 @app.command("images")
@@ -187,75 +246,82 @@ def list_images(engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: J
 
 
 # -- the stack ------------------------------------------------------------------------------------------------
-ServersArg = Annotated[list[str] | None, typer.Argument(help="Servers (default: all)", show_default=False)]
-
-
-def stack_for(cfg_path: Path | None, engine: str | None) -> Stack:
-    cfg = load_config(cfg_path)
-    return Stack(cfg, engine_for(cfg, engine), progress=say)
+def download_progress(step: Step) -> Any:
+    return lambda name, done, total: step.advance(done >> 20, total >> 20 if total else None, f"MiB {name}")
 
 
 @app.command()
 def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
           gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
-          wait: Annotated[bool, typer.Option(help="Wait until every server is healthy")] = True) -> None:
-    """Start the stack (or some servers): build missing images, check models, start, wait until healthy."""
-    from .api import GatewayAPI
-
+          wait: Annotated[bool, typer.Option(help="Wait until every server is healthy")] = True,
+          as_json: JsonOpt = False) -> None:
+    """Start the stack (or some servers): check, build what is missing, start, wait until healthy."""
     st = stack_for(cfg_path, engine)
+    steps = Steps(err)
     taken = st.credentials.capture_env()
     if taken:
         say(f"{', '.join(taken)} handed to the gateway as files in {st.credentials.dir} (never in its environment)")
+    with steps.step("check the config, models, GPUs and the gateway's port") as s:
+        st.preflight(servers, gateway=gateway, download=download_progress(s))
     for variant in st.missing_variants(servers):
-        say(f"image {st.image_of(variant)} missing: building it (once; later starts reuse it)")
-        _run_build(st.cfg, st.engine, variant, st.hardware)
-    plan = st.start(servers, wait=wait, on_state=lambda c, s: say(f"{c}: {s}"))
-    out.print(f"servers: {plan.describe()}")
+        with steps.step(f"build the {variant} llama-server image (once; later starts reuse it)") as s:
+            build_variant(s, st.cfg, st.engine, variant, st.hardware)
+    with steps.step("start the servers") as s:
+        plan = st.start(servers, wait=wait, on_state=lambda c, state: s.say(f"{c}: {state}"))
+    url = None
     if gateway:
-        url = st.start_gateway(source.project_root())
-        try:  # a gateway that kept running reads the config (and keys) just written
-            GatewayAPI(st).reload()
-        except ApiError as e:
-            err.print(f"[yellow]note:[/yellow] {e}", highlight=False)
-        out.print(f"gateway: [bold]{url}[/bold] (admin key: {st.credentials.path('admin.key')})")
+        with steps.step("start the gateway") as s:
+            url = st.start_gateway(source.project_root(), on_line=s.on_build_line)
+            try:  # a gateway that kept running reads the config (and keys) just written
+                GatewayAPI(st.cfg).reload()
+            except ApiError as e:
+                s.say(f"note: {e}")
+    steps.summary()
+    key = st.credentials.path("admin.key")
+    if as_json:
+        return emit({"servers": plan.to_dict(), "gateway": url, "admin_key_file": str(key), "steps": steps.as_json()})
+    out.print(f"servers: {plan.describe()}")
+    if url:
+        out.print(f"gateway: [bold]{url}[/bold]   (try `podllama run \"Hello\"`; admin key in {key})")
 
 
 @app.command()
 def stop(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
-         timeout: Annotated[int, typer.Option("--timeout", "-t", help="Seconds before SIGKILL")] = 10) -> None:
+         timeout: Annotated[int, typer.Option("--timeout", "-t", help="Seconds before SIGKILL")] = 10,
+         as_json: JsonOpt = False) -> None:
     """Stop servers gracefully (all of them and the gateway when none is named); the supervisor leaves them down."""
-    st = stack_for(cfg_path, engine)
-    stopped = st.stop(servers, timeout)
-    out.print(f"stopped {len(stopped)} containers" if stopped else "nothing was running")
+    stopped = stack_for(cfg_path, engine).stop(servers, timeout)
+    show(as_json, {"stopped": stopped}, f"stopped {len(stopped)} containers" if stopped else "nothing was running")
 
 
 @app.command()
-def kill(cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+def kill(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOpt = False) -> None:
     """Kill every container of the stack at once, the gateway included."""
-    st = stack_for(cfg_path, engine)
-    killed = st.kill()
-    out.print(f"killed {len(killed)} containers" if killed else "nothing was running")
+    killed = stack_for(cfg_path, engine).kill()
+    show(as_json, {"killed": killed}, f"killed {len(killed)} containers" if killed else "nothing was running")
 
 
 @app.command()
-def restart(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+def restart(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+            as_json: JsonOpt = False) -> None:
     """Recreate servers one at a time, each healthy before the next."""
     st = stack_for(cfg_path, engine)
     st.restart(servers, on_state=lambda c, s: say(f"{c}: {s}"))
-    out.print("restarted " + ", ".join(st.select(servers)))
+    names = st.select(servers)
+    show(as_json, {"restarted": names}, "restarted " + ", ".join(names))
 
 
 @app.command()
-def down(cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+def down(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOpt = False) -> None:
     """Remove every container of the stack and its network (models and images stay)."""
     st = stack_for(cfg_path, engine)
     removed = st.down()
-    out.print(f"removed {len(removed)} containers and network {st.network}")
+    show(as_json, {"removed": removed, "network": st.network}, f"removed {len(removed)} containers and network {st.network}")
 
 
 @app.command()
 def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOpt = False) -> None:
-    """Per server: state, health, uptime, restarts, image, commit, model, role."""
+    """Per server: state, health, uptime, restarts, image, commit, model, role, the defaults podllama chose."""
     st = stack_for(cfg_path, engine)
     rows = st.status()
     gw = st.engine.inspect(st.gateway_name)
@@ -274,6 +340,8 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     out.print(table)
     out.print(f"gateway {st.gateway_name}: {gw.state if gw else 'missing'} ({st.gateway_url})")
     for r in rows:
+        if r.get("chosen"):
+            out.print(f"[dim]{r['container']}: {r['chosen']}[/dim]", highlight=False)
         if r["failed"]:
             out.print(f"[red]{r['container']} failed[/red]: {r['failed']['reason']}\n{r['failed']['logs']}")
     last = saved.get("last_update")
@@ -302,12 +370,14 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
     name = st.gateway_name if server == "gateway" else container_name(st.name, st.select([server])[0], replica)
     if st.engine.inspect(name) is None:
         raise StackError(f"no container {name}; is the stack started (`podllama start`)?")
-    try:
-        for line in st.engine.logs(name, tail=tail, follow=follow):
-            sys.stdout.write(line)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
+    for line in st.engine.logs(name, tail=tail, follow=follow):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def rolling(step: Step, st: Stack) -> Any:
+    """The build an update or rebuild makes, reporting to STEP."""
+    return lambda variant: build_variant(step, st.cfg, st.engine, variant, st.hardware)
 
 
 @app.command()
@@ -320,8 +390,11 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
     from .update import update as run_update
 
     st = stack_for(cfg_path, engine)
-    result = run_update(st, ref, remote, progress=say)
-    emit(result.to_dict()) if as_json else out.print(f"[green]updated[/green] {result.summary}")
+    steps = Steps(err)
+    with steps.step(f"update llama.cpp to {ref}") as s:
+        result = run_update(st, ref, remote, progress=s.say, build=rolling(s, st))
+    steps.summary()
+    show(as_json, result.to_dict(), f"[green]updated[/green] {result.summary}")
 
 
 @app.command()
@@ -331,24 +404,90 @@ def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Engi
     from .update import rebuild as run_rebuild
 
     st = stack_for(cfg_path, engine)
-    result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=say)
-    emit(result.to_dict()) if as_json else out.print(f"[green]rebuilt[/green] {result.summary}")
+    steps = Steps(err)
+    with steps.step("rebuild the stack's images") as s:
+        result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=s.say,
+                             build=rolling(s, st))
+    steps.summary()
+    show(as_json, result.to_dict(), f"[green]rebuilt[/green] {result.summary}")
 
 
 @app.command()
-def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None) -> None:
+def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+             as_json: JsonOpt = False) -> None:
     """Go back to the previous image of a variant (`:<variant>-previous`) and restart the servers that use it."""
     st = stack_for(cfg_path, engine)
     chosen = variant if variant and variant != "auto" else st.variant_of(next(iter(st.cfg.servers.values()))) \
         if st.cfg.servers else hardware.resolve_variant(st.cfg.stack.variant)
     image = images.rollback(st.engine, chosen, repo=st.cfg.build.repository)
-    out.print(f"{st.image_of(chosen)} → {image[:12]}")
     users = [n for n, s in st.cfg.servers.items() if st.variant_of(s) == chosen]
     if users:
         st.restart(users, on_state=lambda c, s: say(f"{c}: {s}"))
-        out.print("restarted " + ", ".join(users))
+    show(as_json, {"variant": chosen, "image": image, "restarted": users},
+         f"{st.image_of(chosen)} → {image[:12]}" + (f"; restarted {', '.join(users)}" if users else ""))
 
 
+# -- asking a model ---------------------------------------------------------------------------------------------
+def _answer(api: GatewayAPI, messages: list[dict[str, str]], model: str | None, max_tokens: int | None = None,
+            temperature: float | None = None) -> str:
+    """Stream one answer to the terminal; Ctrl-C stops it (what came so far is kept)."""
+    pieces: list[str] = []
+    try:
+        for piece in api.chat(messages, model, max_tokens, temperature):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+@app.command()
+def run(words: Annotated[list[str], typer.Argument(help="[MODEL] PROMPT (the prompt from stdin when it is -)",
+                                                   show_default=False)],
+        cfg_path: ConfigOpt = None,
+        max_tokens: Annotated[int | None, typer.Option(help="Longest answer, in tokens")] = None,
+        temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0: always the likeliest)")] = None,
+        as_json: JsonOpt = False) -> None:
+    """Ask a model of the running stack one thing; the answer streams back (through the gateway)."""
+    if len(words) > 2:
+        raise typer.BadParameter("give at most a model and one prompt (quote the prompt)")
+    model, prompt = (words[0], words[1]) if len(words) == 2 else (None, words[0])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    api = GatewayAPI(load_config(cfg_path))
+    messages = [{"role": "user", "content": prompt}]
+    if as_json:
+        return emit({"model": model, "content": "".join(api.chat(messages, model, max_tokens, temperature))})
+    _answer(api, messages, model, max_tokens, temperature)
+
+
+@app.command()
+def chat(model: Annotated[str | None, typer.Argument(help="A model, alias or server (default: the chat default)")] = None,
+         cfg_path: ConfigOpt = None) -> None:
+    """Talk with a model of the running stack. /clear forgets the conversation; Ctrl-D or /exit leaves."""
+    api = GatewayAPI(load_config(cfg_path))
+    messages: list[dict[str, str]] = []
+    err.print(f"[dim]chatting with {model or 'the default chat server'} at {api.url}; /clear, /exit[/dim]")
+    while True:
+        try:
+            line = input("› ")
+        except EOFError:
+            out.print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/clear":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": _answer(api, messages, model)})
+
+
+# -- gateway and endpoints --------------------------------------------------------------------------------------
 @app.command()
 def endpoints(as_json: JsonOpt = False) -> None:
     """Every llama-server endpoint the gateway serves, from its route table (Markdown, or --json)."""
@@ -369,7 +508,6 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
                 supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True) -> None:
     """Run the gateway in this process (development; `podllama start` runs it as a container)."""
     import logging
-    import os
 
     from .gateway.app import Gateway
     from .gateway.server import serve
@@ -385,38 +523,23 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
 
 
 # -- models ---------------------------------------------------------------------------------------------------
-def download_bars() -> tuple[Progress, Any]:
-    """A rich progress bar per file, for hub.pull's progress callback."""
-    from rich.progress import DownloadColumn, TransferSpeedColumn
-
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    console=err, transient=False)
-    tasks: dict[str, Any] = {}
-
-    def update(name: str, done: int, total: int) -> None:
-        if name not in tasks:
-            tasks[name] = bars.add_task(name, total=total or None)
-        bars.update(tasks[name], completed=done, total=total or None)
-
-    return bars, update
-
-
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/FILE.gguf (as llama.cpp's -hf)")],
          cfg_path: ConfigOpt = None,
          revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (default: main)")] = None,
          mmproj: Annotated[bool, typer.Option(help="Also the multimodal projector, when the repo has one")] = True,
          as_json: JsonOpt = False) -> None:
-    """Download a model from Hugging Face into the store (resumes; checks every file's sha256)."""
+    """Download a model from Hugging Face into the store (resumes, retries, checks every file's sha256)."""
     from . import hub
+    from .credentials import Credentials
     from .store import Store
 
     cfg = load_config(cfg_path, required=False)
-    token = hub.token(cfg.hub_token_file)
-    bars, update = download_bars()
-    with bars:
-        m = hub.pull(Store(cfg.models_path), ref, revision=revision, mmproj=mmproj, hf_token=token,
-                     hub=cfg.hub.endpoint, progress=update, say=say)
+    creds = Credentials(cfg.state_path)
+    steps = Steps(err)
+    with steps.step(f"download {ref}") as s:
+        m = hub.pull(Store(cfg.models_path), ref, revision=revision, mmproj=mmproj, hf_token=creds.hub_token(cfg),
+                     hub=creds.hub_endpoint(cfg), progress=download_progress(s), say=s.say)
     if as_json:
         return emit(m.to_dict())
     out.print(f"[green]{m.id}[/green] at {(m.revision or '')[:12]}: {len(m.files)} files, {m.size / 2**20:.1f} MiB in "
@@ -427,11 +550,10 @@ def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/F
 @models_app.command("list")
 def models_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Models in the store: size, source, which servers use them."""
+    from . import hub
     from .store import Store
 
     cfg = load_config(cfg_path, required=False)
-    from . import hub
-
     rows = hub.listing(Store(cfg.models_path), cfg.servers)
     if as_json:
         return emit(rows)
@@ -445,11 +567,13 @@ def models_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @models_app.command("rm")
 def models_rm(model_id: Annotated[str, typer.Argument(help="A model id from `podllama models list`")],
               cfg_path: ConfigOpt = None, engine: EngineOpt = None,
-              force: Annotated[bool, typer.Option("--force", help="Stop the servers that use it first")] = False) -> None:
+              force: Annotated[bool, typer.Option("--force", help="Stop the servers that use it first")] = False,
+              as_json: JsonOpt = False) -> None:
     """Remove a model from the store; refused while a running server uses it (unless --force)."""
     cfg = load_config(cfg_path, required=False)
     removed, stopped = Stack(cfg, engine_for(cfg, engine), progress=say).remove_model(model_id, force)
-    out.print(f"removed {model_id} ({len(removed)} files)" + (f"; stopped {', '.join(stopped)}" if stopped else ""))
+    show(as_json, {"removed": removed, "stopped": stopped},
+         f"removed {model_id} ({len(removed)} files)" + (f"; stopped {', '.join(stopped)}" if stopped else ""))
 
 
 @models_app.command("verify")
@@ -471,13 +595,14 @@ def models_verify(model_id: Annotated[str | None, typer.Argument(help="One model
 
 @models_app.command("import")
 def models_import(file: Annotated[Path, typer.Argument(help="A local GGUF file")], cfg_path: ConfigOpt = None,
-                  name: Annotated[str | None, typer.Option(help="Its name in the store (default: the file's)")] = None) -> None:
+                  name: Annotated[str | None, typer.Option(help="Its name in the store (default: the file's)")] = None,
+                  as_json: JsonOpt = False) -> None:
     """Copy a local GGUF into the store and record it (checked before it takes its name)."""
     from .store import Store
 
     cfg = load_config(cfg_path, required=False)
     m = Store(cfg.models_path).import_file(file, name)
-    out.print(f'imported {m.id}: model = "{m.model}"')
+    show(as_json, m.to_dict(), f'imported {m.id}: model = "{m.model}"')
 
 
 @models_app.command("usage")
@@ -487,17 +612,16 @@ def models_usage(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
     cfg = load_config(cfg_path, required=False)
     u = Store(cfg.models_path).usage()
-    if as_json:
-        return emit(u)
-    out.print(f"{u['path']}: {u['models']} models, {u['bytes'] / 2**30:.2f} GiB "
-              f"({u['partial_bytes'] / 2**20:.1f} MiB partial downloads); {u['disk_free_bytes'] / 2**30:.1f} GiB free")
+    show(as_json, u, f"{u['path']}: {u['models']} models, {u['bytes'] / 2**30:.2f} GiB "
+                     f"({u['partial_bytes'] / 2**20:.1f} MiB partial downloads); {u['disk_free_bytes'] / 2**30:.1f} GiB free")
 
 
-# -- config ---------------------------------------------------------------------------------------------------
+# -- config and machine -----------------------------------------------------------------------------------------
 @app.command("check")
 def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
           with_flags: Annotated[bool, typer.Option("--flags/--no-flags", help="Also check args against the built "
-                                                   "image's llama-server flags")] = True) -> None:
+                                                   "image's llama-server flags")] = True,
+          as_json: JsonOpt = False) -> None:
     """Validate services.toml (and each server's args against the flags of the image it will run)."""
     from . import flags as flagmod
 
@@ -507,7 +631,7 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
         eng = engine_for(cfg, engine)
         hw = hardware.detect()
         for name, server in cfg.servers.items():
-            tag = images.tag_for(hardware.resolve_variant(server.variant or cfg.stack.variant, hw))
+            tag = images.tag_for(hardware.resolve_variant(server.variant or cfg.stack.variant, hw), repo=cfg.build.repository)
             if not eng.image_exists(tag):
                 notes.append(f"servers.{name}: no {tag} image yet to check its args against; run `podllama build`")
                 continue
@@ -515,11 +639,12 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                 flagmod.render(server.args, images.record_flags(eng, tag))
             except FlagError as e:
                 errors.append(f"{cfg.source}: servers.{name}.{e}")
-    for n in notes:
+    for n in notes if not as_json else []:
         err.print(f"[yellow]note:[/yellow] {n}", highlight=False)
     if errors:
         raise FlagError("\n".join(errors))
-    out.print(f"{cfg.source}: ok ({len(cfg.servers)} servers)")
+    show(as_json, {"config": str(cfg.source), "servers": len(cfg.servers), "notes": notes},
+         f"{cfg.source}: ok ({len(cfg.servers)} servers)")
 
 
 @app.command()
@@ -527,7 +652,6 @@ def doctor(engine: EngineOpt = None, cfg_path: ConfigOpt = None, variant: Varian
            fix: Annotated[bool, typer.Option("--fix", help="Apply the fixes podllama can make itself")] = False,
            as_json: JsonOpt = False) -> None:
     """Check the engine, its runtime quirks, the API socket, GPU passthrough and base images."""
-
     from . import doctor as doc
 
     cfg = load_config(cfg_path, required=False)
@@ -547,22 +671,68 @@ def doctor(engine: EngineOpt = None, cfg_path: ConfigOpt = None, variant: Varian
 
 
 @app.command()
-def version() -> None:
+def version(as_json: JsonOpt = False) -> None:
     """podllama's version and the llama.cpp commit it builds."""
     st = source.status()
-    out.print(f"podllama {__version__}, llama.cpp {st.commit[:12] if st.commit else 'not checked out'}")
+    show(as_json, {"podllama": __version__, "llama.cpp": st.commit},
+         f"podllama {__version__}, llama.cpp {st.commit[:12] if st.commit else 'not checked out'}")
+
+
+@service_app.command("install")
+def service_install(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Write (and enable, where systemd runs) a unit that starts this stack when the machine starts."""
+    from . import service
+
+    cfg = load_config(cfg_path)
+    assert cfg.source is not None
+    unit = service.unit_for(cfg.stack.name, cfg.source, cfg.stack.engine, source.project_root())
+    done = service.install(unit)
+    show(as_json, {"unit": str(unit.path), "done": done}, "\n".join(done))
+
+
+@service_app.command("remove")
+def service_remove(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Disable and remove the stack's unit."""
+    from . import service
+
+    cfg = load_config(cfg_path)
+    assert cfg.source is not None
+    done = service.remove(service.unit_for(cfg.stack.name, cfg.source, cfg.stack.engine, source.project_root()))
+    show(as_json, {"done": done}, "\n".join(done))
+
+
+# -- running it -------------------------------------------------------------------------------------------------
+KNOWN_ERRORS = (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError,
+                StoreError, ApiError, ServiceError, GGUFError, RootRequired)
+
+
+def fail(code: int, message: str, kind: str, as_json: bool) -> None:
+    if as_json:
+        emit({"error": {"type": kind, "message": message, "exit_code": code}})
+    else:
+        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
+    as_json = "--json" in sys.argv[1:]
     try:
-        app()
-    except (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError, StoreError,
-            ApiError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
-        sys.exit(130)
+        rv = app(standalone_mode=False)
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        fail(130, "interrupted; nothing was left half-done (run the same command again to finish)", "interrupted",
+             as_json)
+    except KNOWN_ERRORS as e:
+        fail(1, str(e), type(e).__name__, as_json)
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error (typer's own click, or click)
+            if as_json:
+                fail(e.exit_code, e.format_message(), "usage", True)
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)
+        if os.environ.get("PODLLAMA_DEBUG"):  # one line, no locals; the traceback only when asked for
+            raise
+        fail(1, f"unexpected {type(e).__name__}: {e} (PODLLAMA_DEBUG=1 shows where)", type(e).__name__, as_json)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

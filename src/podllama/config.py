@@ -58,7 +58,9 @@ class BuildSection(_Model):
     # anything else is taken as one image reference used for both stages.
     base: str = "upstream"
     repository: str = "podllama/llama-server"  # where built images are tagged
-    cpu_target: Literal["portable", "native"] = "portable"
+    # auto: native for images built for this machine (an update keeps what the image in use was built with);
+    # portable: one image for every CPU of the architecture, for other machines
+    cpu_target: Literal["auto", "portable", "native"] = "auto"
     ui: Literal["auto", "on", "off"] = "auto"
     cuda_architectures: list[str] = Field(default_factory=list)
     rocm_targets: list[str] = Field(default_factory=list)
@@ -113,6 +115,12 @@ class GatewaySection(_Model):
     max_header_kb: Annotated[int, Field(ge=4, le=1024)] = 64  # request line and headers together (431 beyond)
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
 
+    @property
+    def url(self) -> str:
+        """Where the gateway is reached from this machine."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
@@ -153,6 +161,8 @@ class SupervisorSection(_Model):
 class ServerSection(_Model):
     role: Role = "chat"
     model: str
+    # a file in models_dir used while `model` (a hub reference) is not in the store and cannot be downloaded
+    fallback: str | None = None
     alias: str | None = None
     mmproj: str | None = None
     ctx_size: Annotated[int, Field(ge=0)] | None = None
@@ -163,7 +173,7 @@ class ServerSection(_Model):
     args: dict[str, ArgValue] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("model", "mmproj")
+    @field_validator("model", "mmproj", "fallback")
     @classmethod
     def _file(cls, v: str | None) -> str | None:
         if v is None:
@@ -214,6 +224,15 @@ class ServerSection(_Model):
             if "\x00" in value:
                 raise ValueError(f"env.{key} holds a NUL byte")
         return v
+
+    @model_validator(mode="after")
+    def _fallback(self) -> ServerSection:
+        if self.fallback is not None and not self.model.startswith("hf://"):
+            raise ValueError("fallback is for a model = \"hf://…\" that may not be downloadable; a local model "
+                             "needs none")
+        if self.fallback is not None and self.fallback.startswith("hf://"):
+            raise ValueError("fallback must be a file in models_dir, not a hub reference")
+        return self
 
     @model_validator(mode="after")
     def _projector(self) -> ServerSection:

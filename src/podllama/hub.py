@@ -186,7 +186,8 @@ class Remote:
 
 def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = True, hf_token: str | None = None,
          hub: str | None = None, progress: Callable[[str, int, int], None] | None = None,
-         cancel: threading.Event | None = None, say: Callable[[str], None] = lambda m: None) -> Manifest:
+         cancel: threading.Event | None = None, say: Callable[[str], None] = lambda m: None,
+         retry_delay: float | None = None) -> Manifest:
     """Download REF into STORE (resuming what an earlier attempt left) and record its manifest."""
     from huggingface_hub import HfApi
 
@@ -224,7 +225,8 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
         if final.is_file() and r.sha256 and final.stat().st_size == r.size and _matches(final, r):
             staged[rel] = final  # already here, checked
         else:
-            staged[rel] = _download(store, base, ref.repo, commit, r, rel, hf_token, progress, cancel)
+            staged[rel] = _download(store, base, ref.repo, commit, r, rel, hf_token, progress, cancel, say,
+                                    RETRY_DELAY if retry_delay is None else retry_delay)
         stored.append(StoredFile(rel, staged[rel].stat().st_size, _sha256(staged[rel]), r.kind))
     m = Manifest(id=ref.id if ref.file or ref.tag else f"{ref.repo}:{split_info(files[0])[1] or 'default'}",
                  source="hf", files=stored, repo=ref.repo, revision=commit, tag=ref.tag, origin=base)
@@ -255,13 +257,51 @@ def _matches(path: Path, r: Remote) -> bool:
     return True
 
 
+RETRIES = 5  # attempts at one file before a pull gives up (each resumes where the last one stopped)
+RETRY_DELAY = 1.0  # seconds before the second attempt, doubling, at most 16
+
+
 def _download(store: Store, base: str, repo: str, commit: str, r: Remote, rel: str, hf_token: str | None,
-              progress: Callable[[str, int, int], None] | None, cancel: threading.Event | None) -> Path:
+              progress: Callable[[str, int, int], None] | None, cancel: threading.Event | None,
+              say: Callable[[str], None] = lambda m: None, retry_delay: float = RETRY_DELAY) -> Path:
+    """One file into staging: resumed from what an earlier attempt left, retried (with backoff) when the
+    connection breaks or the hub answers 5xx, checked (size, sha256) before it is handed back."""
+    part = store.partial(rel)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    delay = retry_delay
+    for attempt in range(1, RETRIES + 1):
+        try:
+            _fetch(part, base, repo, commit, r, hf_token, progress, cancel)
+            break
+        except _Retryable as e:
+            if attempt == RETRIES:
+                raise PullError(f"{repo}/{r.path}: {e}, {RETRIES} times; run the same pull again to resume it "
+                                f"({part.stat().st_size if part.exists() else 0} bytes are kept)") from None
+            say(f"{r.path}: {e}; trying again in {delay:.0f}s (attempt {attempt + 1} of {RETRIES}), resuming")
+            if cancel is not None and cancel.wait(delay):
+                raise PullCancelled(f"download of {r.path} cancelled; `podllama pull` again resumes it") from None
+            if cancel is None:
+                threading.Event().wait(delay)
+            delay = min(delay * 2, 16)
+    size = part.stat().st_size
+    if r.size is not None and size != r.size:
+        raise PullError(f"{repo}/{r.path}: got {size} of {r.size} bytes; run the same pull again to resume it")
+    if not _matches(part, r):
+        part.unlink()
+        raise PullError(f"{repo}/{r.path}: its sha256 does not match the hub's; the download was damaged and has "
+                        "been discarded, run the pull again")
+    return part
+
+
+class _Retryable(Exception):
+    """A download attempt that broke off, or a hub answer worth trying again (5xx)."""
+
+
+def _fetch(part: Path, base: str, repo: str, commit: str, r: Remote, hf_token: str | None,
+           progress: Callable[[str, int, int], None] | None, cancel: threading.Event | None) -> None:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    part = store.partial(rel)
-    part.parent.mkdir(parents=True, exist_ok=True)
     url = hf_hub_url(repo, r.path, revision=commit, endpoint=base)
     headers = build_hf_headers(token=hf_token or False, library_name="podllama")
     have = part.stat().st_size if part.exists() else 0
@@ -275,35 +315,29 @@ def _download(store: Store, base: str, repo: str, commit: str, r: Remote, rel: s
         with httpx.Client(timeout=timeout, follow_redirects=True) as client, \
                 client.stream("GET", url, headers=headers) as resp:
             if resp.status_code == 416 and r.size is not None and have == r.size:
-                pass  # the staged file is already complete
-            elif resp.status_code not in (200, 206):
+                return  # the staged file is already complete
+            if resp.status_code >= 500:
+                raise _Retryable(f"the hub answered {resp.status_code}")
+            if resp.status_code not in (200, 206):
                 if resp.status_code in (401, 403):
                     raise PullError(f"{repo}/{r.path}: {resp.status_code} from the hub; a gated or private repo "
                                     "needs HF_TOKEN")
                 raise PullError(f"{repo}/{r.path}: the hub answered {resp.status_code}")
-            else:
-                mode = "ab" if resp.status_code == 206 else "wb"
-                done = have if mode == "ab" else 0
-                total = r.size or int(resp.headers.get("content-length", 0)) + done
-                with part.open(mode) as out:
-                    for chunk in resp.iter_bytes():  # as it arrives: a dropped connection keeps what came
-                        if cancel is not None and cancel.is_set():
-                            raise PullCancelled(f"download of {r.path} cancelled; `podllama pull` again resumes it")
-                        out.write(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(r.path, done, total)
+            mode = "ab" if resp.status_code == 206 else "wb"
+            done = have if mode == "ab" else 0
+            total = r.size or int(resp.headers.get("content-length", 0)) + done
+            with part.open(mode) as out:
+                for chunk in resp.iter_bytes():  # as it arrives: a dropped connection keeps what came
+                    if cancel is not None and cancel.is_set():
+                        raise PullCancelled(f"download of {r.path} cancelled; `podllama pull` again resumes it")
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(r.path, done, total)
     except httpx.HTTPError as e:
-        raise PullError(f"{repo}/{r.path}: the download broke off ({type(e).__name__}); run the same pull again "
-                        "to resume it") from None
-    size = part.stat().st_size
-    if r.size is not None and size != r.size:
-        raise PullError(f"{repo}/{r.path}: got {size} of {r.size} bytes; run the same pull again to resume it")
-    if not _matches(part, r):
-        part.unlink()
-        raise PullError(f"{repo}/{r.path}: its sha256 does not match the hub's; the download was damaged and has "
-                        "been discarded, run the pull again")
-    return part
+        raise _Retryable(f"the download broke off ({type(e).__name__})") from None
+    if r.size is not None and part.stat().st_size < r.size:
+        raise _Retryable(f"the hub sent {part.stat().st_size} of {r.size} bytes")
 
 
 def resolve(store: Store, text: str) -> Manifest | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -137,9 +136,40 @@ def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) 
             )
 
 
+# Installed into a bootstrapped base, as Debian's own slim images do: no documentation, manuals or
+# translations from later installs, and no package caches left in image layers.
+DPKG_SLIM = """path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
+_CLEAN = '"rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"'
+APT_CLEAN = (f"DPkg::Post-Invoke {{ {_CLEAN}; }};\nAPT::Update::Post-Invoke {{ {_CLEAN}; }};\n"
+             'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n')
+
+
+def slim_rootfs(root: Path) -> None:
+    """What debootstrap leaves that no image needs: downloaded packages, apt's caches and lists, manuals,
+    translations, documentation (licences kept); and the settings that keep later installs as lean."""
+    for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*", "usr/share/man/*",
+                    "usr/share/info/*", "usr/share/locale/*"):
+        for p in root.glob(pattern):
+            if p.name != "locale.alias" and p.name != "lock" and p.name != "partial":
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for doc in (root / "usr/share/doc").glob("*"):
+        for p in doc.iterdir() if doc.is_dir() and not doc.is_symlink() else []:
+            if p.name != "copyright":
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (root / "etc/dpkg/dpkg.cfg.d/podllama-slim").write_text(DPKG_SLIM)
+    (root / "etc/apt/apt.conf.d/podllama-clean").write_text(APT_CLEAN)
+
+
 def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debian.org/debian",
-                   progress: Callable[[str], None] = print) -> str:
-    """Make localhost/podllama-base:SUITE from Debian packages (debootstrap, as root), with no registry."""
+                   progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> str:
+    """Make localhost/podllama-base:SUITE from Debian packages (debootstrap, as root), with no registry.
+    ON_LINE gets debootstrap's progress lines (retrieving, extracting, configuring …)."""
     if shutil.which("debootstrap") is None:
         raise BuildError("debootstrap is not installed; `apt-get install debootstrap` (scripts/setup.sh does)")
     if os.geteuid() != 0:
@@ -149,10 +179,18 @@ def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debi
     if root.exists():
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    progress(f"debootstrap {suite} from {mirror} (about a minute)")
-    proc = subprocess.run(["debootstrap", "--variant=minbase", suite, str(root), mirror], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"debootstrap {suite} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    progress(f"debootstrap {suite} from {mirror} (about half a minute)")
+    proc = subprocess.Popen(["debootstrap", "--variant=minbase", suite, str(root), mirror], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # "I: Retrieving libc6 2.36-9", "I: Extracting …", "I: Configuring …"
+        lines.append(line.rstrip())
+        if line.startswith("I: ") and on_line is not None:
+            on_line(line[3:].strip())
+    if proc.wait() != 0:
+        raise BuildError(f"debootstrap {suite} failed: {chr(10).join(lines[-20:])}")
+    slim_rootfs(root)
     progress(f"importing {ref} into {engine.name}")
     tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
     assert tar.stdout is not None
@@ -202,15 +240,13 @@ def build_args_for(variant: str, base: Base, commit: str, build_number: int, cpu
     return args
 
 
-_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
-
-
-def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "portable",
+def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "native",
           ui_mode: str = "auto", cuda_architectures: list[str] | None = None, rocm_targets: list[str] | None = None,
           log_dir: Path, root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None,
           repo: str = REPO,
-          progress: Callable[[str], None] = print, on_percent: Callable[[int], None] | None = None) -> BuildResult:
-    """Build, smoke-test and tag the llama-server image for VARIANT from the llama.cpp tree."""
+          progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> BuildResult:
+    """Build, smoke-test and tag the llama-server image for VARIANT from the llama.cpp tree. ON_LINE gets every
+    line the build prints (progress.build_progress reads how far it is)."""
     started = time.monotonic()
     root = root or source.project_root()
     tree = root / source.SUBMODULE
@@ -239,13 +275,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
             "org.opencontainers.image.revision": commit, "org.opencontainers.image.source": source.UPSTREAM_URL,
             "org.opencontainers.image.title": f"llama-server ({variant}) built by podllama",
         }
-        progress(f"building (full log: {log_path})")
-
-        def on_line(line: str) -> None:
-            m = _PERCENT.match(line)
-            if m and on_percent:
-                on_percent(int(m.group(1)))
-
+        progress(f"building, CPU target {cpu_target} (full log: {log_path})")
         image_id = engine.build(file, tree, args, labels, log, on_line)
     if image_id is None:
         raise BuildError(f"the {variant} image did not build; nothing was changed. Full log: {log_path}\n"
@@ -273,18 +303,39 @@ def base_choice(cfg: Any, override: str | None = None) -> str:
     return override or os.environ.get("PODLLAMA_BASE") or cfg.build.base
 
 
+def cpu_target(configured: str, override: str | None = None, running: str | None = None) -> str:
+    """The CPU target of a build: --native/--portable (OVERRIDE), else [build] cpu_target; "auto" means what
+    the image in use was built with (RUNNING; an update keeps it), else native — this machine's own build,
+    compiled once instead of for every CPU generation (portable is for images meant for other machines)."""
+    chosen = override or configured
+    if chosen != "auto":
+        return chosen
+    return running if running in ("native", "portable") else "native"
+
+
+def recorded_cpu_target(engine: CliEngine, image: str) -> str | None:
+    """The CPU target IMAGE was built with, from its labels."""
+    try:
+        target = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("CPU_TARGET")
+    except (ValueError, AttributeError):
+        return None
+    return target if isinstance(target, str) else None
+
+
 def build_configured(engine: CliEngine, cfg: Any, variant: str, hw: Any, *, base: str | None = None,
-                     native: bool = False, ui: str | None = None, smoke: bool = True,
-                     progress: Callable[[str], None] = print, on_percent: Callable[[int], None] | None = None
+                     target: str | None = None, ui: str | None = None, smoke: bool = True,
+                     progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None
                      ) -> BuildResult:
     """`build` with everything taken from a stack's config (CFG) and this machine's hardware (HW): base images,
-    CPU target, UI, GPU targets, the repository, the log directory, and the GPU for the smoke test."""
+    CPU target (TARGET overrides), UI, GPU targets, the repository, the log directory, and the GPU for the
+    smoke test."""
     gpu = GpuRequest(backend=variant) if variant != "cpu" and any(g.backend == variant for g in hw.gpus) else None
+    running = recorded_cpu_target(engine, tag_for(variant, repo=cfg.build.repository))
     return build(engine, variant, base_choice=base_choice(cfg, base),
-                 cpu_target="native" if native else cfg.build.cpu_target, ui_mode=ui or cfg.build.ui,
+                 cpu_target=cpu_target(cfg.build.cpu_target, target, running), ui_mode=ui or cfg.build.ui,
                  cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
                  rocm_targets=cfg.build.rocm_targets or hw.rocm_targets, log_dir=cfg.state_path / "logs",
-                 smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=progress, on_percent=on_percent)
+                 smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=progress, on_line=on_line)
 
 
 def promote(engine: CliEngine, image_id: str, variant: str, commit: str, repo: str = REPO,
@@ -442,7 +493,7 @@ def gateway_tag(engine: CliEngine, root: Path) -> str:
 
 
 def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path,
-                  progress: Callable[[str], None] = print) -> str:
+                  progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> str:
     """The gateway image for this podllama source and ENGINE, built if it does not exist yet."""
     tag = gateway_tag(engine, root)
     if engine.image_exists(tag):
@@ -457,7 +508,7 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
     if os.environ.get("PIP_INDEX_URL"):
         args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
     with log_path.open("w") as log:
-        image_id = engine.build(root / "containers" / "Containerfile.gateway", root, args, labels, log,
+        image_id = engine.build(root / "containers" / "Containerfile.gateway", root, args, labels, log, on_line,
                                 secrets={"cacert": host_ca_bundle()})
     if image_id is None:
         raise BuildError(f"the gateway image did not build. Full log: {log_path}\n" + _tail(log_path))

@@ -7,6 +7,7 @@ container carries `podllama.stack` and the labels below, so podllama only ever t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -16,11 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import flags, hardware, hub, images
+from . import defaults, flags, hardware, hub, images
 from .config import PROJECTOR_ROLES, Config, ServerSection
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
-from .health import DOWN, LOADING, OK, container_health, wait_healthy
+from .gguf_meta import GGUFError, Metadata
+from .gguf_meta import read as read_gguf
+from .health import DOWN, LOADING, OK, container_health
 from .state import RUNNING, STOPPED, StackState
 from .store import ModelNotFound, Store, StoreError
 
@@ -33,7 +36,7 @@ ROLE_FLAGS: dict[str, list[str]] = {
 L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
 L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
 L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
-L_FILE = "podllama.model-file"
+L_FILE, L_CHOSEN = "podllama.model-file", "podllama.chosen"
 
 
 class StackError(Exception):
@@ -101,9 +104,10 @@ def container_name(stack: str, server: str, replica: int) -> str:
 
 
 def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
-                mmproj: str | None) -> list[str]:
-    """The llama-server command line of a server: model and role from podllama, then the user's args.
-    MODEL and MMPROJ are files in the store (a hub reference already resolved)."""
+                mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
+    """The llama-server command line of a server: model and role from podllama, the flags chosen from the model
+    file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
+    reference already resolved)."""
     argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
     if server.ctx_size is not None:
         argv += ["--ctx-size", str(server.ctx_size)]
@@ -111,7 +115,7 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
         argv += ["--n-gpu-layers", str(server.gpu_layers)]
     if mmproj:
         argv += ["--mmproj", f"/models/{mmproj}"]
-    argv += ROLE_FLAGS[server.role]
+    argv += ROLE_FLAGS[server.role] + (chosen or [])
     if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
         argv.append("--metrics")
     try:
@@ -181,12 +185,15 @@ class Stack:
         return Credentials(self.cfg.state_path)
 
     def model_files(self, name: str) -> tuple[str, str | None]:
-        """The model and projector files (in the store) of server NAME."""
+        """The model and projector files (in the store) of server NAME: its hub model once pulled, else its
+        fallback where it has one."""
         server = self.cfg.servers[name]
         if not server.model.startswith("hf://"):
             return server.model, server.mmproj
         m = hub.resolve(self.store, server.model)
         if m is None:
+            if server.fallback and (self.cfg.models_path / server.fallback).is_file():
+                return server.fallback, server.mmproj
             raise StackError(f"servers.{name}: {server.model} is not in the model store yet; run "
                              f"`podllama pull {server.model.removeprefix('hf://')}`")
         mmproj = server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None)
@@ -195,19 +202,40 @@ class Stack:
                              "mmproj file; set mmproj = \"FILE\"")
         return m.model, mmproj
 
+    def chosen(self, name: str, model: str) -> tuple[list[str], list[str]]:
+        """(flags, notes): what podllama adds to server NAME from what its model file says (defaults.py)."""
+        server = self.cfg.servers[name]
+        path = self.store.path(model)
+        try:
+            st = path.stat()
+            meta = _metadata(str(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            return [], []
+        except GGUFError as e:
+            raise StackError(f"servers.{name}: {e}") from None
+        argv, notes = defaults.for_server(server.role, server.args, meta)
+        if model == server.fallback:
+            notes.insert(0, f"the fallback model (the hub model {server.model} is not in the store)")
+        return argv, notes
+
     def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None) -> None:
         """Download every hub model of NAMES that the store does not have yet."""
         creds = self.credentials
         token, endpoint = creds.hub_token(self.cfg), creds.hub_endpoint(self.cfg)
         for name in names:
-            ref = self.cfg.servers[name].model
+            server = self.cfg.servers[name]
+            ref = server.model
             if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None:
                 continue
             self.progress(f"servers.{name}: downloading {ref}")
             try:
                 hub.pull(self.store, ref, hf_token=token, hub=endpoint, progress=progress,
-                         mmproj=self.cfg.servers[name].role in PROJECTOR_ROLES, say=self.progress)
+                         mmproj=server.role in PROJECTOR_ROLES, say=self.progress)
             except hub.PullError as e:
+                if server.fallback and (self.cfg.models_path / server.fallback).is_file():
+                    self.progress(f"servers.{name}: {ref} cannot be downloaded ({e}); using its fallback "
+                                  f"{server.fallback} until it can")
+                    continue
                 raise StackError(f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
                                  f"{e}. When the hub can be reached, run `podllama pull "
                                  f"{ref.removeprefix('hf://')}`") from None
@@ -227,6 +255,70 @@ class Stack:
         if users:
             self.stop(users)
         return self.store.remove(model_id), users
+
+    def preflight(self, names: list[str] | None, gateway: bool = True,
+                  download: Callable[[str, int, int], None] | None = None) -> None:
+        """What `start` needs, checked before anything is built or changed: every model present (hub models
+        pulled first, DOWNLOAD reporting bytes), GPU passthrough for the variants in use, and the gateway's port
+        free or held by this stack's own gateway. Every problem is named at once, with its fix."""
+        selected = self.select(names)
+        self.pull_missing(selected, download)
+        problems = self.missing_models(selected) + self.gpu_problems(selected)
+        if gateway:
+            holder = self.port_holder()
+            if holder not in (None, "ours"):
+                gw = self.cfg.gateway
+                problems.append(f"gateway.port: {gw.host}:{gw.port} is taken by {holder}; stop it, or give the stack "
+                                "another port in [gateway] port")
+        if problems:
+            raise StackError("\n".join(problems))
+
+    def gpu_problems(self, names: list[str]) -> list[str]:
+        """GPU passthrough that would fail for the variants NAMES run on: the smoke test or the first start
+        would find out much later."""
+        from . import doctor
+
+        problems = []
+        checks = {"cuda": "NVIDIA passthrough", "rocm": "ROCm passthrough", "vulkan": "Vulkan passthrough"}
+        for variant in dict.fromkeys(self.variant_of(self.cfg.servers[n]) for n in names):
+            if variant == "cpu":
+                continue
+            if not any(g.backend == variant for g in self.hardware.gpus):
+                problems.append(f"stack.variant: the servers run the {variant} image, but this machine has no GPU for "
+                                f"it (`podllama detect`); use variant = \"cpu\" or \"auto\"")
+                continue
+            for f in doctor.check_gpus(self.hardware):
+                if f.check == checks[variant] and not f.ok:
+                    problems.append(f"{f.check}: {f.detail}; fix: {f.fix}")
+        return problems
+
+    def port_holder(self) -> str | None:
+        """Who answers on the gateway's address: "ours" (this stack's gateway), a description of whatever else
+        does, or None when nothing listens there."""
+        import http.client
+        import json as jsonlib
+
+        gw = self.cfg.gateway
+        host = self.gateway_url.removeprefix("http://").rsplit(":", 1)[0].strip("[]")
+        conn = http.client.HTTPConnection(host, gw.port, timeout=3)
+        try:
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            body = r.read(4096)
+        except ConnectionRefusedError:
+            return None
+        except (OSError, http.client.HTTPException):
+            return "another program (it does not speak HTTP)"
+        finally:
+            conn.close()
+        try:
+            data = jsonlib.loads(body)
+        except ValueError:
+            data = {}
+        if isinstance(data, dict) and data.get("service") == "podllama-gateway":
+            return "ours" if data.get("stack") == self.name else f"the gateway of another stack ('{data.get('stack')}')"
+        server = r.getheader("server")
+        return f"another program (it answered /health with {r.status}{', ' + server if server else ''})"
 
     def missing_models(self, names: list[str]) -> list[str]:
         problems = []
@@ -262,7 +354,8 @@ class Stack:
             if image not in known:
                 known[image] = images.record_flags(self.engine, image)
             model, mmproj = self.model_files(name)
-            argv = server_args(name, server, known[image], model, mmproj)
+            extra, notes = self.chosen(name, model)
+            argv = server_args(name, server, known[image], model, mmproj, extra)
             commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
             gpu = None
             if variant != "cpu":
@@ -272,7 +365,7 @@ class Stack:
                     name=container_name(self.name, name, replica), image=image, args=argv,
                     labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
-                            L_FILE: model},
+                            L_FILE: model, L_CHOSEN: "; ".join(notes)},
                     env=dict(server.env), network=self.network, network_aliases=[name],
                     mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True), secret], gpu=gpu,
                     groups=[str(SERVER_GID)],
@@ -451,9 +544,7 @@ class Stack:
 
     @property
     def gateway_url(self) -> str:
-        host = self.cfg.gateway.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.cfg.gateway.port}"
+        return self.cfg.gateway.url
 
     def gateway_spec(self, image: str, socket: Path, root: Path) -> ContainerSpec:
         """The gateway runs as root inside (to use the engine socket) but with no capabilities, no new
@@ -469,7 +560,7 @@ class Stack:
             else self._default_variant
         gw = self.cfg.gateway
         spec = ContainerSpec(
-            name=self.gateway_name, image=image, user="0:0",
+            name=self.gateway_name, image=image, user="0:0", restart="unless-stopped",
             labels={L_STACK: self.name, L_KIND: "gateway"},
             env={"PODLLAMA_CONFIG": str(self.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
                  "PODLLAMA_ENGINE": self.engine.name, "PODLLAMA_VARIANT": variant,
@@ -497,7 +588,7 @@ class Stack:
 
         return "host" if os.geteuid() == 0 and self.engine.remote is None else "stack"
 
-    def start_gateway(self, root: Path) -> str:
+    def start_gateway(self, root: Path, on_line: Callable[[str], None] | None = None) -> str:
         """The gateway container up: the engine's API socket ready (started where podllama can), the gateway
         image built from ROOT's code when missing, the container (re)created when it changed. Returns its URL."""
         from . import doctor
@@ -507,7 +598,7 @@ class Stack:
             raise StackError(f"the gateway drives {self.engine.name} through its API socket, but {finding.detail}: "
                              f"{finding.fix}")
         image = images.build_gateway(self.engine, root, images.base_choice(self.cfg), self.cfg.state_path / "logs",
-                                     progress=self.progress)
+                                     progress=self.progress, on_line=on_line)
         return self.run_gateway(image, self.engine.api_socket(), root)
 
     def missing_variants(self, names: list[str] | None) -> list[str]:
@@ -530,11 +621,17 @@ class Stack:
         elif not info.running:
             self.engine.start(self.gateway_name)
         if wait:
-            state = wait_healthy(self.gateway_url, timeout=60, alive=lambda: bool(
-                (i := self.engine.inspect(self.gateway_name)) and i.running))
-            if state != OK:
-                raise StackError(f"the gateway at {self.gateway_url} is not healthy ({state}). Last log lines:\n"
-                                 f"{self.tail(self.gateway_name)}")
+            deadline = time.monotonic() + 60
+            holder = self.port_holder()
+            while holder != "ours" and time.monotonic() < deadline:
+                info = self.engine.inspect(self.gateway_name)
+                if info is None or not info.running:
+                    break
+                time.sleep(0.2)
+                holder = self.port_holder()
+            if holder != "ours":
+                why = f"{self.gateway_url} is answered by {holder}" if holder else "it does not answer"
+                raise StackError(f"the gateway did not come up: {why}. Last log lines:\n{self.tail(self.gateway_name)}")
         return self.gateway_url
 
     # -- looking ------------------------------------------------------------------------------------------
@@ -573,7 +670,15 @@ class Stack:
             "failed": failed, "image": info.image if info else None,
             "commit": (info.labels.get(L_COMMIT) or "")[:12] if info else None,
             "exit_code": info.exit_code if info is not None and not info.running else None,
+            "model_file": info.labels.get(L_FILE) if info else None,
+            "chosen": info.labels.get(L_CHOSEN) or None if info else None,
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata(path: str, mtime_ns: int, size: int) -> Metadata:
+    """A model file's metadata, read once per version of the file (the size and time are the key)."""
+    return read_gguf(Path(path))
 
 
 def _keys(infos: Iterable[ContainerInfo]) -> list[str]:

@@ -12,8 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 VOCAB_FILE = "models/ggml-vocab-llama-spm.gguf"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -25,7 +23,12 @@ def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head
           n_ctx: int = 32768, seed: int = 0, name: str = "podllama-tiny", shards: int = 1) -> Path:
     """Write the model to DEST (atomically) and return DEST. With SHARDS > 1 it is a split GGUF
     (DEST's stem + -0000k-of-0000N.gguf, as llama.cpp's gguf-split names them); the first shard is returned."""
-    import gguf  # imported here: only smoke tests and tests need it
+    try:  # imported here: only smoke tests and tests need them (the gateway reuses the host's model)
+        import gguf
+        import numpy as np
+    except ImportError:
+        raise RuntimeError("writing the smoke-test model needs gguf and numpy: pip install 'podllama[build]' "
+                           "(scripts/setup.sh installs them)") from None
 
     reader = gguf.GGUFReader(str(vocab))
     dest = Path(dest)

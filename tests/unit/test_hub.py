@@ -120,19 +120,30 @@ def test_a_vision_repo_brings_its_projector_unless_told_not_to(fake, store):
     assert m2.mmproj is None and not (store.root / "org/vl-GGUF/mmproj-vl-f16.gguf").exists()
 
 
-def test_an_interrupted_download_resumes(fake, store):
+def test_a_download_that_breaks_off_is_retried_and_resumed(fake, store):
     data = blob(7) * 20
     fake.add("org/r-GGUF", {"r-Q4_K_M.gguf": data})
     fake.drop_after["r-Q4_K_M.gguf"] = len(data) // 3
-    with pytest.raises(PullError, match="run the same pull again"):
-        hub.pull(store, "org/r-GGUF:Q4_K_M")
-    assert not (store.root / "org/r-GGUF/r-Q4_K_M.gguf").exists()  # never half a file under the real name
-    part = store.root / ".partial/org/r-GGUF/r-Q4_K_M.gguf"
-    assert 0 < part.stat().st_size < len(data)
-    m = hub.pull(store, "org/r-GGUF:Q4_K_M")
+    said: list[str] = []
+    m = hub.pull(store, "org/r-GGUF:Q4_K_M", say=said.append, retry_delay=0.05)  # one pull: it tries again itself
     assert (store.root / m.model).read_bytes() == data
     ranges = [r for method, path, r in fake.log if path.endswith("r-Q4_K_M.gguf") and r]
-    assert ranges and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
+    assert ranges and ranges[-1] == f"bytes={len(data) // 3}-"  # resumed where it broke, not from the start
+    assert any("trying again" in line for line in said)
+
+
+def test_a_download_that_keeps_breaking_gives_up_and_keeps_what_came(fake, store):
+    data = blob(8) * 20
+    fake.add("org/b-GGUF", {"b-Q4_K_M.gguf": data})
+    fake.always_drop["b-Q4_K_M.gguf"] = 1000
+    with pytest.raises(PullError, match="5 times; run the same pull again"):
+        hub.pull(store, "org/b-GGUF:Q4_K_M", retry_delay=0.01)
+    assert not (store.root / "org/b-GGUF/b-Q4_K_M.gguf").exists()  # never half a file under the real name
+    part = store.root / ".partial/org/b-GGUF/b-Q4_K_M.gguf"
+    assert part.stat().st_size == 5 * 1000  # each attempt resumed and added what came
+    del fake.always_drop["b-Q4_K_M.gguf"]
+    m = hub.pull(store, "org/b-GGUF:Q4_K_M")
+    assert (store.root / m.model).read_bytes() == data
 
 
 def test_a_corrupted_download_is_rejected(fake, store):

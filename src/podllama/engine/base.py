@@ -60,6 +60,7 @@ class ContainerSpec:
     stop_timeout: int = 10
     cap_add: list[str] = field(default_factory=list)  # the only capabilities given back after dropping all
     groups: list[str] = field(default_factory=list)  # supplementary groups (e.g. to read a mounted secret)
+    restart: str | None = None  # the engine's restart policy (the gateway's: it supervises everything else)
 
 
 @dataclass
@@ -260,6 +261,8 @@ class CliEngine:
             argv.append("--rm")
         argv += hardening(spec)
         argv.append(f"--stop-timeout={spec.stop_timeout}")
+        if spec.restart:
+            argv.append(f"--restart={spec.restart}")
         for k, v in spec.labels.items():
             argv.append(f"--label={k}={v}")
         for k, v in spec.env.items():

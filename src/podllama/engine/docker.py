@@ -24,6 +24,12 @@ class DockerEngine(CliEngine):
     def build_env(self) -> dict[str, str]:
         return {"DOCKER_BUILDKIT": "1"}  # cache mounts and build secrets (RUN --mount) need BuildKit
 
+    def build_args(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
+                   iidfile: Path, secrets: dict[str, Path] | None = None) -> list[str]:
+        # one line per event, whatever the terminal: how far the build is can be read from it
+        argv = super().build_args(containerfile, context, build_args, labels, iidfile, secrets)
+        return argv[:1] + ["--progress=plain"] + argv[1:]
+
     def build_client(self) -> str:
         """A docker client that can build with BuildKit: one with the buildx plugin (Docker CLI 23 and newer
         need it), or an older client, which has BuildKit built in (Debian's docker.io 20.10)."""

@@ -144,8 +144,9 @@ class Gateway:
         ep = self.table.match(scope["method"], path)
         proxied = ep is not None and ep.scope != "gateway" and not (ep.name == "metrics" and not _asks_server(scope))
         passthrough = not proxied and path.startswith(PASSTHROUGH)
-        access = Access.INFERENCE if proxied or passthrough else access_of_own(path)
-        checked = await self.guard(scope, receive, send, access, own=not (proxied or passthrough))
+        ui = not proxied and not passthrough and scope["method"] in ("GET", "HEAD") and _is_ui(path)
+        access = Access.PUBLIC if ui else Access.INFERENCE if proxied or passthrough else access_of_own(path)
+        checked = await self.guard(scope, receive, send, access, own=not (proxied or passthrough or ui))
         if checked is None:
             return
         receive, send = checked
@@ -154,6 +155,8 @@ class Gateway:
             return await self.proxy.endpoint(scope, receive, send, ep)
         if passthrough:
             return await self.proxy.passthrough(scope, receive, send)
+        if ui:
+            return await self.proxy.ui(scope, receive, send)
         await self.api(scope, receive, send)
 
     # -- the routes the gateway answers -------------------------------------------------------------------
@@ -196,10 +199,10 @@ class Gateway:
             return JSONResponse({"error": {"code": 422, "message": problems, "type": "invalid_request_error"}},
                                 status_code=422)
 
-        @app.get("/health", summary="The gateway is up (public, no key)")
+        @app.get("/health", summary="The gateway is up, and whose it is (public, no key)")
         @app.get("/v1/health", include_in_schema=False)
         async def health() -> dict[str, str]:
-            return {"status": "ok"}
+            return {"status": "ok", "service": "podllama-gateway", "stack": gw.stack.name, "version": __version__}
 
         @app.get("/v1/models", summary="Every model of every server (OpenAI list shape)")
         @app.get("/models", include_in_schema=False)
@@ -244,6 +247,15 @@ class Gateway:
 def _cache(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
     app.openapi_schema = schema
     return schema
+
+
+UI_FILES = (".js", ".css", ".html", ".svg", ".png", ".ico", ".webp", ".woff", ".woff2", ".ttf", ".webmanifest",
+            ".map", ".txt")
+
+
+def _is_ui(path: str) -> bool:
+    """llama.cpp's web UI: its page and its static files (served by the default chat server)."""
+    return path == "/" or path.startswith("/_app/") or (path.endswith(UI_FILES) and not path.startswith("/api/"))
 
 
 def _asks_server(scope: dict[str, Any]) -> bool:

@@ -52,6 +52,12 @@ def target_of(path: str, query: bytes) -> bytes | None:
     return target + b"?" + query if query else target
 
 
+async def _redirect(send: Send, location: str) -> None:
+    await send({"type": "http.response.start", "status": 307,
+                "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 def drive(coro: Any, resume: Callable[[], object]) -> bool:
     """Run an ASGI send() to completion right now if it does not have to wait (it waits only when the client
     reads slower than the server writes); else finish it when it can, then call RESUME. True: done now."""
@@ -135,6 +141,31 @@ class Proxy:
         if name not in self.registry.servers:
             return await send_error(send, 404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}")
         await self.forward(scope, receive, send, name, "passthrough", target, b"", True)
+
+    async def ui(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """llama.cpp's web UI, from the default chat server: `/` and its static files. Sent upstream without the
+        stack's server key, so llama-server itself lets through only what it serves to anyone (the UI's files);
+        where the image has no UI, `/` leads to /help."""
+        server = self.registry.default(CAPABILITY_ROLES["generate"])
+        replica = self.registry.pick(server) if server else None
+        target = target_of(scope["path"], scope["query_string"])
+        if replica is None or target is None:
+            return await _redirect(send, "/help")
+        headers = [(k, v) for k, v in scope["headers"] if k in (b"accept", b"accept-encoding", b"if-none-match",
+                                                                 b"if-modified-since", b"user-agent")]
+        try:
+            response = await self.client.request(replica.host, replica.port, scope["method"], target, headers,
+                                                 limit=self.registry.http_threads(server or ""))
+            body = await response.read(self.client.idle_timeout)
+        except UpstreamError as e:
+            return await send_error(send, e.status, f"the web UI of server '{server}': {e}")
+        if scope["path"] == "/" and response.status == 404:
+            return await _redirect(send, "/help")  # an image built without the UI
+        out = [(k, v) for k, v in response.headers if k not in RESPONSE_DROP and k != b"content-length"
+               and not k.startswith(b"access-control-")]
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": [*out, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
     # -- choosing a server --------------------------------------------------------------------------------
     def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]]) -> tuple[str | None, tuple[int, str, str]]:
