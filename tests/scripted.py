@@ -200,14 +200,16 @@ def stall(seconds: float) -> Reply:
 
 
 def sse(events: int, gap: float) -> Reply:
+    """A streamed chat completion as llama-server sends it: EVENTS chunks of "tok", GAP seconds apart."""
     async def reply(ex: Exchange) -> None:
         ex.writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for i in range(events):
-            event = b'data: {"i": %d}\n\n' % i
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"tok"}}],"i":%d}\n\n' % i
             ex.writer.write(b"%x\r\n%b\r\n" % (len(event), event))
             await ex.writer.drain()
             await asyncio.sleep(gap)
-        ex.writer.write(b"0\r\n\r\n")
+        done = b"data: [DONE]\n\n"
+        ex.writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
         await ex.writer.drain()
         ex.keep_open = False
     return reply

@@ -188,7 +188,8 @@ def base_image(suite: Annotated[str, typer.Option(help="Debian suite: bookworm (
     steps = Steps(err)
     with steps.step(f"Debian {suite} base image (debootstrap)") as s:
         ref = images.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
-    show(as_json, {"image": ref, "engine": eng.name}, f"{ref} ready in {eng.name}; build with `podllama build --base local`")
+    show(as_json, {"image": ref, "engine": eng.name},
+         f'{ref} ready in {eng.name}; use it with [build] base = "local" (or $PODLLAMA_BASE=local)')
 
 
 TargetOpt = Annotated[str | None, typer.Option(
@@ -429,8 +430,9 @@ def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Eng
 
 # -- asking a model ---------------------------------------------------------------------------------------------
 def _answer(api: GatewayAPI, messages: list[dict[str, str]], model: str | None, max_tokens: int | None = None,
-            temperature: float | None = None) -> str:
-    """Stream one answer to the terminal; Ctrl-C stops it (what came so far is kept)."""
+            temperature: float | None = None, conversation: bool = False) -> str:
+    """Stream one answer to the terminal. Ctrl-C stops it (what came so far is kept): in a CONVERSATION the next
+    question can follow; otherwise the command ends (exit 130)."""
     pieces: list[str] = []
     try:
         for piece in api.chat(messages, model, max_tokens, temperature):
@@ -438,7 +440,10 @@ def _answer(api: GatewayAPI, messages: list[dict[str, str]], model: str | None, 
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stdout.write(" [stopped]")
+        sys.stdout.write(" [stopped]\n" if conversation else "\n")
+        if not conversation:
+            raise
+        return "".join(pieces)
     sys.stdout.write("\n")
     return "".join(pieces)
 
@@ -484,7 +489,7 @@ def chat(model: Annotated[str | None, typer.Argument(help="A model, alias or ser
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        messages.append({"role": "assistant", "content": _answer(api, messages, model)})
+        messages.append({"role": "assistant", "content": _answer(api, messages, model, conversation=True)})
 
 
 # -- gateway and endpoints --------------------------------------------------------------------------------------
@@ -716,11 +721,11 @@ def fail(code: int, message: str, kind: str, as_json: bool) -> None:
 
 def main() -> None:
     as_json = "--json" in sys.argv[1:]
+    interrupted = "interrupted; nothing was left half-done (run the same command again to finish)"
     try:
-        rv = app(standalone_mode=False)
+        rv = app(prog_name="podllama", standalone_mode=False)
     except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
-        fail(130, "interrupted; nothing was left half-done (run the same command again to finish)", "interrupted",
-             as_json)
+        fail(130, interrupted, "interrupted", as_json)
     except KNOWN_ERRORS as e:
         fail(1, str(e), type(e).__name__, as_json)
     except Exception as e:
@@ -732,6 +737,8 @@ def main() -> None:
         if os.environ.get("PODLLAMA_DEBUG"):  # one line, no locals; the traceback only when asked for
             raise
         fail(1, f"unexpected {type(e).__name__}: {e} (PODLLAMA_DEBUG=1 shows where)", type(e).__name__, as_json)
+    if rv == 130:  # typer turns Ctrl-C into that exit code itself
+        fail(130, interrupted, "interrupted", as_json)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -184,7 +184,7 @@ def check_bases(engine: CliEngine, variant: str, base_choice: str) -> Finding:
     if not missing:
         return Finding(f"base images ({variant})", True, base.describe())
     how = ("`podllama base-image`" if base.kind == "local" else "pulled at build time if a registry is reachable; "
-           "else `podllama base-image` and build with --base local")
+           "else `podllama base-image` and set [build] base = \"local\" (or $PODLLAMA_BASE=local)")
     return Finding(f"base images ({variant})", base.kind != "local", f"not present yet: {', '.join(missing)}", how)
 
 

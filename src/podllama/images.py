@@ -131,8 +131,9 @@ def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) 
         if not ok:
             raise BuildError(
                 f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}. "
-                "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and build with "
-                "--base local (cpu, vulkan), or load the image yourself and pass --base IMAGE"
+                "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and set "
+                "[build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`) for cpu and vulkan, "
+                "or load the image yourself and name it there"
             )
 
 
@@ -285,8 +286,9 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
                          base=base.describe(), ui=ui, log=str(log_path), seconds=0.0)
     if smoke:
         progress("smoke test: start the new image with a tiny model, /health, one chat completion")
-        try:
-            result.smoke = smoke_test(engine, image_id, tree, log_dir.parent / "smoke", gpu=gpu, log=log_path)
+        try:  # the tiny model lives in the checkout: the gateway container (which builds for update and rebuild
+            # jobs, and has no numpy) finds the one the host wrote
+            result.smoke = smoke_test(engine, image_id, tree, root / ".podllama" / "smoke", gpu=gpu, log=log_path)
         except BuildError:
             if not _tagged(engine, image_id):
                 engine.remove_image(image_id)

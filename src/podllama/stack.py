@@ -218,8 +218,11 @@ class Stack:
             notes.insert(0, f"the fallback model (the hub model {server.model} is not in the store)")
         return argv, notes
 
-    def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None) -> None:
-        """Download every hub model of NAMES that the store does not have yet."""
+    def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None
+                     ) -> dict[str, str]:
+        """Download every hub model of NAMES that the store does not have yet. Returns the servers whose model
+        could not be had (no fallback either), each with what to do."""
+        failed = {}
         creds = self.credentials
         token, endpoint = creds.hub_token(self.cfg), creds.hub_endpoint(self.cfg)
         for name in names:
@@ -236,9 +239,9 @@ class Stack:
                     self.progress(f"servers.{name}: {ref} cannot be downloaded ({e}); using its fallback "
                                   f"{server.fallback} until it can")
                     continue
-                raise StackError(f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
-                                 f"{e}. When the hub can be reached, run `podllama pull "
-                                 f"{ref.removeprefix('hf://')}`") from None
+                failed[name] = (f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
+                                f"{e}. When the hub can be reached, run `podllama pull {ref.removeprefix('hf://')}`")
+        return failed
 
     def remove_model(self, model_id: str, force: bool = False) -> tuple[list[str], list[str]]:
         """Take a model out of the store. Refused while a running server uses it, unless FORCE, which stops
@@ -262,8 +265,9 @@ class Stack:
         pulled first, DOWNLOAD reporting bytes), GPU passthrough for the variants in use, and the gateway's port
         free or held by this stack's own gateway. Every problem is named at once, with its fix."""
         selected = self.select(names)
-        self.pull_missing(selected, download)
-        problems = self.missing_models(selected) + self.gpu_problems(selected)
+        failed = self.pull_missing(selected, download)
+        problems = (list(failed.values()) + self.missing_models([n for n in selected if n not in failed])
+                    + self.gpu_problems(selected))
         if gateway:
             holder = self.port_holder()
             if holder not in (None, "ours"):
@@ -466,8 +470,8 @@ class Stack:
     def start(self, names: list[str] | None = None, wait: bool = True,
               on_state: Callable[[str, str], None] | None = None) -> Plan:
         selected = self.select(names)
-        self.pull_missing(selected)
-        problems = self.missing_models(selected)
+        failed = self.pull_missing(selected)
+        problems = list(failed.values()) + self.missing_models([n for n in selected if n not in failed])
         if problems:
             raise StackError("\n".join(problems))
         for made in self.credentials.ensure():

@@ -394,6 +394,6 @@ def test_rebuild_job_over_the_api(gw):
     job = api.post("/api/jobs/rebuild", json={"variant": "cpu"}).json()
     assert job["state"] == "running" and job["kind"] == "rebuild"
     done = wait_until(lambda: (j := api.get(f"/api/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
-    assert done["state"] == "done", done
+    assert done["state"] == "done", (done["error"], done.get("log", [])[-5:])
     assert done["result"]["ok"] and any("building cpu" in line for line in done["log"])
     assert api.post("/api/jobs/dance").status_code == 404

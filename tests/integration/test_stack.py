@@ -4,6 +4,7 @@ supervision by the gateway container, orphans, validation before anything starts
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import httpx
@@ -166,3 +167,33 @@ def test_replicas_get_one_container_each(podman, stack_files):
     sf.write('[servers.chat]\nmodel = "tiny.gguf"\nreplicas = 1\nctx_size = 512\n')
     out = sf.run("start", "--no-gateway")
     assert "remove chat" in out.stdout and podman.inspect(f"{sf.name}-chat-2") is None
+
+
+def test_the_stack_comes_back_when_the_docker_service_restarts(docker_ready, stack_files):
+    """What a reboot does to Docker: the daemon stops every container and starts again. The gateway's restart
+    policy brings it back; its supervisor brings back the servers that should run."""
+    from podllama import doctor
+
+    docker = docker_ready
+    sf = stack_files(docker)
+    sf.run("start")
+    url = f"http://127.0.0.1:{sf.port}"
+    pids = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
+    assert pids, "no dockerd runs"
+    subprocess.run(["kill", "-TERM", *pids], check=True)  # as a service manager stops it (its containers stop too)
+    if not wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 90):
+        subprocess.run(["kill", "-KILL", *pids])  # a daemon that will not stop is stopped as at a power cut
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 30), "dockerd did not stop"
+    doctor.start_dockerd()
+    assert wait_until(lambda: (i := docker.inspect(f"{sf.name}-gateway")) and i.running, 60), "gateway not back"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert wait_until(lambda: _answers(f"{url}/v1/chat/completions", chat), 90), "the servers did not come back"
+    rows = servers(sf.status())
+    assert rows["chat"]["health"] == "ok" and rows["embed"]["health"] == "ok"
+
+
+def _answers(url: str, body: dict) -> bool:
+    try:
+        return httpx.post(url, json=body, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False

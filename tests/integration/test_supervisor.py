@@ -3,6 +3,7 @@ servers that stop answering, servers that load slowly but steadily."""
 
 from __future__ import annotations
 
+import struct
 import time
 
 import pytest
@@ -107,7 +108,8 @@ def test_a_crash_loop_is_marked_failed_with_its_last_log_lines(podman, stack_fil
     bad = tmp_path / "bad-models"
     bad.mkdir()
     bad.chmod(0o755)
-    (bad / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    # a GGUF header that says nothing (no architecture, no tensors): llama-server cannot load it, and exits
+    (bad / "broken.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     (bad / "broken.gguf").chmod(0o644)
     sf = stack_files(podman, servers='[servers.crashy]\nmodel = "broken.gguf"\n')
     cfg_text = sf.path.read_text().replace(f'models_dir = "{models_dir}"', f'models_dir = "{bad}"')

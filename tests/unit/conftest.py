@@ -109,7 +109,7 @@ def gateway(tmp_path, upstream) -> Iterator:
                         f'[gateway]\nport = {port}\n{gateway_toml}\n{servers}')
         cfg = config.load(path)
         ports = targets or {name: upstream.port for name in cfg.servers}
-        gw = Gateway(cfg, supervise=False, engine_name="podman",
+        gw = Gateway(cfg, supervise=False, engine_name="podman", poll_every=0.25,
                      discover=lambda: [Target(n, f"unit-{n}-1", "127.0.0.1", p) for n, p in ports.items()])
         srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits))
         thread = threading.Thread(target=srv.run, daemon=True)

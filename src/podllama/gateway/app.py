@@ -50,9 +50,10 @@ class Gateway:
     FastAPI app."""
 
     def __init__(self, cfg: config.Config, supervise: bool = True, engine_name: str | None = None,
-                 discover: Discover | None = None, bound: str | None = None) -> None:
+                 discover: Discover | None = None, bound: str | None = None, poll_every: float = 2.0) -> None:
         """DISCOVER: where the servers' addresses come from (default: the engine's containers). BOUND: the
-        address the gateway listens on, when not [gateway] host."""
+        address the gateway listens on, when not [gateway] host. POLL_EVERY: seconds between looks at the
+        servers' health and at the config files."""
         engine = get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE") or cfg.stack.engine)
         self.stack = Stack(cfg, engine, progress=log.info, default_variant=os.environ.get("PODLLAMA_VARIANT"))
         self.credentials = Credentials(cfg.state_path)
@@ -68,6 +69,7 @@ class Gateway:
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
         self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
         self.supervise = supervise
+        self.poll_every = poll_every
         self.table = RouteTable.build()
         self.started = int(time.time())
         self.config_error: str | None = None
@@ -168,7 +170,8 @@ class Gateway:
             stop = asyncio.Event()
             await asyncio.to_thread(gw.registry.refresh)
             await gw.registry.probe_all()
-            poller = asyncio.create_task(gw.registry.run(stop, on_round=gw.follow_config))
+            poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
+                                                         on_round=gw.follow_config))
             sup_stop = gw.supervisor.start_thread()[1] if gw.supervise else None
             if gw.keys.public_bind and not gw.keys.inference:
                 log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
@@ -181,7 +184,9 @@ class Gateway:
             await gw.proxy.close()
             gw.registry.probes.close()
 
-        app = FastAPI(title="podllama gateway", version=__version__, lifespan=lifespan, docs_url="/docs",
+        # no Swagger page: its scripts come from a CDN, which machines without the internet cannot load; /help
+        # (JSON and HTML) and /openapi.json document every route from local data
+        app = FastAPI(title="podllama gateway", version=__version__, lifespan=lifespan, docs_url=None,
                       redoc_url=None)
 
         @app.exception_handler(StarletteHTTPException)
