@@ -268,7 +268,7 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
         with steps.step(f"build the {variant} llama-server image (once; later starts reuse it)") as s:
             build_variant(s, st.cfg, st.engine, variant, st.hardware)
     with steps.step("start the servers") as s:
-        plan = st.start(servers, wait=wait, on_state=lambda c, state: s.say(f"{c}: {state}"))
+        plan = st.start(servers, wait=wait, on_state=lambda c, state: s.say(f"{c}: {state}"), pull=False)
     url = None
     if gateway:
         with steps.step("start the gateway") as s:
@@ -337,7 +337,7 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
         if r["desired"] == "stopped" and r["state"] != "running":
             state += " (stopped)"
         table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
-                      str(r["restarts"]), r["commit"] or "-", r["model"])
+                      str(r["restarts"]), r["commit"] or "-", r.get("model_file") or r["model"])
     out.print(table)
     out.print(f"gateway {st.gateway_name}: {gw.state if gw else 'missing'} ({st.gateway_url})")
     for r in rows:

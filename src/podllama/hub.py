@@ -38,6 +38,15 @@ class PullCancelled(PullError):
     pass
 
 
+class HubUnreachable(PullError):
+    """The hub did not answer at all (offline, no name resolution, refused)."""
+
+    def __init__(self, where: str, cause: Exception) -> None:
+        self.short = f"cannot reach {where} ({type(cause).__name__}: {cause})"
+        super().__init__(f"{self.short}; offline? Models already in the store keep working; set HF_ENDPOINT for a "
+                         "mirror")
+
+
 @dataclass
 class Ref:
     repo: str
@@ -171,8 +180,7 @@ def _explain(e: Exception, repo: str, revision: str | None, where: str) -> PullE
         return PullError(f"{repo} not found at {where} (a private repo needs HF_TOKEN); check the name")
     if isinstance(e, errors.HfHubHTTPError):
         return PullError(f"{where} answered: {e}")
-    return PullError(f"cannot reach {where} ({type(e).__name__}: {e}); offline? Models already in the store "
-                     "keep working; set HF_ENDPOINT for a mirror")
+    return HubUnreachable(where, e)
 
 
 @dataclass

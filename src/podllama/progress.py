@@ -21,7 +21,7 @@ PLAIN_EVERY = 5.0  # seconds between progress lines when not on a terminal
 
 # what build tools print about how far they are
 _NINJA = re.compile(r"\[\s*(\d+)/(\d+)\]\s+(?:Building|Linking)")  # ninja (also inside BuildKit's "#12 3.4 …")
-_BUILDAH_STEP = re.compile(r"^STEP (\d+)/(\d+): (.*)")  # podman/buildah
+_BUILDAH_STEP = re.compile(r"^(?:\[(\d+)/(\d+)\] )?STEP (\d+)/(\d+): (.*)")  # podman/buildah ([stage] STEP n/N)
 _BUILDKIT_STEP = re.compile(r"^#\d+ \[(?:[\w-]+ )?(\d+)/(\d+)\] (.*)")  # docker BuildKit (--progress=plain)
 
 
@@ -30,7 +30,11 @@ def build_progress(line: str) -> tuple[int, int, str] | None:
     m = _NINJA.search(line)
     if m:
         return int(m.group(1)), int(m.group(2)), "objects compiled"
-    m = _BUILDAH_STEP.match(line) or _BUILDKIT_STEP.match(line)
+    m = _BUILDAH_STEP.match(line)
+    if m:
+        stage = f"stage {m.group(1)}/{m.group(2)}: " if m.group(1) else ""
+        return int(m.group(3)), int(m.group(4)), (stage + m.group(5))[:60]
+    m = _BUILDKIT_STEP.match(line)
     if m:
         return int(m.group(1)), int(m.group(2)), m.group(3)[:60]
     return None

@@ -221,22 +221,28 @@ class Stack:
     def pull_missing(self, names: list[str], progress: Callable[[str, int, int], None] | None = None
                      ) -> dict[str, str]:
         """Download every hub model of NAMES that the store does not have yet. Returns the servers whose model
-        could not be had (no fallback either), each with what to do."""
+        could not be had (no fallback either), each with what to do. A hub that does not answer is asked once."""
         failed = {}
         creds = self.credentials
         token, endpoint = creds.hub_token(self.cfg), creds.hub_endpoint(self.cfg)
+        unreachable: hub.HubUnreachable | None = None
         for name in names:
             server = self.cfg.servers[name]
             ref = server.model
             if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None:
                 continue
-            self.progress(f"servers.{name}: downloading {ref}")
             try:
+                if unreachable is not None:
+                    raise unreachable
+                self.progress(f"servers.{name}: downloading {ref}")
                 hub.pull(self.store, ref, hf_token=token, hub=endpoint, progress=progress,
                          mmproj=server.role in PROJECTOR_ROLES, say=self.progress)
             except hub.PullError as e:
+                if isinstance(e, hub.HubUnreachable):
+                    unreachable = e
                 if server.fallback and (self.cfg.models_path / server.fallback).is_file():
-                    self.progress(f"servers.{name}: {ref} cannot be downloaded ({e}); using its fallback "
+                    why = e.short if isinstance(e, hub.HubUnreachable) else str(e)
+                    self.progress(f"servers.{name}: {ref} cannot be downloaded ({why}); using its fallback "
                                   f"{server.fallback} until it can")
                     continue
                 failed[name] = (f"servers.{name}: {ref} is not in the model store and could not be downloaded: "
@@ -468,9 +474,10 @@ class Stack:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self, names: list[str] | None = None, wait: bool = True,
-              on_state: Callable[[str, str], None] | None = None) -> Plan:
+              on_state: Callable[[str, str], None] | None = None, pull: bool = True) -> Plan:
+        """PULL: download missing hub models first (False: a preflight did already)."""
         selected = self.select(names)
-        failed = self.pull_missing(selected)
+        failed = self.pull_missing(selected) if pull else {}
         problems = list(failed.values()) + self.missing_models([n for n in selected if n not in failed])
         if problems:
             raise StackError("\n".join(problems))

@@ -85,6 +85,7 @@ def test_a_chat_template_for_files_without_one():
     ("#12 314.2 [ 7/192] Building C object ggml/src/CMakeFiles/ggml-base.dir/ggml-alloc.c.o", (7, 192, "objects compiled")),
     ("[192/192] Linking CXX executable bin/llama-server", (192, 192, "objects compiled")),
     ("STEP 5/12: RUN apt-get update", (5, 12, "RUN apt-get update")),
+    ("[2/3] STEP 4/6: RUN set -eu; apt-get update", (4, 6, "stage 2/3: RUN set -eu; apt-get update")),
     ("#7 [build 3/6] RUN --mount=type=cache,target=/ccache cmake", (3, 6, "RUN --mount=type=cache,target=/ccache cmake")),
     ("-- Configuring done", None),
 ])

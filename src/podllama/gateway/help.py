@@ -33,7 +33,8 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
     out = []
     for ep in ENDPOINTS:
         out.append({
-            "name": ep.name, "methods": list(ep.methods), "path": ep.paths[0], "aliases": list(ep.paths[1:]),
+            "name": ep.name, "methods": list(ep.methods), "path": ep.paths[0] + ("{id}" if ep.prefix else ""),
+            "aliases": [p + ("{id}" if ep.prefix else "") for p in ep.paths[1:]],
             "purpose": ep.purpose, "params": list(ep.params), "streams": ep.streams,
             "routes_to": _routes_to(ep, registry), "roles": list(ep.roles) if ep.scope == "model" else [],
             "llama_server_flag": ep.flag, "auth": "public" if ep.name == "health" else inference,
