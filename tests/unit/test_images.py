@@ -1,4 +1,3 @@
-import shutil
 
 import pytest
 
@@ -45,10 +44,6 @@ def fake_ui(tmp_path, script: str):
     return ui
 
 
-needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed on this machine")
-
-
-@needs_npm
 def test_ui_is_built_with_npm_once_per_commit(tmp_path):
     ui = fake_ui(tmp_path, "mkdir -p dist && echo built >> dist/index.html")
     log = open(tmp_path / "log", "w")
@@ -58,7 +53,6 @@ def test_ui_is_built_with_npm_once_per_commit(tmp_path):
     assert state == "on" and "earlier" in why and (ui / "dist" / "index.html").read_text() == "built\n"
 
 
-@needs_npm
 def test_a_failing_ui_build_is_reported_not_fatal_in_auto_mode(tmp_path):
     ui = fake_ui(tmp_path, "mkdir -p dist && exit 3")
     log = open(tmp_path / "log", "w")
@@ -68,10 +62,45 @@ def test_a_failing_ui_build_is_reported_not_fatal_in_auto_mode(tmp_path):
         images.prepare_ui("on", tmp_path, "c1", log, print)
 
 
-def test_ui_off_and_missing_npm(tmp_path, monkeypatch):
+def fake_node(directory, version: str):
+    directory.mkdir(parents=True)
+    for name, text in (("node", f"echo {version}"), ("npm", "exit 0")):
+        (directory / name).write_text(f"#!/bin/sh\n{text}\n")
+        (directory / name).chmod(0o755)
+    return directory
+
+
+def test_a_node_that_vite_cannot_run_on_is_passed_over(tmp_path):
+    old, fits = fake_node(tmp_path / "old", "v18.19.0"), fake_node(tmp_path / "new", "v22.12.0")
+    npm = images.find_npm([tmp_path / "none", old, fake_node(tmp_path / "odd", "v21.7.3"), fits])
+    assert isinstance(npm, images.Npm) and npm.npm == fits / "npm" and npm.node_version == "v22.12.0"
+    argv, env = npm.command(tmp_path)
+    assert argv == [str(fits / "npm")] and env["PATH"].split(":")[0] == str(fits)  # npm's scripts run this node
+    why = images.find_npm([old])
+    assert isinstance(why, str) and "v18.19.0" in why and "podllama[ui]" in why
+    assert [images.node_fits(v) for v in ((20, 18, 9), (20, 19, 0), (21, 0), (22, 11, 9), (22, 12), (24, 1))] == [
+        False, True, False, False, True, True]
+
+
+def test_npm_beside_its_node_is_preferred(tmp_path):
+    """The npm of the Python wheel's Node is a script that must run from lib/node_modules; it is run through node."""
+    bin_dir = fake_node(tmp_path / "bin", "v22.20.0")
+    cli = tmp_path / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    cli.parent.mkdir(parents=True)
+    cli.write_text("")
+    npm = images.find_npm([bin_dir])
+    assert isinstance(npm, images.Npm) and npm.npm == cli
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    argv, env = npm.command(shims)
+    assert argv == [str(shims / "npm")] and env["PATH"].split(":")[:2] == [str(shims), str(bin_dir)]
+    assert f'exec "{bin_dir / "node"}" "{cli}"' in (shims / "npm").read_text()
+
+
+def test_ui_off_and_missing_npm(tmp_path):
     assert images.prepare_ui("off", tmp_path, "c", None, print)[0] == "off"
-    monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
-    assert images.prepare_ui("auto", tmp_path, "c", None, print) == (
-        "off", "npm not found (install Node.js and npm to build the web UI)")
-    with pytest.raises(BuildError, match="needs npm"):
-        images.prepare_ui("on", tmp_path, "c", None, print)
+    none = images.find_npm([tmp_path])
+    state, why = images.prepare_ui("auto", tmp_path, "c", None, print, npm=none)
+    assert state == "off" and why.startswith("npm not found")
+    with pytest.raises(BuildError, match="cannot be met: npm not found"):
+        images.prepare_ui("on", tmp_path, "c", None, print, npm=none)
