@@ -72,12 +72,15 @@ class Steps:
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[Step]:
         step = Step(title)
-        if self.live:
-            with self._live_step(step):
+        with self._live_step(step) if self.live else self._plain_step(step):
+            try:
                 yield step
-        else:
-            with self._plain_step(step):
-                yield step
+            except BaseException:
+                step.failed = True
+                raise
+            finally:
+                step.seconds = time.monotonic() - step.started
+                self.done.append(step)
 
     @contextlib.contextmanager
     def _live_step(self, step: Step) -> Iterator[None]:
@@ -92,16 +95,12 @@ class Steps:
 
         step._advance = advance
         step._say = lambda line: bar.console.print(f"  [dim]{line}[/dim]", highlight=False)
-        with bar:
-            try:
+        try:
+            with bar:
                 yield
-            except BaseException:
-                step.failed = True
-                raise
-            finally:
-                self._finish(step)
-        mark = "[red]✗[/red]" if step.failed else "[green]✓[/green]"
-        self.console.print(f"{mark} {step.title} [dim]({_duration(step.seconds or 0)})[/dim]", highlight=False)
+        finally:
+            mark = "[red]✗[/red]" if step.failed else "[green]✓[/green]"
+            self.console.print(f"{mark} {step.title} [dim]({_duration(step.seconds or 0)})[/dim]", highlight=False)
 
     @contextlib.contextmanager
     def _plain_step(self, step: Step) -> Iterator[None]:
@@ -120,23 +119,15 @@ class Steps:
         step._say = lambda line: self.console.print(f"    {line}", highlight=False)
         try:
             yield
-        except BaseException:
-            step.failed = True
-            raise
         finally:
-            self._finish(step)
             self.console.print(f"    {'failed' if step.failed else 'done'} in {_duration(step.seconds or 0)}",
                                highlight=False)
-
-    def _finish(self, step: Step) -> None:
-        step.seconds = time.monotonic() - step.started
-        self.done.append(step)
 
     def summary(self) -> None:
         """The time of every step, and in all."""
         if not self.done:
             return
-        width = max(len(s.title) for s in self.done)
+        width = max(len("in all"), *(len(s.title) for s in self.done))
         self.console.print("[bold]steps[/bold]" if self.live else "steps", highlight=False)
         for s in self.done:
             self.console.print(f"  {s.title:<{width}}  {_duration(s.seconds or 0):>7}{'  failed' if s.failed else ''}",

@@ -62,50 +62,39 @@ def git_remote(remote: str) -> str:
                      "user@host:path, or a path starting with / or ./")
 
 
+def _matching(value: str, what: str, pattern: re.Pattern[str], like: str, dots: bool = True) -> str:
+    _plain(value, what)
+    if not pattern.match(value) or (not dots and ".." in value):
+        raise ValueError(f"{what} {value!r} is not {like}")
+    return value
+
+
 def image(ref: str) -> str:
     """An image reference: [registry/]name[:tag][@sha256:…]."""
-    _plain(ref, "image")
-    if not _IMAGE.match(ref):
-        raise ValueError(f"image {ref!r} is not an image reference such as docker.io/library/debian:bookworm-slim")
-    return ref
+    return _matching(ref, "image", _IMAGE, "an image reference such as docker.io/library/debian:bookworm-slim")
 
 
 def image_name(ref: str) -> str:
     """An image repository without a tag: [registry/]name."""
-    _plain(ref, "image repository")
-    if not _IMAGE_NAME.match(ref):
-        raise ValueError(f"image repository {ref!r} is not a name such as podllama/llama-server (no tag)")
-    return ref
+    return _matching(ref, "image repository", _IMAGE_NAME, "a name such as podllama/llama-server (no tag)")
 
 
 def device(dev: str) -> str:
     """A GPU id: an index, a UUID, or a /dev path."""
-    _plain(dev, "device")
-    if not _DEVICE.match(dev) or ".." in dev:
-        raise ValueError(f"device {dev!r} is not a GPU index, id or /dev path")
-    return dev
+    return _matching(dev, "device", _DEVICE, "a GPU index, id or /dev path", dots=False)
 
 
 def cuda_architecture(arch: str) -> str:
-    _plain(arch, "CUDA architecture")
-    if not _CUDA_ARCH.match(arch):
-        raise ValueError(f"CUDA architecture {arch!r} is not like 86, 90a or 120-real")
-    return arch
+    return _matching(arch, "CUDA architecture", _CUDA_ARCH, "like 86, 90a or 120-real")
 
 
 def rocm_target(target: str) -> str:
-    _plain(target, "ROCm target")
-    if not _ROCM_TARGET.match(target):
-        raise ValueError(f"ROCm target {target!r} is not like gfx1100 or gfx90a:xnack-")
-    return target
+    return _matching(target, "ROCm target", _ROCM_TARGET, "like gfx1100 or gfx90a:xnack-")
 
 
 def revision(rev: str) -> str:
     """A Hugging Face revision: branch, tag or commit."""
-    _plain(rev, "revision")
-    if not _REVISION.match(rev) or ".." in rev:
-        raise ValueError(f"revision {rev!r} is not a branch, tag or commit id")
-    return rev
+    return _matching(rev, "revision", _REVISION, "a branch, tag or commit id", dots=False)
 
 
 def arg_value(value: object, what: str) -> object:

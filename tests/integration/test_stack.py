@@ -192,6 +192,33 @@ def test_the_stack_comes_back_when_the_docker_service_restarts(docker_ready, sta
     assert rows["chat"]["health"] == "ok" and rows["embed"]["health"] == "ok"
 
 
+def test_the_units_start_brings_a_podman_stack_back_after_a_reboot(podman, stack_files):
+    """Podman has no daemon to bring anything back at boot: the unit of `podllama service install` does. After
+    a power cut every container is stopped; the unit's own ExecStart, run as systemd would (its working
+    directory and environment), brings the stack back, and its ExecStop stops it."""
+    from podllama import service, source
+
+    sf = stack_files(podman)
+    sf.run("start")
+    unit = service.unit_for(sf.name, sf.path, "podman", source.project_root())
+    fields = dict(line.split("=", 1) for line in unit.text.splitlines() if "=" in line and not line.startswith("#"))
+    names = [c.name for c in podman.list({"podllama.stack": sf.name})]
+    assert len(names) == 3
+    podman.run_cli("kill", *names)  # the power cut
+    assert not any(podman.inspect(n).running for n in names)
+    env = {**os.environ, **dict([fields["Environment"].split("=", 1)])}
+    start = subprocess.run(fields["ExecStart"].split(), cwd=fields["WorkingDirectory"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert start.returncode == 0, start.stderr
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert _answers(f"http://127.0.0.1:{sf.port}/v1/chat/completions", chat)
+    assert all(podman.inspect(n).running for n in names)  # the same containers, started again
+    stop = subprocess.run(fields["ExecStop"].split(), cwd=fields["WorkingDirectory"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert stop.returncode == 0, stop.stderr
+    assert not any(podman.inspect(n).running for n in names)
+
+
 def _answers(url: str, body: dict) -> bool:
     try:
         return httpx.post(url, json=body, timeout=10).status_code == 200
