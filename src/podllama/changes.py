@@ -56,7 +56,7 @@ def propose(stack: Stack, text: str) -> Change:
         if getattr(cfg.stack, key) != getattr(stack.cfg.stack, key):
             raise ChangeError(422, f"stack.{key} cannot change while the stack runs; stop it, edit the file, "
                                    "start it again")
-    new = Stack(cfg, stack.engine, stack.progress, hw=stack._hw, default_variant=stack._default_variant)
+    new = Stack(cfg, stack.engine, stack.progress, hw=stack.hw, default_variant=stack.default_variant)
     problems = new.missing_models(list(cfg.servers))
     if problems:
         raise ChangeError(422, "\n".join(problems))

@@ -272,7 +272,7 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     url = None
     if gateway:
         with steps.step("start the gateway") as s:
-            url = st.start_gateway(source.project_root(), on_line=s.on_build_line)
+            url = st.gateway.start(source.project_root(), on_line=s.on_build_line)
             try:  # a gateway that kept running reads the config (and keys) just written
                 GatewayAPI(st.cfg).reload()
             except ApiError as e:
@@ -325,11 +325,11 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     """Per server: state, health, uptime, restarts, image, commit, model, role, the defaults podllama chose."""
     st = stack_for(cfg_path, engine)
     rows = st.status()
-    gw = st.engine.inspect(st.gateway_name)
+    gw = st.engine.inspect(st.gateway.name)
     saved = st.state.read()
     if as_json:
         return emit({"stack": st.name, "servers": rows, "gateway": {
-            "container": st.gateway_name, "state": gw.state if gw else "missing", "url": st.gateway_url},
+            "container": st.gateway.name, "state": gw.state if gw else "missing", "url": st.gateway.url},
             "last_update": saved.get("last_update")})
     table = Table("server", "role", "state", "health", "uptime", "restarts", "commit", "model")
     for r in rows:
@@ -339,7 +339,7 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
         table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
                       str(r["restarts"]), r["commit"] or "-", r.get("model_file") or r["model"])
     out.print(table)
-    out.print(f"gateway {st.gateway_name}: {gw.state if gw else 'missing'} ({st.gateway_url})")
+    out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url})")
     for r in rows:
         if r.get("chosen"):
             out.print(f"[dim]{r['container']}: {r['chosen']}[/dim]", highlight=False)
@@ -368,7 +368,7 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
     from .stack import container_name
 
     st = stack_for(cfg_path, engine)
-    name = st.gateway_name if server == "gateway" else container_name(st.name, st.select([server])[0], replica)
+    name = st.gateway.name if server == "gateway" else container_name(st.name, st.select([server])[0], replica)
     if st.engine.inspect(name) is None:
         raise StackError(f"no container {name}; is the stack started (`podllama start`)?")
     for line in st.engine.logs(name, tail=tail, follow=follow):

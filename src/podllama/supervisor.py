@@ -156,8 +156,7 @@ class Supervisor:
         state.record_restart(unit.key, reason)
         try:
             if recreate:
-                self.stack.engine.remove(unit.name)
-                self.stack.create(unit)
+                self.stack.recreate(unit)
             else:
                 self.stack.engine.start(unit.name)
         except (EngineError, StackError) as e:

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import images, source
 from .engine import EngineError
-from .stack import Stack, StackError, Unit
+from .stack import L_HASH, Stack, StackError, Unit
 
 
 class UpdateError(Exception):
@@ -84,12 +84,11 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
     restarted: list[Unit] = []
     for unit in units:
         info = engine.inspect(unit.name)
-        if info is not None and info.labels.get("podllama.config-hash") == unit.hash and info.running:
+        if info is not None and info.labels.get(L_HASH) == unit.hash and info.running:
             continue  # already on the new image (or its variant was not rebuilt)
         progress(f"restarting {unit.name} on the new image")
         try:
-            engine.remove(unit.name)
-            stack.create(unit)
+            stack.recreate(unit)
             restarted.append(unit)
             stack.wait_ready([unit])
         except (StackError, EngineError) as e:
@@ -106,11 +105,10 @@ def _restore(stack: Stack, progress: Callable[[str], None]) -> None:
     """Put every server back on the image its tag points to now (the old one, after the tags were rolled back)."""
     for unit in stack.units():
         info = stack.engine.inspect(unit.name)
-        if info is not None and info.labels.get("podllama.config-hash") == unit.hash and info.running:
+        if info is not None and info.labels.get(L_HASH) == unit.hash and info.running:
             continue
         progress(f"restoring {unit.name} on the previous image")
-        stack.engine.remove(unit.name)
-        stack.create(unit)
+        stack.recreate(unit)
         stack.wait_ready([unit])
 
 

@@ -76,7 +76,7 @@ def test_slow_but_steady_loading_is_left_alone_and_a_stall_is_restarted(podman, 
     podman.create_network(stack.network, {"podllama.stack": stack.name})
     steady, stalled = fake_unit(stack, "steady", gateway_image, "progress"), fake_unit(stack, "stalled", gateway_image, "stall")
     for u in (steady, stalled):
-        stack.create(u)
+        stack.recreate(u, exists=False)
     sup = Supervisor(stack, POLICY, units=lambda: [steady, stalled])
     events = rounds(sup, 9)
     assert not [e for e in events if e["container"] == steady.name], events  # loading with progress: never killed
@@ -91,7 +91,7 @@ def test_a_server_that_stops_answering_is_restarted(podman, stack_files, gateway
     stack = Stack(sf.config(), podman)
     podman.create_network(stack.network, {"podllama.stack": stack.name})
     hung = fake_unit(stack, "hung", gateway_image, "hang")
-    stack.create(hung)
+    stack.recreate(hung, exists=False)
     first_id = None
     sup = Supervisor(stack, POLICY, units=lambda: [hung])
     for _ in range(50):

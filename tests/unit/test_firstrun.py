@@ -125,7 +125,7 @@ def stack_on(port: int, tmp_path) -> Stack:
 
 def test_a_foreign_program_on_the_port_is_never_taken_for_the_gateway(tmp_path):
     port = free_port()
-    assert stack_on(port, tmp_path).port_holder() is None
+    assert stack_on(port, tmp_path).gateway.port_holder() is None
 
     class Foreign(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -139,7 +139,7 @@ def test_a_foreign_program_on_the_port_is_never_taken_for_the_gateway(tmp_path):
     server = http.server.HTTPServer(("127.0.0.1", port), Foreign)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        holder = stack_on(port, tmp_path).port_holder()
+        holder = stack_on(port, tmp_path).gateway.port_holder()
         assert holder is not None and holder.startswith("another program")
         (tmp_path / "models").mkdir()
         (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")
@@ -153,9 +153,9 @@ def test_a_foreign_program_on_the_port_is_never_taken_for_the_gateway(tmp_path):
 def test_the_stacks_own_gateway_is_recognised(gateway, tmp_path):
     gw = gateway()
     cfg = config.load(gw.cfg_path)
-    assert Stack(cfg, PodmanEngine()).port_holder() == "ours"
+    assert Stack(cfg, PodmanEngine()).gateway.port_holder() == "ours"
     other = config.parse(f'[stack]\nname = "other"\n[gateway]\nport = {gw.port}\n')
-    assert Stack(other, PodmanEngine()).port_holder() == "the gateway of another stack ('unit')"
+    assert Stack(other, PodmanEngine()).gateway.port_holder() == "the gateway of another stack ('unit')"
 
 
 def test_the_preflight_names_every_missing_model(tmp_path):

@@ -1,136 +1,47 @@
-"""From services.toml to running containers: one container per server replica, a private network, the
-gateway; plans (what changes), their application, and the lifecycle commands.
-
-Container names are `<stack>-<server>-<replica>` (replicas count from 1) and `<stack>-gateway`; every
-container carries `podllama.stack` and the labels below, so podllama only ever touches its own.
-"""
+"""A stack: from services.toml to running server containers — the models they need, their specs, the plan of
+what changes and its application, the lifecycle commands and waiting for health. The gateway container is
+in gateway.py, status rows in status.py."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import defaults, flags, hardware, hub, images
-from .config import PROJECTOR_ROLES, Config, ServerSection
-from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
-from .engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
-from .gguf_meta import GGUFError, Metadata
-from .gguf_meta import read as read_gguf
-from .health import DOWN, LOADING, OK, container_health
-from .state import RUNNING, STOPPED, StackState
-from .store import ModelNotFound, Store, StoreError
-
-SERVER_PORT = 8080
-GATEWAY_PORT = 8080
-ENGINE_SOCKET = "/run/podllama/engine.sock"  # where the gateway container sees the host's engine API
-ROLE_FLAGS: dict[str, list[str]] = {
-    "chat": [], "embedding": ["--embedding"], "rerank": ["--rerank"], "vision": [], "infill": [], "audio": [],
-}
-L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
-L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
-L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
-L_FILE, L_CHOSEN = "podllama.model-file", "podllama.chosen"
-
-
-class StackError(Exception):
-    """A lifecycle step that cannot be done; the message names the server, the cause and the fix."""
-
-
-@dataclass
-class Unit:
-    """One container the config asks for."""
-
-    server: str
-    replica: int
-    role: str
-    spec: ContainerSpec
-    hash: str
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def key(self) -> str:
-        return f"{self.server}-{self.replica}"
-
-
-@dataclass
-class Step:
-    action: str  # start | restart | keep | stop | remove
-    server: str
-    replica: int | None
-    container: str
-    reason: str
-
-
-@dataclass
-class Plan:
-    steps: list[Step] = field(default_factory=list)
-
-    @property
-    def changes(self) -> list[Step]:
-        return [s for s in self.steps if s.action != "keep"]
-
-    def describe(self) -> str:
-        """One line a person reads: "restart embed; start rerank; chat untouched"."""
-        by_server: dict[str, set[str]] = {}
-        for s in self.steps:
-            by_server.setdefault(s.server, set()).add(s.action)
-        parts, untouched = [], []
-        for server, actions in by_server.items():
-            changed = sorted(actions - {"keep"})
-            if changed:
-                parts.append(f"{'/'.join(changed)} {server}")
-            else:
-                untouched.append(server)
-        if untouched:
-            parts.append(f"{', '.join(untouched)} untouched")
-        return "; ".join(parts) or "nothing to do"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.describe(), "steps": [asdict(s) for s in self.steps]}
-
-
-def container_name(stack: str, server: str, replica: int) -> str:
-    return f"{stack}-{server}-{replica}"
-
-
-def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
-                mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
-    """The llama-server command line of a server: model and role from podllama, the flags chosen from the model
-    file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
-    reference already resolved)."""
-    argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
-    if server.ctx_size is not None:
-        argv += ["--ctx-size", str(server.ctx_size)]
-    if server.gpu_layers is not None:
-        argv += ["--n-gpu-layers", str(server.gpu_layers)]
-    if mmproj:
-        argv += ["--mmproj", f"/models/{mmproj}"]
-    argv += ROLE_FLAGS[server.role] + (chosen or [])
-    if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
-        argv.append("--metrics")
-    try:
-        argv += flags.render(server.args, known)
-    except flags.FlagError as e:
-        raise StackError(f"servers.{name}.{e}") from None
-    return argv
-
-
-def spec_hash(spec: ContainerSpec, image_id: str) -> str:
-    """What decides whether a running container still matches the config (the image by id, so a moved tag
-    counts as a change)."""
-    data = asdict(spec) | {"image": image_id, "name": None}
-    data["labels"] = {k: v for k, v in spec.labels.items() if k != L_HASH}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+from .. import defaults, flags, hardware, hub, images
+from ..config import PROJECTOR_ROLES, Config, ServerSection
+from ..credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
+from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
+from ..gguf_meta import GGUFError, Metadata
+from ..gguf_meta import read as read_gguf
+from ..health import OK, container_health
+from ..state import RUNNING, STOPPED, StackState
+from ..store import ModelNotFound, Store, StoreError
+from .gateway import Gateway
+from .plan import Plan, plan
+from .spec import (
+    L_CHOSEN,
+    L_COMMIT,
+    L_FILE,
+    L_HASH,
+    L_IMAGE,
+    L_KIND,
+    L_MODEL,
+    L_REPLICA,
+    L_ROLE,
+    L_SERVER,
+    L_STACK,
+    SERVER_PORT,
+    StackError,
+    Unit,
+    container_name,
+    server_args,
+    spec_hash,
+    state_keys,
+)
+from .status import status_rows
 
 
 class Stack:
@@ -140,8 +51,9 @@ class Stack:
         the host's GPUs, so the host passes its choice in)."""
         self.cfg, self.engine, self.progress = cfg, engine, progress
         self.state = StackState(cfg.state_path)
-        self._hw = hw
-        self._default_variant = default_variant
+        self.hw = hw
+        self.default_variant = default_variant
+        self.gateway = Gateway(self)
 
     # -- naming -------------------------------------------------------------------------------------------
     @property
@@ -154,14 +66,14 @@ class Stack:
 
     @property
     def hardware(self) -> hardware.Hardware:
-        if self._hw is None:
-            self._hw = hardware.detect()
-        return self._hw
+        if self.hw is None:
+            self.hw = hardware.detect()
+        return self.hw
 
     def variant_of(self, server: ServerSection) -> str:
         requested = server.variant or self.cfg.stack.variant
-        if requested == "auto" and self._default_variant:
-            return self._default_variant
+        if requested == "auto" and self.default_variant:
+            return self.default_variant
         return hardware.resolve_variant(requested, self.hardware)
 
     def image_of(self, variant: str) -> str:
@@ -275,7 +187,7 @@ class Stack:
         problems = (list(failed.values()) + self.missing_models([n for n in selected if n not in failed])
                     + self.gpu_problems(selected))
         if gateway:
-            holder = self.port_holder()
+            holder = self.gateway.port_holder()
             if holder not in (None, "ours"):
                 gw = self.cfg.gateway
                 problems.append(f"gateway.port: {gw.host}:{gw.port} is taken by {holder}; stop it, or give the stack "
@@ -286,7 +198,7 @@ class Stack:
     def gpu_problems(self, names: list[str]) -> list[str]:
         """GPU passthrough that would fail for the variants NAMES run on: the smoke test or the first start
         would find out much later."""
-        from . import doctor
+        from .. import doctor
 
         problems = []
         checks = {"cuda": "NVIDIA passthrough", "rocm": "ROCm passthrough", "vulkan": "Vulkan passthrough"}
@@ -301,34 +213,6 @@ class Stack:
                 if f.check == checks[variant] and not f.ok:
                     problems.append(f"{f.check}: {f.detail}; fix: {f.fix}")
         return problems
-
-    def port_holder(self) -> str | None:
-        """Who answers on the gateway's address: "ours" (this stack's gateway), a description of whatever else
-        does, or None when nothing listens there."""
-        import http.client
-        import json as jsonlib
-
-        gw = self.cfg.gateway
-        host = self.gateway_url.removeprefix("http://").rsplit(":", 1)[0].strip("[]")
-        conn = http.client.HTTPConnection(host, gw.port, timeout=3)
-        try:
-            conn.request("GET", "/health")
-            r = conn.getresponse()
-            body = r.read(4096)
-        except ConnectionRefusedError:
-            return None
-        except (OSError, http.client.HTTPException):
-            return "another program (it does not speak HTTP)"
-        finally:
-            conn.close()
-        try:
-            data = jsonlib.loads(body)
-        except ValueError:
-            data = {}
-        if isinstance(data, dict) and data.get("service") == "podllama-gateway":
-            return "ours" if data.get("stack") == self.name else f"the gateway of another stack ('{data.get('stack')}')"
-        server = r.getheader("server")
-        return f"another program (it answered /health with {r.status}{', ' + server if server else ''})"
 
     def missing_models(self, names: list[str]) -> list[str]:
         problems = []
@@ -385,6 +269,11 @@ class Stack:
                 out.append(Unit(name, replica, server.role, spec, h))
         return out
 
+    def missing_variants(self, names: list[str] | None) -> list[str]:
+        """Variants the servers use whose image does not exist yet."""
+        variants = dict.fromkeys(self.variant_of(self.cfg.servers[n]) for n in self.select(names))
+        return [v for v in variants if not self.engine.image_exists(self.image_of(v))]
+
     # -- what runs ----------------------------------------------------------------------------------------
     def containers(self, kind: str | None = None) -> dict[str, ContainerInfo]:
         labels = {L_STACK: self.name} | ({L_KIND: kind} if kind else {})
@@ -398,25 +287,7 @@ class Stack:
         """What start would do for NAMES (all servers when None): orphans are removed, changed servers
         restarted, missing ones started, matching running ones kept."""
         units = units if units is not None else self.units(names)
-        running = self.containers("server")
-        plan = Plan()
-        if names is None:  # a whole-stack plan also clears what the config no longer declares
-            declared = self.declared()
-            for cname, orphan in sorted(running.items()):
-                if cname not in declared:
-                    plan.steps.append(Step("remove", orphan.labels.get(L_SERVER, "?"),
-                                           _int(orphan.labels.get(L_REPLICA)), cname, "no longer declared in the config"))
-        for u in units:
-            info = running.get(u.name)
-            if info is None:
-                plan.steps.append(Step("start", u.server, u.replica, u.name, "not created yet"))
-            elif info.labels.get(L_HASH) != u.hash:
-                plan.steps.append(Step("restart", u.server, u.replica, u.name, "config or image changed"))
-            elif not info.running:
-                plan.steps.append(Step("start", u.server, u.replica, u.name, f"was {info.state}"))
-            else:
-                plan.steps.append(Step("keep", u.server, u.replica, u.name, "running, unchanged"))
-        return plan
+        return plan(units, self.containers("server"), self.declared() if names is None else None)
 
     def apply(self, plan: Plan, units: list[Unit]) -> None:
         by_name = {u.name: u for u in units}
@@ -431,12 +302,13 @@ class Stack:
                 self.progress(f"starting {step.container}")
                 self.engine.start(step.container)
                 continue
-            if info is not None:
-                self.engine.remove(step.container)
             self.progress(f"{'re' if step.action == 'restart' else ''}creating {step.container}")
-            self.create(unit)
+            self.recreate(unit, exists=info is not None)
 
-    def create(self, unit: Unit) -> None:
+    def recreate(self, unit: Unit, exists: bool = True) -> None:
+        """UNIT's container made afresh from its spec (the old one, if any, removed first)."""
+        if exists:
+            self.engine.remove(unit.name)
         try:
             self.engine.run(unit.spec)
         except EngineError as e:
@@ -486,7 +358,7 @@ class Stack:
         units = self.units(selected)  # validates every server before anything changes
         with self.state.operation():
             # internal (no route out) where the gateway reaches the servers from the host's network
-            self.engine.create_network(self.network, {L_STACK: self.name}, internal=self.gateway_network() == "host")
+            self.engine.create_network(self.network, {L_STACK: self.name}, internal=self.gateway.network() == "host")
             plan = self.plan(None if names is None else selected, units)
             self.state.set_desired([u.key for u in units], RUNNING)
             self.apply(plan, units)
@@ -504,7 +376,7 @@ class Stack:
             else:
                 self.select(names)
                 targets = [n for n, i in running.items() if i.labels.get(L_SERVER) in names]
-            self.state.set_desired(_keys(running[n] for n in targets), STOPPED)
+            self.state.set_desired(state_keys(running[n] for n in targets), STOPPED)
             declared = self.declared()
             for cname in targets:
                 info = running[cname]
@@ -519,7 +391,7 @@ class Stack:
     def kill(self) -> list[str]:
         """SIGKILL every container of the stack, gateway included, at once."""
         running = self.containers()
-        self.state.set_desired(_keys(running.values()), STOPPED)
+        self.state.set_desired(state_keys(running.values()), STOPPED)
         for cname, info in running.items():
             if info.running:
                 self.engine.kill(cname)
@@ -532,9 +404,8 @@ class Stack:
         for unit in units:
             with self.state.operation():
                 self.state.set_desired([unit.key], RUNNING)
-                self.engine.remove(unit.name)
                 self.progress(f"restarting {unit.name}")
-                self.create(unit)
+                self.recreate(unit)
             if wait:
                 self.wait_ready([unit], on_state=on_state)
 
@@ -548,171 +419,13 @@ class Stack:
             self.state.forget(list(self.state.read().get("servers", {})))
             return list(running)
 
-    # -- the gateway container ----------------------------------------------------------------------------
-    @property
-    def gateway_name(self) -> str:
-        return f"{self.name}-gateway"
-
-    @property
-    def gateway_url(self) -> str:
-        return self.cfg.gateway.url
-
-    def gateway_spec(self, image: str, socket: Path, root: Path) -> ContainerSpec:
-        """The gateway runs as root inside (to use the engine socket) but with no capabilities, no new
-        privileges and a read-only root; the checkout, the config's directory and the model store are
-        mounted at their host paths, so paths it hands to the engine mean the same on the host."""
-        if self.cfg.source is None:
-            raise StackError("the gateway container needs a config file on disk (-c/--config PATH)")
-        dirs: list[Path] = []
-        for d in (root.resolve(), self.cfg.source.parent, self.cfg.models_path):
-            if not any(d == p or d.is_relative_to(p) for p in dirs):
-                dirs = [p for p in dirs if not p.is_relative_to(d)] + [d]
-        variant = hardware.resolve_variant(self.cfg.stack.variant, self.hardware) if self._default_variant is None \
-            else self._default_variant
-        gw = self.cfg.gateway
-        spec = ContainerSpec(
-            name=self.gateway_name, image=image, user="0:0", restart="unless-stopped",
-            labels={L_STACK: self.name, L_KIND: "gateway"},
-            env={"PODLLAMA_CONFIG": str(self.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
-                 "PODLLAMA_ENGINE": self.engine.name, "PODLLAMA_VARIANT": variant,
-                 "PODLLAMA_PUBLISHED_HOST": gw.host},
-            mounts=[Mount(str(socket), ENGINE_SOCKET, read_only=False)]
-                   + [Mount(str(d), str(d), read_only=False) for d in dirs],
-        )
-        if self.gateway_network() == "host":
-            # on the host's network: it binds the one port itself, and reaches the servers at their addresses
-            spec.network, spec.args = "host", ["--host", gw.host, "--port", str(gw.port)]
-            if gw.port < 1024:
-                spec.cap_add = ["NET_BIND_SERVICE"]
-        else:
-            spec.network, spec.network_aliases = self.network, ["gateway"]
-            spec.ports = [(gw.host, gw.port, GATEWAY_PORT)]
-        return spec
-
-    def gateway_network(self) -> str:
-        """'host' or 'stack'. Auto picks the host's network where the servers' addresses are reachable from the
-        host (rootful engines): it saves the published port's extra hop through NAT on every request."""
-        choice = self.cfg.gateway.network
-        if choice != "auto":
-            return choice
-        import os
-
-        return "host" if os.geteuid() == 0 and self.engine.remote is None else "stack"
-
-    def start_gateway(self, root: Path, on_line: Callable[[str], None] | None = None) -> str:
-        """The gateway container up: the engine's API socket ready (started where podllama can), the gateway
-        image built from ROOT's code when missing, the container (re)created when it changed. Returns its URL."""
-        from . import doctor
-
-        finding = doctor.check_socket(self.engine, fix=True)
-        if not finding.ok:
-            raise StackError(f"the gateway drives {self.engine.name} through its API socket, but {finding.detail}: "
-                             f"{finding.fix}")
-        image = images.build_gateway(self.engine, root, images.base_choice(self.cfg), self.cfg.state_path / "logs",
-                                     progress=self.progress, on_line=on_line)
-        return self.run_gateway(image, self.engine.api_socket(), root)
-
-    def missing_variants(self, names: list[str] | None) -> list[str]:
-        """Variants the servers use whose image does not exist yet."""
-        variants = dict.fromkeys(self.variant_of(self.cfg.servers[n]) for n in self.select(names))
-        return [v for v in variants if not self.engine.image_exists(self.image_of(v))]
-
-    def run_gateway(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
-        spec = self.gateway_spec(image, socket, root)
-        spec.labels[L_HASH] = spec_hash(spec, self.engine.image_id(image) or image)
-        info = self.engine.inspect(self.gateway_name)
-        if info is None or info.labels.get(L_HASH) != spec.labels[L_HASH]:
-            if info is not None:
-                self.progress(f"recreating {self.gateway_name} (podllama or its settings changed)")
-                self.engine.remove(self.gateway_name)
-            try:
-                self.engine.run(spec)
-            except EngineError as e:
-                raise StackError(f"the gateway container did not start: {e}") from None
-        elif not info.running:
-            self.engine.start(self.gateway_name)
-        if wait:
-            deadline = time.monotonic() + 60
-            holder = self.port_holder()
-            while holder != "ours" and time.monotonic() < deadline:
-                info = self.engine.inspect(self.gateway_name)
-                if info is None or not info.running:
-                    break
-                time.sleep(0.2)
-                holder = self.port_holder()
-            if holder != "ours":
-                why = f"{self.gateway_url} is answered by {holder}" if holder else "it does not answer"
-                raise StackError(f"the gateway did not come up: {why}. Last log lines:\n{self.tail(self.gateway_name)}")
-        return self.gateway_url
-
     # -- looking ------------------------------------------------------------------------------------------
     def status(self, probe: bool = True) -> list[dict[str, Any]]:
-        running = self.containers()
-        saved = self.state.read().get("servers", {})
-        rows = []
-        declared = []
-        for name, server in self.cfg.servers.items():
-            for replica in range(1, server.replicas + 1):
-                declared.append(container_name(self.name, name, replica))
-                rows.append(self._row(name, replica, server.role, server.model, running.get(declared[-1]),
-                                      saved.get(f"{name}-{replica}", {}), probe, declared=True))
-        for cname, info in sorted(running.items()):
-            if cname in declared or info.labels.get(L_KIND) != "server":
-                continue
-            rows.append(self._row(info.labels.get(L_SERVER, "?"), _int(info.labels.get(L_REPLICA)) or 0,
-                                  info.labels.get(L_ROLE, "?"), info.labels.get(L_MODEL, "?"), info, {}, probe,
-                                  declared=False))
-        return rows
-
-    def _row(self, server: str, replica: int, role: str, model: str, info: ContainerInfo | None,
-             saved: dict[str, Any], probe: bool, declared: bool) -> dict[str, Any]:
-        state = "missing" if info is None else info.state
-        health = None
-        if info is not None and info.running and probe:
-            health = container_health(self.engine, info, SERVER_PORT)
-        failed = saved.get("failed")
-        return {
-            "server": server, "replica": replica, "container": container_name(self.name, server, replica),
-            "declared": declared, "role": role, "model": model,
-            "state": "failed" if failed and not (info and info.running) else state,
-            "health": health, "desired": saved.get("desired", RUNNING),
-            "uptime_s": _uptime(info.started_at) if info is not None and info.running else None,
-            "restarts": saved.get("restarts", 0), "last_restart": saved.get("last_restart"),
-            "failed": failed, "image": info.image if info else None,
-            "commit": (info.labels.get(L_COMMIT) or "")[:12] if info else None,
-            "exit_code": info.exit_code if info is not None and not info.running else None,
-            "model_file": info.labels.get(L_FILE) if info else None,
-            "chosen": info.labels.get(L_CHOSEN) or None if info else None,
-        }
+        """One row per declared server replica, then any orphan server containers (see status.py)."""
+        return status_rows(self, probe)
 
 
 @functools.lru_cache(maxsize=64)
 def _metadata(path: str, mtime_ns: int, size: int) -> Metadata:
     """A model file's metadata, read once per version of the file (the size and time are the key)."""
     return read_gguf(Path(path))
-
-
-def _keys(infos: Iterable[ContainerInfo]) -> list[str]:
-    """State keys ("<server>-<replica>") of the server containers among INFOS."""
-    return [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in infos if i.labels.get(L_KIND) == "server"]
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _uptime(started_at: str | None) -> float | None:
-    if not started_at:
-        return None
-    # both engines: RFC 3339 with nanoseconds, e.g. 2026-11-22T12:30:00.123456789Z (UTC)
-    try:
-        ts = datetime.fromisoformat(started_at.strip()[:19]).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-    return round(time.time() - ts.timestamp(), 1)
-
-
-__all__ = ["DOWN", "LOADING", "OK", "Plan", "Stack", "StackError", "Step", "Unit"]

@@ -1,0 +1,31 @@
+"""From services.toml to running containers: specs (spec.py), plans (plan.py), the stack and its lifecycle
+(core.py), the gateway container (gateway.py), status rows (status.py)."""
+
+from .core import Stack
+from .gateway import Gateway
+from .plan import Plan, Step, plan
+from .spec import (
+                   GATEWAY_PORT,
+                   L_CHOSEN,
+                   L_COMMIT,
+                   L_FILE,
+                   L_HASH,
+                   L_IMAGE,
+                   L_KIND,
+                   L_MODEL,
+                   L_REPLICA,
+                   L_ROLE,
+                   L_SERVER,
+                   L_STACK,
+                   ROLE_FLAGS,
+                   SERVER_PORT,
+                   StackError,
+                   Unit,
+                   container_name,
+                   server_args,
+                   spec_hash,
+)
+
+__all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
+           "L_ROLE", "L_SERVER", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "Gateway", "Plan", "Stack", "StackError",
+           "Step", "Unit", "container_name", "plan", "server_args", "spec_hash"]

@@ -1,0 +1,69 @@
+"""What `start` would change: a pure comparison of the containers the config asks for with those that run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..engine import ContainerInfo
+from .spec import L_HASH, L_REPLICA, L_SERVER, Unit, int_label
+
+
+@dataclass
+class Step:
+    action: str  # start | restart | keep | stop | remove
+    server: str
+    replica: int | None
+    container: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def changes(self) -> list[Step]:
+        return [s for s in self.steps if s.action != "keep"]
+
+    def describe(self) -> str:
+        """One line a person reads: "restart embed; start rerank; chat untouched"."""
+        by_server: dict[str, set[str]] = {}
+        for s in self.steps:
+            by_server.setdefault(s.server, set()).add(s.action)
+        parts, untouched = [], []
+        for server, actions in by_server.items():
+            changed = sorted(actions - {"keep"})
+            if changed:
+                parts.append(f"{'/'.join(changed)} {server}")
+            else:
+                untouched.append(server)
+        if untouched:
+            parts.append(f"{', '.join(untouched)} untouched")
+        return "; ".join(parts) or "nothing to do"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.describe(), "steps": [asdict(s) for s in self.steps]}
+
+
+
+def plan(units: list[Unit], running: dict[str, ContainerInfo], declared: set[str] | None) -> Plan:
+    """For UNITS against the RUNNING server containers: changed ones restarted, missing ones started, matching
+    running ones kept; with DECLARED (a whole-stack plan), containers outside it are removed."""
+    out = Plan()
+    if declared is not None:
+        for cname, orphan in sorted(running.items()):
+            if cname not in declared:
+                out.steps.append(Step("remove", orphan.labels.get(L_SERVER, "?"),
+                                      int_label(orphan.labels.get(L_REPLICA)), cname, "no longer declared in the config"))
+    for u in units:
+        info = running.get(u.name)
+        if info is None:
+            out.steps.append(Step("start", u.server, u.replica, u.name, "not created yet"))
+        elif info.labels.get(L_HASH) != u.hash:
+            out.steps.append(Step("restart", u.server, u.replica, u.name, "config or image changed"))
+        elif not info.running:
+            out.steps.append(Step("start", u.server, u.replica, u.name, f"was {info.state}"))
+        else:
+            out.steps.append(Step("keep", u.server, u.replica, u.name, "running, unchanged"))
+    return out

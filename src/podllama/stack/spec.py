@@ -1,0 +1,98 @@
+"""What the config asks for, as containers: names, labels, the llama-server command line, and the hash that
+tells whether a running container still matches.
+
+Container names are `<stack>-<server>-<replica>` (replicas count from 1) and `<stack>-gateway`; every
+container carries `podllama.stack` and the labels below, so podllama only ever touches its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from .. import flags
+from ..config import ServerSection
+from ..credentials import SERVER_KEY_IN_CONTAINER
+from ..engine import ContainerInfo, ContainerSpec
+
+SERVER_PORT = 8080
+GATEWAY_PORT = 8080
+ROLE_FLAGS: dict[str, list[str]] = {
+    "chat": [], "embedding": ["--embedding"], "rerank": ["--rerank"], "vision": [], "infill": [], "audio": [],
+}
+L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
+L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
+L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
+L_FILE, L_CHOSEN = "podllama.model-file", "podllama.chosen"
+
+
+class StackError(Exception):
+    """A lifecycle step that cannot be done; the message names the server, the cause and the fix."""
+
+
+@dataclass
+class Unit:
+    """One container the config asks for."""
+
+    server: str
+    replica: int
+    role: str
+    spec: ContainerSpec
+    hash: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.server}-{self.replica}"
+
+
+def container_name(stack: str, server: str, replica: int) -> str:
+    return f"{stack}-{server}-{replica}"
+
+
+def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
+                mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
+    """The llama-server command line of a server: model and role from podllama, the flags chosen from the model
+    file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
+    reference already resolved)."""
+    argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
+    if server.ctx_size is not None:
+        argv += ["--ctx-size", str(server.ctx_size)]
+    if server.gpu_layers is not None:
+        argv += ["--n-gpu-layers", str(server.gpu_layers)]
+    if mmproj:
+        argv += ["--mmproj", f"/models/{mmproj}"]
+    argv += ROLE_FLAGS[server.role] + (chosen or [])
+    if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
+        argv.append("--metrics")
+    try:
+        argv += flags.render(server.args, known)
+    except flags.FlagError as e:
+        raise StackError(f"servers.{name}.{e}") from None
+    return argv
+
+
+def spec_hash(spec: ContainerSpec, image_id: str) -> str:
+    """What decides whether a running container still matches the config (the image by id, so a moved tag
+    counts as a change)."""
+    data = asdict(spec) | {"image": image_id, "name": None}
+    data["labels"] = {k: v for k, v in spec.labels.items() if k != L_HASH}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+
+def state_keys(infos: Iterable[ContainerInfo]) -> list[str]:
+    """State keys ("<server>-<replica>") of the server containers among INFOS."""
+    return [f"{i.labels.get(L_SERVER)}-{i.labels.get(L_REPLICA)}" for i in infos if i.labels.get(L_KIND) == "server"]
+
+
+def int_label(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,69 @@
+"""`podllama status`: one row per declared server replica (and any orphan), from what the engine says, what
+the stack's state remembers and, when asked, each server's /health."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ..engine import ContainerInfo
+from ..health import container_health
+from ..state import RUNNING
+from .spec import L_CHOSEN, L_COMMIT, L_FILE, L_KIND, L_MODEL, L_REPLICA, L_ROLE, L_SERVER, SERVER_PORT, container_name, int_label
+
+if TYPE_CHECKING:
+    from .core import Stack
+
+
+def status_rows(stack: Stack, probe: bool = True) -> list[dict[str, Any]]:
+    running = stack.containers()
+    saved = stack.state.read().get("servers", {})
+    rows = []
+    declared = []
+    for name, server in stack.cfg.servers.items():
+        for replica in range(1, server.replicas + 1):
+            declared.append(container_name(stack.name, name, replica))
+            rows.append(_row(stack, name, replica, server.role, server.model, running.get(declared[-1]),
+                             saved.get(f"{name}-{replica}", {}), probe, declared=True))
+    for cname, info in sorted(running.items()):
+        if cname in declared or info.labels.get(L_KIND) != "server":
+            continue
+        rows.append(_row(stack, info.labels.get(L_SERVER, "?"), int_label(info.labels.get(L_REPLICA)) or 0,
+                         info.labels.get(L_ROLE, "?"), info.labels.get(L_MODEL, "?"), info, {}, probe, declared=False))
+    return rows
+
+
+def _row(stack: Stack, server: str, replica: int, role: str, model: str, info: ContainerInfo | None,
+         saved: dict[str, Any], probe: bool, declared: bool) -> dict[str, Any]:
+    state = "missing" if info is None else info.state
+    health = None
+    if info is not None and info.running and probe:
+        health = container_health(stack.engine, info, SERVER_PORT)
+    failed = saved.get("failed")
+    return {
+        "server": server, "replica": replica, "container": container_name(stack.name, server, replica),
+        "declared": declared, "role": role, "model": model,
+        "state": "failed" if failed and not (info and info.running) else state,
+        "health": health, "desired": saved.get("desired", RUNNING),
+        "uptime_s": _uptime(info.started_at) if info is not None and info.running else None,
+        "restarts": saved.get("restarts", 0), "last_restart": saved.get("last_restart"),
+        "failed": failed, "image": info.image if info else None,
+        "commit": (info.labels.get(L_COMMIT) or "")[:12] if info else None,
+        "exit_code": info.exit_code if info is not None and not info.running else None,
+        "model_file": info.labels.get(L_FILE) if info else None,
+        "chosen": info.labels.get(L_CHOSEN) or None if info else None,
+    }
+
+
+
+
+def _uptime(started_at: str | None) -> float | None:
+    if not started_at:
+        return None
+    # both engines: RFC 3339 with nanoseconds, e.g. 2026-11-22T12:30:00.123456789Z (UTC)
+    try:
+        ts = datetime.fromisoformat(started_at.strip()[:19]).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return round(time.time() - ts.timestamp(), 1)
