@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -329,8 +330,10 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     saved = st.state.read()
     if as_json:
         return emit({"stack": st.name, "servers": rows, "gateway": {
-            "container": st.gateway.name, "state": gw.state if gw else "missing", "url": st.gateway.url},
-            "last_update": saved.get("last_update")})
+            "container": st.gateway.name, "state": gw.state if gw else "missing", "url": st.gateway.url,
+            "restarts": gw.restarts if gw else 0},
+            "last_update": saved.get("last_update"), "engine_problem": saved.get("engine_problem"),
+            "engine_back": saved.get("engine_back")})
     table = Table("server", "role", "state", "health", "uptime", "restarts", "commit", "model")
     for r in rows:
         state = r["state"] + ("" if r["declared"] else " (not declared)")
@@ -339,7 +342,15 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
         table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
                       str(r["restarts"]), r["commit"] or "-", r.get("model_file") or r["model"])
     out.print(table)
-    out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url})")
+    restarted = f", restarted {gw.restarts} times by the engine" if gw and gw.restarts else ""
+    out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url}){restarted}")
+    if problem := saved.get("engine_problem"):
+        out.print(f"[red]supervision paused[/red] since {_clock(problem['since'])}: the gateway cannot reach "
+                  f"{st.engine.name}'s API ({problem['error']}); requests still reach the servers that run. "
+                  "Fix: `podllama doctor --fix`", highlight=False)
+    elif (back := saved.get("engine_back")) and time.time() - back["at"] < 24 * 3600:
+        out.print(f"[dim]supervision was paused from {_clock(back['since'])} to {_clock(back['at'])} (the gateway "
+                  f"could not reach {st.engine.name}'s API: {back['error']})[/dim]", highlight=False)
     for r in rows:
         if r.get("chosen"):
             out.print(f"[dim]{r['container']}: {r['chosen']}[/dim]", highlight=False)
@@ -349,6 +360,10 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     if last:
         word = "[green]ok[/green]" if last.get("ok") else "[red]failed[/red]"
         out.print(f"last update {word}: {last.get('summary', '')}")
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _duration(seconds: float | None) -> str:

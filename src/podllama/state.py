@@ -90,6 +90,15 @@ class StackState:
             entry = data["servers"].setdefault(name, {})
             entry["failed"] = {"at": time.time(), "reason": reason, "logs": logs}
 
+    def record_engine(self, problem: str | None) -> None:
+        """The gateway's supervisor lost the engine (PROBLEM says how), or has it again (None)."""
+        with self.edit() as data:
+            if problem is not None:
+                data["engine_problem"] = {"since": time.time(), "error": problem}
+            elif "engine_problem" in data:
+                lost = data.pop("engine_problem")
+                data["engine_back"] = {"at": time.time(), "since": lost.get("since"), "error": lost.get("error")}
+
     def record_update(self, result: dict[str, Any]) -> None:
         with self.edit() as data:
             data["last_update"] = {"at": time.time(), **result}

@@ -3,7 +3,12 @@ crash-loop limit; leaves alone what is still loading (unless it makes no progres
 
 It runs inside the gateway process (so it lives as long as the stack) in a thread of its own, and one round
 is `check_once()`, which the tests drive directly. It skips a round while a lifecycle command holds the
-stack's operation lock, and never restarts a server the user stopped.
+stack's operation lock, and never restarts a server the user stopped. The gateway wakes it early when a
+request finds a server gone, and hears from it when a server was restarted (to look up its new address).
+
+When the engine cannot be asked (its API service is gone), supervision pauses: `engine_problem` says since
+when and why, requests keep flowing to the servers that run, and the next round that reaches the engine
+carries on where the last one stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .state import STOPPED
 log = logging.getLogger("podllama.supervisor")
 UNITS_TTL = 300.0  # seconds before the container specs are computed again from the config and images
 ENGINE_EVERY = 30.0  # while every server answers, the engine (costly to ask) is consulted this often
+WAKE_GAP = 0.5  # at least this long between rounds, however often it is woken
 
 
 @dataclass
@@ -56,7 +62,14 @@ class Supervisor:
         self._addresses: dict[str, str] = {}  # container → address, from the last look at the engine
         self._engine_at = 0.0
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.on_restart: Callable[[Unit], object] = lambda unit: None
+        # {"since": epoch seconds, "error": text}; carried over from a gateway that went away meanwhile
+        self.engine_problem: dict[str, Any] | None = stack.state.read().get("engine_problem")
 
+    def wake(self, *_: object) -> None:
+        """Look now rather than at the next interval (a request found a server gone)."""
+        self._wake.set()
     def refresh(self) -> None:
         """Forget the cached container specs (after a config change)."""
         self._units_at = 0.0
@@ -82,7 +95,10 @@ class Supervisor:
                 self._before_round()
             try:
                 units = self.units()
-            except (StackError, EngineError) as e:
+            except EngineError as e:
+                self._engine_down(e)
+                return []
+            except StackError as e:
                 log.warning("supervisor: cannot compute the stack's containers: %s", e)
                 return []
             saved = self.stack.state.read().get("servers", {})
@@ -94,7 +110,16 @@ class Supervisor:
                 self._healthy(self.watch.setdefault(name, Watch()), name)
             if len(healthy) == len(active) and time.monotonic() - self._engine_at < ENGINE_EVERY:
                 return []
-            running = self.stack.containers("server")
+            try:
+                running = self.stack.containers("server")
+            except EngineError as e:
+                self._engine_down(e)
+                return []
+            if self.engine_problem is not None:
+                log.warning("the engine answers again (it did not since %s); supervision goes on",
+                            time.strftime("%H:%M:%S", time.localtime(self.engine_problem["since"])))
+                self.engine_problem = None
+                self.stack.state.record_engine(None)
             self._engine_at = time.monotonic()
             self._addresses = {n: i.ip for n, i in running.items() if i.ip and i.running}
             done = []
@@ -106,6 +131,13 @@ class Supervisor:
                     done.append(event)
             self.events = (self.events + done)[-200:]
             return done
+
+    def _engine_down(self, e: EngineError) -> None:
+        if self.engine_problem is None:
+            log.error("cannot reach the engine: %s. Supervision is paused until it answers; requests still go to "
+                      "the servers that run (fix: `podllama doctor --fix` on the host)", e)
+            self.engine_problem = {"since": time.time(), "error": str(e)[-400:]}
+            self.stack.state.record_engine(self.engine_problem["error"])
 
     def _check(self, unit: Unit, info: ContainerInfo | None) -> dict[str, Any] | None:
         w = self.watch.setdefault(unit.name, Watch())
@@ -159,6 +191,7 @@ class Supervisor:
                 self.stack.recreate(unit)
             else:
                 self.stack.engine.start(unit.name)
+            self.on_restart(unit)
         except (EngineError, StackError) as e:
             log.error("restart of %s failed: %s", unit.name, e)
         w.backoff = min(self.policy.backoff_max, max(self.policy.backoff_initial, w.backoff * 2))
@@ -169,14 +202,31 @@ class Supervisor:
     # -- the thread ---------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         log.info("supervising stack %s every %.1fs", self.stack.name, self.policy.interval)
-        while not stop.wait(self.policy.interval):
+        while not stop.is_set():
+            self._wake.wait(max(0.0, self.policy.interval - WAKE_GAP))
+            self._wake.clear()
+            if stop.is_set():
+                break
             try:
                 self.check_once()
             except Exception:  # a round that breaks must not end supervision
                 log.exception("supervisor round failed")
+            stop.wait(WAKE_GAP)
 
     def start_thread(self) -> tuple[threading.Thread, threading.Event]:
-        stop = threading.Event()
+        stop = _Stop(self._wake)
         thread = threading.Thread(target=self.run, args=(stop,), name="podllama-supervisor", daemon=True)
         thread.start()
         return thread, stop
+
+
+class _Stop(threading.Event):
+    """The thread's stop event; setting it also wakes the thread."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake_too = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake_too.set()

@@ -78,6 +78,7 @@ class ContainerInfo:
     ports: dict[int, int]  # container port → host port
     pid: int | None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    restarts: int = 0  # restarts by the engine's restart policy
 
     @property
     def running(self) -> bool:
@@ -374,5 +375,6 @@ def _container_info(d: dict[str, Any]) -> ContainerInfo:
         ports=ports,
         pid=state.get("Pid") or None,
         raw=d,
+        restarts=int(d.get("RestartCount") or 0),
     )
 

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import changes, hub, validate
 from ..changes import ChangeError
 from ..config import VariantName
+from ..engine import EngineError
 from ..stack import StackError
 from ..store import ModelNotFound, StoreError
 from .jobs import Job, Jobs
@@ -221,9 +222,15 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
     def status() -> dict[str, Any]:
         """Every server's state and health, the supervisor's recent actions, the last update, config problems."""
         st = gw.stack
-        return {"stack": st.name, "servers": st.status(), "supervisor": gw.supervisor.events[-20:],
-                "last_update": st.state.read().get("last_update"), "config_version": gw.version(),
-                "config_error": gw.config_error}
+        try:
+            servers = st.status()
+        except EngineError as e:  # the engine cannot be asked: what the gateway itself sees
+            servers = [{"server": r.server, "container": r.container, "health": r.state, "address": r.host,
+                        "engine": f"cannot be asked: {e}"} for rs in gw.registry.replicas.values() for r in rs]
+        saved = st.state.read()
+        return {"stack": st.name, "servers": servers, "supervisor": gw.supervisor.events[-20:],
+                "engine_problem": gw.supervisor.engine_problem, "last_update": saved.get("last_update"),
+                "config_version": gw.version(), "config_error": gw.config_error}
 
     @config.post("/shutdown", status_code=202)
     def shutdown() -> dict[str, Any]:

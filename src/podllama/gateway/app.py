@@ -64,11 +64,14 @@ class Gateway:
         self.guard = Guard(cfg.gateway, self.keys, bound)
         self.limits = Limits()
         self.limits.configure(cfg.gateway)
-        self.registry = Registry(cfg, discover or engine_discovery(self.stack))
+        self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
         self.metrics = Metrics()
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
         self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
         self.supervise = supervise
+        if supervise:  # a request that finds a server gone wakes the supervisor; a restart is looked up at once
+            self.proxy.on_trouble = self.supervisor.wake
+            self.supervisor.on_restart = lambda unit: self.registry.refresh()
         self.poll_every = poll_every
         self.table = RouteTable.build()
         self.started = int(time.time())

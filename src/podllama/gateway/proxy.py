@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote
 from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
 from ..health import LOADING
 from . import body as bodies
-from .client import Client, ClientGone, ConnectFailed, Response, UpstreamError
+from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
 from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint
@@ -90,6 +90,7 @@ class Proxy:
         self.registry, self.metrics = registry, metrics
         self.client = Client()
         self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
+        self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
         self.configure(gateway, server_key)
 
     def configure(self, gw: GatewaySection, server_key: str | None) -> None:
@@ -256,11 +257,8 @@ class Proxy:
         if replica is None:
             if flight.disconnected:
                 return
-            loading = self.registry.state_of(server) == LOADING
             self.metrics.error(endpoint, server, "unavailable")
-            return await send_error(send, 503, f"server '{server}' is {'still loading' if loading else 'not running'}; "
-                                    "try again shortly (`podllama status` tells more)", None,
-                                    [(b"retry-after", b"5" if loading else b"10")])
+            return await self._unavailable(send, server)
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv:
             self._remember(conv.decode(errors="replace"), server)
@@ -289,13 +287,32 @@ class Proxy:
                     if flight.disconnected or isinstance(e, ClientGone):
                         status = 499
                         return
-                    if isinstance(e, ConnectFailed):
+                    if isinstance(e, (ConnectFailed, BrokenOff)):
                         self.registry.mark_down(replica)
-                        other = self.registry.pick(server)
-                        if attempt == 1 and other is not None and not streamed:
-                            replica.in_flight -= 1
-                            replica = other  # nothing reached the dead one: another replica takes it
-                            continue
+                        self.on_trouble(server)
+                        if attempt == 1 and not streamed:
+                            # not a byte of an answer came: once more, on another replica or on this server
+                            # when it is back (waited for as a loading one)
+                            flight.response = None  # the client going away now cancels the wait
+                            try:
+                                other = await self._replica(server, None, flight)
+                            except asyncio.CancelledError:
+                                if flight.disconnected:
+                                    status = 499
+                                    return
+                                raise
+                            if other is not None:
+                                replica.in_flight -= 1
+                                replica = other
+                                continue
+                            if flight.disconnected:
+                                status = 499
+                                return
+                            if watcher is None:
+                                watcher = asyncio.ensure_future(self._watch(receive, flight))
+                            status = 503
+                            self.metrics.error(endpoint, server, "unavailable")
+                            return await self._unavailable(send, server, f"{e}; ")
                     if watcher is None:
                         watcher = asyncio.ensure_future(self._watch(receive, flight))
                     status = e.status
@@ -350,14 +367,26 @@ class Proxy:
             flight.disconnected = True
             raise
 
+    async def _unavailable(self, send: Send, server: str, before: str = "") -> None:
+        state = self.registry.state_of(server)
+        if state == LOADING or self.registry.coming(server):
+            what = f"did not come back within {self.load_timeout:.0f}s ([gateway] load_timeout)"
+            if state == LOADING:
+                what = f"is still loading after {self.load_timeout:.0f}s ([gateway] load_timeout)"
+        else:
+            what = f"is {self.registry.expected(server) or 'not running'}"
+        await send_error(send, 503, f"server '{server}': {before}it {what}; try again shortly (`podllama status` "
+                         "tells more)", None, [(b"retry-after", b"5" if state == LOADING else b"10")])
+
     async def _replica(self, server: str, receive: Receive | None, flight: Flight) -> Replica | None:
-        """A healthy replica of SERVER; while it loads, waited for up to load_timeout (and given up when the
-        client goes, watched through RECEIVE where the body has been read already)."""
+        """A healthy replica of SERVER; while it loads or comes back after a restart, waited for up to
+        load_timeout (and given up when the client goes, watched through RECEIVE where the body has been read
+        already; without RECEIVE the request's own watcher cancels the wait)."""
         replica = self.registry.pick(server)
-        if replica is None and self.registry.state_of(server) != LOADING:
+        if replica is None and not self.registry.coming(server):
             await self.registry.refresh_soon()
             replica = self.registry.pick(server)
-        if replica is not None or self.registry.state_of(server) != LOADING or not self.load_timeout:
+        if replica is not None or not self.registry.coming(server) or not self.load_timeout:
             return replica
         if receive is None:
             return await self.registry.wait_ready(server, self.load_timeout)
@@ -365,12 +394,13 @@ class Proxy:
         watcher = asyncio.ensure_future(self._watch(receive, flight))
         try:
             await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the watcher cancels the request's task when the client goes
+            if not flight.disconnected:
+                raise
         finally:
             watcher.cancel()
-        if flight.disconnected:
             waiting.cancel()
-            return None
-        return waiting.result()
+        return None if flight.disconnected else waiting.result()
 
     async def _watch(self, receive: Receive, flight: Flight) -> None:
         """Waits for the client to go away; then closes the upstream connection (llama-server stops)."""

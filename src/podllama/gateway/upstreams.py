@@ -1,6 +1,10 @@
 """Where requests can go: the stack's servers, their replicas' addresses and health, and which server a model
 name means. Addresses come from a discovery function (the engine's containers, in a thread); health from
-/health probes on the event loop. Replicas are picked by fewest requests in flight, among healthy ones."""
+/health probes on the event loop. Replicas are picked by fewest requests in flight, among healthy ones.
+
+A server that is down but should run (the stack's state says so, and the supervisor has not given up on it)
+is coming back: requests wait for it as for a loading one, and while any does, its replicas are probed every
+quarter second and looked up again every second (a recreated container has a new address)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ..config import Config, ServerSection
 from ..engine import EngineError
 from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
+from ..state import RUNNING, StackState
 from .client import Client, UpstreamError
 
 log = logging.getLogger("podllama.gateway")
@@ -73,14 +78,24 @@ def _http_threads(server: ServerSection) -> int:
     return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
 
 
+WAIT_PROBE_EVERY = 0.25  # seconds between probes of a server that requests are waiting for
+WAIT_LOOKUP_EVERY = 1.0  # … and between looks at its containers' addresses
+STATE_TTL = 0.5  # seconds a read of the stack's state is reused
+
+
 class Registry:
-    def __init__(self, cfg: Config, discover: Discover) -> None:
+    def __init__(self, cfg: Config, discover: Discover, state: StackState | None = None) -> None:
+        """STATE: the stack's state, which says which servers should run (None: none is waited for when down)."""
         self.discover = discover
+        self.state = state
         self.replicas: dict[str, list[Replica]] = {}
         self.names: dict[str, str] = {}
         self._lock = threading.Lock()
         self.refreshed = 0.0
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
+        self._saved: tuple[float, dict[str, dict[str, object]]] = (-STATE_TTL, {})
+        self._waiting: dict[str, int] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self.configure(cfg)
 
     # -- configuration ------------------------------------------------------------------------------------
@@ -127,6 +142,7 @@ class Registry:
     # -- addresses ----------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Look up the servers' replicas and addresses (blocking: run it in a thread)."""
+        self.refreshed = time.monotonic()  # also when the look fails: an engine that is gone is not asked in a loop
         found = self.discover()
         if found is None:
             return
@@ -144,7 +160,6 @@ class Registry:
                     replica.state = probe(replica.url, timeout=1)
                     fresh.setdefault(t.server, []).append(replica)
             self.replicas = fresh
-            self.refreshed = time.monotonic()
 
     async def refresh_soon(self, at_most_every: float = 1.0) -> None:
         """Look again now (a server seems gone: the supervisor may have restarted it elsewhere)."""
@@ -162,6 +177,32 @@ class Registry:
     def state_of(self, server: str) -> str:
         states = {r.state for r in self.replicas.get(server, ())}
         return OK if OK in states else LOADING if LOADING in states else DOWN
+
+    def _servers_saved(self) -> dict[str, dict[str, object]]:
+        at, saved = self._saved
+        if time.monotonic() - at >= STATE_TTL and self.state is not None:
+            saved = self.state.read().get("servers", {})
+            self._saved = (time.monotonic(), saved)
+        return saved
+
+    def expected(self, server: str) -> str | None:
+        """Why SERVER is not coming back when it is not: None when some replica should run (started, not
+        stopped by the user, not given up on by the supervisor); else what the state says."""
+        if self.state is None or server not in self.servers:
+            return "not running"
+        saved = self._servers_saved()
+        entries = [saved.get(f"{server}-{r}") for r in range(1, self.servers[server].replicas + 1)]
+        if any(e and e.get("desired", RUNNING) == RUNNING and not e.get("failed") for e in entries):
+            return None
+        if any(e and e.get("failed") for e in entries):
+            return "failed (the supervisor gave up on it; `podllama status` says why, `podllama start` retries)"
+        if any(e and e.get("desired") == "stopped" for e in entries):
+            return "stopped (`podllama start` starts it)"
+        return "not running (`podllama start` starts it)"
+
+    def coming(self, server: str) -> bool:
+        """Whether SERVER is loading, or down and expected back: a request for it waits."""
+        return self.state_of(server) == LOADING or (self.state_of(server) == DOWN and self.expected(server) is None)
 
     def mark_down(self, replica: Replica) -> None:
         if replica.state != DOWN:
@@ -204,10 +245,28 @@ class Registry:
                 pass
 
     async def wait_ready(self, server: str, timeout: float) -> Replica | None:
-        """A healthy replica of SERVER, waiting up to TIMEOUT while it loads (or comes back)."""
+        """A healthy replica of SERVER, waiting up to TIMEOUT while it loads or comes back (None at once when it
+        is not coming)."""
         deadline = time.monotonic() + timeout
-        while True:
-            replica = self.pick(server)
-            if replica is not None or time.monotonic() >= deadline:
-                return replica
-            await asyncio.sleep(0.1)
+        self._waiting[server] = self._waiting.get(server, 0) + 1
+        if server not in self._watchers:
+            self._watchers[server] = asyncio.create_task(self._watch(server))
+        try:
+            while True:
+                replica = self.pick(server)
+                if replica is not None or time.monotonic() >= deadline or not self.coming(server):
+                    return replica
+                await asyncio.sleep(0.05)
+        finally:
+            self._waiting[server] -= 1
+
+    async def _watch(self, server: str) -> None:
+        """While requests wait for SERVER: its replicas probed often, its containers looked up again."""
+        try:
+            while self._waiting.get(server):
+                if self.pick(server) is None:
+                    await self.refresh_soon(WAIT_LOOKUP_EVERY)
+                    await asyncio.gather(*(self._probe(r) for r in list(self.replicas.get(server, ()))))
+                await asyncio.sleep(WAIT_PROBE_EVERY)
+        finally:
+            del self._watchers[server]
