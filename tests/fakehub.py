@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
@@ -30,6 +31,7 @@ class FakeHub:
         self.always_drop: dict[str, int] = {}  # path → bytes sent before the connection drops, every time
         self.corrupt: set[str] = set()  # paths served with damaged bytes
         self.slow: dict[str, float] = {}  # path → seconds to wait between 64 KiB pieces
+        self.halfway: dict[str, Callable[[], object]] = {}  # path → what happens once half of it was sent
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, range header)
         self.server: http.server.ThreadingHTTPServer | None = None
 
@@ -147,6 +149,13 @@ class FakeHub:
                     self.connection.shutdown(2)  # the connection drops midway
                     self.close_connection = True
                     return
+                meanwhile = hub.halfway.get(fname)
+                if meanwhile is not None:  # something happens to the client's machine midway (its disk fills up)
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                    meanwhile()
+                    body = body[len(body) // 2:]
                 delay = hub.slow.get(fname)
                 if delay:
                     for i in range(0, len(body), 65536):

@@ -10,9 +10,11 @@ size and sha256 match what the hub says it is.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,6 +227,7 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
     commit = info.sha or revision or "main"
     say(f"{ref.repo} at {commit[:12]}: {', '.join(r.path for r in remotes)}")
     prefix = ref.repo
+    _check_space(store, [(f"{prefix}/{r.path}", r) for r in remotes])
     staged: dict[str, Path] = {}
     stored = []
     for r in remotes:
@@ -238,7 +241,36 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
         stored.append(StoredFile(rel, staged[rel].stat().st_size, _sha256(staged[rel]), r.kind))
     m = Manifest(id=ref.id if ref.file or ref.tag else f"{ref.repo}:{split_info(files[0])[1] or 'default'}",
                  source="hf", files=stored, repo=ref.repo, revision=commit, tag=ref.tag, origin=base)
-    return store.commit(m, staged)
+    try:
+        return store.commit(m, staged)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise PullError(f"the model store {store.root} is full ({e.strerror}); its files are in place but not "
+                            "recorded yet: free some space and run the same pull again") from None
+        raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _check_space(store: Store, files: list[tuple[str, Remote]]) -> None:
+    """Refuse at once a pull the store's disk cannot hold (what is already staged or in place counts)."""
+    need = 0
+    for rel, r in files:
+        final, part = store.path(rel), store.partial(rel)
+        if r.size is None or (final.is_file() and final.stat().st_size == r.size):
+            continue
+        need += r.size - (part.stat().st_size if part.is_file() and part.stat().st_size <= r.size else 0)
+    where = store.root if store.root.exists() else store.root.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise PullError(f"not enough space in the model store {store.root}: the download needs {_size(need)} more, "
+                        f"{_size(free)} is free; free some space (`podllama models rm MODEL`) or move models_dir to a "
+                        "larger disk")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _remote(sibling: Any, kind: str) -> Remote:
@@ -281,6 +313,13 @@ def _download(store: Store, base: str, repo: str, commit: str, r: Remote, rel: s
         try:
             _fetch(part, base, repo, commit, r, hf_token, progress, cancel)
             break
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            part.unlink(missing_ok=True)  # it cannot be finished here: its space goes back
+            raise PullError(f"{repo}/{r.path}: the model store {store.root} filled up ({e.strerror}) during the "
+                            "download; what was downloaded was removed. Free some space (`podllama models rm "
+                            "MODEL`), or move models_dir to a larger disk, and pull again") from None
         except _Retryable as e:
             if attempt == RETRIES:
                 raise PullError(f"{repo}/{r.path}: {e}, {RETRIES} times; run the same pull again to resume it "

@@ -2,16 +2,23 @@
 
 Where GitHub cannot be reached, a mirror stands in: any local git repository or work tree, or the git work tree
 that the llama-cpp-python source distribution on the Python package index carries.
+
+Moving the submodule survives being killed midway: podllama's changes to it take a lock of its own, under
+which a git index lock left behind is stale, and a checkout records where it goes before it starts, so the
+next one finishes an interrupted checkout (whose half-updated files are the only changes the tree can have:
+a checkout never starts on a tree with changes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ from typing import Any
 import httpx
 
 from . import validate
+from .atomic import atomic_write
 
 SUBMODULE = "llama.cpp"
 UPSTREAM_URL = "https://github.com/ggml-org/llama.cpp.git"
@@ -138,15 +146,45 @@ def init(mirror: str | None = None, root: Path | None = None, progress: Callable
     return status(root)
 
 
+@contextlib.contextmanager
+def _changing(sub: Path) -> Iterator[Path]:
+    """Held while podllama changes the submodule; yields its git directory. A git index lock found under it was
+    left by a git that podllama ran and that was killed: it is removed."""
+    gitdir = Path(git("rev-parse", "--absolute-git-dir", cwd=sub))
+    with open(gitdir / "podllama.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (gitdir / "index.lock").unlink(missing_ok=True)
+        yield gitdir
+
+
 def checkout(ref: str, remote: str | None = None, root: Path | None = None) -> tuple[str, str]:
-    """Move the submodule to REF (fetched from REMOTE, else its origin). Returns (old commit, new commit)."""
+    """Move the submodule to REF (fetched from REMOTE, else its origin). Returns (old commit, new commit); after
+    an interrupted checkout, the one that was interrupted."""
     root = root or project_root()
     sub = root / SUBMODULE
-    st = status(root)
-    if st.commit is None:
+    if status(root).commit is None:
         raise SourceError("llama.cpp is not checked out yet; run `podllama source init` first")
-    if st.dirty:
-        raise SourceError(f"{sub} has local changes; commit or discard them before moving to another commit")
+    with _changing(sub) as gitdir:
+        intent = gitdir / "podllama-checkout"
+        if intent.is_file():
+            old, new = intent.read_text().split()[:2]
+            git("checkout", "--quiet", "--force", "--detach", new, cwd=sub)
+            intent.unlink()
+            return old, new
+        st = status(root)
+        assert st.commit is not None
+        if st.dirty:
+            raise SourceError(f"{sub} has local changes; commit or discard them before moving to another commit")
+        new = _fetch(sub, ref, remote)
+        if new != st.commit:
+            atomic_write(intent, f"{st.commit} {new}\n")
+            git("checkout", "--quiet", "--detach", new, cwd=sub)
+            intent.unlink()
+        return st.commit, new
+
+
+def _fetch(sub: Path, ref: str, remote: str | None) -> str:
+    """The commit REF names, fetched from REMOTE (else origin) unless it is a full commit id already here."""
     try:
         validate.git_ref(ref)
         src = str(Path(remote).resolve()) if remote and Path(remote).exists() else (remote or "origin")
@@ -155,18 +193,14 @@ def checkout(ref: str, remote: str | None = None, root: Path | None = None) -> t
     except ValueError as e:
         raise SourceError(f"{e}; nothing was changed") from None
     if re.fullmatch(r"[0-9a-f]{40}", ref) and has_commit(sub, ref):
-        new = ref  # a full commit id already here: nothing to fetch
-    else:
-        proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", "--quiet", "--", src, ref],
-                              cwd=sub, capture_output=True, text=True)
-        if proc.returncode != 0:
-            if ref == "HEAD" or not has_commit(sub, ref):  # offline, a known tag or branch still resolves
-                raise SourceError(f"cannot fetch '{ref}' from {src}: {proc.stderr.strip()}")
-            new = git("rev-parse", f"{ref}^{{commit}}", cwd=sub)
-        else:
-            new = git("rev-parse", "FETCH_HEAD^{commit}", cwd=sub)
-    git("checkout", "--quiet", "--detach", new, cwd=sub)
-    return st.commit, new
+        return ref  # a full commit id already here: nothing to fetch
+    proc = subprocess.run(["git", "-c", "protocol.file.allow=always", "fetch", "--quiet", "--", src, ref],
+                          cwd=sub, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if ref == "HEAD" or not has_commit(sub, ref):  # offline, a known tag or branch still resolves
+            raise SourceError(f"cannot fetch '{ref}' from {src}: {proc.stderr.strip()}")
+        return git("rev-parse", f"{ref}^{{commit}}", cwd=sub)
+    return git("rev-parse", "FETCH_HEAD^{commit}", cwd=sub)
 
 
 def pin(root: Path | None = None) -> None:

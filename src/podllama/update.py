@@ -1,6 +1,10 @@
 """`podllama update` and `podllama rebuild`: new llama-server images under running servers, never leaving a
 broken stack. The order is build → smoke test → restart servers one at a time (each healthy before the next);
 if any step fails, the submodule, the image tags and every server go back to where they were.
+
+An update that was itself killed midway is finished by the next one: the submodule is already at the new
+commit, so that one finds the images still built from the old commit (and builds them) or servers still on
+the old image (and restarts them).
 """
 
 from __future__ import annotations
@@ -37,12 +41,25 @@ def update(stack: Stack, ref: str = "HEAD", remote: str | None = None, progress:
     root = source.project_root()
     with stack.state.operation():  # the supervisor waits until we are done
         old, new = source.checkout(ref, remote, root)
+        variants = _variants(stack)
         if new == old:
+            built_from = {v: stack.engine.image_labels(stack.image_of(v)).get("podllama.llama-commit") for v in variants}
+            behind = {v: c for v, c in built_from.items() if c and c != new}
+            if behind:  # an update killed after the checkout, before its images were built and tagged
+                was = next(iter(behind.values()))
+                progress(f"finishing an interrupted update: llama.cpp is at {new[:12]}, the "
+                         f"{', '.join(behind)} image at {was[:12]}")
+                return _roll(stack, progress, build, old=was, new=new, variants=list(behind),
+                             undo_source=lambda: source.checkout(was, root=root))
+            if _stale(stack):  # … or after the images, before every server was restarted on them
+                progress("finishing an interrupted update: servers still on the previous image")
+                return _roll(stack, progress, build, old=new, new=new, variants=[], undo_source=lambda: None)
             result = UpdateResult(True, f"already at {new[:12]}; nothing to do", old, new)
             stack.state.record_update(result.to_dict())
             return result
         progress(f"llama.cpp {old[:12]} → {new[:12]}")
-        return _roll(stack, progress, build, old=old, new=new, undo_source=lambda: source.checkout(old, root=root))
+        return _roll(stack, progress, build, old=old, new=new, variants=variants,
+                     undo_source=lambda: source.checkout(old, root=root))
 
 
 def rebuild(stack: Stack, variants: list[str] | None = None, progress: Callable[[str], None] = print,
@@ -52,13 +69,22 @@ def rebuild(stack: Stack, variants: list[str] | None = None, progress: Callable[
     commit = source.status().commit
     with stack.state.operation():
         return _roll(stack, progress, build, old=commit, new=commit, undo_source=lambda: None,
-                     only=variants)
+                     variants=variants or _variants(stack))
+
+
+def _variants(stack: Stack) -> list[str]:
+    return sorted({stack.variant_of(s) for s in stack.cfg.servers.values()})
+
+
+def _stale(stack: Stack) -> bool:
+    """Whether a server runs a container that no longer matches its spec (another image, other settings)."""
+    running = stack.containers("server")
+    return any(u.name in running and running[u.name].labels.get(L_HASH) != u.hash for u in stack.units())
 
 
 def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., images.BuildResult] | None, *,
-          old: str | None, new: str | None, undo_source: Callable[[], Any], only: list[str] | None = None) -> UpdateResult:
+          old: str | None, new: str | None, undo_source: Callable[[], Any], variants: list[str]) -> UpdateResult:
     cfg, engine = stack.cfg, stack.engine
-    variants = only or sorted({stack.variant_of(s) for s in cfg.servers.values()})
     build = build or _default_build(stack)
     moved: list[str] = []  # variants whose tag now points at a new image
 

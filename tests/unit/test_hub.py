@@ -199,3 +199,39 @@ def test_import_verify_and_remove(store, tmp_path):
     assert "sha256 differs" in store.verify("local/mine")["local/mine"][0]
     store.remove("local/mine")
     assert store.manifests() == [] and not (store.root / "mine.gguf").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A model store on a 2 MiB filesystem of its own."""
+    import subprocess
+
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], check=True)
+    yield Store(root / "models")
+    subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def test_a_pull_the_disk_cannot_hold_is_refused_before_a_byte(fake, small_disk):
+    fake.add("org/big-GGUF", {"big-Q4_K_M.gguf": GGUF * 300})  # 3 MiB
+    with pytest.raises(PullError, match=r"not enough space in the model store .*needs 2\.9 MiB more"):
+        hub.pull(small_disk, "org/big-GGUF:Q4_K_M")
+    assert not [line for line in fake.log if line[1].endswith(".gguf") and line[0] == "GET"]
+    assert small_disk.verify() == {} and not small_disk.manifests()
+
+
+def test_a_disk_that_fills_up_during_a_pull_leaves_the_store_valid(fake, small_disk):
+    data = GGUF * 120  # 1.2 MiB: fits, until something else takes the space
+    fake.add("org/f-GGUF", {"f-Q4_K_M.gguf": data})
+    filler = small_disk.root.parent / "filler"
+    fake.halfway["f-Q4_K_M.gguf"] = lambda: filler.write_bytes(b"\0" * (1400 << 10))
+    with pytest.raises(PullError, match="filled up .* during the download; what was downloaded was removed"):
+        hub.pull(small_disk, "org/f-GGUF:Q4_K_M", retry_delay=0.01)
+    assert not (small_disk.root / "org/f-GGUF/f-Q4_K_M.gguf").exists()  # nothing under the real name
+    assert not (small_disk.root / ".partial/org/f-GGUF/f-Q4_K_M.gguf").exists()  # the space went back
+    assert small_disk.verify() == {} and not small_disk.manifests()
+    filler.unlink()
+    del fake.halfway["f-Q4_K_M.gguf"]
+    m = hub.pull(small_disk, "org/f-GGUF:Q4_K_M")  # with room again, the same pull works
+    assert (small_disk.root / m.model).read_bytes() == data and small_disk.verify() == {m.id: []}

@@ -173,3 +173,23 @@ def test_pypi_mirror_downloads_verifies_and_serves_the_pin(repos, tmp_path, monk
 def test_unknown_commit_for_pypi_names_the_alternative():
     with pytest.raises(SourceError, match="--mirror PATH"):
         source.pypi_mirror("0" * 40, progress=lambda m: None)
+
+
+def test_a_checkout_killed_midway_is_finished_by_the_next(repos):
+    """What a kill -9 of `git checkout` leaves: some files already at the new commit (the tree looks changed),
+    git's index lock, and podllama's note of where the checkout was going. The next checkout finishes it."""
+    sup, mirror, upstream, shas = repos
+    source.init(str(mirror), root=sup, progress=lambda m: None)
+    sub = sup / "llama.cpp"
+    gitdir = Path(git(sub, "rev-parse", "--absolute-git-dir"))
+    (gitdir / "podllama-checkout").write_text(f"{shas[0]} {shas[1]}\n")
+    (sub / "file.txt").write_text("version 1\n")
+    (gitdir / "index.lock").write_text("")
+    assert source.status(sup).dirty
+    with pytest.raises(subprocess.CalledProcessError):  # git itself refuses to work while the lock is there
+        git(sub, "checkout", "-q", "--detach", shas[0])
+    assert source.checkout(shas[2], remote=str(upstream), root=sup) == (shas[0], shas[1])  # the interrupted one
+    st = source.status(sup)
+    assert st.commit == shas[1] and not st.dirty and not (gitdir / "index.lock").exists()
+    assert not (gitdir / "podllama-checkout").exists()
+    assert source.checkout(shas[2], remote=str(upstream), root=sup) == (shas[1], shas[2])  # and on from there
