@@ -136,7 +136,8 @@ class Supervisor:
         if self.engine_problem is None:
             log.error("cannot reach the engine: %s. Supervision is paused until it answers; requests still go to "
                       "the servers that run (fix: `podllama doctor --fix` on the host)", e)
-            self.engine_problem = {"since": time.time(), "error": str(e)[-400:]}
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            self.engine_problem = {"since": time.time(), "error": (lines[-1] if lines else str(e))[-300:]}
             self.stack.state.record_engine(self.engine_problem["error"])
 
     def _check(self, unit: Unit, info: ContainerInfo | None) -> dict[str, Any] | None:

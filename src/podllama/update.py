@@ -77,9 +77,9 @@ def _variants(stack: Stack) -> list[str]:
 
 
 def _stale(stack: Stack) -> bool:
-    """Whether a server runs a container that no longer matches its spec (another image, other settings)."""
+    """Whether a server's container is missing or no longer matches its spec (another image, other settings)."""
     running = stack.containers("server")
-    return any(u.name in running and running[u.name].labels.get(L_HASH) != u.hash for u in stack.units())
+    return any(u.name not in running or running[u.name].labels.get(L_HASH) != u.hash for u in stack.units())
 
 
 def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., images.BuildResult] | None, *,

@@ -133,3 +133,38 @@ def test_rollback_returns_to_the_previous_image(podman, stack, upstream, project
     rows = servers(stack)
     assert {r["commit"] for r in rows.values()} != {upstream["good"][:12]}
     assert all(r["health"] == "ok" for r in rows.values())
+
+
+def test_an_update_killed_midway_is_finished_by_the_next(podman, stack, upstream, project):
+    """Killed after the new image was built and tagged, before every server was restarted on it: the next
+    `podllama update` to the same commit finds servers on the old image and restarts them."""
+    import os
+    import signal
+    import time
+
+    from tests.faults import until
+    from tests.helpers import PODLLAMA
+
+    up = Path(upstream["path"])  # one more commit that builds
+    git(up, "reset", "-q", "--hard", upstream["good"])
+    with (up / SERVER_CPP).open("a") as f:
+        f.write("\n[[maybe_unused]] static const char * podllama_update_test_2 = \"another commit\";\n")
+    git(up, "commit", "-qam", "podllama test: another commit that builds")
+    third = git(up, "rev-parse", "HEAD")
+    image_before = podman.image_id(f"{REPO}:cpu")
+    proc = subprocess.Popen([*PODLLAMA, "update", "--ref", third, "--remote", str(up), "-c", str(stack.path)],
+                            cwd=project, env={**os.environ, **stack.run_env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    moved = until(lambda: podman.image_id(f"{REPO}:cpu") != image_before, 2400, every=0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # podllama and what it runs, as a power cut would
+    proc.wait()
+    assert moved is not None, "the new image was never tagged"
+    time.sleep(1)
+    assert git(project / "llama.cpp", "rev-parse", "HEAD") == third
+    out = json.loads(run(stack, "update", "--ref", third, "--remote", str(up), "--json").stdout)
+    assert out["ok"] and out["restarted"], out  # it finished what the killed one left
+    rows = servers(stack)
+    assert {r["commit"] for r in rows.values()} == {third[:12]} and all(r["health"] == "ok" for r in rows.values())
+    assert answers(podman, f"{STACK}-chat-1", stack)
+    assert "nothing to do" in json.loads(run(stack, "update", "--ref", third, "--remote", str(up), "--json").stdout)[
+        "summary"]

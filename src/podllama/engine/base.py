@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -83,6 +84,9 @@ class ContainerInfo:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+
+_ABSENT = re.compile(r"image not known|no such (image|container|object)", re.IGNORECASE)
 
 
 def hardening(spec: ContainerSpec) -> list[str]:
@@ -189,12 +193,21 @@ class CliEngine:
         iidfile.unlink()
         return image_id
 
+    def _found(self, proc: subprocess.CompletedProcess[str]) -> bool:
+        """Whether an inspect found its object: False when the engine says it does not exist; an engine that
+        could not be asked at all (its API service gone) is an error, not an absence."""
+        if proc.returncode == 0:
+            return True
+        if _ABSENT.search(proc.stderr or proc.stdout):
+            return False
+        raise EngineError(f"`{self.binary} inspect` failed: {(proc.stderr or proc.stdout).strip()}")
+
     def image_exists(self, ref: str) -> bool:
-        return self.run_cli("image", "inspect", ref, check=False).returncode == 0
+        return self._found(self.run_cli("image", "inspect", ref, check=False))
 
     def image_inspect(self, ref: str) -> dict[str, Any] | None:
         proc = self.run_cli("image", "inspect", ref, check=False)
-        if proc.returncode != 0:
+        if not self._found(proc):
             return None
         data = json.loads(proc.stdout)
         return data[0] if data else None
@@ -304,7 +317,7 @@ class CliEngine:
 
     def inspect(self, name: str) -> ContainerInfo | None:
         proc = self.run_cli("container", "inspect", name, check=False)
-        if proc.returncode != 0:
+        if not self._found(proc):
             return None
         data = json.loads(proc.stdout)
         return _container_info(data[0]) if data else None
