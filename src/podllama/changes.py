@@ -83,7 +83,7 @@ def submit(stack: Stack, edit: Callable[[str], str], if_match: str | None = None
         path = change.cfg.source
         assert path is not None
         atomic_write(path, change.text)
-        change.stack.state.set_desired([u.key for u in change.units], "running")
+        change.stack.record_desired(change.plan, change.units)
         change.stack.apply(change.plan, change.units)
     changed = {s.container for s in change.plan.changes}
     if wait:

@@ -32,6 +32,7 @@ from .service import ServiceError
 from .source import SourceError
 from .stack import Stack, StackError
 from .store import StoreError
+from .units import human
 from .update import UpdateError
 
 # No locals in tracebacks: a token or key can be among them (and unexpected errors print one line anyway).
@@ -314,6 +315,24 @@ def restart(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engi
 
 
 @app.command()
+def load(server: Annotated[str, typer.Argument(help="An on-demand server")], cfg_path: ConfigOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Load an on-demand server now, as its first request would (room made within the memory budget)."""
+    cfg = load_config(cfg_path)
+    result = GatewayAPI(cfg, timeout=cfg.gateway.load_timeout + 30).call("POST", f"/api/servers/{server}/load")
+    show(as_json, result, f"{server}: {result['status']['value']}")
+
+
+@app.command()
+def unload(server: Annotated[str, typer.Argument(help="An on-demand server")], cfg_path: ConfigOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Stop an on-demand server (its prompt caches saved); its next request loads it again."""
+    cfg = load_config(cfg_path)
+    result = GatewayAPI(cfg, timeout=120).call("POST", f"/api/servers/{server}/unload")
+    show(as_json, result, f"{server}: {'unloaded' if result['was_loaded'] else 'was not loaded'}")
+
+
+@app.command()
 def down(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOpt = False) -> None:
     """Remove every container of the stack and its network (models and images stay)."""
     st = stack_for(cfg_path, engine)
@@ -334,13 +353,17 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
             "restarts": gw.restarts if gw else 0},
             "last_update": saved.get("last_update"), "engine_problem": saved.get("engine_problem"),
             "engine_back": saved.get("engine_back")})
-    table = Table("server", "role", "state", "health", "uptime", "restarts", "commit", "model")
+    table = Table("server", "role", "state", "health", "uptime", "restarts", "memory", "last use", "commit", "model")
     for r in rows:
         state = r["state"] + ("" if r["declared"] else " (not declared)")
         if r["desired"] == "stopped" and r["state"] != "running":
             state += " (stopped)"
+        elif r["desired"] == "unloaded" and r["state"] != "running":
+            state = "unloaded (on demand)"
+        last_use = f"{_duration(r['idle_s'])} ago" if r.get("idle_s") is not None else "-"
         table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
-                      str(r["restarts"]), r["commit"] or "-", r.get("model_file") or r["model"])
+                      str(r["restarts"]), _memory(r.get("memory")), last_use, r["commit"] or "-",
+                      r.get("model_file") or r["model"])
     out.print(table)
     restarted = f", restarted {gw.restarts} times by the engine" if gw and gw.restarts else ""
     out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url}){restarted}")
@@ -360,6 +383,16 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     if last:
         word = "[green]ok[/green]" if last.get("ok") else "[red]failed[/red]"
         out.print(f"last update {word}: {last.get('summary', '')}")
+
+
+def _memory(figures: dict[str, Any] | None) -> str:
+    """"312 MiB" measured, "~350 MiB" estimated (per device where there are several)."""
+    if not figures:
+        return "-"
+    measured, estimate = figures.get("measured") or {}, figures.get("estimate") or {}
+    parts = [(f"{human(measured[d])}" if d in measured else f"~{human(estimate[d])}") + ("" if d == "cpu" else f" {d}")
+             for d in dict.fromkeys([*estimate, *measured])]
+    return ", ".join(parts) or "-"
 
 
 def _clock(epoch: float) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from . import validate as checks
 from .atomic import atomic_write
+from .units import parse_duration, parse_size
 
 DEFAULT_CONFIG = "services.toml"
 CONFIG_ENV = "PODLLAMA_CONFIG"
@@ -158,6 +159,34 @@ class SupervisorSection(_Model):
     crash_loop_window: Annotated[float, Field(gt=0)] = 300
 
 
+DEFAULT_IDLE_TIMEOUT = 600.0  # an on-demand server unused this long is stopped
+
+
+class PlacementSection(_Model):
+    """How much memory the stack's servers may hold at once, per device; on-demand servers are started and
+    stopped to stay within it. "auto": what the device has, less a margin (see docs/on-demand.md)."""
+
+    cpu_memory: str = "auto"
+    gpu_memory: dict[str, str] = Field(default_factory=dict)  # {"cuda:0" = "22GiB"}; devices not named: auto
+
+    @field_validator("cpu_memory")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if v != "auto":
+            parse_size(v)
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _gpu(cls, v: dict[str, str]) -> dict[str, str]:
+        for device, size in v.items():
+            if not re.fullmatch(r"(cuda|rocm|vulkan):[0-9]{1,2}", device):
+                raise ValueError(f"'{device}' is not a device; name it like \"cuda:0\", \"rocm:1\" or \"vulkan:0\"")
+            if size != "auto":
+                parse_size(size)
+        return v
+
+
 class ServerSection(_Model):
     role: Role = "chat"
     model: str
@@ -172,6 +201,28 @@ class ServerSection(_Model):
     gpus: list[str] | Literal["all"] | None = None
     args: dict[str, ArgValue] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    # "always": runs from `podllama start` on; "on-demand": started by the first request for it, stopped when
+    # idle for idle_timeout or when another server needs its memory ([placement])
+    start: Literal["always", "on-demand"] = "always"
+    idle_timeout: float | None = None  # seconds or "10m"; on-demand servers only (default: 10 minutes)
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _idle(cls, v: Any) -> float | None:
+        if v is None:
+            return None
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("must be more than 0 seconds")
+        return seconds
+
+    @property
+    def on_demand(self) -> bool:
+        return self.start == "on-demand"
+
+    @property
+    def idle_seconds(self) -> float:
+        return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
 
     @field_validator("model", "mmproj", "fallback")
     @classmethod
@@ -235,6 +286,15 @@ class ServerSection(_Model):
         return self
 
     @model_validator(mode="after")
+    def _on_demand(self) -> ServerSection:
+        if self.idle_timeout is not None and not self.on_demand:
+            raise ValueError("idle_timeout is for servers with start = \"on-demand\"; an \"always\" server is never "
+                             "stopped for being idle")
+        if self.on_demand and self.replicas > 1:
+            raise ValueError("start = \"on-demand\" takes one replica; use replicas = 1 or start = \"always\"")
+        return self
+
+    @model_validator(mode="after")
     def _projector(self) -> ServerSection:
         if self.role in PROJECTOR_ROLES and not self.mmproj and not self.model.startswith("hf://"):
             raise ValueError(f"role '{self.role}' needs mmproj = \"FILE\" (the model's multimodal projector GGUF), "
@@ -248,6 +308,7 @@ class Config(_Model):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     hub: HubSection = Field(default_factory=HubSection)
+    placement: PlacementSection = Field(default_factory=PlacementSection)
     servers: dict[str, ServerSection] = Field(default_factory=dict)
 
     _source: Path | None = PrivateAttr(default=None)

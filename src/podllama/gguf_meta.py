@@ -2,7 +2,9 @@
 pooling type, sizes), read without numpy and without trusting the file — every length is bounded, and a
 file that is not GGUF, or lies about its sizes, is an error naming the file.
 
-Arrays (the tokenizer's vocabulary, mostly) are skipped, not kept: only their length is recorded.
+Arrays (the tokenizer's vocabulary, mostly) are skipped, not kept: only their length is recorded. The tensor
+directory that follows is read for where each tensor lies, which gives each one's size in bytes (memory.py
+adds up the weights a device holds) without knowing any quantization format.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ MAX_KEY = 1 << 16
 MAX_STRING = 1 << 24  # a chat template is a few KiB; 16 MiB is plenty
 MAX_KVS = 1 << 16
 MAX_ARRAY = 1 << 28
+MAX_TENSORS = 1 << 20
+MAX_DIMS = 8
 # value types: size in bytes, struct format
 _SCALARS = {0: (1, "<B"), 1: (1, "<b"), 2: (2, "<H"), 3: (2, "<h"), 4: (4, "<I"), 5: (4, "<i"), 6: (4, "<f"),
             7: (1, "<?"), 10: (8, "<Q"), 11: (8, "<q"), 12: (8, "<d")}
@@ -33,6 +37,18 @@ class Metadata:
     tensors: int
     values: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, int] = field(default_factory=dict)  # array key → its length
+    offsets: list[tuple[str, int]] = field(default_factory=list)  # tensor name → offset in the data section
+    data_start: int = 0  # where the data section begins in the file
+    size: int = 0  # the file's size
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Each tensor's size in bytes (padding included): the distance to the next tensor's data."""
+        ordered = sorted(self.offsets, key=lambda t: t[1])
+        end = self.size - self.data_start
+        out = {}
+        for i, (name, offset) in enumerate(ordered):
+            out[name] = (ordered[i + 1][1] if i + 1 < len(ordered) else end) - offset
+        return out
 
     @property
     def architecture(self) -> str | None:
@@ -126,4 +142,19 @@ def read(path: Path) -> Metadata:
                 r.skip_array(inner, n)
             else:
                 raise GGUFError(f"{path}: unknown value type {kind} for {key!r}")
+        if tensors > MAX_TENSORS:
+            raise GGUFError(f"{path}: the header claims {tensors} tensors; not a GGUF model podllama can read")
+        for _ in range(tensors):
+            name = r.string(MAX_KEY)
+            dims = r.scalar(4)
+            if dims > MAX_DIMS:
+                raise GGUFError(f"{path}: tensor {name!r} claims {dims} dimensions")
+            f.seek(8 * dims + 4, 1)  # the dimensions and the type: the offsets say the sizes
+            meta.offsets.append((name, r.scalar(10)))
+        align = meta.values.get("general.alignment", 32)
+        align = align if isinstance(align, int) and 0 < align <= 1 << 16 else 32
+        meta.data_start = -(-f.tell() // align) * align
+        meta.size = path.stat().st_size
+        if any(offset > meta.size - meta.data_start for _, offset in meta.offsets):
+            raise GGUFError(f"{path}: a tensor lies beyond the end of the file; the file is cut short")
         return meta

@@ -25,6 +25,7 @@ import httpx
 
 from . import validate
 from .store import Manifest, Store, StoredFile, StoreError, safe_name
+from .units import human
 
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
 NOT_MODELS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
@@ -264,13 +265,11 @@ def _check_space(store: Store, files: list[tuple[str, Remote]]) -> None:
     where = store.root if store.root.exists() else store.root.parent
     free = shutil.disk_usage(where).free
     if need > free:
-        raise PullError(f"not enough space in the model store {store.root}: the download needs {_size(need)} more, "
-                        f"{_size(free)} is free; free some space (`podllama models rm MODEL`) or move models_dir to a "
+        raise PullError(f"not enough space in the model store {store.root}: the download needs {human(need)} more, "
+                        f"{human(free)} is free; free some space (`podllama models rm MODEL`) or move models_dir to a "
                         "larger disk")
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _remote(sibling: Any, kind: str) -> Remote:

@@ -19,6 +19,7 @@ from typing import Any
 from .atomic import atomic_write
 
 RUNNING, STOPPED = "running", "stopped"
+UNLOADED = "unloaded"  # an on-demand server that does not run now; its next request starts it
 
 
 class StackState:
@@ -73,9 +74,15 @@ class StackState:
             for name in names:
                 entry = data["servers"].setdefault(name, {})
                 entry["desired"] = desired
-                if desired == RUNNING:  # an explicit start clears a crash-loop verdict
+                if desired != STOPPED:  # an explicit start clears a crash-loop verdict
                     entry.pop("failed", None)
                     entry["recent_restarts"] = []
+
+    def note(self, fields: dict[str, dict[str, Any]]) -> None:
+        """Set FIELDS on servers (name → {field: value}), e.g. the memory measured, the last use."""
+        with self.edit() as data:
+            for name, values in fields.items():
+                data["servers"].setdefault(name, {}).update(values)
 
     def record_restart(self, name: str, reason: str) -> None:
         now = time.time()

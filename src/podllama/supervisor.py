@@ -22,14 +22,16 @@ from typing import Any
 
 from .config import SupervisorSection
 from .engine import ContainerInfo, EngineError
-from .health import LOADING, OK, container_health, probe
+from .health import DOWN, LOADING, OK, container_health, probe
 from .stack import SERVER_PORT, Stack, StackError, Unit
-from .state import STOPPED
+from .stack.status import uptime
+from .state import RUNNING
 
 log = logging.getLogger("podllama.supervisor")
 UNITS_TTL = 300.0  # seconds before the container specs are computed again from the config and images
 ENGINE_EVERY = 30.0  # while every server answers, the engine (costly to ask) is consulted this often
 WAKE_GAP = 0.5  # at least this long between rounds, however often it is woken
+STARTING = 30.0  # seconds a new container may take before it listens (then: loading, or not answering)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Watch:
     loaded: bool = False  # answered 200 at least once since its last (re)start
     progress_at: float = field(default_factory=time.monotonic)
     last_log: str = ""
+    started_at: str | None = None  # the container's start this watch is about
     backoff: float = 0.0
     not_before: float = 0.0  # no restart before this time (backoff)
 
@@ -102,7 +105,8 @@ class Supervisor:
                 log.warning("supervisor: cannot compute the stack's containers: %s", e)
                 return []
             saved = self.stack.state.read().get("servers", {})
-            active = [u for u in units if saved.get(u.key, {}).get("desired") != STOPPED
+            # what should run: not stopped by the user, not an unloaded on-demand server, not given up on
+            active = [u for u in units if saved.get(u.key, {}).get("desired", RUNNING) == RUNNING
                       and not saved.get(u.key, {}).get("failed")]
             # The cheap look first: every server answering /health at its known address needs nothing more.
             healthy = {u.name for u in active if (a := self._addresses.get(u.name)) and probe(f"http://{a}:{SERVER_PORT}") == OK}
@@ -147,11 +151,16 @@ class Supervisor:
             return self._restart(unit, w, "container missing", recreate=True)
         if not info.running:
             return self._restart(unit, w, f"exited with code {info.exit_code}", recreate=False)
+        if info.started_at != w.started_at:  # started again since the last look (by a load, or by someone else)
+            if w.started_at is not None:
+                w.failures, w.loaded, w.progress_at, w.last_log = 0, False, now, ""
+            w.started_at = info.started_at
         health = container_health(self.stack.engine, info, SERVER_PORT)
         if health == OK:
             self._healthy(w, unit.name)
             return None
-        if health == LOADING and not w.loaded:
+        starting = health == DOWN and (uptime(info.started_at) or 0) < STARTING  # not listening yet
+        if (health == LOADING or starting) and not w.loaded:
             line = self.stack.tail(unit.name, lines=1)
             if line != w.last_log:
                 w.last_log, w.progress_at = line, now

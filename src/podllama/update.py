@@ -16,6 +16,7 @@ from typing import Any
 from . import images, source
 from .engine import EngineError
 from .stack import L_HASH, Stack, StackError, Unit
+from .state import RUNNING
 
 
 class UpdateError(Exception):
@@ -79,7 +80,13 @@ def _variants(stack: Stack) -> list[str]:
 def _stale(stack: Stack) -> bool:
     """Whether a server's container is missing or no longer matches its spec (another image, other settings)."""
     running = stack.containers("server")
-    return any(u.name not in running or running[u.name].labels.get(L_HASH) != u.hash for u in stack.units())
+    return any(u.name not in running or running[u.name].labels.get(L_HASH) != u.hash for u in stack.units()
+               if not _idle(stack, u))
+
+
+def _idle(stack: Stack, unit: Unit) -> bool:
+    """An on-demand server that is not loaded: its next load starts it on whatever image is current."""
+    return unit.on_demand and stack.state.desired(unit.key) != RUNNING
 
 
 def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., images.BuildResult] | None, *,
@@ -110,8 +117,8 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
     restarted: list[Unit] = []
     for unit in units:
         info = engine.inspect(unit.name)
-        if info is not None and info.labels.get(L_HASH) == unit.hash and info.running:
-            continue  # already on the new image (or its variant was not rebuilt)
+        if (info is not None and info.labels.get(L_HASH) == unit.hash and info.running) or _idle(stack, unit):
+            continue  # already on the new image (or its variant was not rebuilt), or not loaded
         progress(f"restarting {unit.name} on the new image")
         try:
             stack.recreate(unit)
@@ -131,7 +138,7 @@ def _restore(stack: Stack, progress: Callable[[str], None]) -> None:
     """Put every server back on the image its tag points to now (the old one, after the tags were rolled back)."""
     for unit in stack.units():
         info = stack.engine.inspect(unit.name)
-        if info is not None and info.labels.get(L_HASH) == unit.hash and info.running:
+        if (info is not None and info.labels.get(L_HASH) == unit.hash and info.running) or _idle(stack, unit):
             continue
         progress(f"restoring {unit.name} on the previous image")
         stack.recreate(unit)

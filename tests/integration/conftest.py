@@ -235,10 +235,10 @@ def stack_files(tmp_path, models_dir, cpu_image):
     """A fresh stack per test (removed afterwards, containers and network), on Podman."""
     made: list[StackFiles] = []
 
-    def make(engine: CliEngine, servers: str = CHAT_AND_EMBED, extra: str = "") -> StackFiles:
+    def make(engine: CliEngine, servers: str = CHAT_AND_EMBED, extra: str = "", models: Path | None = None) -> StackFiles:
         d = tmp_path / f"stack{len(made)}"
         d.mkdir()
-        sf = StackFiles(d, f"pt{uuid.uuid4().hex[:6]}", engine, models_dir, free_port()).write(servers, extra)
+        sf = StackFiles(d, f"pt{uuid.uuid4().hex[:6]}", engine, models or models_dir, free_port()).write(servers, extra)
         made.append(sf)
         return sf
 

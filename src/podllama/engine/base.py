@@ -341,6 +341,16 @@ class CliEngine:
             proc.kill()
             proc.wait()
 
+    def memory(self, name: str) -> int | None:
+        """The resident memory of container NAME's main process (bytes; None when it does not run). Resident,
+        not the cgroup's count: a model's file pages mapped by the server count wherever they are cached,
+        while the engines' stats charge them to whichever container read them first."""
+        proc = self.run_cli("exec", name, "cat", "/proc/1/statm", check=False, timeout=30)
+        fields = proc.stdout.split()
+        if proc.returncode != 0 or len(fields) < 2 or not fields[1].isdigit():
+            return None
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
     def exec(self, name: str, argv: builtins.list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.run_cli("exec", name, *argv, check=False, timeout=timeout)
 

@@ -183,6 +183,16 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         """Recreate a server's containers, one at a time."""
         return act(name, gw.stack.restart, "restart")
 
+    @servers.post("/{name}/load")
+    async def load_server(name: Existing) -> dict[str, Any]:
+        """Load an on-demand server now (room made in the memory budget as for a request); waits until it answers."""
+        return await gw.load(name)
+
+    @servers.post("/{name}/unload")
+    async def unload_server(name: Existing) -> dict[str, Any]:
+        """Stop an on-demand server (its prompt caches saved); its next request loads it again."""
+        return await gw.unload(name)
+
     # -- config -------------------------------------------------------------------------------------------------
     config = APIRouter(prefix="/api", tags=["config"])
 

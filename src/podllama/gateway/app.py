@@ -22,12 +22,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, config
 from ..changes import version_of
 from ..credentials import Credentials
 from ..engine import get_engine
+from ..health import LOADING, OK
 from ..stack import Stack
 from ..supervisor import Supervisor
 from . import admin
@@ -37,12 +39,17 @@ from .errors import error_type
 from .guard import Access, Guard, access_of_own
 from .jobs import Jobs
 from .metrics import Metrics
+from .ondemand import Loader, Refused
 from .proxy import Proxy
 from .routes import ENDPOINTS, PASSTHROUGH, RouteTable
 from .server import Limits
 from .upstreams import Discover, Registry, engine_discovery
 
 log = logging.getLogger("podllama.gateway")
+
+
+class ModelRef(BaseModel):
+    model: str
 
 
 class Gateway:
@@ -67,6 +74,9 @@ class Gateway:
         self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
         self.metrics = Metrics()
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
+        self.loader = Loader(self.stack, self.registry, self.credentials.server_key())
+        self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
+        self.proxy.loader = self.loader
         self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
         self.supervise = supervise
         if supervise:  # a request that finds a server gone wakes the supervisor; a restart is looked up at once
@@ -134,8 +144,46 @@ class Gateway:
         self.limits.configure(cfg.gateway)
         self.registry.configure(cfg)
         self.proxy.configure(cfg.gateway, self.credentials.server_key())
+        self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
         self.supervisor.configure(cfg.supervisor)
         self._seen = self._stamp()
+
+    # -- on-demand servers ---------------------------------------------------------------------------------
+    def model_state(self, server: str) -> str:
+        """loaded | loading | unloaded (as llama.cpp's router mode says it)."""
+        if self.loader.manages(server):
+            return self.loader.state_of(server)
+        return {OK: "loaded", LOADING: "loading"}.get(self.registry.state_of(server), "unloaded")
+
+    def server_of(self, model: str) -> str:
+        server = self.registry.server_for_model(model)
+        if server is None:
+            raise StarletteHTTPException(404, f"model '{model}' not found; GET /v1/models lists them")
+        return server
+
+    async def load(self, server: str) -> dict[str, Any]:
+        """Load on-demand SERVER now (as its first request would); for other servers, say how they run."""
+        if not self.loader.manages(server):
+            raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"): it runs from "
+                                              "`podllama start` on; POST /api/servers/NAME/start starts it")
+        try:
+            await self.loader.ensure(server)
+        except Refused as e:
+            raise StarletteHTTPException(e.status, str(e), {"retry-after": str(e.retry_after)}) from None
+        except TimeoutError:
+            raise StarletteHTTPException(503, f"server '{server}' is still loading after "
+                                              f"{self.loader.load_timeout:.0f}s ([gateway] load_timeout)") from None
+        return {"success": True, "server": server, "status": {"value": self.model_state(server)}}
+
+    async def unload(self, server: str) -> dict[str, Any]:
+        if not self.loader.manages(server):
+            raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"); "
+                                              "POST /api/servers/NAME/stop stops it")
+        try:
+            stopped = await self.loader.unload(server)
+        except Refused as e:
+            raise StarletteHTTPException(e.status, str(e), {"retry-after": str(e.retry_after)}) from None
+        return {"success": True, "server": server, "was_loaded": stopped, "status": {"value": self.model_state(server)}}
 
     def version(self) -> str | None:
         source = self.stack.cfg.source
@@ -176,6 +224,9 @@ class Gateway:
             poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
                                                          on_round=gw.follow_config))
             sup_stop = gw.supervisor.start_thread()[1] if gw.supervise else None
+            # on-demand servers: stopped when idle, measured while they run (it drives the engine, as the
+            # supervisor does)
+            reaper = asyncio.create_task(gw.loader.run(stop)) if gw.supervise else None
             if gw.keys.public_bind and not gw.keys.inference:
                 log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
                             "who reaches it can use the models (set $PODLLAMA_API_KEYS or [gateway] api_keys_file)")
@@ -184,6 +235,9 @@ class Gateway:
             if sup_stop is not None:
                 sup_stop.set()
             await poller
+            if reaper is not None:
+                await reaper
+            await gw.loader.close()
             await gw.proxy.close()
             gw.registry.probes.close()
 
@@ -221,10 +275,18 @@ class Gateway:
                 data.append({
                     "id": server.alias or name, "object": "model", "created": gw.started, "owned_by": "podllama",
                     "server": name, "role": server.role, "model_file": server.model, "capabilities": caps,
-                    "status": gw.registry.state_of(name),
+                    "status": {"value": gw.model_state(name)},
                     "aliases": [a for a in (name, server.model) if a != (server.alias or name)],
                 })
             return {"object": "list", "data": data}
+
+        @app.post("/models/load", summary="Load a model's server now and wait until it answers (on-demand servers)")
+        async def load_model(body: ModelRef) -> dict[str, Any]:
+            return await gw.load(gw.server_of(body.model))
+
+        @app.post("/models/unload", summary="Stop a model's on-demand server (its prompt caches saved)")
+        async def unload_model(body: ModelRef) -> dict[str, Any]:
+            return await gw.unload(gw.server_of(body.model))
 
         @app.get("/metrics", summary="Gateway metrics (Prometheus); ?server=NAME for a server's own")
         async def metrics() -> PlainTextResponse:

@@ -41,7 +41,8 @@ class Access(Enum):
 
 
 ADMIN_PREFIX = "/api"
-INFERENCE_OWN = frozenset({"/v1/models", "/models", "/metrics"})  # answered by the gateway, need an inference key
+# answered by the gateway, need an inference key
+INFERENCE_OWN = frozenset({"/v1/models", "/models", "/models/load", "/models/unload", "/metrics"})
 
 
 def access_of_own(path: str) -> Access:

@@ -17,8 +17,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
 from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
@@ -27,6 +27,7 @@ from . import body as bodies
 from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
 from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
+from .ondemand import Loader, Refused
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint
 from .upstreams import Registry, Replica
 
@@ -41,6 +42,7 @@ SMALL_BODY = bodies.EXACT_LIMIT  # bodies up to this size are read before forwar
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in the decoded path (a space is fine there: it is re-encoded)
 _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
+T = TypeVar("T")
 
 
 def target_of(path: str, query: bytes) -> bytes | None:
@@ -91,6 +93,7 @@ class Proxy:
         self.client = Client()
         self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
         self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
+        self.loader: Loader | None = None  # loads on-demand servers (gateway/ondemand.py)
         self.configure(gateway, server_key)
 
     def configure(self, gw: GatewaySection, server_key: str | None) -> None:
@@ -239,6 +242,36 @@ class Proxy:
 
     async def forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
                       target: bytes, body: bytes, streamed: bool) -> None:
+        """To SERVER; an on-demand one is loaded first, and counted busy until the answer is complete."""
+        loader = self.loader
+        if loader is None or not loader.manages(server):
+            return await self._forward(scope, receive, send, server, endpoint, target, body, streamed)
+        flight = Flight()
+        acquired = False
+
+        async def acquire() -> None:
+            nonlocal acquired
+            await loader.acquire(server)
+            acquired = True
+
+        try:
+            await self._unless_gone(acquire(), None if streamed else receive, flight)
+        except Refused as e:
+            self.metrics.error(endpoint, server, "unavailable")
+            return await send_error(send, e.status, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
+        except TimeoutError:
+            self.metrics.error(endpoint, server, "unavailable")
+            return await send_error(send, 503, f"server '{server}' is still loading after {self.load_timeout:.0f}s "
+                                    "([gateway] load_timeout); try again shortly", None, [(b"retry-after", b"5")])
+        if not acquired:  # the client went away while it loaded
+            return
+        try:
+            await self._forward(scope, receive, send, server, endpoint, target, body, streamed)
+        finally:
+            loader.release(server)
+
+    async def _forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
+                       target: bytes, body: bytes, streamed: bool) -> None:
         started = time.perf_counter()
         flight = Flight()
         if streamed:
@@ -388,9 +421,14 @@ class Proxy:
             replica = self.registry.pick(server)
         if replica is not None or not self.registry.coming(server) or not self.load_timeout:
             return replica
+        return await self._unless_gone(self.registry.wait_ready(server, self.load_timeout), receive, flight)
+
+    async def _unless_gone(self, work: Awaitable[T], receive: Receive | None, flight: Flight) -> T | None:
+        """WORK's result, or None once the client has gone (watched through RECEIVE where the body has been read
+        already; without RECEIVE the request's own watcher cancels the task)."""
         if receive is None:
-            return await self.registry.wait_ready(server, self.load_timeout)
-        waiting = asyncio.ensure_future(self.registry.wait_ready(server, self.load_timeout))
+            return await work
+        waiting = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(self._watch(receive, flight))
         try:
             await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)

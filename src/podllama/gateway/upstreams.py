@@ -20,7 +20,7 @@ from ..config import Config, ServerSection
 from ..engine import EngineError
 from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
-from ..state import RUNNING, StackState
+from ..state import RUNNING, STOPPED, UNLOADED, StackState
 from .client import Client, UpstreamError
 
 log = logging.getLogger("podllama.gateway")
@@ -196,8 +196,10 @@ class Registry:
             return None
         if any(e and e.get("failed") for e in entries):
             return "failed (the supervisor gave up on it; `podllama status` says why, `podllama start` retries)"
-        if any(e and e.get("desired") == "stopped" for e in entries):
+        if any(e and e.get("desired") == STOPPED for e in entries):
             return "stopped (`podllama start` starts it)"
+        if any(e and e.get("desired") == UNLOADED for e in entries):
+            return "not loaded (on demand: a request loads it)"
         return "not running (`podllama start` starts it)"
 
     def coming(self, server: str) -> bool:

@@ -5,6 +5,7 @@ in gateway.py, status rows in status.py."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRe
 from ..gguf_meta import GGUFError, Metadata
 from ..gguf_meta import read as read_gguf
 from ..health import OK, container_health
-from ..state import RUNNING, STOPPED, StackState
+from ..state import RUNNING, STOPPED, UNLOADED, StackState
 from ..store import ModelNotFound, Store, StoreError
 from .gateway import Gateway
 from .plan import Plan, plan
@@ -34,6 +35,7 @@ from .spec import (
     L_SERVER,
     L_STACK,
     SERVER_PORT,
+    SLOTS_IN_CONTAINER,
     StackError,
     Unit,
     container_name,
@@ -75,6 +77,15 @@ class Stack:
         if requested == "auto" and self.default_variant:
             return self.default_variant
         return hardware.resolve_variant(requested, self.hardware)
+
+    def device_of(self, name: str) -> str:
+        """Where server NAME's layers go: "cpu", or its first GPU ("cuda:0")."""
+        server = self.cfg.servers[name]
+        variant = self.variant_of(server)
+        if variant == "cpu":
+            return "cpu"
+        first = next((g for g in (server.gpus if isinstance(server.gpus, list) else []) if g.isdigit()), "0")
+        return f"{variant}:{first}"
 
     def image_of(self, variant: str) -> str:
         return images.tag_for(variant, repo=self.cfg.build.repository)
@@ -250,6 +261,11 @@ class Stack:
             model, mmproj = self.model_files(name)
             extra, notes = self.chosen(name, model)
             argv = server_args(name, server, known[image], model, mmproj, extra)
+            mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
+            if server.on_demand and not {"slot_save_path", "slots"} & set(server.args):
+                # prompt caches saved when it is unloaded and restored when it is loaded again (gateway/ondemand.py)
+                mounts.append(Mount(str(self.slot_dir(name)), SLOTS_IN_CONTAINER, read_only=False))
+                argv += ["--slot-save-path", SLOTS_IN_CONTAINER]
             commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
             gpu = None
             if variant != "cpu":
@@ -261,13 +277,27 @@ class Stack:
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
                             L_FILE: model, L_CHOSEN: "; ".join(notes)},
                     env=dict(server.env), network=self.network, network_aliases=[name],
-                    mounts=[Mount(str(self.cfg.models_path), "/models", read_only=True), secret], gpu=gpu,
+                    mounts=mounts, gpu=gpu,
                     groups=[str(SERVER_GID)],
                 )
                 h = spec_hash(spec, image_id)
                 spec.labels[L_HASH] = h
-                out.append(Unit(name, replica, server.role, spec, h))
+                out.append(Unit(name, replica, server.role, spec, h, server.on_demand))
         return out
+
+    def slot_dir(self, name: str) -> Path:
+        """Where server NAME's saved prompt caches live: in the stack's state directory (0700), writable by the
+        servers' group (the gateway, root without capabilities, cannot hand it to that group: then any user,
+        still behind the 0700 directory around it)."""
+        path = self.cfg.state_path / "slots" / name
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                os.chown(path, 0, SERVER_GID)
+                path.chmod(0o2770)
+            except PermissionError:
+                path.chmod(0o777)
+        return path
 
     def missing_variants(self, names: list[str] | None) -> list[str]:
         """Variants the servers use whose image does not exist yet."""
@@ -360,11 +390,24 @@ class Stack:
             # internal (no route out) where the gateway reaches the servers from the host's network
             self.engine.create_network(self.network, {L_STACK: self.name}, internal=self.gateway.network() == "host")
             plan = self.plan(None if names is None else selected, units)
-            self.state.set_desired([u.key for u in units], RUNNING)
+            self.record_desired(plan, units)
             self.apply(plan, units)
         if wait:
-            self.wait_ready(units, on_state=on_state)
+            self.wait_ready(self.to_run(plan, units), on_state=on_state)
         return plan
+
+    def record_desired(self, plan: Plan, units: list[Unit]) -> None:
+        """What PLAN leaves running should run (the supervisor keeps it up); on-demand servers it leaves alone
+        wait for their first request."""
+        idle = {s.container for s in plan.steps if s.action == "on-demand"}
+        self.state.set_desired([u.key for u in units if u.name not in idle], RUNNING)
+        self.state.set_desired([u.key for u in units if u.name in idle], UNLOADED)
+
+    @staticmethod
+    def to_run(plan: Plan, units: list[Unit]) -> list[Unit]:
+        """The UNITS that run once PLAN is applied."""
+        idle = {s.container for s in plan.steps if s.action == "on-demand"}
+        return [u for u in units if u.name not in idle]
 
     def stop(self, names: list[str] | None = None, timeout: int = 10) -> list[str]:
         """Graceful stop (SIGTERM, then SIGKILL after TIMEOUT seconds). Without NAMES: every server and the
@@ -402,12 +445,41 @@ class Stack:
         """Recreate the servers' containers (one at a time, each healthy before the next)."""
         units = self.units(self.select(names))
         for unit in units:
+            if unit.on_demand and self.state.desired(unit.key) == UNLOADED:
+                self.progress(f"{unit.name} is not loaded (on demand): nothing to restart")
+                continue
             with self.state.operation():
                 self.state.set_desired([unit.key], RUNNING)
                 self.progress(f"restarting {unit.name}")
                 self.recreate(unit)
             if wait:
                 self.wait_ready([unit], on_state=on_state)
+
+    def load(self, name: str) -> Unit:
+        """Start on-demand server NAME's container (its existing one when it still matches, else afresh); the
+        supervisor keeps it up from here. Waiting for it to answer is the caller's."""
+        unit = self.units([name])[0]
+        with self.state.operation():
+            self.state.set_desired([unit.key], RUNNING)
+            info = self.engine.inspect(unit.name)
+            if info is not None and info.running:
+                return unit
+            if info is not None and info.labels.get(L_HASH) == unit.hash:
+                try:
+                    self.engine.start(unit.name)
+                    return unit
+                except EngineError:
+                    pass  # made afresh below
+            self.recreate(unit, exists=info is not None)
+        return unit
+
+    def unload(self, name: str, timeout: int = 10) -> None:
+        """Stop on-demand server NAME; its next request starts it again. The stopped container is kept (its
+        logs stay readable)."""
+        cname = container_name(self.name, name, 1)
+        with self.state.operation():
+            self.state.set_desired([f"{name}-1"], UNLOADED)
+            self.engine.stop(cname, timeout)
 
     def down(self) -> list[str]:
         """Remove every container of the stack and its network."""

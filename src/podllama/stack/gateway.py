@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import hardware, images
+from .. import hardware, images, memory
 from ..engine import ContainerSpec, EngineError, Mount
 from .spec import GATEWAY_PORT, L_HASH, L_KIND, L_STACK, StackError, spec_hash
 
@@ -65,7 +65,8 @@ class Gateway:
             labels={L_STACK: st.name, L_KIND: "gateway"},
             env={"PODLLAMA_CONFIG": str(st.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
                  "PODLLAMA_ENGINE": st.engine.name, "PODLLAMA_VARIANT": variant,
-                 "PODLLAMA_PUBLISHED_HOST": gw.host, "PODLLAMA_ENGINE_SOCKET": f"unix://{inside}"},
+                 "PODLLAMA_PUBLISHED_HOST": gw.host, "PODLLAMA_ENGINE_SOCKET": f"unix://{inside}",
+                 "PODLLAMA_GPU_MEMORY": memory.gpu_totals_text(st.hardware.gpus)},
             mounts=[mount] + [Mount(str(d), str(d), read_only=False) for d in dirs],
         )
         if self.network() == "host":

@@ -11,7 +11,7 @@ from .spec import L_HASH, L_REPLICA, L_SERVER, Unit, int_label
 
 @dataclass
 class Step:
-    action: str  # start | restart | keep | stop | remove
+    action: str  # start | restart | keep | remove | on-demand (not running; its first request starts it)
     server: str
     replica: int | None
     container: str
@@ -24,7 +24,7 @@ class Plan:
 
     @property
     def changes(self) -> list[Step]:
-        return [s for s in self.steps if s.action != "keep"]
+        return [s for s in self.steps if s.action not in ("keep", "on-demand")]
 
     def describe(self) -> str:
         """One line a person reads: "restart embed; start rerank; chat untouched"."""
@@ -33,9 +33,11 @@ class Plan:
             by_server.setdefault(s.server, set()).add(s.action)
         parts, untouched = [], []
         for server, actions in by_server.items():
-            changed = sorted(actions - {"keep"})
+            changed = sorted(actions - {"keep", "on-demand"})
             if changed:
                 parts.append(f"{'/'.join(changed)} {server}")
+            elif "on-demand" in actions:
+                parts.append(f"{server} on demand")
             else:
                 untouched.append(server)
         if untouched:
@@ -49,7 +51,8 @@ class Plan:
 
 def plan(units: list[Unit], running: dict[str, ContainerInfo], declared: set[str] | None) -> Plan:
     """For UNITS against the RUNNING server containers: changed ones restarted, missing ones started, matching
-    running ones kept; with DECLARED (a whole-stack plan), containers outside it are removed."""
+    running ones kept; with DECLARED (a whole-stack plan), containers outside it are removed. An on-demand
+    unit that does not run is left for its first request; one that runs is treated like any other."""
     out = Plan()
     if declared is not None:
         for cname, orphan in sorted(running.items()):
@@ -58,7 +61,9 @@ def plan(units: list[Unit], running: dict[str, ContainerInfo], declared: set[str
                                       int_label(orphan.labels.get(L_REPLICA)), cname, "no longer declared in the config"))
     for u in units:
         info = running.get(u.name)
-        if info is None:
+        if u.on_demand and (info is None or not info.running):
+            out.steps.append(Step("on-demand", u.server, u.replica, u.name, "started by its first request"))
+        elif info is None:
             out.steps.append(Step("start", u.server, u.replica, u.name, "not created yet"))
         elif info.labels.get(L_HASH) != u.hash:
             out.steps.append(Step("restart", u.server, u.replica, u.name, "config or image changed"))

@@ -18,6 +18,7 @@ from ..credentials import SERVER_KEY_IN_CONTAINER
 from ..engine import ContainerInfo, ContainerSpec
 
 SERVER_PORT = 8080
+SLOTS_IN_CONTAINER = "/slots"  # an on-demand server's saved prompt caches
 GATEWAY_PORT = 8080
 ROLE_FLAGS: dict[str, list[str]] = {
     "chat": [], "embedding": ["--embedding"], "rerank": ["--rerank"], "vision": [], "infill": [], "audio": [],
@@ -41,6 +42,7 @@ class Unit:
     role: str
     spec: ContainerSpec
     hash: str
+    on_demand: bool = False  # started by its first request, not by `start` (issue: on-demand servers)
 
     @property
     def name(self) -> str:

@@ -7,10 +7,25 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .. import memory
 from ..engine import ContainerInfo
+from ..gguf_meta import GGUFError
 from ..health import container_health
 from ..state import RUNNING
-from .spec import L_CHOSEN, L_COMMIT, L_FILE, L_KIND, L_MODEL, L_REPLICA, L_ROLE, L_SERVER, SERVER_PORT, container_name, int_label
+from .spec import (
+    L_CHOSEN,
+    L_COMMIT,
+    L_FILE,
+    L_KIND,
+    L_MODEL,
+    L_REPLICA,
+    L_ROLE,
+    L_SERVER,
+    SERVER_PORT,
+    StackError,
+    container_name,
+    int_label,
+)
 
 if TYPE_CHECKING:
     from .core import Stack
@@ -46,19 +61,38 @@ def _row(stack: Stack, server: str, replica: int, role: str, model: str, info: C
         "declared": declared, "role": role, "model": model,
         "state": "failed" if failed and not (info and info.running) else state,
         "health": health, "desired": saved.get("desired", RUNNING),
-        "uptime_s": _uptime(info.started_at) if info is not None and info.running else None,
+        "uptime_s": uptime(info.started_at) if info is not None and info.running else None,
         "restarts": saved.get("restarts", 0), "last_restart": saved.get("last_restart"),
         "failed": failed, "image": info.image if info else None,
         "commit": (info.labels.get(L_COMMIT) or "")[:12] if info else None,
         "exit_code": info.exit_code if info is not None and not info.running else None,
         "model_file": info.labels.get(L_FILE) if info else None,
         "chosen": info.labels.get(L_CHOSEN) or None if info else None,
+        "start": stack.cfg.servers[server].start if server in stack.cfg.servers else None,
+        "memory": _memory(stack, server, saved) if declared else None,
+        "last_used": saved.get("last_used"),
+        "idle_s": round(time.time() - saved["last_used"], 1) if saved.get("last_used") else None,
     }
 
 
+def _memory(stack: Stack, server: str, saved: dict[str, Any]) -> dict[str, Any] | None:
+    """What the server holds, per device: the gateway's figures (estimate, and what it measured while the
+    server ran), else an estimate made here from its model files."""
+    if saved.get("memory"):
+        m = saved["memory"]
+        return {"estimate": m.get("estimate") or {}, "measured": m.get("measured") or {}}
+    try:
+        model, mmproj = stack.model_files(server)
+        files = [stack.store.path(model)] + ([stack.store.path(mmproj)] if mmproj else [])
+        estimate = memory.estimate(stack.cfg.servers[server], files, stack.device_of(server))
+        return {"estimate": estimate.devices, "measured": {}}
+    except (StackError, GGUFError, OSError):
+        return None
 
 
-def _uptime(started_at: str | None) -> float | None:
+
+
+def uptime(started_at: str | None) -> float | None:
     if not started_at:
         return None
     # both engines: RFC 3339 with nanoseconds, e.g. 2026-11-22T12:30:00.123456789Z (UTC)
