@@ -54,15 +54,15 @@ def first_token(url: str, model: str, headers: dict[str, str]) -> float:
         if r.status_code != 200:
             r.read()
             raise RuntimeError(f"{model}: {r.status_code} {r.text[:300]}")
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+        elapsed = None
+        for line in r.iter_lines():  # read to the end: the server is idle again afterwards
+            if elapsed is None and line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
                 if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
                     elapsed = time.perf_counter() - started
-                    for _ in r.iter_lines():
-                        pass
-                    return elapsed
-    raise RuntimeError(f"{model}: no token came")
+    if elapsed is None:
+        raise RuntimeError(f"{model}: no token came")
+    return elapsed
 
 
 def measure(url: str, names: dict[str, str], headers: dict[str, str], unload: Callable[[], None], tries: int) -> dict:
@@ -189,7 +189,7 @@ def write(results: dict, tries: int) -> None:
         "to router mode. Models: the tiny test model at 12 layers × 768 (257 MiB) and Gemma 3 270M Q4_K_M "
         "(241 MiB), ctx 2048, 2 slots; podllama's budget holds one of them, router mode has `--models-max 1`.",
         "",
-        "| | podllama | router mode | ratio |",
+        "| | podllama | router mode | podllama ÷ router |",
         "|---|---|---|---|",
         f"| cold load | {p['cold']:.2f} s | {r['cold']:.2f} s | {p['cold'] / r['cold']:.2f} |",
         f"| swap (stop the other, load this) | {p['swap']:.2f} s | {r['swap']:.2f} s | {p['swap'] / r['swap']:.2f} |",
@@ -197,6 +197,12 @@ def write(results: dict, tries: int) -> None:
         "All tries (s): podllama cold " + ", ".join(f"{x:.2f}" for x in p["cold_all"]) + "; swaps "
         + ", ".join(f"{x:.2f}" for x in p["swap_all"]) + ". Router mode cold "
         + ", ".join(f"{x:.2f}" for x in r["cold_all"]) + "; swaps " + ", ".join(f"{x:.2f}" for x in r["swap_all"]) + ".",
+        "",
+        "Reading: router mode spawns a process; podllama starts a container (the engine's start, its network "
+        "namespace, the hardening), waits for it by polling /health, and on a swap first saves the other server's "
+        "prompt caches and stops its container. That costs about a second per load on this machine: podllama "
+        "buys memory-based eviction, idle stops, warm prompt caches and isolation with it, and it is the next "
+        "thing to make faster (a load's polling, the engine's start).",
         "",
         "## Memory: estimated before the first start, measured while running",
         "",
