@@ -91,7 +91,7 @@ def test_openai_sdk_chat_completions_embeddings_models(gw):
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {"tiny-chat", "tiny-chat-2", "tiny-embed", "tiny-rerank"}
     extra = models["tiny-embed"].model_extra
-    assert extra["role"] == "embedding" and extra["server"] == "embed" and extra["status"] == "ok"
+    assert extra["role"] == "embedding" and extra["server"] == "embed" and extra["status"] == {"value": "loaded"}
     assert "embedding" in extra["capabilities"] and models["tiny-chat"].owned_by == "podllama"
 
 
