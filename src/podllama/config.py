@@ -221,6 +221,12 @@ class ServerSection(_Model):
         return self.start == "on-demand"
 
     @property
+    def saves_slots(self) -> bool:
+        """Its prompt caches are saved when it is unloaded and restored when it is loaded (on-demand servers
+        that do not set slot saving themselves)."""
+        return self.on_demand and not {"slot_save_path", "slots"} & set(self.args)
+
+    @property
     def idle_seconds(self) -> float:
         return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
 

@@ -74,7 +74,7 @@ class Gateway:
         self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
         self.metrics = Metrics()
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
-        self.loader = Loader(self.stack, self.registry, self.credentials.server_key())
+        self.loader = Loader(self.stack, self.registry)
         self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
         self.proxy.loader = self.loader
         self.supervisor = Supervisor(self.stack, before_round=self.follow_config)

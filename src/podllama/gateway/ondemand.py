@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .. import memory, placement
@@ -63,7 +62,8 @@ class Figure:
 
 
 class Loader:
-    def __init__(self, stack: Stack, registry: Registry, server_key: str | None) -> None:
+    def __init__(self, stack: Stack, registry: Registry) -> None:
+        """Call configure() before use (the load timeout and the servers' key)."""
         self.stack, self.registry = stack, registry
         self.busy: collections.Counter[str] = collections.Counter()
         self.last_used: dict[str, float] = {}  # epoch seconds
@@ -71,10 +71,9 @@ class Loader:
         self.unloading: set[str] = set()
         self.draining: set[str] = set()  # to be stopped once their requests are done; new ones wait
         self.figures: dict[str, Figure] = {}
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.load_timeout = 120.0
         self.client = Client(connect_timeout=2, first_byte_timeout=120, idle_timeout=120, queue_timeout=30)
-        self.auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
+        self.auth: list[tuple[bytes, bytes]] = []
         self._lock = asyncio.Lock()  # one load or unload at a time
         self._noted: dict[str, dict[str, Any]] = {}
         self._measured_at = 0.0
@@ -290,7 +289,7 @@ class Loader:
 
     def _has_slots(self, server: str) -> bool:
         s = self.servers().get(server)
-        return s is not None and s.on_demand and not {"slot_save_path", "slots"} & set(s.args)
+        return s is not None and s.saves_slots
 
     # -- memory -------------------------------------------------------------------------------------------
     def figure(self, server: str) -> Figure:
@@ -299,11 +298,8 @@ class Loader:
         figure = self.figures.get(server)
         if figure is not None and figure.hash == unit.hash and figure.estimate:
             return figure
-        cfg = self.servers()[server]
-        model, mmproj = self.stack.model_files(server)
-        files = _shards(self.stack.store.path(model)) + ([self.stack.store.path(mmproj)] if mmproj else [])
         try:
-            estimate = memory.estimate(cfg, files, self.stack.device_of(server)).devices
+            estimate = self.stack.estimate(server).devices
         except (GGUFError, OSError) as e:
             raise Refused(503, f"server '{server}': its model cannot be read to estimate its memory: {e}") from None
         figure = Figure(unit.hash, estimate, {})
@@ -407,28 +403,9 @@ class Loader:
         figure = self.figures.get(server)
         log.info("%s %s (%s)%s", action, server, detail,
                  f"; holds {human(sum(figure.devices.values()))}" if figure else "")
-        self.events.append({"at": time.time(), "action": action, "server": server, "detail": detail})
-
-    def describe(self, server: str) -> dict[str, Any]:
-        """For status: the state, the memory figures and the last use of SERVER."""
-        figure = self.figures.get(server)
-        last = self.last_used.get(server)
-        return {"state": self.state_of(server) if self.manages(server) else None,
-                "busy": self.busy[server],
-                "memory": {"estimate": figure.estimate, "measured": figure.measured} if figure else None,
-                "last_used": last, "idle_s": round(time.time() - last, 1) if last and not self.busy[server] else None}
 
     async def close(self) -> None:
         self.client.close()
-
-
-def _shards(first: Path) -> list[Path]:
-    """A model's files: the first shard and its siblings (NAME-0000k-of-0000N.gguf), or the one file."""
-    stem = first.name
-    marker = stem.rfind("-00001-of-")
-    if marker < 0:
-        return [first]
-    return sorted(first.parent.glob(stem[:marker] + "-0*-of-" + stem[marker + len("-00001-of-"):]))
 
 
 __all__ = ["Loader", "Refused"]

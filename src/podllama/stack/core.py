@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import defaults, flags, hardware, hub, images
+from .. import defaults, flags, hardware, hub, images, memory
 from ..config import PROJECTOR_ROLES, Config, ServerSection
 from ..credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
@@ -86,6 +86,12 @@ class Stack:
             return "cpu"
         first = next((g for g in (server.gpus if isinstance(server.gpus, list) else []) if g.isdigit()), "0")
         return f"{variant}:{first}"
+
+    def estimate(self, name: str) -> memory.Estimate:
+        """What server NAME will hold, from its model files (every shard, and the projector) and its flags."""
+        model, mmproj = self.model_files(name)
+        files = _shards(self.store.path(model)) + ([self.store.path(mmproj)] if mmproj else [])
+        return memory.estimate(self.cfg.servers[name], files, self.device_of(name))
 
     def image_of(self, variant: str) -> str:
         return images.tag_for(variant, repo=self.cfg.build.repository)
@@ -262,7 +268,7 @@ class Stack:
             extra, notes = self.chosen(name, model)
             argv = server_args(name, server, known[image], model, mmproj, extra)
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
-            if server.on_demand and not {"slot_save_path", "slots"} & set(server.args):
+            if server.saves_slots:
                 # prompt caches saved when it is unloaded and restored when it is loaded again (gateway/ondemand.py)
                 mounts.append(Mount(str(self.slot_dir(name)), SLOTS_IN_CONTAINER, read_only=False))
                 argv += ["--slot-save-path", SLOTS_IN_CONTAINER]
@@ -501,3 +507,11 @@ class Stack:
 def _metadata(path: str, mtime_ns: int, size: int) -> Metadata:
     """A model file's metadata, read once per version of the file (the size and time are the key)."""
     return read_gguf(Path(path))
+
+
+def _shards(first: Path) -> list[Path]:
+    """A model's files: the first shard and its siblings (NAME-0000k-of-0000N.gguf), or the one file."""
+    marker = first.name.rfind("-00001-of-")
+    if marker < 0:
+        return [first]
+    return sorted(first.parent.glob(first.name[:marker] + "-0*-of-" + first.name[marker + len("-00001-of-"):]))

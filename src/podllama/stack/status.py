@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .. import memory
 from ..engine import ContainerInfo
 from ..gguf_meta import GGUFError
 from ..health import container_health
@@ -82,10 +81,7 @@ def _memory(stack: Stack, server: str, saved: dict[str, Any]) -> dict[str, Any] 
         m = saved["memory"]
         return {"estimate": m.get("estimate") or {}, "measured": m.get("measured") or {}}
     try:
-        model, mmproj = stack.model_files(server)
-        files = [stack.store.path(model)] + ([stack.store.path(mmproj)] if mmproj else [])
-        estimate = memory.estimate(stack.cfg.servers[server], files, stack.device_of(server))
-        return {"estimate": estimate.devices, "measured": {}}
+        return {"estimate": stack.estimate(server).devices, "measured": {}}
     except (StackError, GGUFError, OSError):
         return None
 
