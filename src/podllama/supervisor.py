@@ -67,6 +67,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.on_restart: Callable[[Unit], object] = lambda unit: None
+        # servers someone else is bringing up (the gateway's on-demand loads): their exits are theirs to handle
+        self.loading: Callable[[], set[str]] = set
         # {"since": epoch seconds, "error": text}; carried over from a gateway that went away meanwhile
         self.engine_problem: dict[str, Any] | None = stack.state.read().get("engine_problem")
 
@@ -105,9 +107,11 @@ class Supervisor:
                 log.warning("supervisor: cannot compute the stack's containers: %s", e)
                 return []
             saved = self.stack.state.read().get("servers", {})
-            # what should run: not stopped by the user, not an unloaded on-demand server, not given up on
+            # what should run: not stopped by the user, not an unloaded on-demand server, not given up on, not
+            # being loaded (a server that exits while it loads is reported to its requests, not restarted)
+            loading = self.loading()
             active = [u for u in units if saved.get(u.key, {}).get("desired", RUNNING) == RUNNING
-                      and not saved.get(u.key, {}).get("failed")]
+                      and not saved.get(u.key, {}).get("failed") and u.server not in loading]
             # The cheap look first: every server answering /health at its known address needs nothing more.
             healthy = {u.name for u in active if (a := self._addresses.get(u.name)) and probe(f"http://{a}:{SERVER_PORT}") == OK}
             for name in healthy:

@@ -192,8 +192,8 @@ def test_idle_stop_streams_in_flight_and_warm_prompt_caches(podman, cpu_image, s
 
         # a stream in flight is not cut: neither by a's idle timeout (3 s) nor by b, which needs a's memory
         # and waits until the stream is done
-        events: list[str] = []
-        b_answer: list[httpx.Response] = []
+        events: list[tuple[float, str]] = []  # (when it came, the event)
+        b_answer: list[tuple[float, httpx.Response]] = []
 
         def stream() -> None:
             with client.stream("POST", "/completion", json={
@@ -202,23 +202,33 @@ def test_idle_stop_streams_in_flight_and_warm_prompt_caches(podman, cpu_image, s
                 assert r.status_code == 200
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        events.append(line)
+                        events.append((time.monotonic(), line))
+
+        def ask_b() -> None:
+            answer = chat(client, "b")
+            b_answer.append((time.monotonic(), answer))
 
         streaming = threading.Thread(target=stream)
         streaming.start()
         wait_until(lambda: len(events) > 5, timeout=60)
         started = time.monotonic()
-        asking_b = threading.Thread(target=lambda: b_answer.append(chat(client, "b")))
+        asking_b = threading.Thread(target=ask_b)
         asking_b.start()
+        looks: list[tuple[float, set[str]]] = []  # (when the look had its answer, the servers running)
         while streaming.is_alive():
-            assert "a" in running_servers(podman, sf.name), "a was stopped under its stream"
+            looks.append((time.monotonic(), running_servers(podman, sf.name)))
             time.sleep(0.3)
         streaming.join()
         asking_b.join(timeout=120)
+        ended = events[-1][0]
         assert time.monotonic() - started > 5, "the stream outlived a's idle timeout and a round of the reaper"
-        last = json.loads(events[-1][6:])
+        last = json.loads(events[-1][1][6:])
         assert last["stop"] and last["tokens_predicted"] == 600 and last["stop_type"] == "limit", events[-1]
-        assert b_answer and b_answer[0].status_code == 200, b_answer and b_answer[0].text
+        before_end = [running for at, running in looks if at < ended]
+        assert len(before_end) > 10 and all("a" in running for running in before_end), \
+            "a was stopped under its stream"
+        assert b_answer and b_answer[0][1].status_code == 200, b_answer and b_answer[0][1].text
+        assert b_answer[0][0] > ended, "b waited for a's stream to end before taking its memory"
         assert running_servers(podman, sf.name) == {"always", "b"}
 
         # the prompt cache survives unload and load: the second request finds its prompt in the cache

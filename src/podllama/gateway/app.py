@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, config
 from ..changes import version_of
 from ..credentials import Credentials
-from ..engine import get_engine
+from ..engine import CliEngine, get_engine
 from ..health import LOADING, OK
 from ..stack import Stack
 from ..supervisor import Supervisor
@@ -57,11 +57,12 @@ class Gateway:
     FastAPI app."""
 
     def __init__(self, cfg: config.Config, supervise: bool = True, engine_name: str | None = None,
-                 discover: Discover | None = None, bound: str | None = None, poll_every: float = 2.0) -> None:
+                 discover: Discover | None = None, bound: str | None = None, poll_every: float = 2.0,
+                 engine: CliEngine | None = None) -> None:
         """DISCOVER: where the servers' addresses come from (default: the engine's containers). BOUND: the
         address the gateway listens on, when not [gateway] host. POLL_EVERY: seconds between looks at the
-        servers' health and at the config files."""
-        engine = get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE") or cfg.stack.engine)
+        servers' health and at the config files. ENGINE: the engine itself (default: by ENGINE_NAME)."""
+        engine = engine or get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE") or cfg.stack.engine)
         self.stack = Stack(cfg, engine, progress=log.info, default_variant=os.environ.get("PODLLAMA_VARIANT"))
         self.credentials = Credentials(cfg.state_path)
         for made in self.credentials.ensure():
@@ -78,6 +79,7 @@ class Gateway:
         self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
         self.proxy.loader = self.loader
         self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
+        self.supervisor.loading = lambda: set(self.loader.loading)
         self.supervise = supervise
         if supervise:  # a request that finds a server gone wakes the supervisor; a restart is looked up at once
             self.proxy.on_trouble = self.supervisor.wake

@@ -47,6 +47,13 @@ class Refused(Exception):
         self.status, self.retry_after = status, retry_after
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A request waiting for its server's load; granted: counted in flight by the load."""
+
+    granted: bool = False
+
+
 @dataclass
 class Figure:
     """What a server holds, per device: estimated before it ran, measured since (for the settings of HASH)."""
@@ -70,6 +77,7 @@ class Loader:
         self.loading: dict[str, asyncio.Task[None]] = {}
         self.unloading: set[str] = set()
         self.draining: set[str] = set()  # to be stopped once their requests are done; new ones wait
+        self.waiting: collections.defaultdict[str, set[Ticket]] = collections.defaultdict(set)  # for a load
         self.figures: dict[str, Figure] = {}
         self.load_timeout = 120.0
         self.client = Client(connect_timeout=2, first_byte_timeout=120, idle_timeout=120, queue_timeout=30)
@@ -105,12 +113,26 @@ class Loader:
 
     async def acquire(self, server: str) -> None:
         """Have SERVER loaded, then count the request in flight (so it is not stopped under it); raises Refused
-        when it cannot be loaded, TimeoutError after load_timeout. Every acquire needs its release."""
+        when it cannot be loaded, TimeoutError after load_timeout. Every acquire needs its release.
+
+        A request that waited for a load is counted by the load itself, before the next load may run: else the
+        next one could find the server idle and stop it before its waiters got their turn (with three servers
+        and one budget, each load would undo the last)."""
         deadline = time.monotonic() + self.load_timeout
         self.last_used[server] = time.time()
-        while not self.ready(server):  # nothing is awaited between this check and counting the request
-            await self.ensure(server, max(0.0, deadline - time.monotonic()))
-        self.busy[server] += 1
+        ticket = Ticket()
+        self.waiting[server].add(ticket)
+        try:
+            while not ticket.granted and not self.ready(server):  # nothing awaited between check and count
+                await self.ensure(server, max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            if ticket.granted:  # counted by the load, then given up (the client went, or a timeout)
+                self.release(server)
+            raise
+        finally:
+            self.waiting[server].discard(ticket)
+        if not ticket.granted:
+            self.busy[server] += 1
 
     def release(self, server: str) -> None:
         self.busy[server] -= 1
@@ -142,32 +164,40 @@ class Loader:
     # -- loading ------------------------------------------------------------------------------------------
     async def _load(self, server: str) -> None:
         async with self._lock:
-            if self.registry.pick(server) is not None and server not in self.unloading:
-                return
-            started = time.monotonic()
-            info = await asyncio.to_thread(self.stack.engine.inspect, container_name(self.stack.name, server, 1))
-            if info is None or not info.running:
-                figure = await asyncio.to_thread(self.figure, server)
-                if any(not h.devices for h in self.held(exclude=server)):
-                    await self.measure()  # a running server not measured yet (the gateway just started)
-                room = placement.make_room(server, figure.devices, self.budgets(), self.held(exclude=server),
-                                           self._settings())
-                if room.refusal:
-                    raise Refused(503, room.refusal)
-                for victim in room.victims:
-                    await self._drain(victim, server)
-                    await self._unload(victim, f"making room for '{server}'")
-                try:
-                    await asyncio.to_thread(self.stack.load, server)
-                except (StackError, EngineError) as e:
-                    raise Refused(503, f"server '{server}' could not be started: {e}") from None
-            else:  # already on its way (the supervisor restarted it, or another gateway started it)
-                await asyncio.to_thread(self.stack.state.set_desired, [f"{server}-1"], RUNNING)
-            await self._wait_up(server)
-            await self._restore(server)
-            self.last_used[server] = time.time()
-            self._event("load", server, f"in {time.monotonic() - started:.1f}s")
+            await self._load_locked(server)
+            for ticket in self.waiting[server]:  # the requests that waited are in flight from here
+                if not ticket.granted:
+                    ticket.granted = True
+                    self.busy[server] += 1
         await self.measure()
+
+    async def _load_locked(self, server: str) -> None:
+        """Under the lock: room made, SERVER started, up and its prompt caches restored."""
+        if self.registry.pick(server) is not None and server not in self.unloading:
+            return  # loaded meanwhile
+        started = time.monotonic()
+        info = await asyncio.to_thread(self.stack.engine.inspect, container_name(self.stack.name, server, 1))
+        if info is None or not info.running:
+            figure = await asyncio.to_thread(self.figure, server)
+            if any(not h.devices for h in self.held(exclude=server)):
+                await self.measure()  # a running server not measured yet (the gateway just started)
+            room = placement.make_room(server, figure.devices, self.budgets(), self.held(exclude=server),
+                                       self._settings())
+            if room.refusal:
+                raise Refused(503, room.refusal)
+            for victim in room.victims:
+                await self._drain(victim, server)
+                await self._unload(victim, f"making room for '{server}'")
+            try:
+                await asyncio.to_thread(self.stack.load, server)
+            except (StackError, EngineError) as e:
+                raise Refused(503, f"server '{server}' could not be started: {e}") from None
+        else:  # already on its way (the supervisor restarted it, or another gateway started it)
+            await asyncio.to_thread(self.stack.state.set_desired, [f"{server}-1"], RUNNING)
+        await self._wait_up(server)
+        await self._restore(server)
+        self.last_used[server] = time.time()
+        self._event("load", server, f"in {time.monotonic() - started:.1f}s")
 
     async def _wait_up(self, server: str) -> None:
         """Until SERVER answers /health; an exit while loading is a refusal with its last log lines (and the
