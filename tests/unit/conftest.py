@@ -15,11 +15,19 @@ import httpx
 import pytest
 import uvicorn
 
-from podllama import config
+from podllama import config, tinymodel
 from podllama.gateway import server
 from podllama.gateway.app import Gateway
 from podllama.gateway.upstreams import Target
 from tests.scripted import Upstream
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, vocab_file) -> Path:
+    """A models directory with the tiny test model (tiny.gguf), for stacks on the fake engine."""
+    d = tmp_path_factory.mktemp("models")
+    tinymodel.write(d / "tiny.gguf", vocab_file)
+    return d
 
 
 def free_port() -> int:
