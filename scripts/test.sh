@@ -37,7 +37,8 @@ echo "==> ruff, mypy"
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 echo "==> fast tier (tests/unit)"
-tier tests/unit "${args[@]}"
+# four workers: most of these tests wait on sockets and timers, not on the two cores
+tier tests/unit -n 4 "${args[@]}"
 [ "$fast" = 1 ] && exit 0
 echo "==> integration tier (tests/integration)"
 tier tests/integration "${args[@]}"
