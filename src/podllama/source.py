@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import subprocess
@@ -23,9 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from . import validate
+from . import pypi, validate
 from .atomic import atomic_write
 
 SUBMODULE = "llama.cpp"
@@ -228,31 +225,11 @@ def pypi_mirror(commit: str, version: str | None = None, progress: Callable[[str
     tree = dest / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if (tree / ".git").exists():
         return tree
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    with httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=True) as client:
-        r = client.get(f"{index}/{PYPI_PACKAGE}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-        if r.status_code != 200:
-            raise SourceError(f"package index {index} answered {r.status_code} for {PYPI_PACKAGE}")
-        wanted = f"llama_cpp_python-{version}.tar.gz"
-        entry = next((f for f in r.json().get("files", []) if f["filename"] == wanted), None)
-        if entry is None:
-            raise SourceError(f"{index} has no {wanted}")
-        url = httpx.URL(f"{index}/{PYPI_PACKAGE}/").join(entry["url"])
-        dest.mkdir(parents=True, exist_ok=True)
-        archive = dest / wanted
-        part = archive.with_suffix(".part")
-        digest = hashlib.sha256()
-        progress(f"downloading {wanted} from {index}")
-        with client.stream("GET", url) as resp, part.open("wb") as out:
-            resp.raise_for_status()
-            for chunk in resp.iter_bytes(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    expected = entry.get("hashes", {}).get("sha256")
-    if expected and digest.hexdigest() != expected:
-        part.unlink()
-        raise SourceError(f"{wanted}: sha256 {digest.hexdigest()} does not match the index's {expected}")
-    os.replace(part, archive)
+    wanted = f"llama_cpp_python-{version}.tar.gz"
+    try:
+        archive = pypi.fetch(PYPI_PACKAGE, wanted, dest, progress=progress)
+    except pypi.PackageIndexError as e:
+        raise SourceError(str(e)) from None
     progress(f"unpacking {wanted}")
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
