@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -513,7 +514,7 @@ def record_flags(engine: CliEngine, image: str) -> FlagSet:
     cache = flags_cache(image_id)
     if cache.is_file():
         return FlagSet.parse(json.loads(cache.read_text())["help"])
-    out = engine.run_once(ContainerSpec(name=f"podllama-flags-{os.getpid()}-{int(time.time())}", image=image_id,
+    out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
                                         entrypoint=["cat"], args=[HELP_FILE]), timeout=60)
     if out.returncode != 0 or "--model" not in out.stdout:
         raise BuildError(f"image {image} carries no {HELP_FILE}; rebuild it with `podllama build`")

@@ -263,7 +263,10 @@ class Stack:
             if image_id is None:
                 raise StackError(f"servers.{name}: image {image} does not exist; run `podllama build --variant {variant}`")
             if image not in known:
-                known[image] = images.record_flags(self.engine, image)
+                try:
+                    known[image] = images.record_flags(self.engine, image)
+                except images.BuildError as e:
+                    raise StackError(f"servers.{name}: {e}") from None
             model, mmproj = self.model_files(name)
             extra, notes = self.chosen(name, model)
             argv = server_args(name, server, known[image], model, mmproj, extra)
@@ -438,10 +441,12 @@ class Stack:
             return targets
 
     def kill(self) -> list[str]:
-        """SIGKILL every container of the stack, gateway included, at once."""
+        """SIGKILL every container of the stack, gateway included, at once. The gateway goes first: its
+        supervisor, in the middle of a round, could otherwise start again a server killed a moment before."""
         running = self.containers()
         self.state.set_desired(state_keys(running.values()), STOPPED)
-        for cname, info in running.items():
+        gateway_first = sorted(running.items(), key=lambda item: item[1].labels.get(L_KIND) != "gateway")
+        for cname, info in gateway_first:
             if info.running:
                 self.engine.kill(cname)
         return list(running)
