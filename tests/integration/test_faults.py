@@ -77,7 +77,8 @@ def test_a_killed_gateway_answers_again_within_5_s_and_leaves_the_servers_alone(
     assert back is not None and back < 5, f"answering again after {back}s"
     # what fails is what the dead process held and what found nothing listening, never an error answer
     assert seen["failed_answered"] == 0 and set(seen["failures"]) <= {
-        "error ConnectionRefusedError", "error RemoteDisconnected", "error ConnectionResetError"}, seen
+        "error ConnectionRefusedError", "error RemoteDisconnected", "error ConnectionResetError",
+        "error BrokenPipeError"}, seen  # (a request written into a connection the dead process held)
     assert seen["last_failure_s"] <= back + 0.5, seen  # once it answers /health, it answers everything
     assert engine.inspect(gateway).restarts == 1
     # the servers were adopted, not restarted
