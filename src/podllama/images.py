@@ -514,10 +514,14 @@ def record_flags(engine: CliEngine, image: str) -> FlagSet:
     cache = flags_cache(image_id)
     if cache.is_file():
         return FlagSet.parse(json.loads(cache.read_text())["help"])
-    out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
-                                        entrypoint=["cat"], args=[HELP_FILE]), timeout=60)
-    if out.returncode != 0 or "--model" not in out.stdout:
-        raise BuildError(f"image {image} carries no {HELP_FILE}; rebuild it with `podllama build`")
+    for _ in range(3):  # through the engine's API, a container this short-lived can lose its output: again
+        out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
+                                            entrypoint=["cat"], args=[HELP_FILE]), timeout=60)
+        if out.returncode == 0 and "--model" in out.stdout:
+            break
+    else:
+        raise BuildError(f"image {image} carries no {HELP_FILE} (reading it exited {out.returncode}: "
+                         f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
     return FlagSet.parse(out.stdout)

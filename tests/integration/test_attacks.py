@@ -171,7 +171,7 @@ def test_two_changes_from_one_version_cannot_both_win(stack):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.status_code for r in results.values()) == [200, 412]
+    assert sorted(r.status_code for r in results.values()) == [200, 412], [r.text for r in results.values()]
     winner = next(size for size, r in results.items() if r.status_code == 200)
     assert f"ctx_size = {winner}" in stack.path.read_text()
     loser = next(r for r in results.values() if r.status_code == 412)
