@@ -75,10 +75,10 @@ def estimate(server: ServerSection, files: list[Path], device: str = "cpu") -> E
                 gpu += size
             else:
                 cpu += size
-    kv = _kv_bytes(server, meta, n_layer)
+    ubatch = int(_arg(server, "ubatch_size", "ub") or 512)  # type: ignore[call-overload]
+    kv = _kv_bytes(server, meta, n_layer, ubatch)
     n_vocab = meta.vocab_size or 32000
     n_embd = int(meta.arch_value("embedding_length") or 0)
-    ubatch = int(_arg(server, "ubatch_size", "ub") or 512)  # type: ignore[call-overload]
     compute = n_vocab * 256 + n_embd * ubatch * 16
     parts = {"weights": cpu + gpu, "kv": kv, "compute": compute,
              "process": PROCESS_CPU + (PROCESS_GPU if device != "cpu" else 0)}
@@ -96,7 +96,12 @@ def _offloaded(server: ServerSection, n_layer: int) -> int:
     return int(str(ngl))
 
 
-def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int) -> int:
+def _cells(n: int) -> int:
+    """N KV cells as llama.cpp allocates them: padded to a multiple of 256."""
+    return -(-n // 256) * 256
+
+
+def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int, ubatch: int) -> int:
     ctx = server.ctx_size or int(_arg(server, "ctx_size", "c") or 0) or int(meta.arch_value("context_length") or 4096)  # type: ignore[call-overload]
     parallel = int(_arg(server, "parallel", "np") or -1)  # type: ignore[call-overload]
     slots = parallel if parallel > 0 else 4
@@ -109,15 +114,14 @@ def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int) -> int:
     k_type = str(_arg(server, "cache_type_k", "ctk") or "f16")
     v_type = str(_arg(server, "cache_type_v", "ctv") or "f16")
     per_cell = n_head_kv * (k_len * KV_BYTES.get(k_type, 2.0) + v_len * KV_BYTES.get(v_type, 2.0))
-    cells = -(-ctx // 256) * 256
+    cells = _cells(ctx)
     n_swa = int(meta.arch_value("attention.sliding_window") or 0)
     swa_layers = 0
     if n_swa and not _arg(server, "swa_full"):
         pattern = meta.arch_value("attention.sliding_window_pattern")
         pattern = pattern if isinstance(pattern, int) and pattern > 0 else SWA_PATTERN.get(meta.architecture or "", 1)
         swa_layers = n_layer - -(-n_layer // pattern) if pattern > 1 else 0
-    ubatch = int(_arg(server, "ubatch_size", "ub") or 512)  # type: ignore[call-overload]
-    swa_cells = min(cells, -(-(n_swa * slots + ubatch) // 256) * 256)
+    swa_cells = min(cells, _cells(n_swa * slots + ubatch))
     return int(per_cell * (cells * (n_layer - swa_layers) + swa_cells * swa_layers))
 
 

@@ -32,7 +32,8 @@ def fetch(package: str, filename: str, dest: Path, sha256: str | None = None,
           progress: Callable[[str], object] = print) -> Path:
     """DEST/FILENAME, a file of PACKAGE on the index; downloaded unless DEST holds it with the expected digest."""
     path = dest / filename
-    if path.is_file() and sha256 and sha256_of(path) == sha256:
+    have = sha256_of(path) if path.is_file() else None
+    if sha256 and have == sha256:
         return path
     index = index_url()
     with httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=True) as client:
@@ -43,7 +44,7 @@ def fetch(package: str, filename: str, dest: Path, sha256: str | None = None,
         if entry is None:
             raise PackageIndexError(f"{index} has no {filename} (package {package})")
         expected = sha256 or entry.get("hashes", {}).get("sha256")
-        if path.is_file() and expected and sha256_of(path) == expected:
+        if expected and have == expected:
             return path
         dest.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
