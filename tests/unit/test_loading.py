@@ -18,6 +18,7 @@ import uvicorn
 from podllama import config
 from podllama.gateway import server
 from podllama.gateway.app import Gateway
+from podllama.stack import Stack
 from podllama.state import UNLOADED
 from tests.fakeengine import FakeEngine, Script
 from tests.helpers import wait_until
@@ -34,11 +35,11 @@ def on_demand(*names: str, idle: str = "10m") -> str:
 ALWAYS = '\n[servers.always]\nmodel = "tiny.gguf"\nctx_size = 1024\nargs = { parallel = 2 }\n'  # as big as each
 
 
-class Stack:
+class Served:
     """A gateway in-process over a stack on the fake engine."""
 
-    def __init__(self, url: str, gw: Gateway, engine: FakeEngine, each: int) -> None:
-        self.url, self.gw, self.engine, self.each = url, gw, engine, each
+    def __init__(self, url: str, gw: Gateway, engine: FakeEngine) -> None:
+        self.url, self.gw, self.engine = url, gw, engine
         self.client = httpx.Client(base_url=url, timeout=60)
 
     def chat(self, model: str, **extra) -> httpx.Response:
@@ -56,35 +57,36 @@ class Stack:
 
 @pytest.fixture
 def stack(tmp_path, tiny_models, monkeypatch) -> Iterator:
-    """stack(servers_toml, budget_in_servers, **scripts) → Stack: the `always` servers started, the gateway
+    """stack(servers_toml, budget_in_servers, **scripts) → Served: the `always` servers started, the gateway
     serving; the CPU budget holds BUDGET_IN_SERVERS servers of the tiny model (each holds what it is estimated
     to hold, unless its script says otherwise)."""
     monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
-    started: list[tuple[uvicorn.Server, threading.Thread, Stack]] = []
+    started: list[tuple[uvicorn.Server, threading.Thread, Served]] = []
 
-    def start(servers: str, budget_in_servers: float = 2.5, load_timeout: int = 20, **scripts: Script) -> Stack:
+    def start(servers: str, budget_in_servers: float = 2.5, load_timeout: int = 20, **scripts: Script) -> Served:
         port = free_port()
         path = tmp_path / "services.toml"
         head = (f'[stack]\nname = "od{uuid.uuid4().hex[:6]}"\nmodels_dir = "{tiny_models}"\n'
                 f"[gateway]\nport = {port}\nload_timeout = {load_timeout}\n[supervisor]\ninterval = 0.5\n")
         path.write_text(head + servers)
         engine = FakeEngine()
-        gw = Gateway(config.load(path), supervise=True, engine=engine, poll_every=0.25)
-        each = max(gw.stack.estimate(name).devices["cpu"] for name in gw.stack.cfg.servers)
-        path.write_text(head + f'[placement]\ncpu_memory = "{int(each * budget_in_servers)}"\n' + servers)
+        plain = Stack(config.load(path), engine, default_variant="cpu")
+        estimates = {name: plain.estimate(name).devices["cpu"] for name in plain.cfg.servers}
+        path.write_text(head + f'[placement]\ncpu_memory = "{int(max(estimates.values()) * budget_in_servers)}"\n'
+                        + servers)
         gw = Gateway(config.load(path), supervise=True, engine=engine, poll_every=0.25)
         engine.server_key = gw.credentials.server_key() or ""
         engine.on_demand = {n for n, s in gw.stack.cfg.servers.items() if s.on_demand}
         engine.scripts.update(scripts)
-        for name in gw.stack.cfg.servers:  # each holds what it was estimated to hold, unless scripted
+        for name, estimate in estimates.items():  # each holds what it was estimated to hold, unless scripted
             script = engine.scripts.setdefault(name, Script())
-            script.memory = script.memory or gw.stack.estimate(name).devices["cpu"]
+            script.memory = script.memory or estimate
         gw.stack.start()
         srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         wait_until(lambda: srv.started, timeout=10)
-        s = Stack(f"http://127.0.0.1:{port}", gw, engine, each)
+        s = Served(f"http://127.0.0.1:{port}", gw, engine)
         started.append((srv, thread, s))
         return s
 
