@@ -139,7 +139,8 @@ def test_three_models_swap_within_a_budget_that_holds_one(podman, cpu_image, sta
         sampler.stop.set()
         sampler.join()
     peak, holders = sampler.peak
-    assert len(sampler.samples) > 50 and peak > 300 * MiB, "the sampler saw the servers"
+    seen = {name.removeprefix(f"{sf.name}-").removesuffix("-1") for _, names in sampler.samples for name in names}
+    assert seen == {"always", "small", "big", "gemma"} and peak > 300 * MiB, f"the sampler saw every server: {seen}"
     assert peak <= BUDGET, f"{peak / MiB:.0f} MiB held by {holders}, over the {BUDGET / MiB:.0f} MiB budget"
     after = podman.inspect(f"{sf.name}-always-1")
     assert after is not None and after.id == always.id and after.started_at == always.started_at, \
