@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from podllama.engine import CliEngine, ContainerInfo, ContainerSpec, EngineError
-from podllama.images import HELP_FILE
+from podllama.kinds import KINDS
 
 # the llama-server flags the tests' configs use, as its --help prints them
 HELP = """----- common params -----
@@ -244,7 +244,7 @@ class FakeEngine(CliEngine):
         return {"podllama.llama-commit": "0" * 40}
 
     def run_once(self, spec: ContainerSpec, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        if spec.args == [HELP_FILE]:
+        if spec.args == [KINDS["llama"].help_file]:
             return subprocess.CompletedProcess([], 0, HELP, "")
         return subprocess.CompletedProcess([], 1, "", "not scripted")
 

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, config, hardware, images, source
+from . import __version__, config, hardware, images, kinds, source
 from .api import ApiError, GatewayAPI
 from .config import ConfigError
 from .engine import CliEngine, EngineError, get_engine
@@ -27,6 +27,7 @@ from .flags import FlagError
 from .gguf_meta import GGUFError
 from .hub import PullError
 from .images import BuildError
+from .kinds import KINDS, Kind
 from .progress import Step, Steps
 from .service import ServiceError
 from .source import SourceError
@@ -201,10 +202,21 @@ TargetOpt = Annotated[str | None, typer.Option(
 
 def build_variant(step: Step, cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *,
                   base: str | None = None, target: str | None = None, ui: str | None = None,
-                  smoke: bool = True) -> images.BuildResult:
+                  smoke: bool = True, kind: Kind = KINDS["llama"]) -> images.BuildResult:
     """One image build, its output read for progress (objects compiled n/N) by STEP."""
-    return images.build_configured(eng, cfg, variant, hw, base=base, target=target, ui=ui, smoke=smoke,
+    return images.build_configured(eng, cfg, variant, hw, base=base, target=target, ui=ui, smoke=smoke, kind=kind,
                                    progress=step.say, on_line=step.on_build_line)
+
+
+def kind_option(name: str | None) -> Kind:
+    try:
+        return kinds.named(name or "llama")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+KindOpt = Annotated[str | None, typer.Option("--kind", help=f"The server program: {', '.join(KINDS)} (default: "
+                                                            "llama, llama.cpp's llama-server)")]
 
 
 @app.command()
@@ -217,21 +229,24 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           cpu_target: TargetOpt = None,
           ui: Annotated[str | None, typer.Option(help="auto | on | off: embed llama.cpp's web UI")] = None,
           smoke: Annotated[bool, typer.Option(help="Smoke-test before tagging")] = True,
-          as_json: JsonOpt = False) -> None:
-    """Build the llama-server image for this machine's hardware from the llama.cpp submodule."""
+          kind: KindOpt = None, as_json: JsonOpt = False) -> None:
+    """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
+    whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
     hw = hardware.detect()
+    k = kind_option(kind)
     chosen = hardware.resolve_variant(variant or cfg.stack.variant, hw)
     target = cpu_target or ("native" if native else "portable" if portable else None)
     steps = Steps(err)
-    with steps.step(f"build the {chosen} llama-server image") as s:
-        result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke)
+    with steps.step(f"build the {chosen} {k.program} image") as s:
+        result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke, kind=k)
     if as_json:
         return emit(result.to_dict())
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
-        out.print(f"previous image kept as {images.previous_tag(chosen, cfg.build.repository)} ({result.previous[:12]})")
+        out.print(f"previous image kept as {images.previous_tag(chosen, k.repository(cfg.build.repository))} "
+                  f"({result.previous[:12]})")
 
 
 @app.command("images")
@@ -266,9 +281,9 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
         say(f"{', '.join(taken)} handed to the gateway as files in {st.credentials.dir} (never in its environment)")
     with steps.step("check the config, models, GPUs and the gateway's port") as s:
         st.preflight(servers, gateway=gateway, download=download_progress(s))
-    for variant in st.missing_variants(servers):
-        with steps.step(f"build the {variant} llama-server image (once; later starts reuse it)") as s:
-            build_variant(s, st.cfg, st.engine, variant, st.hardware)
+    for k, variant in st.missing_images(servers):
+        with steps.step(f"build the {variant} {k.program} image (once; later starts reuse it)") as s:
+            build_variant(s, st.cfg, st.engine, variant, st.hardware, kind=k)
     with steps.step("start the servers") as s:
         plan = st.start(servers, wait=wait, on_state=lambda c, state: s.say(f"{c}: {state}"), pull=False)
     url = None
@@ -463,17 +478,19 @@ def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Engi
 
 @app.command()
 def rollback(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
-             as_json: JsonOpt = False) -> None:
+             kind: KindOpt = None, as_json: JsonOpt = False) -> None:
     """Go back to the previous image of a variant (`:<variant>-previous`) and restart the servers that use it."""
     st = stack_for(cfg_path, engine)
-    chosen = variant if variant and variant != "auto" else st.variant_of(next(iter(st.cfg.servers.values()))) \
-        if st.cfg.servers else hardware.resolve_variant(st.cfg.stack.variant)
-    image = images.rollback(st.engine, chosen, repo=st.cfg.build.repository)
-    users = [n for n, s in st.cfg.servers.items() if st.variant_of(s) == chosen]
+    k = kind_option(kind)
+    mine = [s for s in st.cfg.servers.values() if s.kind == k]
+    chosen = variant if variant and variant != "auto" else st.variant_of(mine[0]) \
+        if mine else hardware.resolve_variant(st.cfg.stack.variant)
+    image = images.rollback(st.engine, chosen, repo=k.repository(st.cfg.build.repository))
+    users = [n for n, s in st.cfg.servers.items() if s.kind == k and st.variant_of(s) == chosen]
     if users:
         st.restart(users, on_state=lambda c, s: say(f"{c}: {s}"))
-    show(as_json, {"variant": chosen, "image": image, "restarted": users},
-         f"{st.image_of(chosen)} → {image[:12]}" + (f"; restarted {', '.join(users)}" if users else ""))
+    show(as_json, {"kind": k.name, "variant": chosen, "image": image, "restarted": users},
+         f"{st.image_of(chosen, k)} → {image[:12]}" + (f"; restarted {', '.join(users)}" if users else ""))
 
 
 # -- asking a model ---------------------------------------------------------------------------------------------
@@ -683,13 +700,14 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
     if with_flags and cfg.servers:
         eng = engine_for(cfg, engine)
         hw = hardware.detect()
+        st = Stack(cfg, eng, hw=hw)
         for name, server in cfg.servers.items():
-            tag = images.tag_for(hardware.resolve_variant(server.variant or cfg.stack.variant, hw), repo=cfg.build.repository)
+            tag = st.image_of(st.variant_of(server), server.kind)
             if not eng.image_exists(tag):
                 notes.append(f"servers.{name}: no {tag} image yet to check its args against; run `podllama build`")
                 continue
             try:
-                flagmod.render(server.args, images.record_flags(eng, tag))
+                flagmod.render(server.args, images.record_flags(eng, tag, server.kind))
             except FlagError as e:
                 errors.append(f"{cfg.source}: servers.{name}.{e}")
     for n in notes if not as_json else []:

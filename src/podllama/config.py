@@ -16,12 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from . import validate as checks
 from .atomic import atomic_write
+from .kinds import Kind, of_role
 from .units import parse_duration, parse_size
 
 DEFAULT_CONFIG = "services.toml"
 CONFIG_ENV = "PODLLAMA_CONFIG"
 
-Role = Literal["chat", "embedding", "rerank", "vision", "infill", "audio"]
+# llama-server's roles, then those of the other server kinds (kinds.py): transcription (whisper-server), image
+# (sd-server), speech (the speech server)
+Role = Literal["chat", "embedding", "rerank", "vision", "infill", "audio", "transcription", "image", "speech"]
 PROJECTOR_ROLES = ("vision", "audio")  # roles whose server needs a multimodal projector (mmproj)
 EngineName = Literal["auto", "podman", "docker"]
 VariantName = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
@@ -224,7 +227,12 @@ class ServerSection(_Model):
     def saves_slots(self) -> bool:
         """Its prompt caches are saved when it is unloaded and restored when it is loaded (on-demand servers
         that do not set slot saving themselves)."""
-        return self.on_demand and not {"slot_save_path", "slots"} & set(self.args)
+        return self.on_demand and self.kind.slots and not {"slot_save_path", "slots"} & set(self.args)
+
+    @property
+    def kind(self) -> Kind:
+        """The server program that serves its role (kinds.py)."""
+        return of_role(self.role)
 
     @property
     def idle_seconds(self) -> float:
@@ -298,6 +306,16 @@ class ServerSection(_Model):
                              "stopped for being idle")
         if self.on_demand and self.replicas > 1:
             raise ValueError("start = \"on-demand\" takes one replica; use replicas = 1 or start = \"always\"")
+        return self
+
+    @model_validator(mode="after")
+    def _kind(self) -> ServerSection:
+        if self.kind.llama:
+            return self
+        given = [k for k in ("mmproj", "ctx_size", "gpu_layers") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: llama-server settings; role '{self.role}' runs "
+                             f"{self.kind.program}, which has none (give its own flags in args)")
         return self
 
     @model_validator(mode="after")

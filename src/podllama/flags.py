@@ -43,9 +43,14 @@ class FlagSet:
     flags: dict[str, Flag]  # every spelling ("--parallel", "-np", "--no-mmap") → its flag
 
     @classmethod
-    def parse(cls, help_text: str) -> FlagSet:
+    def parse(cls, help_text: str, indent: int = 0) -> FlagSet:
+        """The flags of a --help text, each at the start of a line or indented by at most INDENT spaces
+        (llama-server starts them at the line's start and indents value lists; whisper-server and argparse
+        indent flags by two)."""
         flags: dict[str, Flag] = {}
         for line in help_text.splitlines():
+            if indent and len(line) - len(line.lstrip(" ")) <= indent:
+                line = line.lstrip(" ")
             if not line.startswith("-") or line.startswith("--- ") or line.startswith("-----"):
                 continue
             m = _HEAD.match(line)

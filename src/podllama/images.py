@@ -14,19 +14,20 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, source, tinymodel, validate
+from . import __version__, pinned, source, tinymodel, validate
 from .atomic import atomic_write
 from .engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
 from .flags import FlagSet
 from .health import probe, wait_healthy
+from .kinds import KINDS, Kind
 
 REPO = "podllama/llama-server"
-HELP_FILE = "/app/llama-server.help"
 LOCAL_BASE = "localhost/podllama-base"
 
 # (build stage, runtime stage) base images per variant
@@ -363,6 +364,66 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
     return result
 
 
+def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: str = "upstream",
+                 cpu_target: str = "native", cuda_architectures: list[str] | None = None, log_dir: Path,
+                 root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None, repo: str = REPO,
+                 progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> BuildResult:
+    """Build, smoke-test and tag the image of a server KIND other than llama-server for VARIANT, from the
+    source containers/sources.lock pins. REPO is llama-server's repository (the kind's sits beside it). Tags as
+    llama-server's, with the source's id (pinned.source_id) in place of the llama.cpp commit."""
+    started = time.monotonic()
+    root = root or source.project_root()
+    file = kind.containerfile(variant, root)
+    if not file.is_file():
+        raise BuildError(f"{kind.program} has no {variant} image ({file} does not exist); its variants: "
+                         f"{', '.join(kind.variants)}")
+    try:
+        pin = pinned.pin_of(kind.name, root)
+        context = pinned.context(pin, root, progress)
+        sid = pinned.source_id(pin, root)
+    except pinned.PinError as e:
+        raise BuildError(str(e)) from None
+    base = resolve_base(variant, base_choice)
+    kind_repo = kind.repository(repo)
+    progress(f"{kind.program} ({variant}) from {pin.describe()}, engine {engine.name}, base {base.describe()}")
+    ensure_base(engine, base, progress)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"build-{kind.name}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "CPU_TARGET": cpu_target}
+    if variant == "cuda":
+        args["CUDA_ARCHITECTURES"] = ";".join(cuda_architectures or DEFAULT_CUDA_ARCHITECTURES)
+    if os.environ.get("PIP_INDEX_URL"):
+        args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
+    labels = {
+        "podllama.variant": variant, "podllama.server-kind": kind.name, "podllama.source": pin.describe(),
+        "podllama.source-id": sid, "podllama.version": __version__, "podllama.base": base.describe(),
+        "podllama.build-args": json.dumps(args, sort_keys=True), "org.opencontainers.image.source": pin.upstream,
+        "org.opencontainers.image.title": f"{kind.program} ({variant}) built by podllama",
+    }
+    progress(f"building (full log: {log_path})")
+    with log_path.open("w") as log:
+        image_id = engine.build(file, context, args, labels, log, on_line, secrets={"cacert": host_ca_bundle()})
+    if image_id is None:
+        raise BuildError(f"the {kind.program} {variant} image did not build; nothing was changed. Full log: "
+                         f"{log_path}\n" + _tail(log_path), log=log_path)
+    result = BuildResult(variant=variant, commit=sid, image_id=image_id, tags=[], previous=None,
+                         base=base.describe(), ui="off", log=str(log_path), seconds=0.0)
+    if smoke:
+        progress(f"smoke test of the new {kind.program} image")
+        try:
+            result.smoke = SMOKE_TESTS[kind.name](engine, image_id, context, root / ".podllama" / "smoke", gpu=gpu,
+                                                  log=log_path)
+        except BuildError:
+            if not _tagged(engine, image_id):
+                engine.remove_image(image_id)
+            raise
+    result.previous = promote(engine, image_id, variant, sid, repo=kind_repo)
+    result.tags = [tag_for(variant, sid, kind_repo), tag_for(variant, repo=kind_repo)]
+    record_flags(engine, image_id, kind)
+    result.seconds = round(time.monotonic() - started, 1)
+    return result
+
+
 def base_choice(cfg: Any, override: str | None = None) -> str:
     """Which base images: --base, else $PODLLAMA_BASE, else [build] base."""
     return override or os.environ.get("PODLLAMA_BASE") or cfg.build.base
@@ -389,13 +450,19 @@ def recorded_cpu_target(engine: CliEngine, image: str) -> str | None:
 
 def build_configured(engine: CliEngine, cfg: Any, variant: str, hw: Any, *, base: str | None = None,
                      target: str | None = None, ui: str | None = None, smoke: bool = True,
-                     progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None
-                     ) -> BuildResult:
-    """`build` with everything taken from a stack's config (CFG) and this machine's hardware (HW): base images,
-    CPU target (TARGET overrides), UI, GPU targets, the repository, the log directory, and the GPU for the
-    smoke test."""
+                     kind: Kind = KINDS["llama"], progress: Callable[[str], None] = print,
+                     on_line: Callable[[str], None] | None = None) -> BuildResult:
+    """`build` (or `build_server` for another KIND) with everything taken from a stack's config (CFG) and this
+    machine's hardware (HW): base images, CPU target (TARGET overrides), UI, GPU targets, the repository, the
+    log directory, and the GPU for the smoke test."""
     gpu = GpuRequest(backend=variant) if variant != "cpu" and any(g.backend == variant for g in hw.gpus) else None
-    running = recorded_cpu_target(engine, tag_for(variant, repo=cfg.build.repository))
+    running = recorded_cpu_target(engine, tag_for(variant, repo=kind.repository(cfg.build.repository)))
+    if not kind.llama:
+        return build_server(engine, kind, variant, base_choice=base_choice(cfg, base),
+                            cpu_target=cpu_target(cfg.build.cpu_target, target, running),
+                            cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
+                            log_dir=cfg.state_path / "logs", smoke=smoke, gpu=gpu, repo=cfg.build.repository,
+                            progress=progress, on_line=on_line)
     return build(engine, variant, base_choice=base_choice(cfg, base),
                  cpu_target=cpu_target(cfg.build.cpu_target, target, running), ui_mode=ui or cfg.build.ui,
                  cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
@@ -439,18 +506,15 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 # -- smoke test -----------------------------------------------------------------------------------------------
-def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
-               timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """Start IMAGE with the tiny model (written into MODELS, a directory the engine can mount: the gateway
-    container runs builds too): /health must turn 200 and one chat completion must answer."""
-    import httpx
-
-    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
+@contextmanager
+def serving(engine: CliEngine, image: str, args: list[str], models: Path, gpu: GpuRequest | None = None,
+            timeout: float = 300, log: Path | None = None) -> Iterator[tuple[str, float]]:
+    """IMAGE started with ARGS and MODELS (a directory the engine can mount: the gateway container runs builds
+    too) on /models, until /health turns 200: yields its URL and how long that took; removed afterwards."""
     models.chmod(0o755)
-    name = f"podllama-smoke-{os.getpid()}-{int(time.time())}"
+    name = f"podllama-smoke-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     spec = ContainerSpec(
-        name=name, image=image, labels={"podllama.smoke": "true"},
-        args=["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"],
+        name=name, image=image, labels={"podllama.smoke": "true"}, args=args,
         mounts=[Mount(str(models), "/models")], ports=[("127.0.0.1", 0, 8080)], gpu=gpu,
         env={"GGML_VK_VISIBLE_DEVICES": "0"} if gpu and gpu.backend == "vulkan" else {},
     )
@@ -476,20 +540,82 @@ def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: Gpu
         state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
         if state != "ok":
             raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")
-        ready_s = time.monotonic() - t0
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code != 200 or not body.get("choices"):
-            raise BuildError(f"smoke test: chat completion answered {r.status_code}: {r.text[:300]}")
-        version = engine.run_once(ContainerSpec(name=f"{name}-v", image=image, args=["--version"]), timeout=60)
-        return {"ready_seconds": round(ready_s, 2), "completion_tokens": body.get("usage", {}).get("completion_tokens"),
-                "version": (version.stdout + version.stderr).strip().splitlines()[-2:]}
+        yield url, time.monotonic() - t0
     finally:
         if log is not None:
             with log.open("a") as f:
                 f.write("\n--- smoke test server log ---\n" + _logs(engine, name))
         engine.remove(name)
+
+
+def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+               timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """llama-server: IMAGE with the tiny model, /health must turn 200 and one chat completion must answer."""
+    import httpx
+
+    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
+    args = ["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"]
+    with serving(engine, image, args, models, gpu, timeout, log) as (url, ready_s):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or not body.get("choices"):
+            raise BuildError(f"smoke test: chat completion answered {r.status_code}: {r.text[:300]}")
+    version = engine.run_once(ContainerSpec(name=f"podllama-smoke-v-{uuid.uuid4().hex[:8]}", image=image,
+                                            args=["--version"]), timeout=60)
+    return {"ready_seconds": round(ready_s, 2), "completion_tokens": body.get("usage", {}).get("completion_tokens"),
+            "version": (version.stdout + version.stderr).strip().splitlines()[-2:]}
+
+
+def silence_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return out.getvalue()
+
+
+def smoke_whisper(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+                  timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """whisper-server: IMAGE with whisper.cpp's own test model (its vocabulary, no weights), /health must turn
+    200 and a second of silence must be transcribed (to nothing) through the OpenAI route."""
+    import httpx
+
+    test_model = "for-tests-ggml-tiny.en.bin"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tree / "models" / test_model, models / test_model)
+    with serving(engine, image, ["--model", f"/models/{test_model}"], models, gpu, timeout, log) as (url, ready_s):
+        r = httpx.post(f"{url}/v1/audio/transcriptions", timeout=60, files={"file": ("s.wav", silence_wav())},
+                       data={"response_format": "json"})
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or "text" not in body:
+            raise BuildError(f"smoke test: transcription answered {r.status_code}: {r.text[:300]}")
+    return {"ready_seconds": round(ready_s, 2), "text": body["text"]}
+
+
+def smoke_speech(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+                 timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """The speech server: its self test (piper, its espeak-ng data and onnxruntime load; English text turns
+    into phonemes); a voice is a model, checked when a server starts with it."""
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-{uuid.uuid4().hex[:8]}", image=image,
+                                        args=["--self-test"]), timeout=timeout)
+    try:
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {}
+    if out.returncode != 0 or not result.get("ok"):
+        raise BuildError(f"smoke test: the speech server's self test exited {out.returncode}: "
+                         f"{(out.stderr or out.stdout).strip()[-500:]}")
+    return result
+
+
+SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "llama": smoke_test, "whisper": smoke_whisper, "speech": smoke_speech}
 
 
 def _alive(engine: CliEngine, name: str) -> bool:
@@ -506,25 +632,26 @@ def flags_cache(image_id: str) -> Path:
     return source.cache_dir() / "images" / f"{image_id[:24]}.json"
 
 
-def record_flags(engine: CliEngine, image: str) -> FlagSet:
-    """The flags the image's llama-server knows, read from the help text recorded in the image (cached by id)."""
+def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"]) -> FlagSet:
+    """The flags the image's server knows, read from the help text recorded in the image (cached by id)."""
     image_id = engine.image_id(image)
     if image_id is None:
         raise BuildError(f"image {image} does not exist; build it with `podllama build`")
+    indent = 0 if kind.llama else 4  # the others indent their flags (flags.FlagSet.parse)
     cache = flags_cache(image_id)
     if cache.is_file():
-        return FlagSet.parse(json.loads(cache.read_text())["help"])
+        return FlagSet.parse(json.loads(cache.read_text())["help"], indent)
     for _ in range(3):  # through the engine's API, a container this short-lived can lose its output: again
         out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
-                                            entrypoint=["cat"], args=[HELP_FILE]), timeout=60)
+                                            entrypoint=["cat"], args=[kind.help_file]), timeout=60)
         if out.returncode == 0 and "--model" in out.stdout:
             break
     else:
-        raise BuildError(f"image {image} carries no {HELP_FILE} (reading it exited {out.returncode}: "
+        raise BuildError(f"image {image} carries no {kind.help_file} (reading it exited {out.returncode}: "
                          f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
-    return FlagSet.parse(out.stdout)
+    return FlagSet.parse(out.stdout, indent)
 
 
 # -- the gateway image ----------------------------------------------------------------------------------------

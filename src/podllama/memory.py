@@ -56,9 +56,19 @@ def _arg(server: ServerSection, *names: str) -> object:
     return next((server.args[n] for n in names if n in server.args), None)
 
 
+# what the servers that are not llama-server hold beyond their model files (interpreter, runtime, buffers)
+OTHER_PROCESS = {"whisper": 64 * MiB, "sd": 256 * MiB, "speech": 160 * MiB}
+
+
 def estimate(server: ServerSection, files: list[Path], device: str = "cpu") -> Estimate:
     """What SERVER (its model FILES: the model's shards, then a projector if any) will hold, on DEVICE for the
     layers it offloads and on the CPU for the rest."""
+    if not server.kind.llama:
+        weights = sum(f.stat().st_size for f in files)
+        process = OTHER_PROCESS[server.kind.name]
+        working = weights // 4
+        return Estimate({device: weights + working + process},
+                        {"weights": weights, "compute": working, "process": process})
     metas = [read_gguf(f) for f in files]
     meta = metas[0]
     n_layer = int(meta.arch_value("block_count") or 0)

@@ -74,7 +74,8 @@ def rebuild(stack: Stack, variants: list[str] | None = None, progress: Callable[
 
 
 def _variants(stack: Stack) -> list[str]:
-    return sorted({stack.variant_of(s) for s in stack.cfg.servers.values()})
+    """The llama-server variants the stack runs (the other kinds are built from their own pinned sources)."""
+    return sorted({stack.variant_of(s) for s in stack.cfg.servers.values() if s.kind.llama})
 
 
 def _stale(stack: Stack) -> bool:

@@ -1,5 +1,8 @@
 """The route table: complete, consistent, and the documentation generated from it."""
 
+import typing
+
+from podllama.config import Role
 from podllama.gateway import help as helpdoc
 from podllama.gateway.routes import CAPABILITY_ROLES, ENDPOINTS, RouteTable
 
@@ -37,7 +40,12 @@ def test_entries_are_consistent():
         assert all(p.startswith("/") for p in ep.paths)
     roles = {ep.name: ep.roles for ep in ENDPOINTS}
     assert roles["embeddings.oai"] == ("embedding",) and roles["rerank"] == ("rerank",)
-    assert roles["audio.transcriptions"] == ("audio",) and roles["chat.completions"][0] == "chat"
+    assert roles["audio.transcriptions"] == ("transcription", "audio") and roles["chat.completions"][0] == "chat"
+    assert roles["images.generations"] == ("image",) and roles["audio.speech"] == ("speech",)
+    every_role = set(typing.get_args(Role))
+    assert {r for rs in CAPABILITY_ROLES.values() for r in rs} == every_role, "each role serves something"
+    for role in every_role:  # each role's server kind has a route of its own
+        assert any(role in ep.roles and ep.scope == "model" for ep in ENDPOINTS), role
 
 
 def test_docs_api_md_is_generated_from_the_table(project_root):

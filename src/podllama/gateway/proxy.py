@@ -28,7 +28,7 @@ from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, Upst
 from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
 from .ondemand import Loader, Refused
-from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint
+from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
 from .upstreams import Registry, Replica
 
 log = logging.getLogger("podllama.gateway")
@@ -90,6 +90,7 @@ class Flight:
 class Proxy:
     def __init__(self, registry: Registry, metrics: Metrics, gateway: GatewaySection, server_key: str | None) -> None:
         self.registry, self.metrics = registry, metrics
+        self.table = RouteTable.build()
         self.client = Client()
         self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
         self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
@@ -144,6 +145,15 @@ class Proxy:
                                                "(no '..', control characters or spaces)")
         if name not in self.registry.servers:
             return await send_error(send, 404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}")
+        server = self.registry.servers[name]
+        if not server.kind.llama and path != "health":
+            # the other programs have routes no one should reach (whisper-server's POST /load opens any path):
+            # only those of the route table for its role
+            ep = self.table.match(scope["method"], "/" + path)
+            if ep is None or ep.scope != "model" or server.role not in ep.roles:
+                return await send_error(send, 404, f"server '{name}' runs {server.kind.program}: through "
+                                                   f"/servers/{name}/ only /health and the routes of role "
+                                                   f"'{server.role}' in /help")
         await self.forward(scope, receive, send, name, "passthrough", target, b"", True)
 
     async def ui(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -178,16 +188,18 @@ class Proxy:
             if known:
                 return known, (0, "", "")
         name = next(iter(query.get("server", [])), None)
-        if name is not None:
-            if name in self.registry.servers:
-                return name, (0, "", "")
+        if name is not None and name not in self.registry.servers:
             return None, (404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}", "")
         model = next(iter(query.get("model", [])), None)
-        if model is not None:
-            server = self.registry.server_for_model(model)
-            if server is None:
+        if name is None and model is not None:
+            name = self.registry.server_for_model(model)
+            if name is None:
                 return None, (404, f"model '{model}' not found; GET /v1/models lists them", "")
-            return server, (0, "", "")
+        if name is not None:
+            section = self.registry.servers[name]
+            if section.role not in ep.roles:
+                return None, (400, f"server '{name}' runs {section.kind.program}, which has no {ep.paths[0]}", "")
+            return name, (0, "", "")
         server = self.registry.default(CAPABILITY_ROLES["server"])
         return server, (503, "no servers are configured", "")
 

@@ -18,6 +18,7 @@ from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRe
 from ..gguf_meta import GGUFError, Metadata
 from ..gguf_meta import read as read_gguf
 from ..health import OK, container_health
+from ..kinds import KINDS, Kind
 from ..state import RUNNING, STOPPED, UNLOADED, StackState
 from ..store import ModelNotFound, Store, StoreError
 from .gateway import Gateway
@@ -40,6 +41,7 @@ from .spec import (
     Unit,
     container_name,
     server_args,
+    server_env,
     spec_hash,
     state_keys,
 )
@@ -73,10 +75,16 @@ class Stack:
         return self.hw
 
     def variant_of(self, server: ServerSection) -> str:
+        """The image variant SERVER runs: its own, else the stack's; a stack-wide GPU variant its kind has no
+        image for runs the cpu one (the speech server is CPU only)."""
         requested = server.variant or self.cfg.stack.variant
         if requested == "auto" and self.default_variant:
-            return self.default_variant
-        return hardware.resolve_variant(requested, self.hardware)
+            variant = self.default_variant
+        else:
+            variant = hardware.resolve_variant(requested, self.hardware)
+        if variant not in server.kind.variants and server.variant is None:
+            return "cpu"
+        return variant
 
     def device_of(self, name: str) -> str:
         """Where server NAME's layers go: "cpu", or its first GPU ("cuda:0")."""
@@ -93,8 +101,8 @@ class Stack:
         files = _shards(self.store.path(model)) + ([self.store.path(mmproj)] if mmproj else [])
         return memory.estimate(self.cfg.servers[name], files, self.device_of(name))
 
-    def image_of(self, variant: str) -> str:
-        return images.tag_for(variant, repo=self.cfg.build.repository)
+    def image_of(self, variant: str, kind: Kind = KINDS["llama"]) -> str:
+        return images.tag_for(variant, repo=kind.repository(self.cfg.build.repository))
 
     def select(self, servers: list[str] | None) -> list[str]:
         names = servers or list(self.cfg.servers)
@@ -257,25 +265,27 @@ class Stack:
         secret = Mount(str(creds.path("server.key")), SERVER_KEY_IN_CONTAINER, read_only=True)
         for name in self.select(names):
             server = self.cfg.servers[name]
-            variant = self.variant_of(server)
-            image = self.image_of(variant)
+            variant, kind = self.variant_of(server), server.kind
+            image = self.image_of(variant, kind)
             image_id = self.engine.image_id(image)
             if image_id is None:
-                raise StackError(f"servers.{name}: image {image} does not exist; run `podllama build --variant {variant}`")
+                raise StackError(f"servers.{name}: image {image} does not exist; run "
+                                 f"`podllama build --variant {variant}{'' if kind.llama else f' --kind {kind.name}'}`")
             if image not in known:
                 try:
-                    known[image] = images.record_flags(self.engine, image)
+                    known[image] = images.record_flags(self.engine, image, kind)
                 except images.BuildError as e:
                     raise StackError(f"servers.{name}: {e}") from None
             model, mmproj = self.model_files(name)
-            extra, notes = self.chosen(name, model)
+            extra, notes = self.chosen(name, model) if kind.llama else ([], [])
             argv = server_args(name, server, known[image], model, mmproj, extra)
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
             if server.saves_slots:
                 # prompt caches saved when it is unloaded and restored when it is loaded again (gateway/ondemand.py)
                 mounts.append(Mount(str(self.slot_dir(name)), SLOTS_IN_CONTAINER, read_only=False))
                 argv += ["--slot-save-path", SLOTS_IN_CONTAINER]
-            commit = self.engine.image_labels(image).get("podllama.llama-commit", "")
+            labels = self.engine.image_labels(image)
+            commit = labels.get("podllama.llama-commit") or labels.get("podllama.source", "")
             gpu = None
             if variant != "cpu":
                 gpu = GpuRequest(variant, server.gpus if isinstance(server.gpus, list) else ["all"])
@@ -285,7 +295,7 @@ class Stack:
                     labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
                             L_FILE: model, L_CHOSEN: "; ".join(notes)},
-                    env=dict(server.env), network=self.network, network_aliases=[name],
+                    env=server_env(server), network=self.network, network_aliases=[name],
                     mounts=mounts, gpu=gpu,
                     groups=[str(SERVER_GID)],
                 )
@@ -308,10 +318,11 @@ class Stack:
                 path.chmod(0o777)
         return path
 
-    def missing_variants(self, names: list[str] | None) -> list[str]:
-        """Variants the servers use whose image does not exist yet."""
-        variants = dict.fromkeys(self.variant_of(self.cfg.servers[n]) for n in self.select(names))
-        return [v for v in variants if not self.engine.image_exists(self.image_of(v))]
+    def missing_images(self, names: list[str] | None) -> list[tuple[Kind, str]]:
+        """(kind, variant) of the images the servers use that do not exist yet."""
+        wanted = dict.fromkeys((self.cfg.servers[n].kind, self.variant_of(self.cfg.servers[n]))
+                               for n in self.select(names))
+        return [(k, v) for k, v in wanted if not self.engine.image_exists(self.image_of(v, k))]
 
     # -- what runs ----------------------------------------------------------------------------------------
     def containers(self, kind: str | None = None) -> dict[str, ContainerInfo]:

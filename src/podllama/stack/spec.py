@@ -61,7 +61,16 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
                 mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
     """The llama-server command line of a server: model and role from podllama, the flags chosen from the model
     file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
-    reference already resolved)."""
+    reference already resolved). The other kinds of server take the model and the user's args (their API key
+    comes from the environment: server_env)."""
+    if not server.kind.llama:
+        argv = [server.kind.model_flag, f"/models/{model}"]
+        if server.kind.name == "speech":
+            argv += ["--alias", server.alias or name]
+        try:
+            return argv + flags.render(server.args, known)
+        except flags.FlagError as e:
+            raise StackError(f"servers.{name}.{e}") from None
     argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
     if server.ctx_size is not None:
         argv += ["--ctx-size", str(server.ctx_size)]
@@ -77,6 +86,15 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
     except flags.FlagError as e:
         raise StackError(f"servers.{name}.{e}") from None
     return argv
+
+
+def server_env(server: ServerSection) -> dict[str, str]:
+    """The environment of a server's container: the user's, and where the program reads its API key from
+    (llama-server takes it as a flag)."""
+    env = dict(server.env)
+    if not server.kind.llama:
+        env["PODLLAMA_API_KEY_FILE"] = SERVER_KEY_IN_CONTAINER
+    return env
 
 
 def spec_hash(spec: ContainerSpec, image_id: str) -> str:
