@@ -300,8 +300,20 @@ class CliEngine:
         return self.run_cli(*self.run_argv(spec)).stdout.strip().splitlines()[-1]
 
     def run_once(self, spec: ContainerSpec, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run a container to completion and return its output (removed afterwards)."""
-        return self.run_cli(*self.run_argv(spec, detach=False, remove=True), check=False, timeout=timeout)
+        """Run a container to completion and return its exit status and output (removed afterwards). Started
+        detached, waited for, then its logs read: attached through the engine's API socket (the gateway
+        container's client), a short-lived container's output can be lost ("write child: broken pipe")."""
+        started = self.run_cli(*self.run_argv(spec, detach=True, remove=False), check=False, timeout=timeout)
+        try:
+            if started.returncode != 0:
+                return started
+            waited = self.run_cli("wait", spec.name, check=False, timeout=timeout)
+            status = waited.stdout.strip().splitlines()[-1:] if waited.returncode == 0 else []
+            code = int(status[0]) if status and status[0].lstrip("-").isdigit() else (waited.returncode or 1)
+            logs = self.run_cli("logs", spec.name, check=False, timeout=60)
+            return subprocess.CompletedProcess(started.args, code, logs.stdout, logs.stderr or waited.stderr)
+        finally:
+            self.remove(spec.name)
 
     def start(self, name: str) -> None:
         self.run_cli("start", name)
