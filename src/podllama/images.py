@@ -7,6 +7,7 @@ before keeps `:<variant>-previous` for rollback. A failed build or smoke test le
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -639,18 +640,23 @@ def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"]) -> 
         raise BuildError(f"image {image} does not exist; build it with `podllama build`")
     indent = 0 if kind.llama else 4  # the others indent their flags (flags.FlagSet.parse)
     cache = flags_cache(image_id)
-    if cache.is_file():
-        return FlagSet.parse(json.loads(cache.read_text())["help"], indent)
-    for _ in range(3):  # through the engine's API, a container this short-lived can lose its output: again
-        out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
-                                            entrypoint=["cat"], args=[kind.help_file]), timeout=60)
-        if out.returncode == 0 and "--model" in out.stdout:
-            break
-    else:
-        raise BuildError(f"image {image} carries no {kind.help_file} (reading it exited {out.returncode}: "
-                         f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
+    # one reader at a time (concurrent config changes each asked the engine at once, and Podman 4.3's API
+    # service then failed both containers with "write child: broken pipe"); the others find the cache
+    with cache.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cache.is_file():
+            return FlagSet.parse(json.loads(cache.read_text())["help"], indent)
+        for attempt in range(3):  # a container this short-lived can fail to start through the API: again
+            out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
+                                                entrypoint=["cat"], args=[kind.help_file]), timeout=60)
+            if out.returncode == 0 and "--model" in out.stdout:
+                break
+            time.sleep(1 + attempt)
+        else:
+            raise BuildError(f"image {image} carries no {kind.help_file} (reading it exited {out.returncode}: "
+                             f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
+        atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
     return FlagSet.parse(out.stdout, indent)
 
 

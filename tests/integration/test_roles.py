@@ -22,9 +22,9 @@ from tests.helpers import ROOT, podllama
 
 from .conftest import base_choice
 
-# sentences Whisper tiny.en hears back word for word from the piper voice (some it does not: "canoe slid" comes
-# back "can use lid")
-SENTENCES = ["It is a beautiful day in the neighborhood.", "The quick brown fox jumps over the lazy dog."]
+# a sentence Whisper tiny.en hears back word for word from the piper voice, here and on the CI machine (others
+# it does not everywhere: "canoe slid" came back "can use lid", "jumps" came back "jumped" on another CPU)
+SENTENCES = ["It is a beautiful day in the neighborhood."]
 SENTENCE = SENTENCES[0]
 
 
