@@ -351,16 +351,26 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
                          base=base.describe(), ui=ui, log=str(log_path), seconds=0.0)
     if smoke:
         progress("smoke test: start the new image with a tiny model, /health, one chat completion")
-        try:  # the tiny model lives in the checkout: the gateway container (which builds for update and rebuild
-            # jobs, and has no numpy) finds the one the host wrote
-            result.smoke = smoke_test(engine, image_id, tree, root / ".podllama" / "smoke", gpu=gpu, log=log_path)
+    # the tiny model lives in the checkout: the gateway container (which builds for update and rebuild jobs, and
+    # has no numpy) finds the one the host wrote
+    return _smoke_and_tag(engine, result, KINDS["llama"], tree, root, repo, smoke, gpu, started, st.dirty)
+
+
+def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: Path, root: Path, repo: str,
+                   smoke: bool, gpu: GpuRequest | None, started: float, dirty: bool = False) -> BuildResult:
+    """The end of every build: the kind's smoke test (a failure removes the new image, unless something else
+    tagged it, and moves no tag), then the tags, the recorded flags and the time it took."""
+    if smoke:
+        try:
+            result.smoke = SMOKE_TESTS[kind.name](engine, result.image_id, context, root / ".podllama" / "smoke",
+                                                  gpu=gpu, log=Path(result.log))
         except BuildError:
-            if not _tagged(engine, image_id):
-                engine.remove_image(image_id)
+            if not _tagged(engine, result.image_id):
+                engine.remove_image(result.image_id)
             raise
-    result.previous = promote(engine, image_id, variant, commit, repo=repo, dirty=st.dirty)
-    result.tags = [tag_for(variant, commit, repo, st.dirty), tag_for(variant, repo=repo)]
-    record_flags(engine, image_id)
+    result.previous = promote(engine, result.image_id, result.variant, result.commit, repo=repo, dirty=dirty)
+    result.tags = [tag_for(result.variant, result.commit, repo, dirty), tag_for(result.variant, repo=repo)]
+    record_flags(engine, result.image_id, kind)
     result.seconds = round(time.monotonic() - started, 1)
     return result
 
@@ -411,18 +421,7 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
                          base=base.describe(), ui="off", log=str(log_path), seconds=0.0)
     if smoke:
         progress(f"smoke test of the new {kind.program} image")
-        try:
-            result.smoke = SMOKE_TESTS[kind.name](engine, image_id, context, root / ".podllama" / "smoke", gpu=gpu,
-                                                  log=log_path)
-        except BuildError:
-            if not _tagged(engine, image_id):
-                engine.remove_image(image_id)
-            raise
-    result.previous = promote(engine, image_id, variant, sid, repo=kind_repo)
-    result.tags = [tag_for(variant, sid, kind_repo), tag_for(variant, repo=kind_repo)]
-    record_flags(engine, image_id, kind)
-    result.seconds = round(time.monotonic() - started, 1)
-    return result
+    return _smoke_and_tag(engine, result, kind, context, root, kind_repo, smoke, gpu, started)
 
 
 def base_choice(cfg: Any, override: str | None = None) -> str:
@@ -638,7 +637,7 @@ def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"]) -> 
     image_id = engine.image_id(image)
     if image_id is None:
         raise BuildError(f"image {image} does not exist; build it with `podllama build`")
-    indent = 0 if kind.llama else 4  # the others indent their flags (flags.FlagSet.parse)
+    indent = kind.help_indent
     cache = flags_cache(image_id)
     cache.parent.mkdir(parents=True, exist_ok=True)
     # one reader at a time (concurrent config changes each asked the engine at once, and Podman 4.3's API

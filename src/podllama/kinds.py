@@ -21,7 +21,9 @@ class Kind:
     image: str  # the last part of its image repository (podllama/<image>)
     variants: tuple[str, ...]  # the Containerfiles written for it
     help_file: str = "/app/server.help"  # its --help, recorded in the image (flags are checked against it)
+    help_indent: int = 4  # how far its --help indents the flags (llama-server: not at all; flags.FlagSet.parse)
     model_flag: str = "--model"
+    alias_flag: str | None = None  # the flag naming the model it answers to, where it has one
     # an on-demand server of this kind can save and restore its prompt caches (llama-server's slots)
     slots: bool = False
 
@@ -44,10 +46,11 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("llama", "llama-server", ("chat", "embedding", "rerank", "vision", "infill", "audio"), "llama-server",
-         ("cpu", "cuda", "rocm", "vulkan"), help_file="/app/llama-server.help", slots=True),
+         ("cpu", "cuda", "rocm", "vulkan"), help_file="/app/llama-server.help", help_indent=0, alias_flag="--alias",
+         slots=True),
     Kind("whisper", "whisper-server", ("transcription",), "whisper-server", ("cpu", "cuda", "vulkan")),
     Kind("sd", "sd-server", ("image",), "sd-server", ("cpu", "cuda", "vulkan")),
-    Kind("speech", "speech server (piper)", ("speech",), "speech-server", ("cpu",)),
+    Kind("speech", "speech server (piper)", ("speech",), "speech-server", ("cpu",), alias_flag="--alias"),
 )}
 ROLE_KIND: dict[str, Kind] = {role: kind for kind in KINDS.values() for role in kind.roles}
 

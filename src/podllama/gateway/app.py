@@ -41,7 +41,7 @@ from .jobs import Jobs
 from .metrics import Metrics
 from .ondemand import Loader, Refused
 from .proxy import Proxy
-from .routes import ENDPOINTS, PASSTHROUGH, RouteTable
+from .routes import ENDPOINTS, PASSTHROUGH
 from .server import Limits
 from .upstreams import Discover, Registry, engine_discovery
 
@@ -85,7 +85,7 @@ class Gateway:
             self.proxy.on_trouble = self.supervisor.wake
             self.supervisor.on_restart = lambda unit: self.registry.refresh()
         self.poll_every = poll_every
-        self.table = RouteTable.build()
+        self.table = self.proxy.table
         self.started = int(time.time())
         self.config_error: str | None = None
         self._reload_lock = threading.Lock()

@@ -90,7 +90,7 @@ class Flight:
 class Proxy:
     def __init__(self, registry: Registry, metrics: Metrics, gateway: GatewaySection, server_key: str | None) -> None:
         self.registry, self.metrics = registry, metrics
-        self.table = RouteTable.build()
+        self.table = RouteTable.build()  # the gateway classifies requests by it too
         self.client = Client()
         self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
         self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died

@@ -63,24 +63,21 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
     file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
     reference already resolved). The other kinds of server take the model and the user's args (their API key
     comes from the environment: server_env)."""
-    if not server.kind.llama:
-        argv = [server.kind.model_flag, f"/models/{model}"]
-        if server.kind.name == "speech":
-            argv += ["--alias", server.alias or name]
-        try:
-            return argv + flags.render(server.args, known)
-        except flags.FlagError as e:
-            raise StackError(f"servers.{name}.{e}") from None
-    argv = ["--model", f"/models/{model}", "--alias", server.alias or name, "--api-key-file", SERVER_KEY_IN_CONTAINER]
-    if server.ctx_size is not None:
-        argv += ["--ctx-size", str(server.ctx_size)]
-    if server.gpu_layers is not None:
-        argv += ["--n-gpu-layers", str(server.gpu_layers)]
-    if mmproj:
-        argv += ["--mmproj", f"/models/{mmproj}"]
-    argv += ROLE_FLAGS[server.role] + (chosen or [])
-    if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
-        argv.append("--metrics")
+    kind = server.kind
+    argv = [kind.model_flag, f"/models/{model}"]
+    if kind.alias_flag:
+        argv += [kind.alias_flag, server.alias or name]
+    if kind.llama:
+        argv += ["--api-key-file", SERVER_KEY_IN_CONTAINER]
+        if server.ctx_size is not None:
+            argv += ["--ctx-size", str(server.ctx_size)]
+        if server.gpu_layers is not None:
+            argv += ["--n-gpu-layers", str(server.gpu_layers)]
+        if mmproj:
+            argv += ["--mmproj", f"/models/{mmproj}"]
+        argv += ROLE_FLAGS[server.role] + (chosen or [])
+        if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
+            argv.append("--metrics")
     try:
         argv += flags.render(server.args, known)
     except flags.FlagError as e:
