@@ -26,7 +26,7 @@ class Request:
     sent: float
     ended: float
     outcome: str  # "ok", "status 503", "error ConnectionRefusedError" …
-    answered: bool  # some byte of the response (its status line) arrived
+    answered: bool  # a whole response arrived (a failure with it is an error status, not a broken connection)
 
     @property
     def ok(self) -> bool:
@@ -69,8 +69,8 @@ class Load:
                 conn.request("POST", "/v1/chat/completions", CHAT,
                              {"Content-Type": "application/json", **self.headers})
                 resp = conn.getresponse()
-                answered = True
                 resp.read()
+                answered = True
                 outcome = "ok" if resp.status == 200 else f"status {resp.status}"
                 if resp.status != 200 or resp.getheader("connection", "").lower() == "close":
                     conn.close()

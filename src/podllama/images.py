@@ -628,35 +628,52 @@ def _logs(engine: CliEngine, name: str) -> str:
 
 
 # -- recorded flags -------------------------------------------------------------------------------------------
-def flags_cache(image_id: str) -> Path:
-    return source.cache_dir() / "images" / f"{image_id[:24]}.json"
+def flags_cache(image_id: str, under: Path | None = None) -> Path:
+    """Where an image's help text is kept: the user's cache, or UNDER (a stack's state directory, which the
+    gateway container sees at the same path)."""
+    return (under or source.cache_dir() / "images") / f"{image_id[:24]}.json"
 
 
-def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"]) -> FlagSet:
-    """The flags the image's server knows, read from the help text recorded in the image (cached by id)."""
+def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"], also: Path | None = None) -> FlagSet:
+    """The flags the image's server knows, read from the help text recorded in the image, cached by id in the
+    user's cache and in ALSO when given. The gateway finds it in ALSO (its stack's state directory, written by
+    `podllama start`); starting a container from inside the gateway to read it is the fallback."""
     image_id = engine.image_id(image)
     if image_id is None:
         raise BuildError(f"image {image} does not exist; build it with `podllama build`")
-    indent = kind.help_indent
-    cache = flags_cache(image_id)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # one reader at a time (concurrent config changes each asked the engine at once, and Podman 4.3's API
-    # service then failed both containers with "write child: broken pipe"); the others find the cache
-    with cache.with_suffix(".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if cache.is_file():
-            return FlagSet.parse(json.loads(cache.read_text())["help"], indent)
-        for attempt in range(3):  # a container this short-lived can fail to start through the API: again
-            out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
-                                                entrypoint=["cat"], args=[kind.help_file]), timeout=60)
-            if out.returncode == 0 and "--model" in out.stdout:
-                break
-            time.sleep(1 + attempt)
-        else:
-            raise BuildError(f"image {image} carries no {kind.help_file} (reading it exited {out.returncode}: "
-                             f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
-        atomic_write(cache, json.dumps({"image": image_id, "help": out.stdout}))
-    return FlagSet.parse(out.stdout, indent)
+    caches = [flags_cache(image_id)] + ([flags_cache(image_id, also)] if also is not None else [])
+    help_text = next(filter(None, (_cached_help(c, image_id) for c in reversed(caches))), None)
+    if help_text is None:
+        caches[0].parent.mkdir(parents=True, exist_ok=True)
+        # one reader at a time; the others find the cache
+        with caches[0].with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            help_text = _cached_help(caches[0], image_id) or _read_help(engine, image, image_id, kind)
+    for cache in caches:
+        if _cached_help(cache, image_id) != help_text:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache, json.dumps({"image": image_id, "help": help_text}))
+    return FlagSet.parse(help_text, kind.help_indent)
+
+
+def _cached_help(cache: Path, image_id: str) -> str | None:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("image") == image_id and isinstance(data.get("help"), str)
+    return data["help"] if ok else None
+
+
+def _read_help(engine: CliEngine, image: str, image_id: str, kind: Kind) -> str:
+    for attempt in range(3):  # a container this short-lived can fail to start through the API: again
+        out = engine.run_once(ContainerSpec(name=f"podllama-flags-{uuid.uuid4().hex[:12]}", image=image_id,
+                                            entrypoint=["cat"], args=[kind.help_file]), timeout=60)
+        if out.returncode == 0 and "--model" in out.stdout:
+            return out.stdout
+        time.sleep(1 + attempt)
+    raise BuildError(f"image {image} carries no {kind.help_file} (reading it exited {out.returncode}: "
+                     f"{(out.stderr or out.stdout).strip()[-300:]!r}); rebuild it with `podllama build`")
 
 
 # -- the gateway image ----------------------------------------------------------------------------------------

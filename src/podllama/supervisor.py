@@ -165,7 +165,8 @@ class Supervisor:
             return None
         starting = health == DOWN and (uptime(info.started_at) or 0) < STARTING  # not listening yet
         if (health == LOADING or starting) and not w.loaded:
-            line = self.stack.tail(unit.name, lines=1)
+            # the last whole line: an engine may keep a line written in pieces as several log entries
+            line = (self.stack.tail(unit.name, lines=5).splitlines() or [""])[-1]
             if line != w.last_log:
                 w.last_log, w.progress_at = line, now
             elif now - w.progress_at > self.policy.stall_timeout:

@@ -156,10 +156,11 @@ def test_aborted_uploads_leave_the_server_reachable(stack):
     assert r.status_code == 200 and time.monotonic() - t0 < 5
 
 
-def test_two_changes_from_one_version_cannot_both_win(stack):
+def test_two_changes_from_one_version_cannot_both_win(stack, podman):
     """If-Match is checked under the stack's lock: of two changes made from the same version, one applies
     and the other is told the config changed (412), never both written one over the other."""
     api = stack.api(timeout=120)
+    since = int(time.time())
     etag = api.get("/api/config").headers["etag"]
     results: dict[int, httpx.Response] = {}
 
@@ -176,6 +177,13 @@ def test_two_changes_from_one_version_cannot_both_win(stack):
     assert f"ctx_size = {winner}" in stack.path.read_text()
     loser = next(r for r in results.values() if r.status_code == 412)
     assert "changed since" in loser.json()["error"]["message"]
+    # the gateway checked the args against the flags `podllama start` recorded in the stack's state directory,
+    # without starting a container of its own to read them
+    image_id = podman.inspect(f"{STACK}-embed-1").image_id
+    assert (stack.dir / ".podllama" / "images" / f"{image_id[:24]}.json").is_file()
+    created = podman.run_cli("events", f"--since={since}", "--stream=false", "--filter=event=create",
+                             "--format={{.Name}}").stdout.split()
+    assert not [n for n in created if n.startswith("podllama-flags-")], created
 
 
 def test_the_gateway_follows_the_config_and_the_keys_given_to_start(podman, models_dir, cpu_image, tmp_path):

@@ -273,7 +273,7 @@ class Stack:
                                  f"`podllama build --variant {variant}{'' if kind.llama else f' --kind {kind.name}'}`")
             if image not in known:
                 try:
-                    known[image] = images.record_flags(self.engine, image, kind)
+                    known[image] = images.record_flags(self.engine, image, kind, also=self.cfg.state_path / "images")
                 except images.BuildError as e:
                     raise StackError(f"servers.{name}: {e}") from None
             model, mmproj = self.model_files(name)
