@@ -594,7 +594,8 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
 
 # -- models ---------------------------------------------------------------------------------------------------
 @app.command()
-def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/FILE.gguf (as llama.cpp's -hf)")],
+def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/FILE (.gguf as llama.cpp's -hf; "
+                                                 ".bin, .onnx, .safetensors for the other kinds)")],
          cfg_path: ConfigOpt = None,
          revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (default: main)")] = None,
          mmproj: Annotated[bool, typer.Option(help="Also the multimodal projector, when the repo has one")] = True,

@@ -3,7 +3,9 @@
 A reference names a model the way llama.cpp's `-hf` does: `org/repo:QUANT` (the GGUF whose name carries the
 quant tag; default Q4_K_M, then Q8_0, then the first GGUF), `org/repo/path/file.gguf`, or `org/repo`. All
 shards of a split GGUF come along, and the multimodal projector (mmproj) of a vision or audio repo unless
-told otherwise. `huggingface_hub` speaks the hub's API (endpoint, token, repo metadata, errors); the bytes
+told otherwise. The other server kinds' models are named by file (`org/repo/path/FILE`, see MODEL_FILES): a
+whisper.cpp `.bin`, a stable-diffusion `.safetensors`, a piper `.onnx` voice (with the `.onnx.json` it needs).
+`huggingface_hub` speaks the hub's API (endpoint, token, repo metadata, errors); the bytes
 are fetched here, resumably, into the store's staging area, and a file takes its real name only after its
 size and sha256 match what the hub says it is.
 """
@@ -28,6 +30,9 @@ from .store import Manifest, Store, StoredFile, StoreError, safe_name
 from .units import human
 
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
+# the files a reference may name besides GGUF, each with the companions that must come along (suffixes added)
+MODEL_FILES: dict[str, tuple[str, ...]] = {".gguf": (), ".bin": (), ".safetensors": (), ".ckpt": (),
+                                           ".onnx": (".json",)}
 NOT_MODELS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 _SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.I)
 _TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.I)
@@ -68,13 +73,15 @@ def parse_ref(text: str) -> Ref:
     parts = repo_part.split("/")
     if len(parts) < 2 or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in parts[:2]):
         raise PullError(f"'{text}' is not a Hugging Face model reference; write ORG/REPO[:QUANT] or "
-                        "ORG/REPO/FILE.gguf (e.g. ggml-org/gemma-3-270m-it-GGUF:Q8_0)")
+                        "ORG/REPO/FILE (e.g. ggml-org/gemma-3-270m-it-GGUF:Q8_0)")
     if tag and not re.fullmatch(r"[A-Za-z0-9_]+", tag):
         raise PullError(f"'{tag}' is not a quant tag (letters, digits and _: Q4_K_M, Q8_0, F16 …)")
     repo = "/".join(parts[:2])
     file = "/".join(parts[2:]) or None
     if file is not None:
         safe_name(file)
+        if not file.endswith(tuple(MODEL_FILES)):
+            raise PullError(f"'{file}' is not a model file podllama pulls (by name: {', '.join(MODEL_FILES)})")
         if tag:
             raise PullError("give either a file or a quant tag, not both")
     return Ref(repo, tag or None, file)
@@ -143,6 +150,12 @@ def select(files: list[str], ref: Ref, mmproj: bool = True) -> tuple[list[str], 
         if ref.file not in files:
             raise PullError(f"{ref.repo} has no file {ref.file}; its GGUF files: {', '.join(_ggufs(files)) or 'none'}")
         first = ref.file
+        if not first.endswith(".gguf"):
+            suffix = next(s for s in MODEL_FILES if first.endswith(s))
+            missing = [first + c for c in MODEL_FILES[suffix] if first + c not in files]
+            if missing:
+                raise PullError(f"{ref.repo} has {first} but not {', '.join(missing)}, which it needs beside it")
+            return [first] + [first + c for c in MODEL_FILES[suffix]], None
     else:
         best = best_model(files, ref.tag)
         if best is None:
@@ -216,13 +229,14 @@ def pull(store: Store, text: str, revision: str | None = None, mmproj: bool = Tr
         raise _explain(e, ref.repo, revision, base) from None
     siblings = {s.rfilename: s for s in info.siblings or []}
     for name in siblings:  # names come from the network: the same rules as user input
-        if name.endswith(".gguf"):
+        if name.endswith((*MODEL_FILES, ".json")):
             try:
                 safe_name(name)
             except StoreError as e:
                 raise PullError(f"{ref.repo} lists a file podllama will not write: {e}") from None
     files, projector = select(sorted(siblings), ref, mmproj)
-    remotes = [_remote(siblings[f], "model" if i == 0 else "shard") for i, f in enumerate(files)]
+    kinds = ["model"] + ["shard" if f.endswith(".gguf") else "companion" for f in files[1:]]
+    remotes = [_remote(siblings[f], k) for f, k in zip(files, kinds, strict=True)]
     if projector:
         remotes.append(_remote(siblings[projector], "mmproj"))
     commit = info.sha or revision or "main"

@@ -614,8 +614,37 @@ def smoke_speech(engine: CliEngine, image: str, tree: Path, models: Path, gpu: G
     return result
 
 
+def smoke_sd(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+             timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """sd-server: IMAGE with a model of the real layout and zero weights (sdmodel: a hole on disk), /health must
+    turn 200 and one 64×64 image at one step must come back as a PNG of that size."""
+    import base64
+
+    import httpx
+
+    from . import sdmodel
+
+    model = sdmodel.write(models / "sd-smoke.gguf")
+    try:
+        with serving(engine, image, ["--model", f"/models/{model.name}", "--steps", "1"], models, gpu, timeout,
+                     log) as (url, ready_s):
+            r = httpx.post(f"{url}/v1/images/generations", timeout=timeout,
+                           json={"prompt": "a smoke test", "size": "64x64", "n": 1})
+            try:
+                png = base64.b64decode(r.json()["data"][0]["b64_json"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                png = b""
+            size = sdmodel.png_size(png)
+            if r.status_code != 200 or size != (64, 64):
+                raise BuildError(f"smoke test: image generation answered {r.status_code} with "
+                                 f"{'a PNG of ' + str(size) if size else 'no PNG'}: {r.text[:300]}")
+    finally:
+        model.unlink(missing_ok=True)
+    return {"ready_seconds": round(ready_s, 2), "png_bytes": len(png)}
+
+
 SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
-    "llama": smoke_test, "whisper": smoke_whisper, "speech": smoke_speech}
+    "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}
 
 
 def _alive(engine: CliEngine, name: str) -> bool:

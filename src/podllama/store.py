@@ -62,7 +62,7 @@ class StoredFile:
     path: str  # relative to the store
     size: int
     sha256: str
-    kind: str = "model"  # model | shard | mmproj
+    kind: str = "model"  # model | shard | mmproj | companion (a piper voice's .onnx.json)
 
 
 @dataclass

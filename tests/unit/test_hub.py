@@ -120,6 +120,25 @@ def test_a_vision_repo_brings_its_projector_unless_told_not_to(fake, store):
     assert m2.mmproj is None and not (store.root / "org/vl-GGUF/mmproj-vl-f16.gguf").exists()
 
 
+def test_other_kinds_models_are_pulled_by_name_with_what_they_need_beside_them(fake, store):
+    """A piper voice is its .onnx and the .onnx.json it is read with; a whisper.cpp model one .bin."""
+    voice = {"en/joe/en_US-joe-medium.onnx": blob(7), "en/joe/en_US-joe-medium.onnx.json": b'{"audio": {}}',
+             "en/amy/en_US-amy-low.onnx": blob(9)}
+    fake.add("org/voices", {**voice, "README.md": b"voices"})
+    m = hub.pull(store, "org/voices/en/joe/en_US-joe-medium.onnx")
+    assert [(f.path, f.kind) for f in m.files] == [("org/voices/en/joe/en_US-joe-medium.onnx", "model"),
+                                                   ("org/voices/en/joe/en_US-joe-medium.onnx.json", "companion")]
+    assert m.model == "org/voices/en/joe/en_US-joe-medium.onnx" and store.verify(m.id) == {m.id: []}
+    assert (store.root / "org/voices/en/joe/en_US-joe-medium.onnx.json").read_bytes() == b'{"audio": {}}'
+    assert not (store.root / "org/voices/en/amy").exists()
+    with pytest.raises(PullError, match="not en/amy/en_US-amy-low.onnx.json, which it needs"):
+        hub.pull(store, "org/voices/en/amy/en_US-amy-low.onnx")
+    fake.add("org/whisper", {"ggml-tiny.en.bin": blob(3)})
+    assert hub.pull(store, "org/whisper/ggml-tiny.en.bin").model == "org/whisper/ggml-tiny.en.bin"
+    with pytest.raises(PullError, match="not a model file podllama pulls"):
+        hub.parse_ref("org/voices/README.md")
+
+
 def test_a_download_that_breaks_off_is_retried_and_resumed(fake, store):
     data = blob(7) * 20
     fake.add("org/r-GGUF", {"r-Q4_K_M.gguf": data})
