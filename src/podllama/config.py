@@ -156,6 +156,8 @@ class SupervisorSection(_Model):
     interval: Annotated[float, Field(gt=0)] = 2.0  # seconds between rounds
     unhealthy_after: Annotated[int, Field(ge=1)] = 3  # failed probes of a loaded server before it is restarted
     stall_timeout: Annotated[float, Field(gt=0)] = 300  # loading with no new log output this long → restart
+    # a new server not listening after this long is not answering (one that listens only once loaded: loading)
+    listen_timeout: Annotated[float, Field(gt=0)] = 30
     backoff_initial: Annotated[float, Field(ge=0)] = 1.0
     backoff_max: Annotated[float, Field(gt=0)] = 60.0
     crash_loop_limit: Annotated[int, Field(ge=1)] = 5  # restarts within crash_loop_window → marked failed

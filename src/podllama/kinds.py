@@ -26,6 +26,8 @@ class Kind:
     alias_flag: str | None = None  # the flag naming the model it answers to, where it has one
     # an on-demand server of this kind can save and restore its prompt caches (llama-server's slots)
     slots: bool = False
+    # it loads its model before it listens (sd-server): not listening yet is loading, not a fault
+    listens_when_loaded: bool = False
 
     @property
     def llama(self) -> bool:
@@ -49,7 +51,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          ("cpu", "cuda", "rocm", "vulkan"), help_file="/app/llama-server.help", help_indent=0, alias_flag="--alias",
          slots=True),
     Kind("whisper", "whisper-server", ("transcription",), "whisper-server", ("cpu", "cuda", "vulkan")),
-    Kind("sd", "sd-server", ("image",), "sd-server", ("cpu", "cuda", "vulkan")),
+    Kind("sd", "sd-server", ("image",), "sd-server", ("cpu", "cuda", "vulkan"), listens_when_loaded=True),
     Kind("speech", "speech server (piper)", ("speech",), "speech-server", ("cpu",), alias_flag="--alias"),
 )}
 ROLE_KIND: dict[str, Kind] = {role: kind for kind in KINDS.values() for role in kind.roles}

@@ -23,6 +23,7 @@ from typing import Any
 from .config import SupervisorSection
 from .engine import ContainerInfo, EngineError
 from .health import DOWN, LOADING, OK, container_health, probe
+from .kinds import of_role
 from .stack import SERVER_PORT, Stack, StackError, Unit
 from .stack.status import uptime
 from .state import RUNNING
@@ -31,7 +32,6 @@ log = logging.getLogger("podllama.supervisor")
 UNITS_TTL = 300.0  # seconds before the container specs are computed again from the config and images
 ENGINE_EVERY = 30.0  # while every server answers, the engine (costly to ask) is consulted this often
 WAKE_GAP = 0.5  # at least this long between rounds, however often it is woken
-STARTING = 30.0  # seconds a new container may take before it listens (then: loading, or not answering)
 
 
 @dataclass
@@ -163,7 +163,9 @@ class Supervisor:
         if health == OK:
             self._healthy(w, unit.name)
             return None
-        starting = health == DOWN and (uptime(info.started_at) or 0) < STARTING  # not listening yet
+        # not listening yet: starting, for a while; loading, for a kind that listens only once loaded
+        starting = health == DOWN and ((uptime(info.started_at) or 0) < self.policy.listen_timeout
+                                       or of_role(unit.role).listens_when_loaded)
         if (health == LOADING or starting) and not w.loaded:
             # the last whole line: an engine may keep a line written in pieces as several log entries
             line = (self.stack.tail(unit.name, lines=5).splitlines() or [""])[-1]

@@ -32,10 +32,12 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 def tick():
     i = 0
-    while mode == "progress":
+    while mode in ("progress", "late"):
         print("loading tensors", i, flush=True); i += 1; time.sleep(0.3)
-threading.Thread(target=tick, daemon=True).start()
 print("starting", mode, flush=True)
+if mode == "late":  # loads before it listens (as sd-server does): never listens here
+    tick()
+threading.Thread(target=tick, daemon=True).start()
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 """
 
@@ -49,12 +51,12 @@ def gateway_image(podman, tmp_path_factory) -> str:
     return images.build_gateway(podman, ROOT, base_choice(podman), tmp_path_factory.mktemp("logs"), progress=print)
 
 
-def fake_unit(stack: Stack, server: str, image: str, mode: str) -> Unit:
+def fake_unit(stack: Stack, server: str, image: str, mode: str, role: str = "chat") -> Unit:
     spec = ContainerSpec(name=f"{stack.name}-{server}-1", image=image, network=stack.network, user="65534",
                          entrypoint=["python3", "-c", FAKE], args=[mode],
                          labels={"podllama.stack": stack.name, "podllama.kind": "server", "podllama.server": server,
-                                 "podllama.replica": "1", "podllama.role": "chat"})
-    return Unit(server, 1, "chat", spec, "fake")
+                                 "podllama.replica": "1", "podllama.role": role})
+    return Unit(server, 1, role, spec, "fake")
 
 
 def rounds(sup: Supervisor, seconds: float) -> list[dict]:
@@ -67,7 +69,7 @@ def rounds(sup: Supervisor, seconds: float) -> list[dict]:
 
 # stall_timeout is many times the stand-in's 0.3 s between log lines, so a busy machine's pause is not a stall
 POLICY = SupervisorSection(interval=0.3, unhealthy_after=2, stall_timeout=5, backoff_initial=0.5, backoff_max=1,
-                           crash_loop_limit=3, crash_loop_window=120)
+                           crash_loop_limit=3, crash_loop_window=120, listen_timeout=2)
 
 
 def test_slow_but_steady_loading_is_left_alone_and_a_stall_is_restarted(podman, stack_files, gateway_image):
@@ -84,6 +86,24 @@ def test_slow_but_steady_loading_is_left_alone_and_a_stall_is_restarted(podman, 
     assert restarts and restarts[0]["action"] == "restart" and "no loading progress" in restarts[0]["reason"]
     assert "starting stall" in restarts[0]["reason"]  # what it was stuck on
     assert podman.inspect(steady.name).running
+
+
+def test_a_server_that_listens_only_once_loaded_is_loading_until_then(podman, stack_files, gateway_image):
+    """sd-server loads its model before it listens: while it logs progress it is loading, never restarted; a
+    llama-server not listening after listen_timeout is not answering."""
+    sf = stack_files(podman)
+    stack = Stack(sf.config(), podman)
+    podman.create_network(stack.network, {"podllama.stack": stack.name})
+    painter = fake_unit(stack, "painter", gateway_image, "late", role="image")
+    chat = fake_unit(stack, "mute", gateway_image, "late")
+    for u in (painter, chat):
+        stack.recreate(u, exists=False)
+    sup = Supervisor(stack, POLICY, units=lambda: [painter, chat])
+    events = rounds(sup, 7)
+    assert not [e for e in events if e["container"] == painter.name], events
+    restarted = [e for e in events if e["container"] == chat.name]
+    assert restarted and "not answering /health" in restarted[0]["reason"], events
+    assert podman.inspect(painter.name).running
 
 
 def test_a_server_that_stops_answering_is_restarted(podman, stack_files, gateway_image):
