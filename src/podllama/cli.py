@@ -202,10 +202,10 @@ TargetOpt = Annotated[str | None, typer.Option(
 
 def build_variant(step: Step, cfg: config.Config, eng: CliEngine, variant: str, hw: hardware.Hardware, *,
                   base: str | None = None, target: str | None = None, ui: str | None = None,
-                  smoke: bool = True, kind: Kind = KINDS["llama"]) -> images.BuildResult:
+                  smoke: bool = True, kind: Kind = KINDS["llama"], fresh: bool = False) -> images.BuildResult:
     """One image build, its output read for progress (objects compiled n/N) by STEP."""
     return images.build_configured(eng, cfg, variant, hw, base=base, target=target, ui=ui, smoke=smoke, kind=kind,
-                                   progress=step.say, on_line=step.on_build_line)
+                                   fresh=fresh, progress=step.say, on_line=step.on_build_line)
 
 
 def kind_option(name: str | None) -> Kind:
@@ -229,6 +229,8 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           cpu_target: TargetOpt = None,
           ui: Annotated[str | None, typer.Option(help="auto | on | off: embed llama.cpp's web UI")] = None,
           smoke: Annotated[bool, typer.Option(help="Smoke-test before tagging")] = True,
+          fresh: Annotated[bool, typer.Option("--fresh", help="Use no cached layer and compile everything again "
+                                                              "(refreshing the compiler cache)")] = False,
           kind: KindOpt = None, as_json: JsonOpt = False) -> None:
     """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
@@ -240,7 +242,8 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     target = cpu_target or ("native" if native else "portable" if portable else None)
     steps = Steps(err)
     with steps.step(f"build the {chosen} {k.program} image") as s:
-        result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke, kind=k)
+        result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke, kind=k,
+                               fresh=fresh)
     if as_json:
         return emit(result.to_dict())
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")

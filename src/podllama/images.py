@@ -309,10 +309,11 @@ def build_args_for(variant: str, base: Base, commit: str, build_number: int, cpu
 def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "native",
           ui_mode: str = "auto", cuda_architectures: list[str] | None = None, rocm_targets: list[str] | None = None,
           log_dir: Path, root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None,
-          repo: str = REPO,
+          repo: str = REPO, fresh: bool = False,
           progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> BuildResult:
     """Build, smoke-test and tag the llama-server image for VARIANT from the llama.cpp tree. ON_LINE gets every
-    line the build prints (progress.build_progress reads how far it is)."""
+    line the build prints (progress.build_progress reads how far it is). FRESH: no cached layer, every object
+    compiled again."""
     started = time.monotonic()
     root = root or source.project_root()
     tree = root / source.SUBMODULE
@@ -333,7 +334,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
         progress(f"web UI: {ui} ({why})")
         build_number = int(source.git("rev-list", "--count", "HEAD", cwd=tree, check=False) or 0)
         args = build_args_for(variant, base, commit, build_number, cpu_target, ui,
-                              cuda_architectures or [], rocm_targets or [])
+                              cuda_architectures or [], rocm_targets or []) | _fresh_args(fresh, file)
         labels = {
             "podllama.variant": variant, "podllama.llama-commit": commit, "podllama.llama-dirty": str(st.dirty).lower(),
             "podllama.version": __version__, "podllama.base": base.describe(), "podllama.ui": ui,
@@ -342,7 +343,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
             "org.opencontainers.image.title": f"llama-server ({variant}) built by podllama",
         }
         progress(f"building, CPU target {cpu_target} (full log: {log_path})")
-        image_id = engine.build(file, tree, args, labels, log, on_line)
+        image_id = engine.build(file, tree, args, labels, log, on_line, fresh=fresh)
     if image_id is None:
         raise BuildError(f"the {variant} image did not build; nothing was changed. Full log: {log_path}\n"
                          + _tail(log_path), log=log_path)
@@ -378,7 +379,8 @@ def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: 
 def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: str = "upstream",
                  cpu_target: str = "native", cuda_architectures: list[str] | None = None, log_dir: Path,
                  root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None, repo: str = REPO,
-                 progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> BuildResult:
+                 fresh: bool = False, progress: Callable[[str], None] = print,
+                 on_line: Callable[[str], None] | None = None) -> BuildResult:
     """Build, smoke-test and tag the image of a server KIND other than llama-server for VARIANT, from the
     source containers/sources.lock pins. REPO is llama-server's repository (the kind's sits beside it). Tags as
     llama-server's, with the source's id (pinned.source_id) in place of the llama.cpp commit."""
@@ -405,6 +407,7 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
         args["CUDA_ARCHITECTURES"] = ";".join(cuda_architectures or DEFAULT_CUDA_ARCHITECTURES)
     if os.environ.get("PIP_INDEX_URL"):
         args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
+    args |= _fresh_args(fresh, file)
     labels = {
         "podllama.variant": variant, "podllama.server-kind": kind.name, "podllama.source": pin.describe(),
         "podllama.source-id": sid, "podllama.version": __version__, "podllama.base": base.describe(),
@@ -413,7 +416,8 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
     }
     progress(f"building (full log: {log_path})")
     with log_path.open("w") as log:
-        image_id = engine.build(file, context, args, labels, log, on_line, secrets={"cacert": host_ca_bundle()})
+        image_id = engine.build(file, context, args, labels, log, on_line, secrets={"cacert": host_ca_bundle()},
+                                fresh=fresh)
     if image_id is None:
         raise BuildError(f"the {kind.program} {variant} image did not build; nothing was changed. Full log: "
                          f"{log_path}\n" + _tail(log_path), log=log_path)
@@ -422,6 +426,12 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
     if smoke:
         progress(f"smoke test of the new {kind.program} image")
     return _smoke_and_tag(engine, result, kind, context, root, kind_repo, smoke, gpu, started)
+
+
+def _fresh_args(fresh: bool, containerfile: Path) -> dict[str, str]:
+    """A fresh build compiles everything again: ccache, where the Containerfile uses it, recompiles (and
+    refreshes what it keeps)."""
+    return {"FRESH": "1"} if fresh and "ARG FRESH" in containerfile.read_text() else {}
 
 
 def base_choice(cfg: Any, override: str | None = None) -> str:
@@ -450,7 +460,7 @@ def recorded_cpu_target(engine: CliEngine, image: str) -> str | None:
 
 def build_configured(engine: CliEngine, cfg: Any, variant: str, hw: Any, *, base: str | None = None,
                      target: str | None = None, ui: str | None = None, smoke: bool = True,
-                     kind: Kind = KINDS["llama"], progress: Callable[[str], None] = print,
+                     kind: Kind = KINDS["llama"], fresh: bool = False, progress: Callable[[str], None] = print,
                      on_line: Callable[[str], None] | None = None) -> BuildResult:
     """`build` (or `build_server` for another KIND) with everything taken from a stack's config (CFG) and this
     machine's hardware (HW): base images, CPU target (TARGET overrides), UI, GPU targets, the repository, the
@@ -462,12 +472,12 @@ def build_configured(engine: CliEngine, cfg: Any, variant: str, hw: Any, *, base
                             cpu_target=cpu_target(cfg.build.cpu_target, target, running),
                             cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
                             log_dir=cfg.state_path / "logs", smoke=smoke, gpu=gpu, repo=cfg.build.repository,
-                            progress=progress, on_line=on_line)
+                            fresh=fresh, progress=progress, on_line=on_line)
     return build(engine, variant, base_choice=base_choice(cfg, base),
                  cpu_target=cpu_target(cfg.build.cpu_target, target, running), ui_mode=ui or cfg.build.ui,
                  cuda_architectures=cfg.build.cuda_architectures or hw.cuda_architectures,
                  rocm_targets=cfg.build.rocm_targets or hw.rocm_targets, log_dir=cfg.state_path / "logs",
-                 smoke=smoke, gpu=gpu, repo=cfg.build.repository, progress=progress, on_line=on_line)
+                 smoke=smoke, gpu=gpu, repo=cfg.build.repository, fresh=fresh, progress=progress, on_line=on_line)
 
 
 def promote(engine: CliEngine, image_id: str, variant: str, commit: str, repo: str = REPO,
