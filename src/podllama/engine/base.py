@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,8 @@ class ContainerInfo:
         return self.state == "running"
 
 
+# what an engine answers when it failed to start a container for a passing reason (CliEngine._start)
+TRANSIENT_START = ("write child: broken pipe",)
 _ABSENT = re.compile(r"image not known|no such (image|container|object)", re.IGNORECASE)
 
 
@@ -299,13 +302,29 @@ class CliEngine:
 
     def run(self, spec: ContainerSpec) -> str:
         """Create and start a detached container; returns its id."""
-        return self.run_cli(*self.run_argv(spec)).stdout.strip().splitlines()[-1]
+        proc = self._start(self.run_argv(spec), spec.name)
+        if proc.returncode != 0:
+            raise EngineError(f"`{self.binary} run --name={spec.name}…` failed: {(proc.stderr or proc.stdout).strip()}")
+        return proc.stdout.strip().splitlines()[-1]
+
+    def _start(self, argv: builtins.list[str], name: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`run` ARGV, again (the half-made container removed first) when the engine failed to start the
+        container for a passing reason: Podman 4.3's API service now and then loses its runtime's start
+        handshake ("write child: broken pipe") for a container that starts fine a moment later."""
+        proc = self.run_cli(*argv, check=False, timeout=timeout)
+        for pause in (0.5, 1.0):
+            if proc.returncode == 0 or not any(t in proc.stderr for t in TRANSIENT_START):
+                break
+            self.remove(name)
+            time.sleep(pause)
+            proc = self.run_cli(*argv, check=False, timeout=timeout)
+        return proc
 
     def run_once(self, spec: ContainerSpec, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a container to completion and return its exit status and output (removed afterwards). Started
         detached, waited for, then its logs read: attached through the engine's API socket (the gateway
-        container's client), a short-lived container's output can be lost ("write child: broken pipe")."""
-        started = self.run_cli(*self.run_argv(spec, detach=True, remove=False), check=False, timeout=timeout)
+        container's client), a short-lived container's output can be lost."""
+        started = self._start(self.run_argv(spec, detach=True, remove=False), spec.name, timeout)
         try:
             if started.returncode != 0:
                 return started
