@@ -106,6 +106,9 @@ class GatewaySection(_Model):
     first_byte_timeout: Annotated[float, Field(gt=0)] = 600  # from the request to the response's first byte
     idle_timeout: Annotated[float, Field(gt=0)] = 300  # between two chunks of a response (no total timeout)
     max_body_mb: Annotated[float, Field(gt=0)] = 64
+    # image requests (sd-server takes any): images per request, and the longest side of each in pixels
+    max_images: Annotated[int, Field(ge=1, le=64)] = 4
+    max_image_side: Annotated[int, Field(ge=64, le=16384)] = 2048
     api_keys_file: str | None = None  # one inference key per line (also $PODLLAMA_API_KEYS, comma-separated)
     admin_key_file: str | None = None  # the key for /api (also $PODLLAMA_ADMIN_KEY)
     # Host names the gateway answers to besides its bound address and localhost (DNS rebinding defence);

@@ -144,6 +144,8 @@ def test_every_role_through_the_gateway_with_the_openai_sdk(whisper_build, speec
         assert made.data and made.data[0].b64_json
         png = base64.b64decode(made.data[0].b64_json)
         assert sdmodel.png_size(png) == tuple(int(n) for n in size.split("x")), size
+    with pytest.raises(openai.BadRequestError, match="max_image_side"):  # sd-server would try 100 megapixels
+        client.images.generate(model="painter", prompt="a red square", size="10000x10000")  # type: ignore[arg-type]
 
     with sf.api() as api:
         listed = {m["server"]: m for m in api.get("/v1/models").json()["data"]}

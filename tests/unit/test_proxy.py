@@ -193,3 +193,47 @@ def test_a_broken_stream_ends_with_an_error_event(gateway, upstream):
     r = gw.post("/v1/chat/completions", json=CHAT | {"stream": True})
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[0] == "data: {}" and '"error"' in events[-1] and "no data from the server" in events[-1]
+
+
+IMAGE_SERVERS = """
+[servers.chat]
+model = "tiny.gguf"
+
+[servers.painter]
+role = "image"
+model = "sd.gguf"
+"""
+
+
+def test_image_requests_over_the_limits_never_reach_sd_server(gateway, upstream):
+    """sd-server generates whatever it is asked (a 16384² image, a hundred of them): the gateway holds each image
+    request to [gateway] max_images and max_image_side, wherever the numbers hide (the OpenAI fields, the
+    AUTOMATIC1111 ones, the extra arguments sd-server reads from a prompt, a multipart form)."""
+    gw = gateway("max_images = 3\nmax_image_side = 1024", servers=IMAGE_SERVERS)
+    refused = [
+        ("/v1/images/generations", {"prompt": "x", "size": "4096x512"}, "size width 4096 is over 1024"),
+        ("/v1/images/generations", {"prompt": "x", "n": 4}, "n 4 is over the 3 images"),
+        ("/v1/images/generations", {"prompt": "x", "n": "lots"}, "n must be a whole number"),
+        ("/v1/images/generations", {"prompt": "x", "size": "big"}, "size must be WIDTHxHEIGHT"),
+        ("/v1/images/generations", {"prompt": 'x<sd_cpp_extra_args>{"height": 9000}</sd_cpp_extra_args>'},
+         "sd_cpp_extra_args height 9000"),
+        ("/v1/images/generations", {"prompt": 'x<sd_cpp_extra_args>{"batch_count": 50}</sd_cpp_extra_args>'},
+         "batch_count 50"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 9}, "batch_size 9"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 0}, "width must be a whole number of at least 1"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 768, "enable_hr": True, "hr_scale": 2},
+         "hr_scale 2 makes a side of 1536"),
+    ]
+    for path, body, message in refused:
+        r = gw.post(path, json=body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+        assert "[gateway] max_" in r.json()["error"]["message"] or "must be" in r.json()["error"]["message"]
+    r = gw.post("/v1/images/edits", data={"prompt": "x", "n": "40"}, files={"image": ("a.png", b"\x89PNG")})
+    assert r.status_code == 400 and "n 40" in r.json()["error"]["message"]
+    assert upstream.received("/v1/images") == [] and upstream.received("/sdapi") == []
+    # within the limits, on to sd-server as sent
+    for path, body in (("/v1/images/generations", {"prompt": "x", "n": 3, "size": "1024x64"}),
+                       ("/sdapi/v1/txt2img", {"prompt": "x", "width": 512, "enable_hr": True, "hr_scale": 2})):
+        assert gw.post(path, json=body).status_code == 200
+    assert [json.loads(q.body) for q in upstream.received("/v1/images")] == [{"prompt": "x", "n": 3, "size": "1024x64"}]
+    assert len(upstream.received("/sdapi")) == 1

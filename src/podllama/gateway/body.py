@@ -92,6 +92,72 @@ def multipart_field(content_type: bytes, body: bytes, name: bytes, limit: int = 
     return None
 
 
+# -- image requests, within the gateway's limits -----------------------------------------------------------------
+_EXTRA_ARGS = re.compile(r"<sd_cpp_extra_args>(.*?)</sd_cpp_extra_args>")  # as sd-server finds them in a prompt
+
+
+def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: int) -> str | None:
+    """What in an image request (OpenAI `n` and `size`, AUTOMATIC1111 `batch_size`, `width`, `height` and
+    hires sizes, and the `<sd_cpp_extra_args>` a prompt may carry) is over the gateway's limits or not a whole
+    number; None when it is within them or is not readable (sd-server answers that itself)."""
+    if content_type.startswith(b"multipart/form-data"):
+        fields: dict[str, Any] = {k: v for k in ("n", "size", "prompt")
+                                  if (v := multipart_field(content_type, body, k.encode(), limit=65536)) is not None}
+    else:
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+    prompt = fields.get("prompt")
+    extra = _EXTRA_ARGS.search(prompt) if isinstance(prompt, str) else None
+    try:
+        extra_args = json.loads(extra.group(1)) if extra else {}
+    except ValueError:
+        extra_args = {}  # sd-server refuses it
+    extra_args = extra_args if isinstance(extra_args, dict) else {}
+    counts = {"n": fields.get("n"), "batch_size": fields.get("batch_size"), "batch_count": extra_args.get("batch_count")}
+    sides = {k: v for k, v in (("width", fields.get("width")), ("height", fields.get("height")),
+                               ("hr_resize_x", fields.get("hr_resize_x")), ("hr_resize_y", fields.get("hr_resize_y")),
+                               ("sd_cpp_extra_args width", extra_args.get("width")),
+                               ("sd_cpp_extra_args height", extra_args.get("height")))}
+    size = fields.get("size")
+    if isinstance(size, str) and size != "auto":
+        w, sep, h = size.partition("x")
+        if not sep:
+            return f"size must be WIDTHxHEIGHT (like 512x512), not {size[:40]!r}"
+        sides |= {"size width": w, "size height": h}
+    for name, value in (counts | sides).items():
+        if value is None:
+            continue
+        number = _whole(value)
+        if number is None or number < 1:
+            return f"{name} must be a whole number of at least 1, not {str(value)[:40]!r}"
+        if name in counts and number > max_images:
+            return f"{name} {number} is over the {max_images} images a request may ask for ([gateway] max_images)"
+        if name in sides and number > max_side:
+            return (f"{name} {number} is over {max_side} pixels, the longest side an image may have "
+                    "([gateway] max_image_side)")
+    scale = fields.get("hr_scale") if fields.get("enable_hr") else None
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        longest = max(_whole(fields.get(k)) or 512 for k in ("width", "height"))  # (sd-server's default: 512)
+        if longest * scale > max_side:
+            return (f"hr_scale {scale} makes a side of {longest * scale:.0f} pixels, over {max_side} "
+                    "([gateway] max_image_side)")
+    return None
+
+
+def _whole(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 10:
+        return int(value)
+    return None
+
+
 # -- reading a request body, within limits ------------------------------------------------------------------------
 # (a body that stalls is cut off by the server protocol: gateway/server.py, body_timeout)
 def too_large(limit: int, setting: str) -> str:

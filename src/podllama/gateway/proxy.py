@@ -102,6 +102,7 @@ class Proxy:
         c.connect_timeout, c.first_byte_timeout, c.idle_timeout = gw.connect_timeout, gw.first_byte_timeout, gw.idle_timeout
         c.queue_timeout = gw.queue_timeout
         self.max_body = int(gw.max_body_mb * 2**20)
+        self.max_images, self.max_image_side = gw.max_images, gw.max_image_side
         self.load_timeout = gw.load_timeout
         self.upstream_auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
 
@@ -118,16 +119,20 @@ class Proxy:
         else:
             model = next(iter(query.get("model", [])), None)
             media = None
-            if scope["method"] == "POST" and ep.body_model and model is None and (
-                    self._small_body(scope) or len(self.registry.servers_with_role(ep.roles)) > 1):
+            choosing = ep.body_model and model is None and (
+                self._small_body(scope) or len(self.registry.servers_with_role(ep.roles)) > 1)
+            if scope["method"] == "POST" and (choosing or ep.image_limits):
                 # read it: the model it names decides, and a model of another role is refused
                 data = await self._read_body(receive, send)
                 if data is None:
                     return
                 body, streamed = data, False
-                if b'"model"' in body or b'name="model"' in body or (
-                        ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
-                    ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+                ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+                if ep.image_limits and (problem := bodies.image_problem(ctype, body, self.max_images,
+                                                                        self.max_image_side)):
+                    return await send_error(send, 400, problem)
+                if choosing and (b'"model"' in body or b'name="model"' in body or (
+                        ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES))):
                     model, media = bodies.inspect(ctype, body, ep.multimodal)
             server, why = self._choose(ep, model, media)
         if server is None:

@@ -39,6 +39,7 @@ class Endpoint:
     body_model: bool = True  # the JSON (or multipart) body may carry "model"
     prefix: bool = False  # paths are prefixes (/slots/{id})
     multimodal: bool = False  # image/audio parts can send it to a vision/audio server
+    image_limits: bool = False  # an image request: [gateway] max_images and max_image_side hold (body.image_problem)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -89,13 +90,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       "The models of a speech server (?model=, else the default one)", body_model=False, params=("model",)),
     E("images.generations", ("POST",), ("/v1/images/generations", "/images/generations"), "image",
       "OpenAI image generation: {model, prompt, n, size: WxH, response_format: b64_json} (sd-server)",
-      params=("model", "prompt", "n", "size", "response_format")),
+      params=("model", "prompt", "n", "size", "response_format"), image_limits=True),
     E("images.edits", ("POST",), ("/v1/images/edits", "/images/edits"), "image",
       "OpenAI image edits (multipart: image, mask, prompt, model, n, size)",
-      params=("image", "mask", "prompt", "model", "n", "size")),
+      params=("image", "mask", "prompt", "model", "n", "size"), image_limits=True),
     E("sdapi", ("POST",), ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"), "image",
       "AUTOMATIC1111-style txt2img and img2img (sd-server's own API; the default image server)", body_model=False,
-      params=("prompt", "negative_prompt", "width", "height", "steps", "seed")),
+      params=("prompt", "negative_prompt", "width", "height", "steps", "seed"), image_limits=True),
     # -- embeddings and rerank -------------------------------------------------------------------------------
     E("embeddings.oai", ("POST",), ("/v1/embeddings",), "embedding", "OpenAI embeddings", flag="--embedding",
       params=("model", "input", "encoding_format")),
