@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -112,3 +113,18 @@ def test_health_reports_loading_then_ok_and_down(engine, llama_image, models_dir
     engine.kill(name)
     assert wait_until(lambda: not engine.inspect(name).running, 20)
     assert container_health(engine, engine.inspect(name), 8080) == "down"
+
+
+def test_the_last_log_lines_are_whole_lines_even_when_written_in_pieces(engine, llama_image, net, names):
+    """A process that writes unbuffered leaves a line as several log records; the engines' --tail counts
+    records, so asking it for one line gives the end of one. The supervisor quotes that line."""
+    name = names()
+    script = 'echo first; printf starting; sleep 0.5; printf " stall"; sleep 0.5; echo; sleep 300'
+    engine.run(ContainerSpec(name=name, image=llama_image, network=net, entrypoint=["sh"], args=["-c", script],
+                             labels={"podllama.test": "conformance"}))
+    assert wait_until(lambda: "stall" in "".join(engine.logs(name)), 20)
+    time.sleep(1)
+    assert list(engine.logs(name, tail=1)) == ["starting stall\n"]
+    assert list(engine.logs(name, tail=2)) == ["first\n", "starting stall\n"]
+    assert list(engine.logs(name, tail=5)) == ["first\n", "starting stall\n"]
+    assert list(engine.logs(name, tail=0)) == []

@@ -11,6 +11,7 @@ Security flags are applied here and nowhere else (see `hardening`).
 from __future__ import annotations
 
 import builtins
+import collections
 import json
 import os
 import re
@@ -365,6 +366,17 @@ class CliEngine:
         return [_container_info(d) for d in json.loads(proc.stdout or "[]")]
 
     def logs(self, name: str, tail: int | None = None, follow: bool = False) -> Iterator[str]:
+        """The lines of container NAME's log; TAIL: only its last TAIL lines. The engines keep a line written
+        in pieces (by a process that writes unbuffered) as several log records, and their --tail counts
+        records: Docker's first line can be the end of one, and Podman 4.3 gives the pieces out of order. So
+        the whole log is read and its last TAIL lines kept. Following, --tail is passed as it is (what a
+        person watches; it cannot be read to the end first)."""
+        if tail is None or follow:
+            yield from self._logs(name, tail, follow)
+            return
+        yield from collections.deque(self._logs(name, None, False), maxlen=max(tail, 0))
+
+    def _logs(self, name: str, tail: int | None, follow: bool) -> Iterator[str]:
         args = ["logs"] + ([f"--tail={tail}"] if tail is not None else []) + (["--follow"] if follow else []) + [name]
         proc = subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
