@@ -22,11 +22,13 @@ from rich.table import Table
 from . import __version__, config, hardware, images, kinds, source
 from .api import ApiError, GatewayAPI
 from .config import ConfigError
+from .database import DatabaseError
 from .engine import CliEngine, EngineError, get_engine
 from .flags import FlagError
 from .gguf_meta import GGUFError
 from .hub import PullError
 from .images import BuildError
+from .keys import KeyProblem
 from .kinds import KINDS, Kind
 from .progress import Step, Steps
 from .service import ServiceError
@@ -45,6 +47,8 @@ models_app = typer.Typer(no_args_is_help=True, help="The model store: list, remo
 app.add_typer(models_app, name="models")
 service_app = typer.Typer(no_args_is_help=True, help="Start the stack with the machine (a systemd unit).")
 app.add_typer(service_app, name="service")
+keys_app = typer.Typer(no_args_is_help=True, help="Keys for the gateway: scopes, limits, expiry (stored hashed).")
+app.add_typer(keys_app, name="keys")
 
 # Wide enough for tables when the output is a pipe or a CI log (rich assumes 80 columns there).
 out = Console(width=None if sys.stdout.isatty() else 140)
@@ -777,8 +781,95 @@ def service_remove(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None
 
 
 # -- running it -------------------------------------------------------------------------------------------------
+def _database(cfg_path: Path | None) -> tuple[config.Config, Any]:
+    from .credentials import Credentials
+
+    cfg = load_config(cfg_path, required=False)
+    return cfg, Credentials(cfg.state_path).database(cfg)
+
+
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="What the key is for (a-z, 0-9, '-', '_')")],
+                models: Annotated[str | None, typer.Option(help="Only these models (comma-separated ids or aliases)")] = None,
+                servers: Annotated[str | None, typer.Option(help="Only these servers (comma-separated)")] = None,
+                roles: Annotated[str | None, typer.Option(help="Only servers of these roles (chat, embedding …)")] = None,
+                admin: Annotated[bool, typer.Option("--admin", help="May use the management API (/api) too")] = False,
+                rpm: Annotated[int | None, typer.Option(help="Requests per minute at most")] = None,
+                tpm: Annotated[int | None, typer.Option(help="Tokens per minute at most (prompt and answer)")] = None,
+                concurrency: Annotated[int | None, typer.Option(help="Requests under way at once, at most")] = None,
+                expires: Annotated[str | None, typer.Option(help="Unusable from this date (2027-01-31, UTC)")] = None,
+                cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Make a key; it is printed once (only its hash is kept). The gateway takes it within seconds."""
+    from .keys import KeyStore, NewKey
+
+    cfg, db = _database(cfg_path)
+    key, secret = KeyStore(db).create(NewKey(name, _names(models), _names(servers), _names(roles), admin, rpm, tpm,
+                                             concurrency, expires), cfg)
+    if as_json:
+        return emit({**key.public(), "key": secret})
+    out.print(secret, highlight=False, soft_wrap=True)
+    say(f"key '{key.name}' ({key.id}) made; it is shown this once: keep it now")
+
+
+@keys_app.command("list")
+def keys_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False,
+              every: Annotated[bool, typer.Option("--all", help="Revoked and expired keys too")] = False) -> None:
+    """The keys: id, name, scope, limits, expiry, state (never the keys themselves)."""
+    from .keys import KeyStore
+
+    keys = [k.public() for k in KeyStore(_database(cfg_path)[1]).list() if every or k.state == "active"]
+    if as_json:
+        return emit(keys)
+    table = Table("id", "name", "key", "scope", "limits", "expires", "state")
+    for k in keys:
+        scope = "; ".join(f"{what}: {', '.join(k[what])}" for what in ("models", "servers", "roles") if k[what])
+        limits = ", ".join(f"{k[what]} {what}" for what in ("rpm", "tpm", "concurrency") if k[what])
+        table.add_row(k["id"], k["name"], k["prefix"], ("admin; " if k["admin"] else "") + (scope or "everything"),
+                      limits or "-", k["expires"] or "never", k["state"])
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="A key's id or name (from `podllama keys list`)")],
+                cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Revoke a key: the gateway refuses it within seconds."""
+    from .keys import KeyStore
+
+    revoked = KeyStore(_database(cfg_path)[1]).revoke(key)
+    show(as_json, revoked.public(), f"revoked key '{revoked.name}' ({revoked.id})")
+
+
+@app.command()
+def usage(by: Annotated[str, typer.Option(help="key | model | server | route")] = "key",
+          since: Annotated[str, typer.Option(help="A span (30m, 24h, 7d) or a date (2026-11-01)")] = "24h",
+          cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Requests, errors, tokens and latency from the request log."""
+    from . import usage as report
+
+    try:
+        start = report.since_of(since)
+        rows = report.summary(_database(cfg_path)[1], by, start)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        return emit(rows)
+    table = Table(by, "requests", "errors", "prompt tokens", "completion tokens", "mean latency", "mean TTFB")
+    for r in rows:
+        table.add_row(r[by], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+                      _seconds(r["mean_latency_s"]), _seconds(r["mean_ttfb_s"]))
+    out.print(table if rows else f"no requests in the log since {since}")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
 KNOWN_ERRORS = (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError,
-                StoreError, ApiError, ServiceError, GGUFError, RootRequired)
+                StoreError, ApiError, ServiceError, GGUFError, RootRequired, DatabaseError, KeyProblem)
 
 
 def fail(code: int, message: str, kind: str, as_json: bool) -> None:

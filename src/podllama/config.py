@@ -121,12 +121,24 @@ class GatewaySection(_Model):
     body_timeout: Annotated[float, Field(gt=0)] = 60  # a request body that sends nothing this long is cut off
     max_header_kb: Annotated[int, Field(ge=4, le=1024)] = 64  # request line and headers together (431 beyond)
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+    # keys and the request log: a postgresql:// URL (also $PODLLAMA_DATABASE given to `podllama start`);
+    # default: the SQLite file podllama.db in the stack's state directory
+    database: str | None = None
+    log_requests: bool = True  # one row per request in the database (time, key, route, tokens, latency …)
+    log_bodies: bool = False  # and the first 64 KiB of each request's and answer's body
 
     @property
     def url(self) -> str:
         """Where the gateway is reached from this machine."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        from .database import check_url
+
+        return check_url(v) if v else None
 
     @field_validator("allowed_hosts")
     @classmethod

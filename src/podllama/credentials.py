@@ -7,6 +7,7 @@
 - `api_keys`: inference keys given to `podllama start` in `$PODLLAMA_API_KEYS` (one per line).
 - `hf_token`, `hf_endpoint`: `$HF_TOKEN` / `$HF_ENDPOINT` given to `podllama start`, for the pulls the gateway
   runs.
+- `database_url`: `$PODLLAMA_DATABASE` given to `podllama start` (a postgresql:// URL with its password).
 
 The gateway container mounts the state directory, so it reads these files; none of them ever appears in a
 container's environment or labels (what `podman inspect` shows).
@@ -24,12 +25,13 @@ from .atomic import atomic_write
 
 if TYPE_CHECKING:
     from .config import Config
+    from .database import Database
 
 SERVER_GID = 10001  # the group that may read server.key: added to every server container (--group-add)
 SERVER_KEY_IN_CONTAINER = "/run/podllama/server.key"
 # environment given to `podllama start` → the file the gateway reads it from
 FROM_ENV = {"PODLLAMA_API_KEYS": "api_keys", "PODLLAMA_ADMIN_KEY": "admin.key", "HF_TOKEN": "hf_token",
-            "HF_ENDPOINT": "hf_endpoint"}
+            "HF_ENDPOINT": "hf_endpoint", "PODLLAMA_DATABASE": "database_url"}
 
 
 class Credentials:
@@ -92,6 +94,10 @@ class Credentials:
             value = environ[var].strip()
             if var == "PODLLAMA_API_KEYS":
                 value = "\n".join(k.strip() for k in value.split(",") if k.strip())
+            if var == "PODLLAMA_DATABASE" and value:
+                from .database import check_url
+
+                check_url(value)  # ValueError: names the forms it takes
             if value:
                 self._write(name, value)
             elif name != "admin.key":  # the admin key never goes away: an empty variable keeps the one there
@@ -112,6 +118,13 @@ class Credentials:
     def hub_endpoint(self, cfg: Config) -> str | None:
         """[hub] endpoint, else the $HF_ENDPOINT `podllama start` was given (else hub.endpoint's default)."""
         return cfg.hub.endpoint or self.read("hf_endpoint")
+
+    def database(self, cfg: Config) -> Database:
+        """The stack's database: [gateway] database, else the $PODLLAMA_DATABASE `podllama start` was given,
+        else the SQLite file in the state directory."""
+        from .database import Database
+
+        return Database.of_stack(cfg.gateway.database or self.read("database_url"), cfg.state_path)
 
     def stamp(self) -> tuple[tuple[str, float], ...]:
         """What changes when any credential file changes (for the gateway's reload)."""

@@ -1,4 +1,4 @@
-"""The management API under /api: servers, config, builds and updates, models, the whole stack. The guard lets
+"""The management API under /api: servers, config, builds and updates, models, keys and usage, the whole stack. The guard lets
 only admin-key holders in (401 before the body is read); here every body is a typed model, so a value that
 would reach git, podman or llama-server is checked before any work starts (422)."""
 
@@ -18,10 +18,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from .. import changes, hub, validate
+from .. import changes, hub, usage, validate
 from ..changes import ChangeError
 from ..config import VariantName
+from ..database import DatabaseError
 from ..engine import EngineError
+from ..keys import KeyProblem, KeyStore, NewKey
 from ..stack import StackError
 from ..store import ModelNotFound, StoreError
 from .jobs import Job, Jobs
@@ -48,6 +50,18 @@ class UpdateJob(Body):
     @classmethod
     def _remote(cls, v: str | None) -> str | None:
         return None if v is None else validate.git_remote(v)
+
+
+class NewKeyBody(Body):
+    name: str
+    models: list[str] = []
+    servers: list[str] = []
+    roles: list[str] = []
+    admin: bool = False
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    expires: str | None = None
 
 
 class RebuildJob(Body):
@@ -354,4 +368,51 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
             raise HTTPException(409, str(e)) from None
         return {"removed": removed, "stopped": stopped}
 
-    return [servers, config, job_api, models]
+    # -- keys and usage ---------------------------------------------------------------------------------------
+    access = APIRouter(prefix="/api", tags=["keys and usage"])
+
+    def database_call(work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except KeyProblem as e:
+            raise HTTPException(400, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        except DatabaseError as e:
+            raise HTTPException(503, str(e)) from None
+
+    @access.get("/keys")
+    def list_keys(every: bool = Query(False, alias="all")) -> list[dict[str, Any]]:
+        """The keys (never the keys themselves): scope, limits, expiry, state; ?all=1 with revoked ones."""
+        keys = database_call(lambda: KeyStore(gw.database).list())
+        return [k.public() for k in keys if every or k.state == "active"]
+
+    @access.post("/keys", status_code=201)
+    def create_key(body: NewKeyBody) -> dict[str, Any]:
+        """Make a key; the answer holds it, once ("key"); the gateway takes it at once."""
+        key, secret = database_call(lambda: KeyStore(gw.database).create(NewKey(**body.model_dump()), gw.stack.cfg))
+        gw.requests.read_keys()
+        return {**key.public(), "key": secret}
+
+    @access.delete("/keys/{key_id}")
+    def revoke_key(key_id: str) -> dict[str, Any]:
+        """Revoke a key (by id or name); refused from then on."""
+        key = database_call(lambda: KeyStore(gw.database).revoke(key_id))
+        gw.requests.read_keys()
+        return dict(key.public())
+
+    @access.get("/usage")
+    def get_usage(by: str = Query("key", description="key | model | server | route"),
+                  since: str = Query("24h", description="a span (30m, 24h, 7d) or a date")) -> list[dict[str, Any]]:
+        """Requests, errors, tokens and latency from the request log."""
+        return list(database_call(lambda: usage.summary(gw.database, by, usage.since_of(since))))
+
+    @access.get("/requests")
+    def get_requests(limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        """The last requests, newest first (no bodies), and the request log's own state."""
+        log = gw.requests
+        return {"requests": database_call(lambda: usage.recent(gw.database, limit)),
+                "log": {"enabled": log.enabled, "written": log.written, "waiting": log.waiting,
+                        "dropped": log.dropped, "error": log.error, "database": gw.database.where}}
+
+    return [servers, config, job_api, models, access]

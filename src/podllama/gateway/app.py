@@ -30,17 +30,20 @@ from ..changes import version_of
 from ..credentials import Credentials
 from ..engine import CliEngine, get_engine
 from ..health import LOADING, OK
+from ..keys import Key
 from ..stack import Stack
 from ..supervisor import Supervisor
 from . import admin
 from . import help as helpdoc
-from .auth import Keys, key_files
+from .auth import ANONYMOUS, Caller, Keys, key_files
 from .errors import error_type
 from .guard import Access, Guard, access_of_own
 from .jobs import Jobs
 from .metrics import Metrics
 from .ondemand import Loader, Refused
 from .proxy import Proxy
+from .quota import WINDOW
+from .requestlog import RequestLog
 from .routes import ENDPOINTS, PASSTHROUGH
 from .server import Limits
 from .upstreams import Discover, Registry, engine_discovery
@@ -75,6 +78,11 @@ class Gateway:
         self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
         self.metrics = Metrics()
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
+        # the database (keys, the request log), read and written by the request log's own thread
+        self.database = self.credentials.database(cfg)
+        self.requests = RequestLog(self.database, self._stored_keys, enabled=cfg.gateway.log_requests)
+        self.proxy.log = self.requests
+        self.metrics.log_state = lambda: (self.requests.written, self.requests.waiting, self.requests.dropped)
         self.loader = Loader(self.stack, self.registry)
         self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
         self.proxy.loader = self.loader
@@ -139,9 +147,18 @@ class Gateway:
             self._adopt(stack.cfg, Keys.load(stack.cfg))
         self.registry.refresh()
 
+    def _stored_keys(self, stored: dict[str, Key]) -> None:
+        self.keys.stored = stored
+
     def _adopt(self, cfg: config.Config, keys: Keys) -> None:
         self.stack.cfg = cfg
+        keys.stored = self.keys.stored  # the database keys as last read
         self.keys = keys
+        self.requests.enabled = cfg.gateway.log_requests
+        database = self.credentials.database(cfg)
+        if database.url != self.database.url:  # moved: keys and rows go to the new one from the next round
+            self.database = database
+            self.requests.move_to(database)
         self.guard.configure(cfg.gateway, keys, self.bound)
         self.limits.configure(cfg.gateway)
         self.registry.configure(cfg)
@@ -157,10 +174,12 @@ class Gateway:
             return self.loader.state_of(server)
         return {OK: "loaded", LOADING: "loading"}.get(self.registry.state_of(server), "unloaded")
 
-    def server_of(self, model: str) -> str:
+    def server_of(self, model: str, caller: Caller) -> str:
         server = self.registry.server_for_model(model)
         if server is None:
             raise StarletteHTTPException(404, f"model '{model}' not found; GET /v1/models lists them")
+        if why := caller.refusal(server, self.registry.servers[server]):
+            raise StarletteHTTPException(403, why)
         return server
 
     async def load(self, server: str) -> dict[str, Any]:
@@ -221,6 +240,9 @@ class Gateway:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stop = asyncio.Event()
+            if await asyncio.to_thread(gw.requests.read_keys):  # the limits go on where they were
+                gw.proxy.quota.seed(await asyncio.to_thread(gw.requests.recent, WINDOW))
+            gw.requests.start()
             await asyncio.to_thread(gw.registry.refresh)
             await gw.registry.probe_all()
             poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
@@ -229,7 +251,7 @@ class Gateway:
             # on-demand servers: stopped when idle, measured while they run (it drives the engine, as the
             # supervisor does)
             reaper = asyncio.create_task(gw.loader.run(stop)) if gw.supervise else None
-            if gw.keys.public_bind and not gw.keys.inference:
+            if gw.keys.public_bind and not gw.keys.any_inference:
                 log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
                             "who reaches it can use the models (set $PODLLAMA_API_KEYS or [gateway] api_keys_file)")
             yield
@@ -241,6 +263,8 @@ class Gateway:
                 await reaper
             await gw.loader.close()
             await gw.proxy.close()
+            await asyncio.to_thread(gw.requests.stop)
+            gw.database.close()
             gw.registry.probes.close()
 
         # no Swagger page: its scripts come from a CDN, which machines without the internet cannot load; /help
@@ -270,9 +294,12 @@ class Gateway:
 
         @app.get("/v1/models", summary="Every model of every server (OpenAI list shape)")
         @app.get("/models", include_in_schema=False)
-        async def models() -> dict[str, Any]:
+        async def models(request: Request) -> dict[str, Any]:
+            caller = _caller(request)
             data = []
             for name, server in gw.registry.servers.items():
+                if caller.refusal(name, server) is not None:
+                    continue  # a scoped key sees only what it may use
                 caps = sorted({ep.capability for ep in ENDPOINTS if ep.scope == "model" and server.role in ep.roles})
                 data.append({
                     "id": server.alias or name, "object": "model", "created": gw.started, "owned_by": "podllama",
@@ -283,12 +310,12 @@ class Gateway:
             return {"object": "list", "data": data}
 
         @app.post("/models/load", summary="Load a model's server now and wait until it answers (on-demand servers)")
-        async def load_model(body: ModelRef) -> dict[str, Any]:
-            return await gw.load(gw.server_of(body.model))
+        async def load_model(body: ModelRef, request: Request) -> dict[str, Any]:
+            return await gw.load(gw.server_of(body.model, _caller(request)))
 
         @app.post("/models/unload", summary="Stop a model's on-demand server (its prompt caches saved)")
-        async def unload_model(body: ModelRef) -> dict[str, Any]:
-            return await gw.unload(gw.server_of(body.model))
+        async def unload_model(body: ModelRef, request: Request) -> dict[str, Any]:
+            return await gw.unload(gw.server_of(body.model, _caller(request)))
 
         @app.get("/metrics", summary="Gateway metrics (Prometheus); ?server=NAME for a server's own")
         async def metrics() -> PlainTextResponse:
@@ -328,6 +355,11 @@ UI_FILES = (".js", ".css", ".html", ".svg", ".png", ".ico", ".webp", ".woff", ".
 def _is_ui(path: str) -> bool:
     """llama.cpp's web UI: its page and its static files (served by the default chat server)."""
     return path == "/" or path.startswith("/_app/") or (path.endswith(UI_FILES) and not path.startswith("/api/"))
+
+
+def _caller(request: Request) -> Caller:
+    """Who the guard let this request in as."""
+    return getattr(request.state, "caller", ANONYMOUS)
 
 
 def _asks_server(scope: dict[str, Any]) -> bool:

@@ -1,11 +1,15 @@
 """Gateway keys: inference keys for the llama-server routes, admin keys for /api.
 
-Inference keys come from $PODLLAMA_API_KEYS (comma-separated), [gateway] api_keys_file, and what
-`podllama start` was given (the stack's credentials, `api_keys`); without any, inference is open to whoever
-reaches the port. Admin keys come from $PODLLAMA_ADMIN_KEY, [gateway] admin_key_file and the stack's own
-`admin.key`, which always exists: the management API is never open. Credentials are read from
-`Authorization: Bearer <key>` or `X-Api-Key: <key>`, compared in constant time against every key, and never
-logged or returned.
+Inference keys come from $PODLLAMA_API_KEYS (comma-separated), [gateway] api_keys_file, what `podllama start`
+was given (the stack's credentials, `api_keys`) and the database (`podllama keys create`, with scopes and
+limits; keys.py); without any, inference is open to whoever reaches the port. Admin keys come from
+$PODLLAMA_ADMIN_KEY, [gateway] admin_key_file, the stack's own `admin.key`, which always exists (the
+management API is never open), and database keys made with --admin. Credentials are read from
+`Authorization: Bearer <key>` or `X-Api-Key: <key>`; the listed keys are compared in constant time against
+every one, a database key is looked up by its SHA-256; none is ever logged or returned.
+
+What a request is let in as is a Caller: who (a key's id and name, for the request log and the limits) and
+what it may reach (a database key's scope).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ServerSection
 from ..credentials import Credentials
+from ..keys import Key, digest
 
 
 def _read_keys(path: str | None, base: Path) -> list[str]:
@@ -37,11 +42,43 @@ def key_files(cfg: Config) -> list[Path]:
             for p in (Path(f) for f in (cfg.gateway.api_keys_file, cfg.gateway.admin_key_file) if f)]
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who a request came from: ID and NAME name the key ("" when no key is needed), KEY is a database key
+    (its scope and limits), None for the listed keys, which may use everything."""
+
+    id: str
+    name: str
+    admin: bool = False
+    key: Key | None = None
+
+    def refusal(self, server: str, section: ServerSection) -> str | None:
+        """Why this caller may not use SERVER, or None when it may."""
+        key = self.key
+        if key is None:
+            return None
+        public = section.alias or server
+        if key.servers and server not in key.servers:
+            return f"key '{key.name}' may not use server '{server}'; it may use {', '.join(key.servers)}"
+        if key.roles and section.role not in key.roles:
+            return f"key '{key.name}' may not use role '{section.role}'; it may use {', '.join(key.roles)}"
+        if key.models and not {public, server, section.model} & set(key.models):
+            return f"key '{key.name}' may not use model '{public}'; it may use {', '.join(key.models)}"
+        return None
+
+
+ANONYMOUS = Caller("", "")
+ADMIN = Caller("admin", "admin", admin=True)
+
+
 @dataclass
 class Keys:
     inference: list[bytes]
     admin: list[bytes]
     public_bind: bool  # the gateway is published on a non-loopback address
+    # database keys by the hash of the key; None until the database has been read (until then, no one gets in
+    # without a listed key: a database that cannot be reached never opens the gateway)
+    stored: dict[str, Key] | None = field(default=None)
 
     @classmethod
     def load(cls, cfg: Config) -> Keys:
@@ -73,15 +110,28 @@ class Keys:
             ok |= hmac.compare_digest(given or b"", key)
         return ok
 
-    def inference_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """An inference key, or the admin key (an admin may do everything); open when no inference key is set."""
-        if not self.inference:
-            return True
-        given = self.credential(headers)
-        return self._matches(given, self.inference) | self._matches(given, self.admin)
+    @property
+    def any_inference(self) -> bool:
+        """Inference needs a key (some key is set, or the database is not read yet)."""
+        return bool(self.inference) or self.stored is None or bool(self.stored)
 
-    def admin_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        return bool(self.admin) and self._matches(self.credential(headers), self.admin)
+    def identify(self, headers: list[tuple[bytes, bytes]], admin: bool) -> Caller | None:
+        """The caller these headers prove, for the admin API (ADMIN) or for inference; None: not allowed."""
+        given = self.credential(headers)
+        if given is not None and self.admin and self._matches(given, self.admin):
+            return ADMIN
+        stored = self.stored.get(digest(given)) if given is not None and self.stored else None
+        if stored is not None and stored.usable():
+            if admin and not stored.admin:
+                return None
+            return Caller(stored.id, stored.name, stored.admin, stored)
+        if admin:
+            return None
+        if not self.any_inference:
+            return ANONYMOUS
+        if given is not None and self._matches(given, self.inference):
+            return Caller("listed-" + digest(given)[:8], "listed key")
+        return None
 
 
 def _loopback(host: str) -> bool:

@@ -7,8 +7,8 @@
    upstream `Access-Control-*` headers are dropped by the proxy.
 3. **Origin** (CSRF): a state change (any method but GET/HEAD/OPTIONS) that a browser sends from an origin that
    is neither the gateway's own nor allowed gets 403 — even a "simple" cross-site POST that needs no preflight.
-4. **Keys**: /api needs the admin key, inference routes an inference key (when any is set); 401 before the
-   body is read.
+4. **Keys**: /api needs an admin key, inference routes an inference key (when any is set); 401 before the
+   body is read. Who the key belongs to (a Caller) goes with the request, in `scope["state"]["caller"]`.
 5. **Bodies** of the gateway's own routes (/api …) are read here, capped at API_MAX_BODY (413), before FastAPI
    parses them. Proxied routes stream theirs, capped by the proxy at `max_body_mb`.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import GatewaySection
 from . import body as bodies
-from .auth import Keys
+from .auth import ANONYMOUS, Caller, Keys
 from .client import UpstreamError
 from .errors import Receive, Send
 from .errors import send_error as _send_error
@@ -105,12 +105,11 @@ class Guard:
             return None, True
         return origin, self.any_origin or origin.lower().rstrip(b"/") in self.origins
 
-    def allowed(self, access: Access, headers: list[tuple[bytes, bytes]]) -> bool:
-        if access is Access.ADMIN:
-            return self.keys.admin_ok(headers)
-        if access is Access.INFERENCE:
-            return self.keys.inference_ok(headers)
-        return True
+    def caller(self, access: Access, headers: list[tuple[bytes, bytes]]) -> Caller | None:
+        """Who the request comes from, when it may have ACCESS; None: it may not."""
+        if access is Access.PUBLIC:
+            return ANONYMOUS
+        return self.keys.identify(headers, admin=access is Access.ADMIN)
 
     # -- the ASGI step ---------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send, access: Access, own: bool
@@ -132,10 +131,12 @@ class Guard:
             await send_error(send, 403, f"requests from the web origin {origin.decode('latin-1')!r} are not "
                                         "allowed; add it to [gateway] cors_origins if you trust it")
             return None
-        if not self.allowed(access, headers):
+        caller = self.caller(access, headers)
+        if caller is None:
             await send_error(send, 401, "Invalid admin key" if access is Access.ADMIN else "Invalid API Key",
                              headers=[(b"www-authenticate", b"Bearer")])
             return None
+        scope.setdefault("state", {})["caller"] = caller  # for the proxy (scope, limits, the log) and /api
         if origin is not None and origin_ok:
             send = _with_cors(send, origin)
         if own:

@@ -29,7 +29,7 @@ def _routes_to(ep: Endpoint, registry: Registry) -> str:
 
 
 def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]]:
-    inference = Access.INFERENCE.value if keys.inference else "no key (none configured)"
+    inference = Access.INFERENCE.value if keys.any_inference else "no key (none configured)"
     out = []
     for ep in ENDPOINTS:
         out.append({

@@ -24,11 +24,15 @@ from urllib.parse import parse_qs, quote
 from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
 from ..health import LOADING
 from . import body as bodies
+from .auth import ANONYMOUS, Caller
 from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
 from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
 from .ondemand import Loader, Refused
+from .quota import OverLimit, Quota, Use
+from .requestlog import RequestLog, Row
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
+from .tally import Tally
 from .upstreams import Registry, Replica
 
 log = logging.getLogger("podllama.gateway")
@@ -42,6 +46,7 @@ SMALL_BODY = bodies.EXACT_LIMIT  # bodies up to this size are read before forwar
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in the decoded path (a space is fine there: it is re-encoded)
 _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
+LOG_BODY = 64 * 1024  # bytes of each body the request log keeps, with [gateway] log_bodies
 T = TypeVar("T")
 
 
@@ -78,13 +83,14 @@ def drive(coro: Any, resume: Callable[[], object]) -> bool:
 class Flight:
     """One request on its way: what the disconnect watcher needs to cancel it."""
 
-    __slots__ = ("response", "finished", "disconnected", "task")
+    __slots__ = ("response", "finished", "disconnected", "task", "uploaded")
 
     def __init__(self) -> None:
         self.response: Response | None = None
         self.finished = False
         self.disconnected = False
         self.task = asyncio.current_task()
+        self.uploaded = 0  # bytes of a streamed request body sent upstream
 
 
 class Proxy:
@@ -95,6 +101,8 @@ class Proxy:
         self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
         self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
         self.loader: Loader | None = None  # loads on-demand servers (gateway/ondemand.py)
+        self.quota = Quota()  # per-key limits (gateway/quota.py)
+        self.log: RequestLog | None = None  # the request log (gateway/requestlog.py)
         self.configure(gateway, server_key)
 
     def configure(self, gw: GatewaySection, server_key: str | None) -> None:
@@ -105,6 +113,7 @@ class Proxy:
         self.max_images, self.max_image_side = gw.max_images, gw.max_image_side
         self.load_timeout = gw.load_timeout
         self.upstream_auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
+        self.log_bodies = LOG_BODY if gw.log_bodies else 0
 
     # -- entry points -------------------------------------------------------------------------------------
     async def endpoint(self, scope: dict[str, Any], receive: Receive, send: Send, ep: Endpoint) -> None:
@@ -259,10 +268,33 @@ class Proxy:
 
     async def forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
                       target: bytes, body: bytes, streamed: bool) -> None:
-        """To SERVER; an on-demand one is loaded first, and counted busy until the answer is complete."""
+        """To SERVER, if the caller's key may use it and is within its limits; an on-demand server is loaded
+        first, and counted busy until the answer is complete."""
+        caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+        section = self.registry.servers.get(server)
+        why = caller.refusal(server, section) if section is not None else None
+        use = None
+        try:
+            if why is None and caller.key is not None:
+                use = self.quota.admit(caller.key)
+        except OverLimit as e:
+            self._log(scope, caller, server, endpoint, 429, time.time(), body)
+            return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
+        if why is not None:
+            self._log(scope, caller, server, endpoint, 403, time.time(), body)
+            return await send_error(send, 403, why)
+        try:
+            await self._load_and_forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
+        finally:
+            if caller.key is not None:
+                self.quota.done(caller.key, use)
+
+    async def _load_and_forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str,
+                                endpoint: str, target: bytes, body: bytes, streamed: bool, caller: Caller,
+                                use: Use | None) -> None:
         loader = self.loader
         if loader is None or not loader.manages(server):
-            return await self._forward(scope, receive, send, server, endpoint, target, body, streamed)
+            return await self._forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
         flight = Flight()
         acquired = False
 
@@ -283,14 +315,18 @@ class Proxy:
         if not acquired:  # the client went away while it loaded
             return
         try:
-            await self._forward(scope, receive, send, server, endpoint, target, body, streamed)
+            await self._forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
         finally:
             loader.release(server)
 
     async def _forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
-                       target: bytes, body: bytes, streamed: bool) -> None:
+                       target: bytes, body: bytes, streamed: bool, caller: Caller = ANONYMOUS,
+                       use: Use | None = None) -> None:
         started = time.perf_counter()
+        at = time.time()
         flight = Flight()
+        tally = Tally(self.log_bodies)
+        is_sse = False
         if streamed:
             length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
@@ -383,6 +419,7 @@ class Proxy:
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
 
             def sink(chunk: bytes) -> bool:  # straight from the network callback to the client
+                tally.feed(chunk)
                 return drive(send({"type": "http.response.body", "body": chunk, "more_body": True}), response.resume)
 
             try:
@@ -407,11 +444,35 @@ class Proxy:
             self.metrics.in_flight[key] -= 1
             if watcher is not None:
                 watcher.cancel()
-            self.metrics.done(endpoint, server, status, time.perf_counter() - started, ttfb)
+            latency = time.perf_counter() - started
+            self.metrics.done(endpoint, server, status, latency, ttfb)
+            prompt, completion = tally.tokens(is_sse)
+            tokens = (prompt or 0) + (completion or 0)
+            if use is not None:
+                use.tokens = tokens
+            self.metrics.usage(caller.name, self._model(server), prompt, completion)
+            self._log(scope, caller, server, endpoint, status, at, body, prompt, completion, latency, ttfb,
+                      len(body) + flight.uploaded, tally)
+
+    def _model(self, server: str) -> str:
+        section = self.registry.servers.get(server)
+        return (section.alias if section is not None else None) or server
+
+    def _log(self, scope: dict[str, Any], caller: Caller, server: str, endpoint: str, status: int, at: float,
+             body: bytes, prompt: int | None = None, completion: int | None = None, latency: float = 0.0,
+             ttfb: float | None = None, bytes_in: int = 0, tally: Tally | None = None) -> None:
+        if self.log is None or not self.log.enabled:
+            return
+        keep = self.log_bodies
+        self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, self._model(server), status,
+                         prompt, completion, latency, ttfb, bytes_in, tally.size if tally else 0,
+                         body[:keep].decode(errors="replace") if keep and body else None,
+                         tally.kept.decode(errors="replace") if keep and tally and tally.kept else None))
 
     async def _upload(self, receive: Receive, flight: Flight) -> AsyncIterator[bytes]:
         try:
             async for chunk in bodies.pieces(receive, self.max_body):
+                flight.uploaded += len(chunk)
                 yield chunk
         except ClientGone:
             flight.disconnected = True
