@@ -3,6 +3,8 @@
 #
 #   scripts/setup.sh                 Podman, the Python environment (.venv), the llama.cpp source, base images
 #   scripts/setup.sh --with-docker   the same, plus Docker Engine (the engine tests run on both)
+#   scripts/setup.sh --for-tests     the same as --with-docker, plus what the tests use besides: Postgres
+#                                    (the request log's tests start a cluster of their own)
 #
 # Where GitHub or a container registry cannot be reached it says so and uses the offline paths:
 # the llama.cpp tree from the Python package index, and a Debian base image bootstrapped from packages.
@@ -10,10 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_docker=0
+for_tests=0
 for arg in "$@"; do
   case "$arg" in
     --with-docker) with_docker=1 ;;
-    *) echo "unknown option: $arg (use --with-docker)" >&2; exit 2 ;;
+    --for-tests) with_docker=1; for_tests=1 ;;
+    *) echo "unknown option: $arg (use --with-docker or --for-tests)" >&2; exit 2 ;;
   esac
 done
 if [ "$(id -u)" != 0 ]; then echo "run as root: sudo $0 $*" >&2; exit 1; fi
@@ -21,6 +25,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 packages="podman runc netavark aardvark-dns slirp4netns fuse-overlayfs catatonit debootstrap git python3-venv ca-certificates curl uidmap iptables"
 [ "$with_docker" = 1 ] && packages="$packages docker.io"
+[ "$for_tests" = 1 ] && packages="$packages postgresql"
 missing=$(for p in $packages; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   step "installing Debian packages:" $missing

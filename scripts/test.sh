@@ -4,7 +4,7 @@
 #   2. the fast tier, tests/unit: parsers, planner, gateway and client against a scripted upstream; no
 #      containers, under a minute
 #   3. the integration tier, tests/integration: real llama-server containers on Podman and Docker
-# Sets up what is missing first (scripts/setup.sh --with-docker).
+# Sets up what is missing first (scripts/setup.sh --for-tests).
 #
 #   scripts/test.sh              everything
 #   scripts/test.sh --fast       1 and 2 only (no container engine needed once set up)
@@ -31,7 +31,7 @@ tier() {
 if [ "$fast" = 1 ] && [ -x .venv/bin/python ] && [ -f llama.cpp/models/ggml-vocab-llama-spm.gguf ]; then
   :  # the fast tier needs only the Python environment and the llama.cpp tree
 else
-  scripts/setup.sh --with-docker
+  scripts/setup.sh --for-tests
 fi
 echo "==> ruff, mypy"
 .venv/bin/ruff check src tests bench
