@@ -158,6 +158,11 @@ class KeyStore:
         keys = {r[0]: Key.of_row(r[1:]) for r in rows}
         return {h: k for h, k in keys.items() if k.usable(now)}
 
+    def any_made(self) -> bool:
+        """Whether any key was ever made here (revoked and expired ones count: revoking the last key must not
+        open the gateway)."""
+        return bool(self.db.query("SELECT 1 FROM podllama_keys LIMIT 1"))
+
     def revoke(self, which: str) -> Key:
         """Revoke the key with id or name WHICH (an active one)."""
         matches = [k for k in self.list() if k.state == "active" and which in (k.id, k.name)]

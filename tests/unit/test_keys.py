@@ -166,6 +166,10 @@ def test_a_revoked_or_expired_key_is_refused(gateway):
     db.execute("UPDATE podllama_keys SET expires = ? WHERE name = 'brief'", (time.time() - 1,))
     assert gw.gw.requests.read_keys()
     assert gw.post("/v1/chat/completions", json=CHAT, headers=h2).status_code == 401
+    # with every key revoked or expired, the gateway stays closed: revoking never opens it
+    assert httpx.delete(gw.url + "/api/keys/other", headers=gw.admin).status_code == 200
+    assert gw.gw.keys.stored == {}
+    assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401
 
 
 def test_keys_over_the_management_api(gateway):

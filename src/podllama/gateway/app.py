@@ -33,7 +33,7 @@ from ..health import LOADING, OK
 from ..keys import Key
 from ..stack import Stack
 from ..supervisor import Supervisor
-from . import admin
+from . import admin, dashboard
 from . import help as helpdoc
 from .auth import ANONYMOUS, Caller, Keys, key_files
 from .errors import error_type
@@ -147,12 +147,12 @@ class Gateway:
             self._adopt(stack.cfg, Keys.load(stack.cfg))
         self.registry.refresh()
 
-    def _stored_keys(self, stored: dict[str, Key]) -> None:
-        self.keys.stored = stored
+    def _stored_keys(self, stored: dict[str, Key], made: bool) -> None:
+        self.keys.stored, self.keys.made = stored, made
 
     def _adopt(self, cfg: config.Config, keys: Keys) -> None:
         self.stack.cfg = cfg
-        keys.stored = self.keys.stored  # the database keys as last read
+        keys.stored, keys.made = self.keys.stored, self.keys.made  # the database keys as last read
         self.keys = keys
         self.requests.enabled = cfg.gateway.log_requests
         database = self.credentials.database(cfg)
@@ -337,8 +337,8 @@ class Gateway:
             raise StarletteHTTPException(404, f"no endpoint {wanted}; GET /help lists them")
 
         app.state.gateway, app.state.jobs = gw, Jobs()
-        for router in admin.routers(gw, app.state.jobs):  # their routes as the app's own: /help, OpenAPI see them
-            app.router.routes.extend(router.routes)
+        for router in [*admin.routers(gw, app.state.jobs), dashboard.router(gw)]:  # as the app's own routes:
+            app.router.routes.extend(router.routes)  # /help and OpenAPI see them
         app.openapi = lambda: app.openapi_schema or _cache(app, helpdoc.openapi(app))  # type: ignore[method-assign]
         return app
 
@@ -353,8 +353,10 @@ UI_FILES = (".js", ".css", ".html", ".svg", ".png", ".ico", ".webp", ".woff", ".
 
 
 def _is_ui(path: str) -> bool:
-    """llama.cpp's web UI: its page and its static files (served by the default chat server)."""
-    return path == "/" or path.startswith("/_app/") or (path.endswith(UI_FILES) and not path.startswith("/api/"))
+    """llama.cpp's web UI: its page and its static files (served by the default chat server); not podllama's
+    own dashboard (/ui) or API."""
+    return path == "/" or path.startswith("/_app/") or (
+        path.endswith(UI_FILES) and not path.startswith(("/api/", "/ui/")))
 
 
 def _caller(request: Request) -> Caller:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,7 @@ class Keys:
     # database keys by the hash of the key; None until the database has been read (until then, no one gets in
     # without a listed key: a database that cannot be reached never opens the gateway)
     stored: dict[str, Key] | None = field(default=None)
+    made: bool = False  # a key was ever made in the database: inference stays closed, even once all are revoked
 
     @classmethod
     def load(cls, cfg: Config) -> Keys:
@@ -113,7 +116,7 @@ class Keys:
     @property
     def any_inference(self) -> bool:
         """Inference needs a key (some key is set, or the database is not read yet)."""
-        return bool(self.inference) or self.stored is None or bool(self.stored)
+        return bool(self.inference) or self.stored is None or self.made
 
     def identify(self, headers: list[tuple[bytes, bytes]], admin: bool) -> Caller | None:
         """The caller these headers prove, for the admin API (ADMIN) or for inference; None: not allowed."""
@@ -132,6 +135,48 @@ class Keys:
         if given is not None and self._matches(given, self.inference):
             return Caller("listed-" + digest(given)[:8], "listed key")
         return None
+
+
+SESSION_COOKIE = "podllama_session"
+SESSION_TTL = 12 * 3600
+
+
+class Sessions:
+    """Dashboard logins: a random token in an HttpOnly, SameSite=Strict cookie, standing for the admin caller
+    who logged in with a key, for SESSION_TTL seconds or until logout. Kept in the gateway's memory: a
+    gateway restart logs everyone out."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, tuple[Caller, float]] = {}
+
+    def open(self, caller: Caller) -> str:
+        now = time.time()
+        self.live = {t: v for t, v in self.live.items() if v[1] > now}
+        token = secrets.token_urlsafe(32)
+        self.live[token] = (caller, now + SESSION_TTL)
+        return token
+
+    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
+        token = cookie(headers, SESSION_COOKIE)
+        found = self.live.get(token) if token else None
+        if found is None or found[1] <= time.time():
+            return None
+        return found[0]
+
+    def close(self, headers: list[tuple[bytes, bytes]]) -> None:
+        token = cookie(headers, SESSION_COOKIE)
+        if token:
+            self.live.pop(token, None)
+
+
+def cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    for k, v in headers:
+        if k == b"cookie":
+            for part in v.decode("latin-1").split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == name and value:
+                    return value
+    return None
 
 
 def _loopback(host: str) -> bool:

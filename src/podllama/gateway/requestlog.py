@@ -53,9 +53,10 @@ TABLE = "podllama_requests"
 
 
 class RequestLog:
-    def __init__(self, db: Database, on_keys: Callable[[dict[str, Key]], None], capacity: int = CAPACITY,
+    def __init__(self, db: Database, on_keys: Callable[[dict[str, Key], bool], None], capacity: int = CAPACITY,
                  enabled: bool = True) -> None:
-        """ON_KEYS: given the database keys (by hash) whenever they have been read."""
+        """ON_KEYS: given the usable database keys (by hash), and whether any key was ever made, whenever they
+        have been read."""
         self.db, self.on_keys = db, on_keys
         self.enabled = enabled
         self.capacity = capacity
@@ -96,11 +97,12 @@ class RequestLog:
 
     def read_keys(self) -> bool:
         try:
-            keys = KeyStore(self.db).by_hash()
+            store = KeyStore(self.db)
+            keys, made = store.by_hash(), store.any_made()
         except DatabaseError as e:
             self._failed(e)
             return False
-        self.on_keys(keys)
+        self.on_keys(keys, made)
         return True
 
     def recent(self, seconds: float) -> list[tuple[str, float, int]]:
