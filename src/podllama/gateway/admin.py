@@ -207,6 +207,15 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         """Stop an on-demand server (its prompt caches saved); its next request loads it again."""
         return await gw.unload(name)
 
+    @servers.get("/{name}/logs")
+    def server_logs(name: Existing, tail: int = Query(100, ge=1, le=2000)) -> dict[str, Any]:
+        """The last lines of each of the server's containers' logs."""
+        try:
+            return {"server": name, "replicas": {r["container"]: gw.stack.tail(r["container"], lines=tail)
+                                                 for r in server_rows(name) if r.get("container")}}
+        except EngineError as e:
+            raise HTTPException(503, f"the engine cannot be asked for logs: {e}") from None
+
     # -- config -------------------------------------------------------------------------------------------------
     config = APIRouter(prefix="/api", tags=["config"])
 
@@ -356,6 +365,15 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
                             progress=progress, cancel=job.cancel, say=job.lines.append)
 
         return run_job("pull", {"ref": body.ref}, work)
+
+    @models.post("/verify")
+    def verify_models(model_id: str | None = Query(None, alias="model")) -> dict[str, Any]:
+        """Re-check every byte of the stored models (or of ?model=ID) against their manifests: {id: [problems]}."""
+        try:
+            report = gw.stack.store.verify(model_id)
+        except ModelNotFound as e:
+            raise HTTPException(404, str(e)) from None
+        return {"ok": not any(report.values()), "models": report}
 
     @models.delete("/{model_id:path}")
     def delete_model(model_id: str, force: bool = Query(False)) -> dict[str, Any]:

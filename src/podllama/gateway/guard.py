@@ -8,7 +8,9 @@
 3. **Origin** (CSRF): a state change (any method but GET/HEAD/OPTIONS) that a browser sends from an origin that
    is neither the gateway's own nor allowed gets 403 — even a "simple" cross-site POST that needs no preflight.
 4. **Keys**: /api needs an admin key, inference routes an inference key (when any is set); 401 before the
-   body is read. Who the key belongs to (a Caller) goes with the request, in `scope["state"]["caller"]`.
+   body is read. A dashboard login (an HttpOnly, SameSite=Strict cookie) stands for the admin key that opened
+   it; the Origin check above keeps other origins on the same site from using it to change anything. Who the
+   key belongs to (a Caller) goes with the request, in `scope["state"]["caller"]`.
 5. **Bodies** of the gateway's own routes (/api …) are read here, capped at API_MAX_BODY (413), before FastAPI
    parses them. Proxied routes stream theirs, capped by the proxy at `max_body_mb`.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..config import GatewaySection
 from . import body as bodies
-from .auth import ANONYMOUS, Caller, Keys
+from .auth import ANONYMOUS, Caller, Keys, Sessions
 from .client import UpstreamError
 from .errors import Receive, Send
 from .errors import send_error as _send_error
@@ -70,6 +72,7 @@ def _is_ip(name: str) -> bool:
 
 class Guard:
     def __init__(self, gateway: GatewaySection, keys: Keys, bound: str | None = None) -> None:
+        self.sessions = Sessions()  # dashboard logins
         self.configure(gateway, keys, bound)
 
     def configure(self, gateway: GatewaySection, keys: Keys, bound: str | None = None) -> None:
@@ -106,10 +109,11 @@ class Guard:
         return origin, self.any_origin or origin.lower().rstrip(b"/") in self.origins
 
     def caller(self, access: Access, headers: list[tuple[bytes, bytes]]) -> Caller | None:
-        """Who the request comes from, when it may have ACCESS; None: it may not."""
+        """Who the request comes from, when it may have ACCESS; None: it may not. A key in the headers first,
+        else a dashboard login's cookie (an admin's)."""
         if access is Access.PUBLIC:
             return ANONYMOUS
-        return self.keys.identify(headers, admin=access is Access.ADMIN)
+        return self.keys.identify(headers, admin=access is Access.ADMIN) or self.sessions.caller(headers)
 
     # -- the ASGI step ---------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send, access: Access, own: bool
