@@ -172,7 +172,9 @@ def test_two_changes_from_one_version_cannot_both_win(stack, podman):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.status_code for r in results.values()) == [200, 412], [r.text for r in results.values()]
+    if sorted(r.status_code for r in results.values()) != [200, 412]:  # the whole story, untruncated
+        gateway_log = "".join(podman.logs(f"{STACK}-gateway", tail=40))
+        raise AssertionError("\n".join([r.text for r in results.values()] + ["gateway log:", gateway_log]))
     winner = next(size for size, r in results.items() if r.status_code == 200)
     assert f"ctx_size = {winner}" in stack.path.read_text()
     loser = next(r for r in results.values() if r.status_code == 412)
