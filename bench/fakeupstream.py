@@ -16,6 +16,11 @@ import uvloop
 
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok"}}],"object":"chat.completion.chunk"}\n\n'
 SMALL = b'{"tokens":[9906,11,18504,0,2650,5043,527,499,3432,30]}'
+# a non-streamed chat completion as llama-server answers it, with its usage and timings
+ANSWER = (b'{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant","content":"Hi"}}],'
+          b'"created":1763900000,"model":"tiny","system_fingerprint":"b1","object":"chat.completion",'
+          b'"usage":{"completion_tokens":1,"prompt_tokens":12,"total_tokens":13},"id":"chatcmpl-x",'
+          b'"timings":{"prompt_n":12,"prompt_ms":1.0,"predicted_n":1,"predicted_ms":0.5}}')
 
 
 class Handler(asyncio.Protocol):
@@ -41,7 +46,8 @@ class Handler(asyncio.Protocol):
             n = json.loads(body).get("max_tokens", 64)
             asyncio.ensure_future(self.stream(n))
             return
-        payload = b'{"status":"ok"}' if url.startswith(b"/health") else SMALL
+        payload = b'{"status":"ok"}' if url.startswith(b"/health") else \
+            ANSWER if url.startswith(b"/v1/chat/completions") else SMALL
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
                              % (len(payload), payload))
 
