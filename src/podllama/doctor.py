@@ -142,13 +142,21 @@ def socket_answers(sock: Path) -> bool:
     return True
 
 
+def service_log(sock: Path = PODMAN_SOCKET) -> Path:
+    """Where the API service podllama starts writes what it and the conmon processes it starts say (a failed
+    container start is explained there)."""
+    return sock.parent / "podman-service.log"
+
+
 def start_podman_service(sock: Path = PODMAN_SOCKET, wait: float = 10) -> None:
-    """Podman's API service in the background, on SOCK (a stale socket file left there is replaced)."""
+    """Podman's API service in the background, on SOCK (a stale socket file left there is replaced), detached
+    from the caller's terminal and pipes: its input is /dev/null, its output goes to service_log(SOCK)."""
     sock.parent.mkdir(parents=True, exist_ok=True)
     if sock.is_socket():
         sock.unlink()
-    subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(service_log(sock), "ab") as out:
+        subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], stdin=subprocess.DEVNULL,
+                         stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + wait
     while not socket_answers(sock) and time.monotonic() < deadline:
         time.sleep(0.1)

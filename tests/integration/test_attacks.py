@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from podllama.doctor import service_log
 from tests.helpers import flood_headers, stack_name
 from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, free_port
 
@@ -174,7 +175,10 @@ def test_two_changes_from_one_version_cannot_both_win(stack, podman):
         t.join()
     if sorted(r.status_code for r in results.values()) != [200, 412]:  # the whole story, untruncated
         gateway_log = "".join(podman.logs(f"{STACK}-gateway", tail=40))
-        raise AssertionError("\n".join([r.text for r in results.values()] + ["gateway log:", gateway_log]))
+        service = service_log()
+        said = service.read_text(errors="replace")[-4000:] if service.exists() else "(none)"
+        raise AssertionError("\n".join([r.text for r in results.values()] + ["gateway log:", gateway_log,
+                                                                             "podman service log:", said]))
     winner = next(size for size, r in results.items() if r.status_code == 200)
     assert f"ctx_size = {winner}" in stack.path.read_text()
     loser = next(r for r in results.values() if r.status_code == 412)

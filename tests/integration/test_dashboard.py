@@ -10,7 +10,10 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.helpers import wait_until
+from podllama import source, tinymodel
+from tests.fakehub import FakeHub
+from tests.helpers import ROOT, stack_name, wait_until
+from tests.integration.conftest import StackFiles, free_port
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +137,43 @@ def test_a_session_cookie_opens_nothing_to_another_origin(stack, browser):
     assert [k["name"] for k in httpx.get(f"{stack.url}/api/keys", headers=stack.admin).json()] == []
     assert next(r for r in stack.status()["servers"] if r["server"] == "chat")["state"] == "running"
     page.close()
+
+
+def test_a_model_pulled_and_verified_from_the_dashboard(podman, cpu_image, browser, tmp_path):
+    """Pull from a hub (a local one speaking the hub's protocol) with the form, watch it finish, see it listed;
+    Verify finds every byte right, then names the file a byte was changed in."""
+    d = tmp_path / "hubfiles"
+    single = tinymodel.write(d / "tiny-Q8_0.gguf", source.source_dir(ROOT) / tinymodel.VOCAB_FILE, seed=1)
+    hub = FakeHub().start()
+    hub.add("org/tiny-GGUF", {"tiny-Q8_0.gguf": single.read_bytes()})
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o755)
+    sf = StackFiles(tmp_path, stack_name("ptdash"), podman, store, free_port()).write(
+        '[servers.chat]\nmodel = "hf://org/tiny-GGUF:Q8_0"\nctx_size = 512\n')
+    sf.path.write_text(sf.path.read_text().replace("[supervisor]", f'[hub]\nendpoint = "{hub.url}"\n[supervisor]'))
+    try:
+        sf.run("start")
+        hub.add("org/other-GGUF", {"other-Q8_0.gguf": single.read_bytes()})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{sf.port}/ui")
+        page.fill("#login-key", sf.admin["Authorization"].removeprefix("Bearer "))
+        page.click("#login-form button")
+        page.click("button[data-tab=models]")
+        page.fill("#pull-ref", "org/other-GGUF:Q8_0")
+        page.click("#pull-form button")
+        page.wait_for_selector("#models-message:text('pulled org/other-GGUF:Q8_0')", timeout=60_000)
+        page.wait_for_selector("#models-rows td:text('org/other-GGUF:Q8_0')")
+        page.click("#verify")
+        page.wait_for_selector("#models-message:text('all 2 models verified')")
+        pulled = next(store.rglob("other-Q8_0.gguf"))
+        data = bytearray(pulled.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        pulled.write_bytes(bytes(data))
+        page.click("#verify")
+        page.wait_for_selector("#models-message.bad:text('org/other-GGUF:Q8_0')")
+        page.screenshot(path=str(tmp_path / "models.png"))
+        page.close()
+    finally:
+        sf.run("down", check=False)
+        hub.stop()

@@ -66,7 +66,13 @@ def logged(sf, key_id: str) -> list[tuple]:
 def test_keys_scopes_limits_and_the_log_on_real_servers(shared):
     sf, url = shared, shared.url
     alice_id, alice = make_key(sf, "alice", "--models", "tiny-chat", "--rpm", "4")
-    assert taken(url, alice)
+    _, budget = make_key(sf, "budget", "--tpm", "20")  # the prompt alone is more
+    assert taken(url, alice) and taken(url, budget)
+    # tokens per minute: let in while under, refused once over (and let in again below, a minute later)
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT | {"max_tokens": 48}, headers=budget,
+                      timeout=60).status_code == 200
+    over_tokens = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=budget)
+    assert over_tokens.status_code == 429 and "tpm 20" in over_tokens.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 401  # a key exists: no key, no entry
     # the log holds the token counts llama-server reported, streamed or not
     plain = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=alice, timeout=60)
@@ -98,8 +104,9 @@ def test_keys_scopes_limits_and_the_log_on_real_servers(shared):
     assert mine["prompt_tokens"] == usage["prompt_tokens"] + timings["prompt_n"] + rows[3][2] + rows[4][2]
     metrics = httpx.get(f"{url}/metrics", headers=alice).text
     assert f'podllama_tokens_total{{key="alice",model="tiny-chat",type="prompt"}} {mine["prompt_tokens"]}' in metrics
-    time.sleep(wait)
+    time.sleep(wait)  # the minute of alice's first request is over, and of budget's tokens before it
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=alice, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=budget, timeout=60).status_code == 200
     # requests at once: the first is under way while its body is still coming (sent in pieces)
     _, single = make_key(sf, "single", "--concurrency", "1")
     assert taken(url, single)
@@ -127,13 +134,6 @@ def test_keys_scopes_limits_and_the_log_on_real_servers(shared):
         sender.join(60)
     assert first[0].status_code == 200
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=single, timeout=60).status_code == 200
-    # tokens per minute: let in while under, refused once over
-    _, budget = make_key(sf, "budget", "--tpm", "40")
-    assert taken(url, budget)
-    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT | {"max_tokens": 48}, headers=budget,
-                      timeout=60).status_code == 200
-    over_tokens = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=budget)
-    assert over_tokens.status_code == 429 and "tpm 40" in over_tokens.json()["error"]["message"]
     # revoked from the CLI: refused within the gateway's next look at the database
     sf.run("keys", "revoke", "alice")
     assert wait_until(lambda: httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=alice).status_code == 401, 10)

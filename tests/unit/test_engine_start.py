@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from podllama.engine import ContainerSpec, EngineError
+from podllama.engine.base import START_RETRY_PAUSES
 from podllama.engine.podman import PodmanEngine
 
 CLIENT = """#!/usr/bin/env python3
@@ -50,11 +51,11 @@ def test_a_start_lost_in_the_handshake_is_made_again(tmp_path):
     assert calls(log) == ["run", "rm", "run", "rm", "run"]  # the half-made container removed each time
 
 
-def test_it_gives_up_after_three_tries_and_other_failures_are_not_retried(tmp_path):
-    engine, log = engine_with(tmp_path, failures=5)
+def test_it_gives_up_after_five_tries_and_other_failures_are_not_retried(tmp_path):
+    engine, log = engine_with(tmp_path, failures=9)
     with pytest.raises(EngineError, match="write child: broken pipe"):
         engine.run(ContainerSpec(name="s-chat-1", image="img"))
-    assert calls(log).count("run") == 3
+    assert calls(log).count("run") == 1 + len(START_RETRY_PAUSES) == 5
     other = tmp_path / "other"
     other.mkdir()
     engine, log = engine_with(other, failures=1, reason="the container name s-chat-1 is already in use")

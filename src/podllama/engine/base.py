@@ -90,6 +90,9 @@ class ContainerInfo:
 
 # what an engine answers when it failed to start a container for a passing reason (CliEngine._start)
 TRANSIENT_START = ("write child: broken pipe",)
+# seconds between tries of such a start: it has been seen to fail three times within 1.5 s right after heavy
+# image builds (CI), so the tries spread over 7.5 s
+START_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
 _ABSENT = re.compile(r"image not known|no such (image|container|object)", re.IGNORECASE)
 
 
@@ -311,9 +314,10 @@ class CliEngine:
     def _start(self, argv: builtins.list[str], name: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`run` ARGV, again (the half-made container removed first) when the engine failed to start the
         container for a passing reason: Podman 4.3's API service now and then loses its runtime's start
-        handshake ("write child: broken pipe") for a container that starts fine a moment later."""
+        handshake ("write child: broken pipe") for a container that starts fine a moment later (what the service and
+        its conmon said is in doctor.service_log())."""
         proc = self.run_cli(*argv, check=False, timeout=timeout)
-        for pause in (0.5, 1.0):
+        for pause in START_RETRY_PAUSES:
             if proc.returncode == 0 or not any(t in proc.stderr for t in TRANSIENT_START):
                 break
             self.remove(name)
