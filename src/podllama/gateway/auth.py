@@ -120,7 +120,10 @@ class Keys:
 
     def identify(self, headers: list[tuple[bytes, bytes]], admin: bool) -> Caller | None:
         """The caller these headers prove, for the admin API (ADMIN) or for inference; None: not allowed."""
-        given = self.credential(headers)
+        return self.caller_of(self.credential(headers), admin)
+
+    def caller_of(self, given: bytes | None, admin: bool) -> Caller | None:
+        """The caller key GIVEN (None: no key sent) proves, for the admin API (ADMIN) or for inference."""
         if given is not None and self.admin and self._matches(given, self.admin):
             return ADMIN
         stored = self.stored.get(digest(given)) if given is not None and self.stored else None

@@ -49,7 +49,7 @@ def router(gw: Gateway) -> APIRouter:
 
     @ui.post("/login", summary="Log in to the dashboard with an admin key; sets the session cookie")
     def login(body: Login, request: Request) -> Response:
-        caller = gw.keys.identify([(b"authorization", b"Bearer " + body.key.strip().encode())], admin=True)
+        caller = gw.keys.caller_of(body.key.strip().encode(), admin=True)
         if caller is None:
             raise HTTPException(401, "that is not an admin key (the stack's is in .podllama/secrets/admin.key; "
                                      "`podllama keys create NAME --admin` makes more)")
