@@ -278,10 +278,10 @@ class Proxy:
             if why is None and caller.key is not None:
                 use = self.quota.admit(caller.key)
         except OverLimit as e:
-            self._log(scope, caller, server, endpoint, 429, time.time(), body)
+            self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), body)
             return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
         if why is not None:
-            self._log(scope, caller, server, endpoint, 403, time.time(), body)
+            self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), body)
             return await send_error(send, 403, why)
         try:
             await self._load_and_forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
@@ -450,21 +450,22 @@ class Proxy:
             tokens = (prompt or 0) + (completion or 0)
             if use is not None:
                 use.tokens = tokens
-            self.metrics.usage(caller.name, self._model(server), prompt, completion)
-            self._log(scope, caller, server, endpoint, status, at, body, prompt, completion, latency, ttfb,
+            model = self._model(server)
+            self.metrics.usage(caller.name, model, prompt, completion)
+            self._log(scope, caller, server, model, endpoint, status, at, body, prompt, completion, latency, ttfb,
                       len(body) + flight.uploaded, tally)
 
     def _model(self, server: str) -> str:
         section = self.registry.servers.get(server)
         return (section.alias if section is not None else None) or server
 
-    def _log(self, scope: dict[str, Any], caller: Caller, server: str, endpoint: str, status: int, at: float,
-             body: bytes, prompt: int | None = None, completion: int | None = None, latency: float = 0.0,
+    def _log(self, scope: dict[str, Any], caller: Caller, server: str, model: str, endpoint: str, status: int,
+             at: float, body: bytes, prompt: int | None = None, completion: int | None = None, latency: float = 0.0,
              ttfb: float | None = None, bytes_in: int = 0, tally: Tally | None = None) -> None:
         if self.log is None or not self.log.enabled:
             return
         keep = self.log_bodies
-        self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, self._model(server), status,
+        self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, model, status,
                          prompt, completion, latency, ttfb, bytes_in, tally.size if tally else 0,
                          body[:keep].decode(errors="replace") if keep and body else None,
                          tally.kept.decode(errors="replace") if keep and tally and tally.kept else None))

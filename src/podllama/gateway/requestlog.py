@@ -63,7 +63,6 @@ class RequestLog:
         self.queue: deque[Row] = deque()
         self.written = 0
         self.dropped = 0  # rows that found the queue full
-        self.failures = 0  # batches the database refused (tried again)
         self.error: str | None = None  # the last failure, while it lasts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,7 +154,6 @@ class RequestLog:
                 self._stop.wait(FLUSH_EVERY)
 
     def _failed(self, e: DatabaseError) -> None:
-        self.failures += 1
         if self.error is None:
             log.warning("the database cannot be used now; keys stay as last read, request log rows wait in "
                         "memory (up to %d): %s", self.capacity, e)
