@@ -12,12 +12,13 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .config import NAME_RE, Config
 from .database import Database
+from .units import timestamp_of
 
 KEY_PREFIX = "pk-"
 PREFIX_SHOWN = 10  # characters of a key kept to tell keys apart ("pk-AbCdEfG")
@@ -113,15 +114,12 @@ class NewKey:
 
 
 def parse_expiry(text: str) -> float:
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise KeyProblem(f"--expires '{text}' is not a date: use 2027-01-31 or 2027-01-31T18:00") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    if when.timestamp() <= time.time():
+    when = timestamp_of(text)
+    if when is None:
+        raise KeyProblem(f"--expires '{text}' is not a date: use 2027-01-31 or 2027-01-31T18:00")
+    if when <= time.time():
         raise KeyProblem(f"--expires {text} is in the past")
-    return when.timestamp()
+    return when
 
 
 def _iso(ts: float | None) -> str | None:
@@ -168,6 +166,6 @@ class KeyStore:
         matches = [k for k in self.list() if k.state == "active" and which in (k.id, k.name)]
         if not matches:
             raise KeyProblem(f"no active key with id or name '{which}'; `podllama keys list` shows them")
-        key = matches[0]
-        self.db.execute("UPDATE podllama_keys SET revoked = ? WHERE id = ?", (time.time(), key.id))
-        return next(k for k in self.list() if k.id == key.id)
+        revoked = replace(matches[0], revoked=time.time())
+        self.db.execute("UPDATE podllama_keys SET revoked = ? WHERE id = ?", (revoked.revoked, revoked.id))
+        return revoked

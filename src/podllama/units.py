@@ -1,8 +1,10 @@
-"""Sizes and durations as people write them in services.toml and as the engines print them."""
+"""Sizes, durations and dates as people write them in services.toml and on the command line, and as the
+engines print them."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -26,6 +28,16 @@ def parse_duration(text: str | int | float) -> float:
     if not parts or re.sub(r"[0-9.]+\s*[hms]", "", str(text).strip().lower()).strip():
         raise ValueError(f"'{text}' is not a duration; write it like 600, \"90s\", \"10m\" or \"1h\"")
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def timestamp_of(text: str) -> float | None:
+    """The time an ISO date or date and time names ("2027-01-31", "2027-01-31T18:00"; UTC unless it says);
+    None when TEXT is not one."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def human(n: int | float) -> str:

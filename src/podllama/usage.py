@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from .database import Database
 from .keys import KeyStore
+from .units import timestamp_of
 
 BY = {"key": "key_id", "model": "model", "server": "server", "route": "route"}
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -21,11 +21,10 @@ def since_of(text: str, now: float | None = None) -> float:
     now = time.time() if now is None else now
     if m := _SPAN.match(text):
         return now - float(m.group(1)) * _SECONDS[m.group(2)]
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"--since '{text}' is neither a span (30m, 24h, 7d) nor a date (2026-11-01)") from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    when = timestamp_of(text)
+    if when is None:
+        raise ValueError(f"--since '{text}' is neither a span (30m, 24h, 7d) nor a date (2026-11-01)")
+    return when
 
 
 def summary(db: Database, by: str = "key", since: float = 0.0) -> list[dict[str, Any]]:
@@ -38,7 +37,7 @@ def summary(db: Database, by: str = "key", since: float = 0.0) -> list[dict[str,
         f"SELECT {column}, COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
         "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), AVG(latency), AVG(ttft) "
         f"FROM podllama_requests WHERE ts >= ? GROUP BY {column} ORDER BY COUNT(*) DESC", (since,))
-    names = {k.id: k.name for k in KeyStore(db).list()} if by == "key" else {}
+    names = _key_names(db) if by == "key" else {}
     out = []
     for group, requests, errors, prompt, completion, latency, ttft in rows:
         label = (names.get(group, group) if group else "(no key)") if by == "key" else (group or "-")
@@ -54,7 +53,11 @@ def recent(db: Database, limit: int = 100) -> list[dict[str, Any]]:
     rows = db.query("SELECT ts, key_id, method, route, server, model, status, prompt_tokens, completion_tokens, "
                     "latency, ttft, bytes_in, bytes_out FROM podllama_requests ORDER BY ts DESC LIMIT ?",
                     (max(1, min(limit, 1000)),))
-    names = {k.id: k.name for k in KeyStore(db).list()}
+    names = _key_names(db)
     keys = ("ts", "key_id", "method", "route", "server", "model", "status", "prompt_tokens", "completion_tokens",
             "latency", "ttft", "bytes_in", "bytes_out")
     return [{**dict(zip(keys, r, strict=True)), "key": names.get(r[1], r[1]) if r[1] else None} for r in rows]
+
+
+def _key_names(db: Database) -> dict[str, str]:
+    return {k.id: k.name for k in KeyStore(db).list()}
