@@ -273,16 +273,16 @@ class Proxy:
         caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
         section = self.registry.servers.get(server)
         why = caller.refusal(server, section) if section is not None else None
-        use = None
-        try:
-            if why is None and caller.key is not None:
-                use = self.quota.admit(caller.key)
-        except OverLimit as e:
-            self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), body)
-            return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
         if why is not None:
             self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), body)
             return await send_error(send, 403, why)
+        use = None
+        if caller.key is not None:
+            try:
+                use = self.quota.admit(caller.key)
+            except OverLimit as e:
+                self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), body)
+                return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
         try:
             await self._load_and_forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
         finally:
@@ -320,8 +320,7 @@ class Proxy:
             loader.release(server)
 
     async def _forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
-                       target: bytes, body: bytes, streamed: bool, caller: Caller = ANONYMOUS,
-                       use: Use | None = None) -> None:
+                       target: bytes, body: bytes, streamed: bool, caller: Caller, use: Use | None) -> None:
         started = time.perf_counter()
         at = time.time()
         flight = Flight()
