@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict
 
+from .admin import Body
 from .auth import SESSION_COOKIE, SESSION_TTL
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ SECURITY = {
 }
 
 
-class Login(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Login(Body):
     key: str
 
 
@@ -48,7 +47,7 @@ def router(gw: Gateway) -> APIRouter:
         return page("index.html")
 
     @ui.post("/login", summary="Log in to the dashboard with an admin key; sets the session cookie")
-    def login(body: Login, request: Request) -> Response:
+    def login(body: Login) -> Response:
         caller = gw.keys.caller_of(body.key.strip().encode(), admin=True)
         if caller is None:
             raise HTTPException(401, "that is not an admin key (the stack's is in .podllama/secrets/admin.key; "
