@@ -22,7 +22,7 @@ from rich.table import Table
 from . import __version__, config, hardware, images, kinds, source
 from .api import ApiError, GatewayAPI
 from .config import ConfigError
-from .database import DatabaseError
+from .database import Database, DatabaseError
 from .engine import CliEngine, EngineError, get_engine
 from .flags import FlagError
 from .gguf_meta import GGUFError
@@ -781,7 +781,7 @@ def service_remove(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None
 
 
 # -- running it -------------------------------------------------------------------------------------------------
-def _database(cfg_path: Path | None) -> tuple[config.Config, Any]:
+def _database(cfg_path: Path | None) -> tuple[config.Config, Database]:
     from .credentials import Credentials
 
     cfg = load_config(cfg_path, required=False)
