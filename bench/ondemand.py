@@ -133,7 +133,7 @@ cpu_memory = "450MiB"
 
         def unload_all() -> None:
             for name in config.load(cfg).servers:
-                httpx.post(f"{url}/api/servers/{name}/unload", headers=headers, timeout=120).raise_for_status()
+                httpx.post(f"{url}/admin/servers/{name}/unload", headers=headers, timeout=120).raise_for_status()
 
         results["podllama"] = measure(url, {n: n for n in MODELS}, headers, unload_all, args.tries)
         for name in ("mid", "tiny"):  # the other two test models, for the memory table

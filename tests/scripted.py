@@ -215,6 +215,25 @@ def sse(events: int, gap: float) -> Reply:
     return reply
 
 
+def events(*payloads: dict) -> Reply:
+    """A stream of server-sent events with these JSON payloads, then [DONE], as llama-server sends them."""
+    async def reply(ex: Exchange) -> None:
+        ex.writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for p in [*(b"data: " + json.dumps(p).encode() for p in payloads), b"data: [DONE]"]:
+            ex.writer.write(b"%x\r\n%b\n\n\r\n" % (len(p) + 2, p))
+            await ex.writer.drain()
+        ex.writer.write(b"0\r\n\r\n")
+        await ex.writer.drain()
+        ex.keep_open = False
+    return reply
+
+
+def json_reply(data: dict, status: int = 200) -> Reply:
+    async def reply(ex: Exchange) -> None:
+        await ex.send(status, json.dumps(data).encode())
+    return reply
+
+
 def then_silence(first: bytes, seconds: float) -> Reply:
     """A response head and one piece of a chunked body, then nothing."""
     async def reply(ex: Exchange) -> None:

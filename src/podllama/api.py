@@ -14,6 +14,9 @@ import httpx
 from .config import Config
 from .credentials import Credentials
 
+# podllama's management API lives under this prefix; /api is Ollama's API (gateway/ollama.py)
+ADMIN_PREFIX = "/admin"
+
 
 class ApiError(Exception):
     """The gateway answered with an error, or could not be reached; the message says which."""
@@ -36,9 +39,13 @@ class GatewayAPI:
             raise ApiError(f"the gateway answered {r.status_code} to {method} {path}: {_message(r)}")
         return r.json()
 
+    def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A management API call: PATH below ADMIN_PREFIX."""
+        return self.call(method, ADMIN_PREFIX + path, **kwargs)
+
     def reload(self) -> dict[str, Any]:
         """Make the gateway read services.toml and the keys again; returns the version it now runs."""
-        result: dict[str, Any] = self.call("POST", "/api/reload")
+        result: dict[str, Any] = self.admin("POST", "/reload")
         return result
 
     def chat(self, messages: list[dict[str, str]], model: str | None = None, max_tokens: int | None = None,

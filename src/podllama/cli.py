@@ -341,7 +341,7 @@ def load(server: Annotated[str, typer.Argument(help="An on-demand server")], cfg
          as_json: JsonOpt = False) -> None:
     """Load an on-demand server now, as its first request would (room made within the memory budget)."""
     cfg = load_config(cfg_path)
-    result = GatewayAPI(cfg, timeout=cfg.gateway.load_timeout + 30).call("POST", f"/api/servers/{server}/load")
+    result = GatewayAPI(cfg, timeout=cfg.gateway.load_timeout + 30).admin("POST", f"/servers/{server}/load")
     show(as_json, result, f"{server}: {result['status']['value']}")
 
 
@@ -350,7 +350,7 @@ def unload(server: Annotated[str, typer.Argument(help="An on-demand server")], c
            as_json: JsonOpt = False) -> None:
     """Stop an on-demand server (its prompt caches saved); its next request loads it again."""
     cfg = load_config(cfg_path)
-    result = GatewayAPI(cfg, timeout=120).call("POST", f"/api/servers/{server}/unload")
+    result = GatewayAPI(cfg, timeout=120).admin("POST", f"/servers/{server}/unload")
     show(as_json, result, f"{server}: {'unloaded' if result['was_loaded'] else 'was not loaded'}")
 
 
@@ -797,7 +797,7 @@ def keys_create(name: Annotated[str, typer.Argument(help="What the key is for (a
                 models: Annotated[str | None, typer.Option(help="Only these models (comma-separated ids or aliases)")] = None,
                 servers: Annotated[str | None, typer.Option(help="Only these servers (comma-separated)")] = None,
                 roles: Annotated[str | None, typer.Option(help="Only servers of these roles (chat, embedding …)")] = None,
-                admin: Annotated[bool, typer.Option("--admin", help="May use the management API (/api) too")] = False,
+                admin: Annotated[bool, typer.Option("--admin", help="May use the management API (/admin) too")] = False,
                 rpm: Annotated[int | None, typer.Option(help="Requests per minute at most")] = None,
                 tpm: Annotated[int | None, typer.Option(help="Tokens per minute at most (prompt and answer)")] = None,
                 concurrency: Annotated[int | None, typer.Option(help="Requests under way at once, at most")] = None,

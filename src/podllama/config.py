@@ -110,7 +110,7 @@ class GatewaySection(_Model):
     max_images: Annotated[int, Field(ge=1, le=64)] = 4
     max_image_side: Annotated[int, Field(ge=64, le=16384)] = 2048
     api_keys_file: str | None = None  # one inference key per line (also $PODLLAMA_API_KEYS, comma-separated)
-    admin_key_file: str | None = None  # the key for /api (also $PODLLAMA_ADMIN_KEY)
+    admin_key_file: str | None = None  # the key for /admin (also $PODLLAMA_ADMIN_KEY)
     # Host names the gateway answers to besides its bound address and localhost (DNS rebinding defence);
     # "*" turns the check off (behind a proxy that rewrites Host)
     allowed_hosts: list[str] = Field(default_factory=list)

@@ -1,4 +1,4 @@
-"""Keys made with `podllama keys create` (or POST /api/keys): each with a name, an optional scope (models,
+"""Keys made with `podllama keys create` (or POST /admin/keys): each with a name, an optional scope (models,
 servers, roles), admin rights or not, limits (requests and tokens per minute, requests at once) and an expiry.
 
 The key itself is shown once, when it is made; the database keeps only its SHA-256 (a key is 32 random bytes,

@@ -1,5 +1,5 @@
 """What the request log says: requests, errors, tokens and latency since a time, grouped by key, model,
-server or route (`podllama usage`, GET /api/usage)."""
+server or route (`podllama usage`, GET /admin/usage)."""
 
 from __future__ import annotations
 

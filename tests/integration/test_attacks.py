@@ -47,17 +47,17 @@ def raw(sf, data: bytes, timeout: float = 5) -> bytes:
 
 def test_the_admin_api_is_closed_without_its_key(stack, podman):
     before = ids(podman)
-    assert httpx.get(f"{stack.url}/api/config").status_code == 401
-    assert httpx.post(f"{stack.url}/api/servers/chat/restart").status_code == 401
+    assert httpx.get(f"{stack.url}/admin/config").status_code == 401
+    assert httpx.post(f"{stack.url}/admin/servers/chat/restart").status_code == 401
     assert ids(podman) == before
     key = stack.dir / ".podllama" / "secrets" / "admin.key"
     assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
-    assert stack.api().get("/api/config").status_code == 200
+    assert stack.api().get("/admin/config").status_code == 200
 
 
 def test_dns_rebinding_gets_no_answer(stack):
     rebound = {"Host": f"attacker.example:{stack.port}"}
-    assert httpx.get(f"{stack.url}/api/status", headers=rebound | stack.admin).status_code == 421
+    assert httpx.get(f"{stack.url}/admin/status", headers=rebound | stack.admin).status_code == 421
     assert httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, headers=rebound).status_code == 421
     assert httpx.get(f"{stack.url}/v1/models", headers=rebound).status_code == 421
 
@@ -65,7 +65,7 @@ def test_dns_rebinding_gets_no_answer(stack):
 def test_a_cross_site_page_cannot_drive_the_stack(stack, podman):
     before = ids(podman)
     evil = {"Origin": "http://attacker.example"}
-    assert httpx.post(f"{stack.url}/api/servers/chat/restart", headers=evil | stack.admin).status_code == 403
+    assert httpx.post(f"{stack.url}/admin/servers/chat/restart", headers=evil | stack.admin).status_code == 403
     simple = httpx.post(f"{stack.url}/v1/chat/completions", content=json.dumps(CHAT),
                         headers=evil | {"Content-Type": "text/plain"})
     assert simple.status_code == 403
@@ -83,11 +83,11 @@ def test_cors_belongs_to_the_gateway(stack):
 def test_no_command_reaches_git_through_the_update_job(stack, podman):
     for body in ({"remote": "--upload-pack=touch /tmp/podllama-pwned;false", "ref": "."},
                  {"ref": "--upload-pack=touch /tmp/podllama-pwned"}):
-        r = stack.api().post("/api/jobs/update", json=body)
+        r = stack.api().post("/admin/jobs/update", json=body)
         assert r.status_code == 422, r.text
     probe = podman.exec(f"{STACK}-gateway", ["sh", "-c", "ls /tmp/podllama-pwned || echo absent"])
     assert "absent" in probe.stdout
-    assert stack.api().get("/api/jobs").json() == []
+    assert stack.api().get("/admin/jobs").json() == []
 
 
 def test_an_encoded_line_break_never_splits_the_upstream_request(stack):
@@ -113,7 +113,7 @@ def test_servers_answer_only_the_gateway(stack, podman):
 def test_huge_heads_and_bodies_are_cut_off_before_they_are_read(stack):
     answer, sent = flood_headers(stack.port)
     assert answer.startswith(b"HTTP/1.1 431") and sent < 8 * 2**20
-    head = b"POST /api/models/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 300000000\r\n"
+    head = b"POST /admin/models/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 300000000\r\n"
     assert raw(stack, head + b"\r\n", 3).startswith(b"HTTP/1.1 401")
     keyed = head + b"Authorization: " + stack.admin["Authorization"].encode() + b"\r\n\r\n"
     assert raw(stack, keyed, 3).startswith(b"HTTP/1.1 413")
@@ -162,11 +162,11 @@ def test_two_changes_from_one_version_cannot_both_win(stack, podman):
     and the other is told the config changed (412), never both written one over the other."""
     api = stack.api(timeout=120)
     since = int(time.time())
-    etag = api.get("/api/config").headers["etag"]
+    etag = api.get("/admin/config").headers["etag"]
     results: dict[int, httpx.Response] = {}
 
     def change(size: int) -> None:
-        results[size] = api.patch("/api/servers/embed", json={"ctx_size": size}, headers={"If-Match": etag})
+        results[size] = api.patch("/admin/servers/embed", json={"ctx_size": size}, headers={"If-Match": etag})
 
     threads = [threading.Thread(target=change, args=(s,)) for s in (640, 768)]
     for t in threads:

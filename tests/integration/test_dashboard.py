@@ -105,10 +105,10 @@ def test_the_dashboard_drives_a_real_stack(stack, browser, podman, tmp_path):
     assert not problems, problems
     # logging out ends the session: the cookie no longer opens the API
     session = {"Cookie": f"podllama_session={cookie['value']}"}
-    assert httpx.get(f"{stack.url}/api/keys", headers=session).status_code == 200
+    assert httpx.get(f"{stack.url}/admin/keys", headers=session).status_code == 200
     page.click("#logout")
     page.wait_for_selector("#login:not([hidden])")
-    assert httpx.get(f"{stack.url}/api/keys", headers=session).status_code == 401
+    assert httpx.get(f"{stack.url}/admin/keys", headers=session).status_code == 401
     page.close()
 
 
@@ -123,18 +123,18 @@ def test_a_session_cookie_opens_nothing_to_another_origin(stack, browser):
     token = next(c["value"] for c in page.context.cookies() if c["name"] == "podllama_session")
     session = {"Cookie": f"podllama_session={token}"}
     other = {"Origin": "http://127.0.0.1:9"}
-    r = httpx.post(f"{stack.url}/api/keys", json={"name": "csrf"}, headers=session | other)
+    r = httpx.post(f"{stack.url}/admin/keys", json={"name": "csrf"}, headers=session | other)
     assert r.status_code == 403 and "cors_origins" in r.json()["error"]["message"]
-    r = httpx.post(f"{stack.url}/api/servers/chat/stop", headers=session | other)
+    r = httpx.post(f"{stack.url}/admin/servers/chat/stop", headers=session | other)
     assert r.status_code == 403
-    read = httpx.get(f"{stack.url}/api/keys", headers=session | other)
+    read = httpx.get(f"{stack.url}/admin/keys", headers=session | other)
     assert "access-control-allow-origin" not in read.headers  # a browser keeps the answer from that page
     r = httpx.post(f"{stack.url}/ui/login", json={"key": "x"}, headers=other)  # no login from elsewhere either
     assert r.status_code == 403
     ui = httpx.get(f"{stack.url}/ui")
     assert "frame-ancestors 'none'" in ui.headers["content-security-policy"]
     assert ui.headers["x-frame-options"] == "DENY"
-    assert [k["name"] for k in httpx.get(f"{stack.url}/api/keys", headers=stack.admin).json()] == []
+    assert [k["name"] for k in httpx.get(f"{stack.url}/admin/keys", headers=stack.admin).json()] == []
     assert next(r for r in stack.status()["servers"] if r["server"] == "chat")["state"] == "running"
     page.close()
 

@@ -169,7 +169,7 @@ def test_a_config_change_cut_off_by_the_gateways_death_is_completed(podman, cpu_
 
 def _put(url: str, sf, text: str, dry_run: bool = False) -> httpx.Response | Exception:
     try:
-        return httpx.put(f"{url}/api/config{'?dry_run=1' if dry_run else ''}", content=text, timeout=120,
+        return httpx.put(f"{url}/admin/config{'?dry_run=1' if dry_run else ''}", content=text, timeout=120,
                          headers=sf.admin | {"Content-Type": "application/toml"})
     except httpx.HTTPError as e:
         return e

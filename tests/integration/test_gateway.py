@@ -12,6 +12,7 @@ import time
 
 import anthropic
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -93,6 +94,28 @@ def test_openai_sdk_chat_completions_embeddings_models(gw):
     extra = models["tiny-embed"].model_extra
     assert extra["role"] == "embedding" and extra["server"] == "embed" and extra["status"] == {"value": "loaded"}
     assert "embedding" in extra["capabilities"] and models["tiny-chat"].owned_by == "podllama"
+
+
+def test_ollama_client_lists_shows_chats_generates_and_embeds(gw):
+    """Ollama's own Python client, pointed at the gateway's root URL, on real llama-servers."""
+    client = ollama.Client(host=gw.url, timeout=60)
+    models = {m.model: m for m in client.list().models}
+    assert {"tiny-chat", "tiny-chat-2", "tiny-embed"} <= set(models) and "tiny-rerank" not in models
+    assert models["tiny-chat"].details.format == "gguf" and models["tiny-chat"].size > 0
+    assert client.show("tiny-chat").capabilities == ["completion"]
+    assert "tiny-chat" in {m.model for m in client.ps().models}
+    whole = client.chat(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], stream=False,
+                        options={"num_predict": 4, "temperature": 0})
+    assert whole.done and whole.message.content and whole.eval_count == 4 and whole.prompt_eval_count > 0
+    parts = list(client.chat(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                             options={"num_predict": 4, "temperature": 0}))
+    assert parts[-1].done and parts[-1].eval_count == 4 and len(parts) >= 3
+    assert "".join(p.message.content for p in parts) == whole.message.content  # same greedy answer, streamed
+    gen = client.generate(model="tiny-chat:latest", prompt="Once upon", raw=True, stream=False,
+                          options={"num_predict": 3})
+    assert gen.done and gen.response and gen.eval_count == 3
+    emb = client.embed(model="tiny-embed", input=["hello", "world"])
+    assert len(emb.embeddings) == 2 and len(emb.embeddings[0]) == 64 and emb.embeddings[0] != emb.embeddings[1]
 
 
 def test_anthropic_sdk_messages(gw):
@@ -320,36 +343,36 @@ def test_help_lists_every_route_of_the_table(gw):
     assert embeddings["routes_to"] == "'embed'" and embeddings["llama_server_flag"] == "--embedding"
     chat = httpx.get(f"{gw.url}/help/chat/completions").json()  # by alias
     assert "chat2" in chat["routes_to"] and chat["path"] == "/v1/chat/completions"
-    api = {e["path"]: e for e in items if e["path"].startswith("/api")}
-    assert {"/api/config", "/api/servers/{name}", "/api/jobs/update", "/api/reload", "/api/shutdown"} <= set(api)
-    assert api["/api/config"]["methods"] == ["GET", "PUT"] or set(api["/api/config"]["methods"]) >= {"GET"}
+    api = {e["path"]: e for e in items if e["path"].startswith("/admin")}
+    assert {"/admin/config", "/admin/servers/{name}", "/admin/jobs/update", "/admin/reload", "/admin/shutdown"} <= set(api)
+    assert api["/admin/config"]["methods"] == ["GET", "PUT"] or set(api["/admin/config"]["methods"]) >= {"GET"}
     html = httpx.get(f"{gw.url}/help", headers={"accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html") and "/v1/rerank" in html.text
     spec = httpx.get(f"{gw.url}/openapi.json").json()
-    assert "/v1/chat/completions" in spec["paths"] and "/api/servers/{name}" in spec["paths"]
+    assert "/v1/chat/completions" in spec["paths"] and "/admin/servers/{name}" in spec["paths"]
     assert "post" in spec["paths"]["/v1/embeddings"]
 
 
 # -- management API -------------------------------------------------------------------------------------------
 def test_config_api_round_trip(gw, podman):
     api = gw.api(timeout=120)
-    got = api.get("/api/config")
+    got = api.get("/admin/config")
     etag = got.headers["etag"]
     assert got.json()["servers"]["embed"]["role"] == "embedding"
-    toml = api.get("/api/config?format=toml")
+    toml = api.get("/admin/config?format=toml")
     assert toml.headers["content-type"].startswith("application/toml") and "[servers.embed]" in toml.text
     ids = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
 
-    dry = api.patch("/api/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
+    dry = api.patch("/admin/servers/embed?dry_run=1", json={"ctx_size": 768}, timeout=60).json()
     assert dry["dry_run"] and "restart embed" in dry["plan"]["summary"] and "chat" in dry["plan"]["summary"]
     assert "untouched" in dry["plan"]["summary"]
 
-    stale = api.patch("/api/servers/embed", json={"ctx_size": 768}, headers={"If-Match": '"0000"'}, timeout=60)
+    stale = api.patch("/admin/servers/embed", json={"ctx_size": 768}, headers={"If-Match": '"0000"'}, timeout=60)
     assert stale.status_code == 412
 
-    invalid = api.patch("/api/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
+    invalid = api.patch("/admin/servers/embed", json={"args": {"paralel": 3}}, timeout=60)
     assert invalid.status_code == 422 and "paralel" in invalid.json()["error"]["message"]
-    assert api.get("/api/config").headers["etag"] == etag  # nothing changed
+    assert api.get("/admin/config").headers["etag"] == etag  # nothing changed
     assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == ids
 
     # chat keeps answering while embed restarts
@@ -364,7 +387,7 @@ def test_config_api_round_trip(gw, podman):
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        applied = api.patch("/api/servers/embed", json={"ctx_size": 768}, headers={"If-Match": etag}, timeout=120)
+        applied = api.patch("/admin/servers/embed", json={"ctx_size": 768}, headers={"If-Match": etag}, timeout=120)
     finally:
         stop.set()
         t.join()
@@ -374,27 +397,27 @@ def test_config_api_round_trip(gw, podman):
     assert after[f"{STACK}-embed-1"] != ids[f"{STACK}-embed-1"]
     assert all(after[n] == ids[n] for n in ids if n != f"{STACK}-embed-1")
     assert "ctx_size = 768" in gw.path.read_text() and "[servers.chat]" in gw.path.read_text()
-    assert api.get("/api/config").headers["etag"] != etag
+    assert api.get("/admin/config").headers["etag"] != etag
     assert post(gw, "/v1/embeddings", json={"input": "x"}).status_code == 200
 
 
 def test_server_api_lists_and_acts(gw):
     api = gw.api(timeout=120)
-    servers = {s["name"]: s for s in api.get("/api/servers").json()}
+    servers = {s["name"]: s for s in api.get("/admin/servers").json()}
     assert set(servers) == {"chat", "chat2", "embed", "rerank"}
     assert [r["health"] for r in servers["chat2"]["replicas"]] == ["ok", "ok"]
-    assert api.get("/api/servers/nope").status_code == 404
-    restarted = api.post("/api/servers/rerank/restart", timeout=120).json()
+    assert api.get("/admin/servers/nope").status_code == 404
+    restarted = api.post("/admin/servers/rerank/restart", timeout=120).json()
     assert restarted["replicas"][0]["health"] == "ok"
-    status = api.get("/api/status").json()
+    status = api.get("/admin/status").json()
     assert status["stack"] == STACK and len(status["servers"]) == 5
 
 
 def test_rebuild_job_over_the_api(gw):
     api = gw.api()
-    job = api.post("/api/jobs/rebuild", json={"variant": "cpu"}).json()
+    job = api.post("/admin/jobs/rebuild", json={"variant": "cpu"}).json()
     assert job["state"] == "running" and job["kind"] == "rebuild"
-    done = wait_until(lambda: (j := api.get(f"/api/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
+    done = wait_until(lambda: (j := api.get(f"/admin/jobs/{job['id']}?log=1").json())["state"] != "running" and j, 900)
     assert done["state"] == "done", (done["error"], done.get("log", [])[-5:])
     assert done["result"]["ok"] and any("building cpu" in line for line in done["log"])
-    assert api.post("/api/jobs/dance").status_code == 404
+    assert api.post("/admin/jobs/dance").status_code == 404

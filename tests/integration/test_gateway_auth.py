@@ -1,4 +1,4 @@
-"""Keys: inference keys for llama-server routes, a separate admin key for /api; /health stays public."""
+"""Keys: inference keys for llama-server routes, a separate admin key for /admin; /health stays public."""
 
 from __future__ import annotations
 
@@ -44,16 +44,16 @@ def test_inference_needs_a_key(secured):
 
 def test_the_admin_api_needs_the_admin_key(secured):
     url = secured.url
-    assert httpx.get(f"{url}/api/config").status_code == 401
-    assert httpx.get(f"{url}/api/config", headers={"Authorization": f"Bearer {INFERENCE}"}).status_code == 401
-    got = httpx.get(f"{url}/api/config", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert httpx.get(f"{url}/admin/config").status_code == 401
+    assert httpx.get(f"{url}/admin/config", headers={"Authorization": f"Bearer {INFERENCE}"}).status_code == 401
+    got = httpx.get(f"{url}/admin/config", headers={"Authorization": f"Bearer {ADMIN}"})
     assert got.status_code == 200
     assert INFERENCE not in got.text and ADMIN not in got.text  # file names only, never the keys
     assert got.json()["gateway"]["api_keys_file"] == "keys.txt"
 
 
 def test_keys_are_never_logged(secured, podman):
-    httpx.get(f"{secured.url}/api/config", headers={"Authorization": f"Bearer {ADMIN}"})
+    httpx.get(f"{secured.url}/admin/config", headers={"Authorization": f"Bearer {ADMIN}"})
     httpx.post(f"{secured.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {INFERENCE}"})
     logs = "".join(podman.logs(f"{secured.name}-gateway"))
     assert INFERENCE not in logs and ADMIN not in logs
@@ -64,4 +64,4 @@ def test_help_says_which_routes_need_which_key(secured):
     by_path = {e["path"]: e for e in items}
     assert by_path["/v1/chat/completions"]["auth"] == "inference key"
     assert by_path["/health"]["auth"] == "public"
-    assert by_path["/api/config"]["auth"] == "admin key"
+    assert by_path["/admin/config"]["auth"] == "admin key"

@@ -104,35 +104,35 @@ def test_the_models_api(podman, cpu_image, hubsrv, store_dir, tmp_path):
     try:
         sf.run("start")
         api = sf.api(timeout=120)
-        job = api.post("/api/models/pull", json={"ref": "org/tiny-split-GGUF:Q4_K_M"}).json()
+        job = api.post("/admin/models/pull", json={"ref": "org/tiny-split-GGUF:Q4_K_M"}).json()
         events = []
-        with api.stream("GET", f"/api/jobs/{job['id']}/events") as r:
+        with api.stream("GET", f"/admin/jobs/{job['id']}/events") as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
         assert events[-1]["state"] == "done", events[-1]["error"]
         assert any(e["progress"] for e in events)
         assert events[-1]["result"]["id"] == "org/tiny-split-GGUF:Q4_K_M"
-        models = {m["id"]: m for m in api.get("/api/models").json()}
+        models = {m["id"]: m for m in api.get("/admin/models").json()}
         assert set(models) == {"org/tiny-GGUF:Q8_0", "org/tiny-split-GGUF:Q4_K_M"}
         assert models["org/tiny-GGUF:Q8_0"]["used_by"] == ["chat"]
-        usage = api.get("/api/models/usage").json()
+        usage = api.get("/admin/models/usage").json()
         assert usage["models"] == 2 and usage["bytes"] > 2 * 9_000_000 and usage["disk_free_bytes"] > 0
         # a slow download, cancelled: the job says so, the partial file stays for the next pull
         hubsrv.slow["slow-Q4_K_M.gguf"] = 0.05
-        job = api.post("/api/models/pull", json={"ref": "org/slow-GGUF:Q4_K_M"}).json()
-        assert wait_until(lambda: api.get(f"/api/jobs/{job['id']}").json()["progress"], 20)
-        api.delete(f"/api/jobs/{job['id']}")
-        done = wait_until(lambda: (j := api.get(f"/api/jobs/{job['id']}").json())["state"] != "running" and j, 20)
+        job = api.post("/admin/models/pull", json={"ref": "org/slow-GGUF:Q4_K_M"}).json()
+        assert wait_until(lambda: api.get(f"/admin/jobs/{job['id']}").json()["progress"], 20)
+        api.delete(f"/admin/jobs/{job['id']}")
+        done = wait_until(lambda: (j := api.get(f"/admin/jobs/{job['id']}").json())["state"] != "running" and j, 20)
         assert done["state"] == "cancelled" and "cancelled" in done["error"]
         assert (store_dir / ".partial/org/slow-GGUF/slow-Q4_K_M.gguf").stat().st_size > 0
         assert not (store_dir / "org/slow-GGUF/slow-Q4_K_M.gguf").exists()
         hubsrv.slow.clear()
         # removal over the API: refused while in use, allowed otherwise
-        assert api.delete("/api/models/org/tiny-GGUF:Q8_0").status_code == 409
-        gone = api.delete("/api/models/org/tiny-split-GGUF:Q4_K_M").json()
+        assert api.delete("/admin/models/org/tiny-GGUF:Q8_0").status_code == 409
+        gone = api.delete("/admin/models/org/tiny-split-GGUF:Q4_K_M").json()
         assert len(gone["removed"]) == 3 and gone["stopped"] == []
-        bad = api.post("/api/models/pull", json={"ref": "../etc"})
+        bad = api.post("/admin/models/pull", json={"ref": "../etc"})
         assert bad.status_code == 422
     finally:
         sf.run("down", check=False)

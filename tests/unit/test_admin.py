@@ -14,18 +14,18 @@ CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
 
 
 @pytest.mark.parametrize("path, body, word", [
-    ("/api/jobs/update", {"remote": "--upload-pack=touch /tmp/podllama-pwned;false", "ref": "."}, "remote"),
-    ("/api/jobs/update", {"ref": "--output=/tmp/podllama-pwned"}, "ref"),
-    ("/api/jobs/update", {"ref": "HEAD", "branch": "x"}, "branch"),
-    ("/api/jobs/rebuild", {"variant": "cpu; rm -rf /"}, "variant"),
-    ("/api/models/pull", {"ref": "org/repo", "revision": "../../etc"}, "revision"),
-    ("/api/models/pull", {"ref": "--help"}, "ref"),
+    ("/admin/jobs/update", {"remote": "--upload-pack=touch /tmp/podllama-pwned;false", "ref": "."}, "remote"),
+    ("/admin/jobs/update", {"ref": "--output=/tmp/podllama-pwned"}, "ref"),
+    ("/admin/jobs/update", {"ref": "HEAD", "branch": "x"}, "branch"),
+    ("/admin/jobs/rebuild", {"variant": "cpu; rm -rf /"}, "variant"),
+    ("/admin/models/pull", {"ref": "org/repo", "revision": "../../etc"}, "revision"),
+    ("/admin/models/pull", {"ref": "--help"}, "ref"),
 ])
 def test_hostile_job_bodies_are_refused_before_any_job_starts(gateway, path, body, word):
     gw = gateway()
     r = gw.post(path, json=body, headers=gw.admin)
     assert r.status_code == 422 and word in r.json()["error"]["message"], r.text
-    assert gw.get("/api/jobs", headers=gw.admin).json() == []
+    assert gw.get("/admin/jobs", headers=gw.admin).json() == []
 
 
 def test_a_removed_server_disappears_from_routing(gateway):
@@ -41,11 +41,11 @@ def test_a_removed_server_disappears_from_routing(gateway):
 def test_reload_now_and_an_invalid_edit_keeps_the_running_config(gateway):
     gw = gateway()
     gw.cfg_path.write_text(gw.cfg_path.read_text().replace('alias = "tiny-chat"', 'alias = "renamed"'))
-    now = gw.post("/api/reload", headers=gw.admin).json()
+    now = gw.post("/admin/reload", headers=gw.admin).json()
     assert now["error"] is None and now["servers"] == ["chat", "embed"]
     assert "renamed" in {m["id"] for m in gw.get("/v1/models").json()["data"]}
     gw.cfg_path.write_text(gw.cfg_path.read_text() + "\n[servers.bad]\nrole = \"juggler\"\nmodel = \"x.gguf\"\n")
-    broken = gw.post("/api/reload", headers=gw.admin).json()
+    broken = gw.post("/admin/reload", headers=gw.admin).json()
     assert "servers.bad.role" in broken["error"]
     assert gw.post("/v1/chat/completions", json=CHAT | {"model": "renamed"}).status_code == 200
 
@@ -70,13 +70,13 @@ def test_key_files_and_keys_given_to_start_are_followed(gateway, tmp_path):
 def test_a_missing_key_file_is_reported_and_the_running_keys_kept(gateway):
     gw = gateway()
     gw.cfg_path.write_text(gw.cfg_path.read_text().replace("[gateway]", '[gateway]\napi_keys_file = "missing.txt"'))
-    answer = gw.post("/api/reload", headers=gw.admin).json()
+    answer = gw.post("/admin/reload", headers=gw.admin).json()
     assert "missing.txt" in answer["error"]
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 def test_unknown_servers_and_jobs_are_404(gateway):
     gw = gateway()
-    assert "servers: chat, embed" in gw.get("/api/servers/nope", headers=gw.admin).json()["error"]["message"]
-    assert gw.get("/api/jobs/123", headers=gw.admin).status_code == 404
-    assert gw.post("/api/jobs/dance", headers=gw.admin).status_code == 404
+    assert "servers: chat, embed" in gw.get("/admin/servers/nope", headers=gw.admin).json()["error"]["message"]
+    assert gw.get("/admin/jobs/123", headers=gw.admin).status_code == 404
+    assert gw.post("/admin/jobs/dance", headers=gw.admin).status_code == 404

@@ -10,7 +10,7 @@ CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
 def test_a_rebound_host_name_gets_421_on_every_route(gateway, upstream):
     gw = gateway()
     evil = {"Host": "attacker.example:8080"}
-    for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/api/config"),
+    for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/admin/config"),
                          ("POST", "/v1/chat/completions"), ("GET", "/servers/chat/props"), ("GET", "/help")):
         r = httpx.request(method, gw.url + path, headers=evil | gw.admin, json=CHAT if method == "POST" else None)
         assert r.status_code == 421, (path, r.status_code)
@@ -31,7 +31,7 @@ def test_a_cross_site_post_is_refused_before_it_reaches_anything(gateway, upstre
     evil = {"Origin": "http://attacker.example", "Content-Type": "text/plain"}
     r = gw.post("/v1/chat/completions", content=b'{"messages":[]}', headers=evil)
     assert r.status_code == 403 and "cors_origins" in r.json()["error"]["message"]
-    r = gw.post("/api/servers/chat/restart", headers=evil | gw.admin)  # even with the key (a browser could hold it)
+    r = gw.post("/admin/servers/chat/restart", headers=evil | gw.admin)  # even with the key (a browser could hold it)
     assert r.status_code == 403
     assert upstream.received("/v1/chat") == []
     # the gateway's own pages (same origin) may post
@@ -66,9 +66,9 @@ def test_an_allowed_origin_gets_cors_headers(gateway):
 
 def test_the_admin_api_needs_its_key_even_from_loopback(gateway):
     gw = gateway()
-    assert gw.get("/api/config").status_code == 401
-    assert gw.get("/api/config", headers={"Authorization": "Bearer guess"}).status_code == 401
-    ok = gw.get("/api/config", headers=gw.admin)
+    assert gw.get("/admin/config").status_code == 401
+    assert gw.get("/admin/config", headers={"Authorization": "Bearer guess"}).status_code == 401
+    ok = gw.get("/admin/config", headers=gw.admin)
     assert ok.status_code == 200 and ok.json()["servers"]["chat"]["model"] == "tiny.gguf"
     key_file = gw.gw.credentials.path("admin.key")
     assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o777 == 0o700
@@ -76,7 +76,7 @@ def test_the_admin_api_needs_its_key_even_from_loopback(gateway):
 
 def test_401_comes_before_the_body_is_read(gateway):
     gw = gateway()
-    head = (b"POST /api/models/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head = (b"POST /admin/models/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 300000000\r\n\r\n")
     answer = gw.raw(head, timeout=3)  # no body is ever sent: the answer must not wait for it
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
@@ -84,7 +84,7 @@ def test_401_comes_before_the_body_is_read(gateway):
 
 def test_management_bodies_are_capped_before_parsing(gateway):
     gw = gateway()
-    head = (b"PUT /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + gw.admin["Authorization"].encode()
+    head = (b"PUT /admin/config HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + gw.admin["Authorization"].encode()
             + b"\r\nContent-Type: application/toml\r\nContent-Length: 300000000\r\n\r\n")
     answer = gw.raw(head, timeout=3)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -93,7 +93,7 @@ def test_management_bodies_are_capped_before_parsing(gateway):
         for _ in range(40):
             yield b"x" * 65536
 
-    chunked = httpx.put(gw.url + "/api/config", content=chunks(), headers=gw.admin, timeout=10)
+    chunked = httpx.put(gw.url + "/admin/config", content=chunks(), headers=gw.admin, timeout=10)
     assert chunked.status_code == 413 and "management API" in chunked.json()["error"]["message"]
 
 

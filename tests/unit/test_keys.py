@@ -110,9 +110,9 @@ def test_the_first_key_closes_inference_and_a_scope_holds(gateway, upstream):
     assert r.status_code == 403
     assert len(upstream.received("/v1/chat")) == 1 and not upstream.received("/props")  # the one before the key
     # not an admin key
-    assert gw.get("/api/servers", headers=embed_only).status_code == 401
+    assert gw.get("/admin/servers", headers=embed_only).status_code == 401
     boss = key(gw, "boss", admin=True)
-    assert gw.get("/api/keys", headers=boss).status_code == 200
+    assert gw.get("/admin/keys", headers=boss).status_code == 200
     models = {m["id"] for m in gw.get("/v1/models", headers=embed_only).json()["data"]}
     assert models == {"tiny-embed"}  # a scoped key sees only what it may use
 
@@ -158,7 +158,7 @@ def test_a_revoked_or_expired_key_is_refused(gateway):
     h = key(gw, "temp")
     key(gw, "other")
     assert gw.post("/v1/chat/completions", json=CHAT, headers=h).status_code == 200
-    r = httpx.delete(gw.url + "/api/keys/temp", headers=gw.admin)
+    r = httpx.delete(gw.url + "/admin/keys/temp", headers=gw.admin)
     assert r.status_code == 200 and r.json()["state"] == "revoked"
     assert gw.post("/v1/chat/completions", json=CHAT, headers=h).status_code == 401
     h2 = key(gw, "brief", expires="2099-01-01")
@@ -167,20 +167,20 @@ def test_a_revoked_or_expired_key_is_refused(gateway):
     assert gw.gw.requests.read_keys()
     assert gw.post("/v1/chat/completions", json=CHAT, headers=h2).status_code == 401
     # with every key revoked or expired, the gateway stays closed: revoking never opens it
-    assert httpx.delete(gw.url + "/api/keys/other", headers=gw.admin).status_code == 200
+    assert httpx.delete(gw.url + "/admin/keys/other", headers=gw.admin).status_code == 200
     assert gw.gw.keys.stored == {}
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401
 
 
 def test_keys_over_the_management_api(gateway):
     gw = gateway()
-    r = gw.post("/api/keys", json={"name": "ci", "models": ["tiny-embed"], "rpm": 10}, headers=gw.admin)
+    r = gw.post("/admin/keys", json={"name": "ci", "models": ["tiny-embed"], "rpm": 10}, headers=gw.admin)
     assert r.status_code == 201 and r.json()["key"].startswith("pk-") and r.json()["rpm"] == 10
     secret = r.json()["key"]
-    listed = httpx.get(gw.url + "/api/keys", headers=gw.admin).json()
+    listed = httpx.get(gw.url + "/admin/keys", headers=gw.admin).json()
     assert [k["name"] for k in listed] == ["ci"] and "key" not in listed[0] and secret not in json.dumps(listed)
     assert gw.post("/v1/embeddings", json={"input": "x"}, headers={"X-Api-Key": secret}).status_code == 200
-    bad = gw.post("/api/keys", json={"name": "x", "servers": ["nope"]}, headers=gw.admin)
+    bad = gw.post("/admin/keys", json={"name": "x", "servers": ["nope"]}, headers=gw.admin)
     assert bad.status_code == 400 and "no server named nope" in bad.json()["error"]["message"]
 
 
@@ -194,7 +194,7 @@ def test_the_request_log_holds_who_what_and_the_tokens_reported(gateway, upstrea
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401  # not forwarded: not logged
     log = gw.gw.requests
     assert wait_until(lambda: log.written == 2, 10), (log.written, log.error)
-    rows = httpx.get(gw.url + "/api/requests", headers=gw.admin).json()["requests"]
+    rows = httpx.get(gw.url + "/admin/requests", headers=gw.admin).json()["requests"]
     chat = next(r for r in rows if r["route"] == "chat.completions")
     assert (chat["key"], chat["model"], chat["status"], chat["prompt_tokens"], chat["completion_tokens"]) == \
         ("logged", "tiny-chat", 200, 11, 7)

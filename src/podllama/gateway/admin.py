@@ -1,4 +1,4 @@
-"""The management API under /api: servers, config, builds and updates, models, keys and usage, the whole stack. The guard lets
+"""The management API under /admin: servers, config, builds and updates, models, keys and usage, the whole stack. The guard lets
 only admin-key holders in (401 before the body is read); here every body is a typed model, so a value that
 would reach git, podman or llama-server is checked before any work starts (422)."""
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from .. import changes, hub, usage, validate
+from ..api import ADMIN_PREFIX
 from ..changes import ChangeError
 from ..config import VariantName
 from ..database import DatabaseError
@@ -111,7 +112,7 @@ ExistingJob = Annotated[Job, Depends(existing_job)]
 
 
 def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
-    """The /api routers, bound to GW (the gateway: stack, registry, supervisor) and its JOBS."""
+    """The /admin routers, bound to GW (the gateway: stack, registry, supervisor) and its JOBS."""
 
     def change(edit: Callable[[str], str], if_match: str | None, dry_run: bool) -> dict[str, Any]:
         try:
@@ -130,7 +131,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         return [r for r in gw.stack.status() if r["server"] == name]
 
     # -- servers ------------------------------------------------------------------------------------------------
-    servers = APIRouter(prefix="/api/servers", tags=["servers"])
+    servers = APIRouter(prefix=f"{ADMIN_PREFIX}/servers", tags=["servers"])
 
     @servers.get("")
     def list_servers() -> list[dict[str, Any]]:
@@ -152,7 +153,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         if not isinstance(name, str):
             raise HTTPException(422, 'body needs "name"')
         if name in gw.stack.cfg.servers:
-            raise HTTPException(409, f"server '{name}' exists; PUT or PATCH /api/servers/{name} changes it")
+            raise HTTPException(409, f"server '{name}' exists; PUT or PATCH /admin/servers/{name} changes it")
         return change(lambda text: changes.with_server(text, name, body), request.headers.get("if-match"), dry_run)
 
     @servers.put("/{name}")
@@ -217,7 +218,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
             raise HTTPException(503, f"the engine cannot be asked for logs: {e}") from None
 
     # -- config -------------------------------------------------------------------------------------------------
-    config = APIRouter(prefix="/api", tags=["config"])
+    config = APIRouter(prefix=ADMIN_PREFIX, tags=["config"])
 
     @config.get("/config")
     def get_config(request: Request, format: str = Query("json")) -> Any:
@@ -276,7 +277,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         return {"stopping": list(gw.stack.containers())}
 
     # -- builds, updates and downloads (jobs) ---------------------------------------------------------------------
-    job_api = APIRouter(prefix="/api", tags=["jobs"])
+    job_api = APIRouter(prefix=ADMIN_PREFIX, tags=["jobs"])
 
     def run_job(kind: str, params: dict[str, Any], work: Callable[[Job], Any]) -> dict[str, Any]:
         try:
@@ -304,7 +305,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
 
     @job_api.post("/jobs/{kind}", include_in_schema=False)
     def unknown_job(kind: str) -> None:
-        raise HTTPException(404, f"no job kind '{kind}'; POST /api/jobs/update, /api/jobs/rebuild or /api/models/pull")
+        raise HTTPException(404, f"no job kind '{kind}'; POST /admin/jobs/update, /admin/jobs/rebuild or /admin/models/pull")
 
     @job_api.get("/jobs")
     def list_jobs() -> list[dict[str, Any]]:
@@ -339,7 +340,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         return job.to_dict()
 
     # -- models -------------------------------------------------------------------------------------------------
-    models = APIRouter(prefix="/api/models", tags=["models"])
+    models = APIRouter(prefix=f"{ADMIN_PREFIX}/models", tags=["models"])
 
     @models.get("")
     def list_models() -> list[dict[str, Any]]:
@@ -353,7 +354,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
 
     @models.post("/pull", status_code=202)
     def pull_model(body: PullJob) -> dict[str, Any]:
-        """Download {ref, revision?, mmproj?} from Hugging Face as a job; follow /api/jobs/{id}/events."""
+        """Download {ref, revision?, mmproj?} from Hugging Face as a job; follow /admin/jobs/{id}/events."""
         st = gw.stack
 
         def work(job: Job) -> Any:
@@ -387,7 +388,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         return {"removed": removed, "stopped": stopped}
 
     # -- keys and usage ---------------------------------------------------------------------------------------
-    access = APIRouter(prefix="/api", tags=["keys and usage"])
+    access = APIRouter(prefix=ADMIN_PREFIX, tags=["keys and usage"])
 
     def database_call(work: Callable[[], Any]) -> Any:
         try:

@@ -1,6 +1,6 @@
 """The gateway application: one ASGI app. Every request passes the guard first (Host, Origin, keys, body
 limits); llama-server routes then take the raw proxy path (routes.py, proxy.py); everything the gateway
-answers itself — /health, /v1/models, /metrics, /help, /api — is FastAPI.
+answers itself — /health, /v1/models, /metrics, /help, /admin, /api (Ollama) — is FastAPI.
 
 The gateway follows its config: services.toml, the key files it names and the stack's credentials are looked
 at every round of the registry and of the supervisor, and a change is applied to routing, keys, limits,
@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, config
+from ..api import ADMIN_PREFIX
 from ..changes import version_of
 from ..credentials import Credentials
 from ..engine import CliEngine, get_engine
@@ -40,6 +41,8 @@ from .errors import error_type
 from .guard import Access, Guard, access_of_own
 from .jobs import Jobs
 from .metrics import Metrics
+from .ollama import PREFIX as OLLAMA
+from .ollama import Ollama
 from .ondemand import Loader, Refused
 from .proxy import Proxy
 from .quota import WINDOW
@@ -99,6 +102,7 @@ class Gateway:
         self._reload_lock = threading.Lock()
         self._seen = self._stamp()
         self.api = self._fastapi()
+        self.ollama = Ollama(self)
 
     # -- following the config -----------------------------------------------------------------------------
     def _stamp(self) -> tuple[Any, ...]:
@@ -174,6 +178,11 @@ class Gateway:
             return self.loader.state_of(server)
         return {OK: "loaded", LOADING: "loading"}.get(self.registry.state_of(server), "unloaded")
 
+    @staticmethod
+    def caller_of(scope: Mapping[str, Any]) -> Caller:
+        """Who the guard let this request in as."""
+        return scope.get("state", {}).get("caller", ANONYMOUS)  # type: ignore[no-any-return]
+
     def server_of(self, model: str, caller: Caller) -> str:
         server = self.registry.server_for_model(model)
         if server is None:
@@ -186,7 +195,7 @@ class Gateway:
         """Load on-demand SERVER now (as its first request would); for other servers, say how they run."""
         if not self.loader.manages(server):
             raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"): it runs from "
-                                              "`podllama start` on; POST /api/servers/NAME/start starts it")
+                                              "`podllama start` on; POST /admin/servers/NAME/start starts it")
         try:
             await self.loader.ensure(server)
         except Refused as e:
@@ -199,7 +208,7 @@ class Gateway:
     async def unload(self, server: str) -> dict[str, Any]:
         if not self.loader.manages(server):
             raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"); "
-                                              "POST /api/servers/NAME/stop stops it")
+                                              "POST /admin/servers/NAME/stop stops it")
         try:
             stopped = await self.loader.unload(server)
         except Refused as e:
@@ -218,9 +227,11 @@ class Gateway:
         ep = self.table.match(scope["method"], path)
         proxied = ep is not None and ep.scope != "gateway" and not (ep.name == "metrics" and not _asks_server(scope))
         passthrough = not proxied and path.startswith(PASSTHROUGH)
+        ollama = path == OLLAMA or path.startswith(OLLAMA + "/")
         ui = not proxied and not passthrough and scope["method"] in ("GET", "HEAD") and _is_ui(path)
-        access = Access.PUBLIC if ui else Access.INFERENCE if proxied or passthrough else access_of_own(path)
-        checked = await self.guard(scope, receive, send, access, own=not (proxied or passthrough or ui))
+        streamed = proxied or passthrough or ollama  # bodies read (and capped) by the proxy or the translation
+        access = Access.PUBLIC if ui else Access.INFERENCE if streamed else access_of_own(path)
+        checked = await self.guard(scope, receive, send, access, own=not (streamed or ui))
         if checked is None:
             return
         receive, send = checked
@@ -229,6 +240,8 @@ class Gateway:
             return await self.proxy.endpoint(scope, receive, send, ep)
         if passthrough:
             return await self.proxy.passthrough(scope, receive, send)
+        if ollama:
+            return await self.ollama(scope, receive, send)
         if ui:
             return await self.proxy.ui(scope, receive, send)
         await self.api(scope, receive, send)
@@ -356,12 +369,12 @@ def _is_ui(path: str) -> bool:
     """llama.cpp's web UI: its page and its static files (served by the default chat server); not podllama's
     own dashboard (/ui) or API."""
     return path == "/" or path.startswith("/_app/") or (
-        path.endswith(UI_FILES) and not path.startswith(("/api/", "/ui/")))
+        path.endswith(UI_FILES) and not path.startswith((ADMIN_PREFIX + "/", "/api/", "/ui/")))
 
 
 def _caller(request: Request) -> Caller:
     """Who the guard let this request in as."""
-    return getattr(request.state, "caller", ANONYMOUS)
+    return Gateway.caller_of(request.scope)
 
 
 def _asks_server(scope: dict[str, Any]) -> bool:

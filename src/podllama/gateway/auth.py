@@ -1,4 +1,4 @@
-"""Gateway keys: inference keys for the llama-server routes, admin keys for /api.
+"""Gateway keys: inference keys for the llama-server routes, admin keys for /admin.
 
 Inference keys come from $PODLLAMA_API_KEYS (comma-separated), [gateway] api_keys_file, what `podllama start`
 was given (the stack's credentials, `api_keys`) and the database (`podllama keys create`, with scopes and

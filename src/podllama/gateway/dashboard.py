@@ -3,7 +3,7 @@ file from anywhere else), driving the management API as a logged-in admin.
 
 Logging in posts an admin key (a listed one, or a database key made with --admin) to /ui/login; the answer
 sets an HttpOnly, SameSite=Strict session cookie (auth.Sessions) that the guard takes in place of the key.
-The page's files are public and hold no data; everything it shows comes from /api with the session. Every
+The page's files are public and hold no data; everything it shows comes from /admin with the session. Every
 answer carries a Content-Security-Policy that allows only the gateway's own scripts, styles and connections,
 and may not be framed.
 """

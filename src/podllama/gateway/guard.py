@@ -7,11 +7,11 @@
    upstream `Access-Control-*` headers are dropped by the proxy.
 3. **Origin** (CSRF): a state change (any method but GET/HEAD/OPTIONS) that a browser sends from an origin that
    is neither the gateway's own nor allowed gets 403 — even a "simple" cross-site POST that needs no preflight.
-4. **Keys**: /api needs an admin key, inference routes an inference key (when any is set); 401 before the
+4. **Keys**: /admin needs an admin key, inference routes an inference key (when any is set); 401 before the
    body is read. A dashboard login (an HttpOnly, SameSite=Strict cookie) stands for the admin key that opened
    it; the Origin check above keeps other origins on the same site from using it to change anything. Who the
    key belongs to (a Caller) goes with the request, in `scope["state"]["caller"]`.
-5. **Bodies** of the gateway's own routes (/api …) are read here, capped at API_MAX_BODY (413), before FastAPI
+5. **Bodies** of the gateway's own routes (/admin, /api …) are read here, capped at API_MAX_BODY (413), before FastAPI
    parses them. Proxied routes stream theirs, capped by the proxy at `max_body_mb`.
 """
 
@@ -21,6 +21,7 @@ import ipaddress
 from enum import Enum
 from typing import Any
 
+from ..api import ADMIN_PREFIX
 from ..config import GatewaySection
 from . import body as bodies
 from .auth import ANONYMOUS, Caller, Keys, Sessions
@@ -42,7 +43,6 @@ class Access(Enum):
     ADMIN = "admin key"
 
 
-ADMIN_PREFIX = "/api"
 # answered by the gateway, need an inference key
 INFERENCE_OWN = frozenset({"/v1/models", "/models", "/models/load", "/models/unload", "/metrics"})
 
@@ -140,7 +140,7 @@ class Guard:
             await send_error(send, 401, "Invalid admin key" if access is Access.ADMIN else "Invalid API Key",
                              headers=[(b"www-authenticate", b"Bearer")])
             return None
-        scope.setdefault("state", {})["caller"] = caller  # for the proxy (scope, limits, the log) and /api
+        scope.setdefault("state", {})["caller"] = caller  # for the proxy (scope, limits, the log) and /admin
         if origin is not None and origin_ok:
             send = _with_cors(send, origin)
         if own:

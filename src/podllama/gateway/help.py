@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 
 from .auth import Keys
 from .guard import Access, access_of_own
+from .ollama import ROUTES as OLLAMA_ROUTES
 from .routes import ENDPOINTS, PASSTHROUGH, Endpoint
 from .upstreams import Registry
 
@@ -43,6 +44,11 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
                 "purpose": "Anything, passed through to one server (its web UI, routes added upstream later …)",
                 "params": [], "streams": True, "routes_to": ", ".join(registry.servers) or "no servers",
                 "roles": [], "llama_server_flag": None, "auth": inference})
+    for r in OLLAMA_ROUTES:
+        out.append({"name": "ollama" + r.path.removeprefix("/api").replace("/", "."), "methods": [r.method],
+                    "path": r.path, "aliases": [], "purpose": r.purpose, "params": [], "streams": r.streams,
+                    "routes_to": f"{r.upstream} of the model's server" if r.upstream else "the gateway itself",
+                    "roles": [], "llama_server_flag": None, "auth": inference})
     own: dict[str, dict[str, Any]] = {}
     for route in app.routes:
         if not isinstance(route, APIRoute) or route.path in ("/health", "/v1/health", "/v1/models", "/models", "/metrics"):
@@ -105,6 +111,12 @@ def openapi(app: FastAPI) -> dict[str, Any]:
                 if method == "POST":
                     op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
                 item[method.lower()] = op
+    for r in OLLAMA_ROUTES:
+        doc["paths"].setdefault(r.path, {})[r.method.lower()] = {
+            "summary": r.purpose, "operationId": f"ollama_{r.method}_{r.path}", "tags": ["Ollama API"],
+            "responses": {"200": {"description": "Ollama's shape" + (" (NDJSON when streamed)" if r.streams else "")}},
+            **({"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
+               if r.method == "POST" else {})}
     return doc
 
 

@@ -139,17 +139,31 @@ class Stack:
                              "mmproj file; set mmproj = \"FILE\"")
         return m.model, mmproj
 
-    def chosen(self, name: str, model: str) -> tuple[list[str], list[str]]:
-        """(flags, notes): what podllama adds to server NAME from what its model file says (defaults.py)."""
-        server = self.cfg.servers[name]
+    def metadata(self, model: str) -> Metadata | None:
+        """What the model file MODEL (in the store) says about itself; None when it is not there."""
         path = self.store.path(model)
         try:
             st = path.stat()
-            meta = _metadata(str(path), st.st_mtime_ns, st.st_size)
         except OSError:
-            return [], []
+            return None
+        return _metadata(str(path), st.st_mtime_ns, st.st_size)
+
+    def model_metadata(self, name: str) -> Metadata | None:
+        """Server NAME's model metadata; None when its file is not there or is not a readable GGUF."""
+        try:
+            return self.metadata(self.model_files(name)[0])
+        except (StackError, GGUFError, OSError):
+            return None
+
+    def chosen(self, name: str, model: str) -> tuple[list[str], list[str]]:
+        """(flags, notes): what podllama adds to server NAME from what its model file says (defaults.py)."""
+        server = self.cfg.servers[name]
+        try:
+            meta = self.metadata(model)
         except GGUFError as e:
             raise StackError(f"servers.{name}: {e}") from None
+        if meta is None:
+            return [], []
         argv, notes = defaults.for_server(server.role, server.args, meta)
         if model == server.fallback:
             notes.insert(0, f"the fallback model (the hub model {server.model} is not in the store)")

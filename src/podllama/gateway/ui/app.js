@@ -1,4 +1,4 @@
-// The podllama dashboard: plain JavaScript over the management API (/api), logged in by an HttpOnly session
+// The podllama dashboard: plain JavaScript over the management API (/admin), logged in by an HttpOnly session
 // cookie. Everything shown is set as text (never as HTML): names, logs and config come from outside.
 "use strict";
 
@@ -109,14 +109,14 @@ for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("c
 async function act(server, verb) {
   say("servers-message", `${verb} ${server} …`);
   try {
-    await api("POST", `/api/servers/${encodeURIComponent(server)}/${verb}`);
+    await api("POST", `/admin/servers/${encodeURIComponent(server)}/${verb}`);
     say("servers-message", `${server}: ${verb} done`);
   } catch (err) { say("servers-message", `${server}: ${err.message}`, true); }
   loadServers();
 }
 
 async function loadServers() {
-  const { data } = await api("GET", "/api/status");
+  const { data } = await api("GET", "/admin/status");
   const rows = data.servers.map((r) => {
     const actions = el("td", {},
       el("button", { onclick: () => act(r.server, "restart") }, "restart"),
@@ -143,7 +143,7 @@ function followLog(server) {
   $("log-name").textContent = server;
   const pull = async () => {
     try {
-      const { data } = await api("GET", `/api/servers/${encodeURIComponent(server)}/logs?tail=200`);
+      const { data } = await api("GET", `/admin/servers/${encodeURIComponent(server)}/logs?tail=200`);
       const pre = $("log");
       const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
       pre.textContent = Object.values(data.replicas).join("\n") || "(no log)";
@@ -158,7 +158,7 @@ $("log-close").addEventListener("click", () => { clearInterval(logTimer); $("log
 
 // -- models --------------------------------------------------------------------------------------------------
 async function loadModels() {
-  const { data } = await api("GET", "/api/models");
+  const { data } = await api("GET", "/admin/models");
   $("models-rows").replaceChildren(...data.map((m) => el("tr", {},
     el("td", {}, m.id), el("td", { class: "num" }, human(m.size)), el("td", {}, m.source ?? "-"),
     el("td", {}, (m.revision || "").slice(0, 12) || "-"), el("td", {}, (m.used_by || []).join(", ") || "-"))));
@@ -169,12 +169,12 @@ $("pull-form").addEventListener("submit", async (e) => {
   const body = { ref: $("pull-ref").value.trim() };
   if ($("pull-revision").value.trim()) body.revision = $("pull-revision").value.trim();
   try {
-    const { data: job } = await api("POST", "/api/models/pull", body);
+    const { data: job } = await api("POST", "/admin/models/pull", body);
     say("models-message", `pulling ${body.ref} …`);
     const bar = $("pull-progress");
     bar.hidden = false;
     for (;;) {
-      const { data: j } = await api("GET", `/api/jobs/${job.id}`);
+      const { data: j } = await api("GET", `/admin/jobs/${job.id}`);
       const parts = Object.values(j.progress || {});
       const done = parts.reduce((a, p) => a + p.done, 0), total = parts.reduce((a, p) => a + p.total, 0);
       bar.value = total ? done / total : 0;
@@ -193,7 +193,7 @@ $("pull-form").addEventListener("submit", async (e) => {
 $("verify").addEventListener("click", async () => {
   say("models-message", "verifying every file …");
   try {
-    const { data } = await api("POST", "/api/models/verify");
+    const { data } = await api("POST", "/admin/models/verify");
     const bad = Object.entries(data.models).filter(([, p]) => p.length);
     say("models-message", bad.length ? bad.map(([id, p]) => `${id}: ${p.join("; ")}`).join(" | ")
       : `all ${Object.keys(data.models).length} models verified: every byte matches`, bad.length > 0);
@@ -204,7 +204,7 @@ $("verify").addEventListener("click", async () => {
 async function loadRequests() {
   const by = $("usage-by").value, since = $("usage-since").value;
   const [{ data: usage }, { data: recent }] = await Promise.all([
-    api("GET", `/api/usage?by=${by}&since=${since}`), api("GET", "/api/requests?limit=50")]);
+    api("GET", `/admin/usage?by=${by}&since=${since}`), api("GET", "/admin/requests?limit=50")]);
   $("usage-group").textContent = by;
   $("usage-rows").replaceChildren(...usage.map((u) => el("tr", {},
     el("td", {}, u[by]), el("td", { class: "num" }, String(u.requests)), el("td", { class: "num" }, String(u.errors)),
@@ -260,7 +260,7 @@ $("usage-since").addEventListener("change", () => loadRequests());
 
 // -- keys ----------------------------------------------------------------------------------------------------
 async function loadKeys() {
-  const { data } = await api("GET", "/api/keys?all=1");
+  const { data } = await api("GET", "/admin/keys?all=1");
   $("keys-rows").replaceChildren(...data.map((k) => {
     const scope = ["models", "servers", "roles"].filter((w) => k[w].length).map((w) => `${w}: ${k[w].join(", ")}`);
     const limits = ["rpm", "tpm", "concurrency"].filter((w) => k[w]).map((w) => `${k[w]} ${w}`);
@@ -275,7 +275,7 @@ async function loadKeys() {
 async function revoke(k) {
   if (!confirm(`Revoke key '${k.name}'? Requests with it are refused from now on.`)) return;
   try {
-    await api("DELETE", `/api/keys/${encodeURIComponent(k.id)}`);
+    await api("DELETE", `/admin/keys/${encodeURIComponent(k.id)}`);
     say("keys-message", `revoked ${k.name}`);
   } catch (err) { say("keys-message", err.message, true); }
   loadKeys();
@@ -288,7 +288,7 @@ $("key-form").addEventListener("submit", async (e) => {
     roles: list($("key-roles").value), admin: $("key-admin").checked, rpm: num("key-rpm"), tpm: num("key-tpm"),
     concurrency: num("key-concurrency"), expires: $("key-expires").value || null };
   try {
-    const { data } = await api("POST", "/api/keys", body);
+    const { data } = await api("POST", "/admin/keys", body);
     $("new-key-name").textContent = data.name;
     $("new-key-value").textContent = data.key;
     $("new-key").hidden = false;
@@ -300,7 +300,7 @@ $("key-form").addEventListener("submit", async (e) => {
 
 // -- config --------------------------------------------------------------------------------------------------
 async function loadConfig() {
-  const { data, headers } = await api("GET", "/api/config?format=toml");
+  const { data, headers } = await api("GET", "/admin/config?format=toml");
   configEtag = headers.get("ETag");
   configOriginal = data;
   $("config-text").value = data;
@@ -332,7 +332,7 @@ $("config-text").addEventListener("input", () => { $("config-apply").disabled = 
 $("config-plan").addEventListener("click", async () => {
   const text = $("config-text").value;
   try {
-    const { data } = await api("PUT", "/api/config?dry_run=1", text, { "Content-Type": "application/toml", "If-Match": configEtag });
+    const { data } = await api("PUT", "/admin/config?dry_run=1", text, { "Content-Type": "application/toml", "If-Match": configEtag });
     $("plan-summary").textContent = data.plan.summary;
     const lines = diff(configOriginal, text).filter(([k]) => k !== " ");
     $("plan-diff").replaceChildren(...(lines.length ? lines.map(([k, line]) =>
@@ -350,7 +350,7 @@ $("config-apply").addEventListener("click", async () => {
   $("config-apply").disabled = true;
   say("config-message", "applying …");
   try {
-    const { data } = await api("PUT", "/api/config", $("config-text").value, { "Content-Type": "application/toml", "If-Match": configEtag });
+    const { data } = await api("PUT", "/admin/config", $("config-text").value, { "Content-Type": "application/toml", "If-Match": configEtag });
     await loadConfig();
     say("config-message", `applied: ${data.plan.summary} (version ${data.version})`);
   } catch (err) { say("config-message", err.message, true); }
