@@ -10,9 +10,20 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from . import validate as checks
 from .atomic import atomic_write
@@ -252,6 +263,11 @@ class ServerSection(_Model):
         return of_role(self.role)
 
     @property
+    def origin(self) -> str:
+        """Where it serves from: its model file (a remote server: its URL)."""
+        return self.model
+
+    @property
     def idle_seconds(self) -> float:
         return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
 
@@ -343,6 +359,73 @@ class ServerSection(_Model):
         return self
 
 
+# What a server that podllama runs has and a remote one cannot: set on a [servers.X] with url, they are refused.
+RUN_ONLY = ("fallback", "mmproj", "ctx_size", "gpu_layers", "replicas", "variant", "gpus", "args", "env", "start",
+            "idle_timeout")
+
+
+class RemoteServer(ServerSection):
+    """A server podllama routes to and health-checks but does not run: `[servers.X] url = "http://host:port"` —
+    a llama-server on another machine, or any OpenAI-compatible server. Requests keep the model name the
+    client sent (make `alias` the name the server expects, for servers that check it)."""
+
+    url: str
+    model: str = ""  # what it serves, as a name clients may use (optional)
+    api_key_file: str | None = None  # a file holding the key it wants (relative to services.toml)
+    health: str = "/health"  # the path that answers 200 when it is ready (e.g. /v1/models)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        checks.text(v, "url")
+        u = urlsplit(v)
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if u.scheme != "http" or not u.hostname or port is None or u.username or u.password or u.query or \
+                u.fragment or u.path not in ("", "/") or not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", u.netloc):
+            raise ValueError(f"'{v}' is not http://HOST:PORT (plain HTTP, a port, no path or credentials; the key "
+                             "goes in api_key_file)")
+        return v.rstrip("/")
+
+    @field_validator("health")
+    @classmethod
+    def _health(cls, v: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", v):
+            raise ValueError(f"'{v}' is not a path such as /health or /v1/models")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _served(cls, v: str) -> str:
+        return v and checks.text(v, "model")
+
+    @model_validator(mode="after")
+    def _projector(self) -> RemoteServer:  # the remote server has its projector, if any
+        return self
+
+    @model_validator(mode="after")
+    def _runs_elsewhere(self) -> RemoteServer:
+        given = [k for k in RUN_ONLY if k in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: settings of a server podllama runs; a server with url runs "
+                             "elsewhere (set them where it runs)")
+        return self
+
+    @property
+    def origin(self) -> str:
+        return self.url
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+
 class Config(_Model):
     stack: StackSection = Field(default_factory=StackSection)
     build: BuildSection = Field(default_factory=BuildSection)
@@ -350,30 +433,50 @@ class Config(_Model):
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     hub: HubSection = Field(default_factory=HubSection)
     placement: PlacementSection = Field(default_factory=PlacementSection)
-    servers: dict[str, ServerSection] = Field(default_factory=dict)
+    servers: dict[str, ServerSection] = Field(default_factory=dict)  # the servers podllama runs
+    # [servers.X] sections with url: routed and health-checked, run elsewhere
+    remotes: dict[str, RemoteServer] = Field(default_factory=dict)
 
     _source: Path | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_remotes(cls, data: Any) -> Any:
+        """[servers.X] with url is a remote server; in the file both are [servers.X]."""
+        if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+            return data
+        if "remotes" in data:
+            raise ValueError("there is no [remotes] section: write [servers.NAME] with url = \"http://host:port\"")
+        servers = {k: v for k, v in data["servers"].items() if not (isinstance(v, dict) and "url" in v)}
+        remotes = {k: v for k, v in data["servers"].items() if k not in servers}
+        return {**data, "servers": servers, "remotes": remotes}
+
+    @property
+    def routable(self) -> dict[str, ServerSection]:
+        """Every server the gateway routes to: the ones podllama runs and the remote ones."""
+        return {**self.servers, **self.remotes}
+
     @model_validator(mode="after")
     def _servers(self) -> Config:
+        routable = self.routable
         for role, chosen in self.gateway.defaults.items():
-            if chosen not in self.servers:
+            if chosen not in routable:
                 raise ValueError(f"gateway.defaults.{role}: no server named '{chosen}'")
-            if self.servers[chosen].role != role:
-                raise ValueError(f"gateway.defaults.{role}: server '{chosen}' has role '{self.servers[chosen].role}'")
+            if routable[chosen].role != role:
+                raise ValueError(f"gateway.defaults.{role}: server '{chosen}' has role '{routable[chosen].role}'")
         names: dict[str, str] = {}
-        for name, server in self.servers.items():
+        for name, server in routable.items():
             if not NAME_RE.match(name):
                 raise ValueError(
                     f"server name '{name}' must be 1-40 characters of a-z, 0-9, '-' or '_' "
                     "(it becomes part of container names)"
                 )
-            for routable in {name, server.alias or name}:
-                other = names.get(routable)
+            for called in {name, server.alias or name}:
+                other = names.get(called)
                 if other is not None and other != name:
-                    raise ValueError(f"'{routable}' names both server '{other}' and server '{name}'; names and aliases "
+                    raise ValueError(f"'{called}' names both server '{other}' and server '{name}'; names and aliases "
                                      "must be unique")
-                names[routable] = name
+                names[called] = name
         return self
 
     # -- where things live -------------------------------------------------------------------------------
@@ -401,8 +504,31 @@ class Config(_Model):
         """Per-stack state: build logs, recorded image facts. Kept beside the config, ignored by git."""
         return self.root / ".podllama"
 
+    def remote_key(self, name: str) -> str | None:
+        """The key remote server NAME wants, read from its api_key_file now (None: it wants none)."""
+        f = self.remotes[name].api_key_file
+        if not f:
+            return None
+        path = Path(f) if Path(f).is_absolute() else self.root / f
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"servers.{name}.api_key_file: cannot read {path} ({e.strerror}); write the server's "
+                              "key there") from None
+        return checks.text(key, f"the key in {path}") if key else None
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @model_serializer(mode="wrap")
+    def _as_in_the_file(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Remote servers are [servers.X] sections in the file, with only what was set."""
+        data: dict[str, Any] = handler(self)
+        data.pop("remotes", None)
+        data["servers"] = {**data.get("servers", {}), **{
+            n: r.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {"url": r.url}
+            for n, r in self.remotes.items()}}
+        return data
 
 
 def config_path(path: str | os.PathLike[str] | None) -> Path:
@@ -444,7 +570,8 @@ def validate(data: Any, where: str = "services.toml") -> Config:
 def format_errors(e: ValidationError, where: str) -> str:
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+        loc = ["servers" if i == 0 and p == "remotes" else p for i, p in enumerate(err["loc"])]
+        key = ".".join(str(p) for p in loc if not _is_union_tag(p)) or "(top level)"
         lines.append(f"{where}: {key}: {_explain(err)}")
     return "\n".join(dict.fromkeys(lines))
 

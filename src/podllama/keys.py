@@ -95,7 +95,7 @@ class NewKey:
             if value is not None and not 1 <= value <= 10**9:
                 raise KeyProblem(f"--{what} must be a whole number from 1 (leave it out for no limit)")
         if cfg is not None:
-            servers = cfg.servers
+            servers = cfg.routable
             unknown = [s for s in self.servers if s not in servers]
             if unknown:
                 raise KeyProblem(f"no server named {', '.join(unknown)}; servers: {', '.join(servers)}")

@@ -102,3 +102,66 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     again = config.load(f)
     assert again.servers["chat"].ctx_size == 8192 and again.servers["embed"].model == "my-embedder.gguf"
     assert [p.name for p in tmp_path.iterdir()] == ["services.toml"]
+
+
+REMOTE = """
+[gateway.defaults]
+embedding = "far-embed"
+
+[servers.chat]
+model = "tiny.gguf"
+
+[servers.far]
+url = "http://192.168.1.5:8080"
+alias = "big-model"
+api_key_file = "far.key"
+
+[servers.far-embed]
+role = "embedding"
+url = "http://[fd00::5]:9000/"
+health = "/v1/models"
+"""
+
+
+def test_a_server_with_url_is_remote_and_round_trips_as_it_was_written(tmp_path):
+    cfg = config.parse(REMOTE)
+    assert list(cfg.servers) == ["chat"]  # what podllama runs
+    assert list(cfg.remotes) == ["far", "far-embed"] and list(cfg.routable) == ["chat", "far", "far-embed"]
+    far, emb = cfg.remotes["far"], cfg.remotes["far-embed"]
+    assert (far.host, far.port, emb.host, emb.port, emb.url) == ("192.168.1.5", 8080, "fd00::5", 9000, "http://[fd00::5]:9000")
+    again = config.parse(cfg.to_toml())
+    assert again.remotes == cfg.remotes and again.servers == cfg.servers
+    assert "[remotes" not in cfg.to_toml() and 'url = "http://192.168.1.5:8080"' in cfg.to_toml()
+    assert config.validate(cfg.model_dump(mode="json")).remotes == cfg.remotes  # the JSON of GET /admin/config
+
+
+@pytest.mark.parametrize("bad, says", [
+    ('url = "https://x:1"', "servers.far.url: 'https://x:1' is not http://HOST:PORT"),
+    ('url = "http://x"', "is not http://HOST:PORT"),
+    ('url = "http://user:pw@x:1"', "is not http://HOST:PORT"),
+    ('url = "http://x:1/v1"', "is not http://HOST:PORT"),
+    ('url = "http://x:1?a=b"', "is not http://HOST:PORT"),
+    ('url = "http://x\\r\\nHost: y:1"', "control characters"),
+    ('url = "-http://x:1"', "starts with '-'"),
+    ('url = "http://x:1"\nreplicas = 2', "servers.far: replicas: settings of a server podllama runs"),
+    ('url = "http://x:1"\nargs = { parallel = 2 }', "args: settings of a server podllama runs"),
+    ('url = "http://x:1"\nhealth = "health"', "is not a path"),
+])
+def test_remote_servers_are_checked_before_anything_uses_them(bad, says):
+    with pytest.raises(ConfigError) as e:
+        config.parse(f"[servers.far]\n{bad}\n")
+    assert says in str(e.value)
+
+
+def test_remote_names_share_the_namespace_and_key_files_are_read_when_used(tmp_path):
+    with pytest.raises(ConfigError, match="'chat' names both"):
+        config.parse('[servers.chat]\nmodel = "a.gguf"\n[servers.far]\nurl = "http://x:1"\nalias = "chat"\n')
+    with pytest.raises(ConfigError, match="no \\[remotes\\] section"):
+        config.validate({"remotes": {}, "servers": {}})
+    path = tmp_path / "services.toml"
+    path.write_text(REMOTE)
+    cfg = config.load(path)
+    with pytest.raises(ConfigError, match="servers.far.api_key_file: cannot read .*far.key"):
+        cfg.remote_key("far")
+    (tmp_path / "far.key").write_text("sk-remote\n")
+    assert cfg.remote_key("far") == "sk-remote" and cfg.remote_key("far-embed") is None

@@ -94,7 +94,11 @@ DryRun = Annotated[bool, Query(description="Only plan: what would start, restart
 
 def existing(name: str, request: Request) -> str:
     """The server named in the path, which must exist."""
-    servers = request.app.state.gateway.stack.cfg.servers
+    cfg = request.app.state.gateway.stack.cfg
+    servers = cfg.servers
+    if name in cfg.remotes:
+        raise HTTPException(409, f"server '{name}' is remote ({cfg.remotes[name].url}): podllama routes to it but "
+                                 "does not run it; change it in services.toml (PUT /admin/config)")
     if name not in servers:
         raise HTTPException(404, f"no server named '{name}'; servers: {', '.join(servers)}")
     return name
@@ -138,7 +142,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         """Every server with its config and live status."""
         rows = gw.stack.status()
         return [{"name": n, "config": s.model_dump(mode="json", exclude_none=True),
-                 "replicas": [r for r in rows if r["server"] == n]} for n, s in gw.stack.cfg.servers.items()]
+                 "replicas": [r for r in rows if r["server"] == n]} for n, s in gw.stack.cfg.routable.items()]
 
     @servers.get("/{name}")
     def get_server(name: Existing) -> dict[str, Any]:

@@ -134,6 +134,8 @@ class Gateway:
             try:
                 cfg = config.load(source)
                 keys = Keys.load(cfg)
+                for name in cfg.remotes:  # readable now, or the running config stays
+                    cfg.remote_key(name)
             except (config.ConfigError, ValueError) as e:
                 self.config_error = str(e)
                 log.error("services.toml changed but cannot be used; the running config stays: %s", e)

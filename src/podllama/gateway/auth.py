@@ -40,8 +40,8 @@ def _read_keys(path: str | None, base: Path) -> list[str]:
 
 def key_files(cfg: Config) -> list[Path]:
     """The key files the config names (watched for changes)."""
-    return [p if p.is_absolute() else cfg.root / p
-            for p in (Path(f) for f in (cfg.gateway.api_keys_file, cfg.gateway.admin_key_file) if f)]
+    named = (cfg.gateway.api_keys_file, cfg.gateway.admin_key_file, *(r.api_key_file for r in cfg.remotes.values()))
+    return [p if p.is_absolute() else cfg.root / p for p in (Path(f) for f in named if f)]
 
 
 @dataclass(frozen=True)

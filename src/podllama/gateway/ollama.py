@@ -392,7 +392,7 @@ class Ollama:
 
     def _entry(self, model: str, server: str) -> dict[str, Any]:
         details, meta = self._details(server)
-        path = self.gw.stack.cfg.servers[server].model
+        path = self.gw.registry.servers[server].origin
         size = meta.size if meta is not None else 0
         return {"name": model, "model": model, "modified_at": now(), "size": size,
                 "digest": hashlib.sha256(f"{server}\0{path}\0{size}".encode()).hexdigest(), "details": details}
@@ -413,7 +413,7 @@ class Ollama:
 
     async def show(self, scope: dict[str, Any], receive: Receive, send: Send, req: dict[str, Any]) -> None:
         model, server = self._server(scope, req.get("model") or req.get("name"))
-        section = self.gw.stack.cfg.servers[server]
+        section = self.gw.registry.servers[server]
         details, meta = await asyncio.to_thread(self._details, server)
         info = {k: v for k, v in (meta.values if meta is not None else {}).items()
                 if not k.startswith("tokenizer.") and isinstance(v, (str, int, float, bool))}
@@ -423,7 +423,7 @@ class Ollama:
         if template and "tools" in template and "embedding" not in caps:
             caps = [*caps, "tools"]
         await send_json(send, 200, {
-            "modelfile": f"# served by podllama: [servers.{server}] model = {section.model}\nFROM {section.model}\n",
+            "modelfile": f"# served by podllama: [servers.{server}]\nFROM {section.origin}\n",
             "parameters": " ".join(section.args), "template": template or "", "details": details,
             "model_info": info, "capabilities": caps, "modified_at": now()})
 

@@ -256,7 +256,9 @@ class Proxy:
             return None
 
     # -- forwarding ---------------------------------------------------------------------------------------
-    def _upstream_headers(self, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    def _upstream_headers(self, scope: dict[str, Any], server: str) -> list[tuple[bytes, bytes]]:
+        """The client's headers as they go to SERVER: hop-by-hop and credentials dropped, the server's own key
+        (the stack's server key, or a remote server's) added."""
         headers = scope["headers"]
         named = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
         drop = NOT_FORWARDED | named if named else NOT_FORWARDED
@@ -264,7 +266,8 @@ class Proxy:
         client = scope.get("client")
         if client:
             out.append((b"x-forwarded-for", client[0].encode()))
-        return out + self.upstream_auth
+        remote = self.registry.auth_of(server)
+        return out + (self.upstream_auth if remote is None else remote)
 
     async def forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
                       target: bytes, body: bytes, streamed: bool) -> None:
@@ -347,7 +350,7 @@ class Proxy:
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv:
             self._remember(conv.decode(errors="replace"), server)
-        headers = self._upstream_headers(scope)
+        headers = self._upstream_headers(scope, server)
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         status, ttfb = 502, None

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import Config, ServerSection
+from ..config import Config, ConfigError, ServerSection
 from ..engine import EngineError
 from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
@@ -78,6 +78,22 @@ def _http_threads(server: ServerSection) -> int:
     return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
 
 
+REMOTE = "remote:"  # the "container" of a remote server's one replica: remote:NAME
+
+
+def _remote_key(cfg: Config, name: str) -> str | None:
+    """Its key; an unreadable key file is logged (a reload refuses it before it gets here, see Gateway.reload)."""
+    try:
+        return cfg.remote_key(name)
+    except ConfigError as e:
+        log.error("%s", e)
+        return None
+
+
+def auth_header(key: str | None) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", b"Bearer " + key.encode())] if key else []
+
+
 WAIT_PROBE_EVERY = 0.25  # seconds between probes of a server that requests are waiting for
 WAIT_LOOKUP_EVERY = 1.0  # … and between looks at its containers' addresses
 STATE_TTL = 0.5  # seconds a read of the stack's state is reused
@@ -102,19 +118,26 @@ class Registry:
     def configure(self, cfg: Config) -> None:
         """Model names → servers: the server's name, its alias, its model file (with and without .gguf)."""
         names: dict[str, str] = {}
-        for name, server in cfg.servers.items():
+        for name, server in cfg.routable.items():
             for key in (name, server.alias, server.model, server.model.rsplit("/", 1)[-1],
                         server.model.rsplit("/", 1)[-1].removesuffix(".gguf")):
                 if key:
                     names.setdefault(key, name)
         self.cfg = cfg
         self.names = names
-        self.threads = {name: _http_threads(server) for name, server in cfg.servers.items()}
-        self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.servers}
+        self.threads = {name: _http_threads(server) for name, server in cfg.routable.items()}
+        self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.routable}
+        # remote servers: their own key (never the stack's server key) and their own health path
+        self.remote_auth = {name: auth_header(_remote_key(cfg, name)) for name in cfg.remotes}
+        self.health_checks = {name: (r.health.encode(), self.remote_auth[name]) for name, r in cfg.remotes.items()}
+
+    def auth_of(self, server: str) -> list[tuple[bytes, bytes]] | None:
+        """The credentials a remote SERVER wants; None for the servers podllama runs (the stack's server key)."""
+        return self.remote_auth.get(server)
 
     @property
     def servers(self) -> dict[str, ServerSection]:
-        return self.cfg.servers
+        return self.cfg.routable
 
     def server_for_model(self, model: str) -> str | None:
         return self.names.get(model)
@@ -144,8 +167,11 @@ class Registry:
         """Look up the servers' replicas and addresses (blocking: run it in a thread)."""
         self.refreshed = time.monotonic()  # also when the look fails: an engine that is gone is not asked in a loop
         found = self.discover()
-        if found is None:
-            return
+        remote = [Target(n, REMOTE + n, r.host, r.port) for n, r in self.cfg.remotes.items()]
+        if found is None:  # the engine did not answer: its servers as last seen, the remote ones as configured
+            found = [Target(r.server, r.container, r.host, r.port) for rs in self.replicas.values() for r in rs
+                     if not r.container.startswith(REMOTE)]
+        found = [*found, *remote]
         with self._lock:
             old = {r.container: r for rs in self.replicas.values() for r in rs}
             fresh: dict[str, list[Replica]] = {}
@@ -157,7 +183,8 @@ class Registry:
                     fresh.setdefault(t.server, []).append(prev)
                 else:  # new, or back at another address: one look at its health before it takes requests
                     replica = Replica(t.server, t.container, t.host, t.port)
-                    replica.state = probe(replica.url, timeout=1)
+                    path, auth = self.health_checks.get(t.server, (b"/health", []))
+                    replica.state = probe(replica.url, timeout=1, path=path.decode(), headers=dict(auth))
                     fresh.setdefault(t.server, []).append(replica)
             self.replicas = fresh
 
@@ -188,6 +215,8 @@ class Registry:
     def expected(self, server: str) -> str | None:
         """Why SERVER is not coming back when it is not: None when some replica should run (started, not
         stopped by the user, not given up on by the supervisor); else what the state says."""
+        if server in self.cfg.remotes:
+            return f"not answering at {self.cfg.remotes[server].url} (a remote server: podllama does not run it)"
         if self.state is None or server not in self.servers:
             return "not running"
         saved = self._servers_saved()
@@ -217,7 +246,8 @@ class Registry:
 
     async def _probe(self, r: Replica) -> None:
         try:
-            resp = await self.probes.request(r.host, r.port, "GET", b"/health", [])
+            path, auth = self.health_checks.get(r.server, (b"/health", []))
+            resp = await self.probes.request(r.host, r.port, "GET", path, auth)
             await resp.read(self.probes.idle_timeout)
             state = STATES.get(resp.status, DOWN)
         except UpstreamError:

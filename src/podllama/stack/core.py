@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults, flags, hardware, hub, images, memory
-from ..config import PROJECTOR_ROLES, Config, ServerSection
+from ..config import PROJECTOR_ROLES, Config, ConfigError, ServerSection
 from ..credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
 from ..gguf_meta import GGUFError, Metadata
@@ -106,6 +106,10 @@ class Stack:
 
     def select(self, servers: list[str] | None) -> list[str]:
         names = servers or list(self.cfg.servers)
+        remote = [n for n in names if n in self.cfg.remotes]
+        if remote:
+            raise StackError(f"{', '.join(remote)}: remote (url = …): podllama routes to them and checks their "
+                             "health, but they run elsewhere; start, stop or restart them there")
         unknown = [n for n in names if n not in self.cfg.servers]
         if unknown:
             raise StackError(f"no server named {', '.join(unknown)} in {self.cfg.source}; servers: "
@@ -149,7 +153,10 @@ class Stack:
         return _metadata(str(path), st.st_mtime_ns, st.st_size)
 
     def model_metadata(self, name: str) -> Metadata | None:
-        """Server NAME's model metadata; None when its file is not there or is not a readable GGUF."""
+        """Server NAME's model metadata; None when its file is not there or is not a readable GGUF (or podllama
+        does not run it)."""
+        if name not in self.cfg.servers:
+            return None
         try:
             return self.metadata(self.model_files(name)[0])
         except (StackError, GGUFError, OSError):
@@ -224,7 +231,7 @@ class Stack:
         selected = self.select(names)
         failed = self.pull_missing(selected, download)
         problems = (list(failed.values()) + self.missing_models([n for n in selected if n not in failed])
-                    + self.gpu_problems(selected))
+                    + self.gpu_problems(selected) + self.remote_problems())
         if gateway:
             holder = self.gateway.port_holder()
             if holder not in (None, "ours"):
@@ -233,6 +240,16 @@ class Stack:
                                 "another port in [gateway] port")
         if problems:
             raise StackError("\n".join(problems))
+
+    def remote_problems(self) -> list[str]:
+        """Remote servers whose key file cannot be read (the gateway would send them no key)."""
+        problems = []
+        for name in self.cfg.remotes:
+            try:
+                self.cfg.remote_key(name)
+            except ConfigError as e:
+                problems.append(str(e))
+        return problems
 
     def gpu_problems(self, names: list[str]) -> list[str]:
         """GPU passthrough that would fail for the variants NAMES run on: the smoke test or the first start

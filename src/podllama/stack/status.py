@@ -7,9 +7,11 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..config import ConfigError
 from ..engine import ContainerInfo
 from ..gguf_meta import GGUFError
 from ..health import container_health
+from ..health import probe as probe_url
 from ..state import RUNNING
 from .spec import (
     L_CHOSEN,
@@ -45,7 +47,25 @@ def status_rows(stack: Stack, probe: bool = True) -> list[dict[str, Any]]:
             continue
         rows.append(_row(stack, info.labels.get(L_SERVER, "?"), int_label(info.labels.get(L_REPLICA)) or 0,
                          info.labels.get(L_ROLE, "?"), info.labels.get(L_MODEL, "?"), info, {}, probe, declared=False))
-    return rows
+    return rows + [_remote_row(stack, name, probe) for name in stack.cfg.remotes]
+
+
+def _remote_row(stack: Stack, name: str, probe: bool) -> dict[str, Any]:
+    """A server podllama routes to but does not run: its health as the gateway checks it."""
+    remote = stack.cfg.remotes[name]
+    health = None
+    if probe:
+        try:
+            key = stack.cfg.remote_key(name)
+        except ConfigError:
+            key = None
+        headers = {b"authorization": b"Bearer " + key.encode()} if key else None
+        health = probe_url(remote.url, path=remote.health, headers=headers)
+    return {"server": name, "replica": 1, "container": None, "declared": True, "role": remote.role,
+            "model": remote.alias or remote.model or name, "state": "remote", "health": health, "desired": RUNNING,
+            "uptime_s": None, "restarts": 0, "last_restart": None, "failed": None, "image": None, "commit": None,
+            "exit_code": None, "model_file": remote.url, "chosen": None, "start": None, "memory": None,
+            "last_used": None, "idle_s": None, "url": remote.url}
 
 
 def _row(stack: Stack, server: str, replica: int, role: str, model: str, info: ContainerInfo | None,
