@@ -24,6 +24,7 @@ from .api import ApiError, GatewayAPI
 from .config import ConfigError
 from .database import Database, DatabaseError
 from .engine import CliEngine, EngineError, get_engine
+from .export import ExportError
 from .flags import FlagError
 from .gguf_meta import GGUFError
 from .hub import PullError
@@ -578,11 +579,40 @@ def endpoints(as_json: JsonOpt = False) -> None:
     sys.stdout.write(helpdoc.markdown())
 
 
+@app.command("export")
+def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compose or kube")],
+               cfg_path: ConfigOpt = None, engine: EngineOpt = None,
+               output: Annotated[str, typer.Option("-o", "--output", help="Directory to write into")] = "export",
+               target: Annotated[str, typer.Option("--for", help="kube: kubernetes (the keys in a Secret) or podman "
+                                                             "(`podman kube play`: the keys mounted from DIR)")]
+               = "kubernetes",
+               as_json: JsonOpt = False) -> None:
+    """Write the whole stack for compose or Kubernetes: the same images, flags and hardening as `start`, the
+    read-only models volume, the server key, health probes, and a gateway that finds the servers by DNS."""
+    from .export import export, valid_dir
+
+    if target not in ("kubernetes", "podman"):
+        raise typer.BadParameter("kubernetes or podman", param_hint="--for")
+    st = stack_for(cfg_path, engine)
+    out_dir = valid_dir(output)
+    with Steps(err).step("gateway image") as s:
+        gateway_image = images.build_gateway(st.engine, source.project_root(), images.base_choice(st.cfg),
+                                             st.cfg.state_path / "logs", progress=s.say)
+    written = export(st, fmt, out_dir, gateway_image, flavour=target)
+    if as_json:
+        return emit({"format": fmt, "files": [str(p) for p in written]})
+    for path in written:
+        out.print(str(path))
+
+
 @app.command("gateway")
 def gateway_cmd(cfg_path: ConfigOpt = None,
                 host: Annotated[str | None, typer.Option(help="Bind address (default: [gateway] host)")] = None,
                 port: Annotated[int | None, typer.Option(help="Port (default: [gateway] port)")] = None,
-                supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True) -> None:
+                supervise: Annotated[bool, typer.Option(help="Run the supervisor in this process")] = True,
+                discovery: Annotated[str, typer.Option(help="engine: the stack's containers; dns: an exported stack's "
+                                                            "services (no engine, restarts left to the orchestrator)")]
+                = "engine") -> None:
     """Run the gateway in this process (development; `podllama start` runs it as a container)."""
     import logging
 
@@ -595,7 +625,9 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
     host = host or cfg.gateway.host
     # in a container on the stack's network it binds 0.0.0.0, but clients reach it at the published address
     bound = os.environ.get("PODLLAMA_PUBLISHED_HOST") or host
-    gw = Gateway(cfg, supervise=supervise, bound=bound)
+    if discovery not in ("engine", "dns"):
+        raise typer.BadParameter("engine or dns", param_hint="--discovery")
+    gw = Gateway(cfg, supervise=supervise, bound=bound, orchestrated=discovery == "dns")
     serve(gw, host, port or cfg.gateway.port, gw.limits)
 
 
@@ -869,7 +901,8 @@ def _seconds(value: float | None) -> str:
 
 
 KNOWN_ERRORS = (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError,
-                StoreError, ApiError, ServiceError, GGUFError, RootRequired, DatabaseError, KeyProblem)
+                StoreError, ApiError, ServiceError, GGUFError, RootRequired, DatabaseError, KeyProblem,
+                ExportError)
 
 
 def fail(code: int, message: str, kind: str, as_json: bool) -> None:

@@ -31,6 +31,7 @@ from .kinds import Kind, of_role
 from .units import parse_duration, parse_size
 
 DEFAULT_CONFIG = "services.toml"
+STATE_ENV = "PODLLAMA_STATE_DIR"
 CONFIG_ENV = "PODLLAMA_CONFIG"
 
 # llama-server's roles, then those of the other server kinds (kinds.py): transcription (whisper-server), image
@@ -501,8 +502,9 @@ class Config(_Model):
 
     @property
     def state_path(self) -> Path:
-        """Per-stack state: build logs, recorded image facts. Kept beside the config, ignored by git."""
-        return self.root / ".podllama"
+        """Per-stack state: build logs, recorded image facts, credentials. Kept beside the config, ignored by git;
+        $PODLLAMA_STATE_DIR elsewhere (an exported gateway: its config is read-only, its state is not)."""
+        return Path(os.environ.get(STATE_ENV) or self.root / ".podllama")
 
     def remote_key(self, name: str) -> str | None:
         """The key remote server NAME wants, read from its api_key_file now (None: it wants none)."""

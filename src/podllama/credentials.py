@@ -15,6 +15,7 @@ container's environment or labels (what `podman inspect` shows).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Mapping
@@ -72,9 +73,14 @@ class Credentials:
         """server.key readable by its owner (the gateway runs as root) and by SERVER_GID (the servers'
         group); the directory around it keeps everyone else out."""
         path = self.path("server.key")
-        if os.geteuid() == 0 and path.stat().st_gid != SERVER_GID:
-            os.chown(path, 0, SERVER_GID)
-        os.chmod(path, 0o440)
+        try:
+            if os.geteuid() == 0 and path.stat().st_gid != SERVER_GID:
+                os.chown(path, 0, SERVER_GID)
+            if path.stat().st_mode & 0o777 != 0o440:
+                os.chmod(path, 0o440)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise  # a read-only mount (an exported stack's secret) decides who reads it itself
 
     def admin_key(self) -> str | None:
         return self.read("admin.key")

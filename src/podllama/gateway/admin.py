@@ -260,11 +260,18 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
     def status() -> dict[str, Any]:
         """Every server's state and health, the supervisor's recent actions, the last update, config problems."""
         st = gw.stack
-        try:
-            servers = st.status()
-        except EngineError as e:  # the engine cannot be asked: what the gateway itself sees
-            servers = [{"server": r.server, "container": r.container, "health": r.state, "address": r.host,
-                        "engine": f"cannot be asked: {e}"} for rs in gw.registry.replicas.values() for r in rs]
+
+        def seen(engine: str) -> list[dict[str, Any]]:
+            return [{"server": r.server, "container": r.container, "health": r.state, "address": r.host,
+                     "engine": engine} for rs in gw.registry.replicas.values() for r in rs]
+
+        if gw.registry.orchestrated:  # an exported stack: the orchestrator runs the servers, DNS finds them
+            servers = seen("none: an exported stack, run by its orchestrator")
+        else:
+            try:
+                servers = st.status()
+            except EngineError as e:  # the engine cannot be asked: what the gateway itself sees
+                servers = seen(f"cannot be asked: {e}")
         saved = st.state.read()
         return {"stack": st.name, "servers": servers, "supervisor": gw.supervisor.events[-20:],
                 "engine_problem": gw.supervisor.engine_problem, "last_update": saved.get("last_update"),

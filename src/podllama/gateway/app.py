@@ -49,7 +49,7 @@ from .quota import WINDOW
 from .requestlog import RequestLog
 from .routes import ENDPOINTS, PASSTHROUGH
 from .server import Limits
-from .upstreams import Discover, Registry, engine_discovery
+from .upstreams import Discover, Registry, dns_discovery, engine_discovery
 
 log = logging.getLogger("podllama.gateway")
 
@@ -64,11 +64,16 @@ class Gateway:
 
     def __init__(self, cfg: config.Config, supervise: bool = True, engine_name: str | None = None,
                  discover: Discover | None = None, bound: str | None = None, poll_every: float = 2.0,
-                 engine: CliEngine | None = None) -> None:
+                 engine: CliEngine | None = None, orchestrated: bool = False) -> None:
         """DISCOVER: where the servers' addresses come from (default: the engine's containers). BOUND: the
         address the gateway listens on, when not [gateway] host. POLL_EVERY: seconds between looks at the
-        servers' health and at the config files. ENGINE: the engine itself (default: by ENGINE_NAME)."""
-        engine = engine or get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE") or cfg.stack.engine)
+        servers' health and at the config files. ENGINE: the engine itself (default: by ENGINE_NAME).
+        ORCHESTRATED: an exported stack (compose, Kubernetes): servers found by DNS, no engine, no supervisor."""
+        if orchestrated:
+            supervise = False
+            discover = dns_discovery(lambda: self.stack.cfg)
+        engine = engine or get_engine(engine_name or os.environ.get("PODLLAMA_ENGINE")
+                                      or ("podman" if orchestrated else cfg.stack.engine))  # never asked then
         self.stack = Stack(cfg, engine, progress=log.info, default_variant=os.environ.get("PODLLAMA_VARIANT"))
         self.credentials = Credentials(cfg.state_path)
         for made in self.credentials.ensure():
@@ -79,6 +84,7 @@ class Gateway:
         self.limits = Limits()
         self.limits.configure(cfg.gateway)
         self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
+        self.registry.orchestrated = orchestrated
         self.metrics = Metrics()
         self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
         # the database (keys, the request log), read and written by the request log's own thread

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from ..config import Config, ConfigError, ServerSection
 from ..engine import EngineError
 from ..health import DOWN, LOADING, OK, STATES, probe
-from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack
+from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack, dns_hosts
 from ..state import RUNNING, STOPPED, UNLOADED, StackState
 from .client import Client, UpstreamError
 
@@ -68,6 +69,27 @@ def engine_discovery(stack: Stack) -> Discover:
     return discover
 
 
+def dns_discovery(config: Callable[[], Config]) -> Discover:
+    """The servers of an exported stack (`podllama export`), found by their DNS names as the orchestrator gives
+    them: every address of each name is a replica. Names that do not resolve are no replica."""
+    def discover() -> list[Target]:
+        out = []
+        for name, server in config().servers.items():
+            seen: set[str] = set()
+            for host in dns_hosts(name, server.replicas):
+                try:
+                    infos = socket.getaddrinfo(host, SERVER_PORT, type=socket.SOCK_STREAM)
+                except (socket.gaierror, UnicodeError):
+                    continue
+                for info in infos:
+                    ip = str(info[4][0])
+                    if ip not in seen:
+                        seen.add(ip)
+                        out.append(Target(name, f"{host}@{ip}", ip))
+        return out
+    return discover
+
+
 def _http_threads(server: ServerSection) -> int:
     """How many connections a llama-server serves at once (its HTTP threads): --threads-http, else
     llama-server's own default, max(n_parallel + 4, CPUs - 1), with n_parallel -1 meaning 4."""
@@ -104,6 +126,7 @@ class Registry:
         """STATE: the stack's state, which says which servers should run (None: none is waited for when down)."""
         self.discover = discover
         self.state = state
+        self.orchestrated = False  # an exported stack: every server is expected back (see expected())
         self.replicas: dict[str, list[Replica]] = {}
         self.names: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -217,6 +240,8 @@ class Registry:
         stopped by the user, not given up on by the supervisor); else what the state says."""
         if server in self.cfg.remotes:
             return f"not answering at {self.cfg.remotes[server].url} (a remote server: podllama does not run it)"
+        if self.orchestrated:
+            return None  # an orchestrator runs the servers, and brings back what dies
         if self.state is None or server not in self.servers:
             return "not running"
         saved = self._servers_saved()

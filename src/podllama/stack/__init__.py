@@ -22,10 +22,12 @@ from .spec import (
                    StackError,
                    Unit,
                    container_name,
+                   dns_hosts,
+                   dns_name,
                    server_args,
                    spec_hash,
 )
 
 __all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
            "L_ROLE", "L_SERVER", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "Gateway", "Plan", "Stack", "StackError",
-           "Step", "Unit", "container_name", "plan", "server_args", "spec_hash"]
+           "Step", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]

@@ -57,6 +57,17 @@ def container_name(stack: str, server: str, replica: int) -> str:
     return f"{stack}-{server}-{replica}"
 
 
+def dns_name(server: str) -> str:
+    """A server's name as a DNS label, as exported stacks name its service (DNS allows no '_')."""
+    return server.replace("_", "-")
+
+
+def dns_hosts(server: str, replicas: int) -> list[str]:
+    """The names an exported server's replicas answer to: its service (compose, a headless Kubernetes Service:
+    every replica's address) and `podman kube play`'s pods (NAME-pod-0 …, one address each)."""
+    return [dns_name(server), *(f"{dns_name(server)}-pod-{i}" for i in range(replicas))]
+
+
 def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
                 mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
     """The llama-server command line of a server: model and role from podllama, the flags chosen from the model

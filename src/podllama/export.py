@@ -1,0 +1,284 @@
+"""`podllama export compose|kube`: the whole stack of services.toml for an orchestrator to run — the same
+containers `podllama start` makes (images, server flags, the hardening, the read-only models volume, the
+server key), and the gateway without an engine socket: it finds the servers by their DNS names and leaves
+restarts to the orchestrator (`podllama gateway --discovery dns`).
+
+What it writes into DIR:
+    compose.yaml or podllama.yaml (a ConfigMap, a Secret, a Deployment and a Service per server, the gateway's)
+    gateway/services.toml                       the config as the exported gateway reads it
+    gateway/state/secrets/{admin.key,server.key}  the stack's keys, for the gateway (0600 / 0440)
+    keys/server.key                             the server key alone, for the servers (root:10001, 0440)
+
+The gateway reads its config from /etc/podllama (read-only) and keeps its state in /var/lib/podllama.
+
+The containers come from Stack.units(), so the flags are the ones `start` would give (checked against each
+image's --help). Exported servers all run: on-demand loading needs the engine, which an exported gateway
+does not have.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import yaml
+
+from . import config
+from .atomic import atomic_write
+from .config import STATE_ENV, Config
+from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
+from .engine import ContainerSpec
+from .stack import GATEWAY_PORT, SERVER_PORT, Stack, dns_name
+
+CONFIG_IN_GATEWAY = "/etc/podllama"  # the exported gateway's services.toml, read-only
+STATE_IN_GATEWAY = "/var/lib/podllama"  # … and its state ($PODLLAMA_STATE_DIR): the request log, secrets/
+KEY_DIR = str(Path(SERVER_KEY_IN_CONTAINER).parent)  # the servers' key directory: server.key alone
+MODELS = "/models"
+HEALTH = {"interval": "10s", "timeout": "5s", "retries": 3}
+FORMATS = ("compose", "kube")
+
+
+class ExportError(Exception):
+    pass
+
+
+def always_on(cfg: Config) -> dict[str, Any]:
+    """CFG's data with every server started with the stack: on-demand loading needs the engine."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    for server in data["servers"].values():
+        if server.get("start") == "on-demand":
+            server["start"] = "always"
+            server.pop("idle_timeout", None)
+    return data
+
+
+def gateway_config(cfg: Config, allowed: list[str]) -> dict[str, Any]:
+    """services.toml as the exported gateway reads it: models at /models, every server always on, the
+    gateway's service name allowed as a Host."""
+    data = always_on(cfg)
+    data["stack"]["models_dir"] = MODELS
+    data["gateway"]["allowed_hosts"] = sorted(set(data["gateway"].get("allowed_hosts", [])) | set(allowed))
+    for key in ("admin_key_file", "api_keys_file"):
+        data["gateway"].pop(key, None)  # files of this machine: the keys travel in .podllama/secrets instead
+    return data
+
+
+def _keys(cfg: Config, out: Path) -> tuple[list[Path], dict[str, str]]:
+    """The stack's keys copied for the gateway (OUT/gateway/state/secrets) and the server key alone for the
+    servers (OUT/keys); server.key readable by the servers' group."""
+    creds = Credentials(cfg.state_path)
+    creds.ensure()
+    keys = {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
+    gateway = out / "gateway" / "state" / "secrets"
+    written = []
+    for path, value, mode in ((gateway / "admin.key", keys["admin.key"], 0o600),
+                              (gateway / "server.key", keys["server.key"], 0o440),
+                              (out / "keys" / "server.key", keys["server.key"], 0o440)):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if path.parent == gateway else 0o750)
+        atomic_write(path, value + "\n", mode=mode)
+        if mode == 0o440 and os.geteuid() == 0:
+            os.chown(path, 0, SERVER_GID)
+        written.append(path)
+    if os.geteuid() == 0:
+        os.chown(out / "keys", 0, SERVER_GID)
+    return written, keys
+
+
+def _image(stack: Stack, image: str) -> str:
+    """The image by its commit tag (what `podllama build` tagged, never moved), where it has one."""
+    labels = stack.engine.image_labels(image)
+    commit = (labels.get("podllama.llama-commit") or labels.get("podllama.source") or "")[:12]
+    tagged = image.rsplit(":", 1)[0] + f":{image.rsplit(':', 1)[1]}-{commit}" if commit and ":" in image else image
+    return tagged if stack.engine.image_id(tagged) else image
+
+
+def _servers(stack: Stack) -> list[tuple[str, int, ContainerSpec]]:
+    """(server, replicas, the first replica's spec) for every server podllama runs, all of them always on."""
+    cfg = config.validate(always_on(stack.cfg))
+    cfg._source = stack.cfg.source
+    seen: dict[str, tuple[str, int, ContainerSpec]] = {}
+    for unit in Stack(cfg, stack.engine, default_variant=stack.default_variant, hw=stack.hw).units():
+        if unit.server not in seen:
+            seen[unit.server] = (unit.server, stack.cfg.servers[unit.server].replicas, unit.spec)
+    return list(seen.values())
+
+
+def export(stack: Stack, fmt: str, out: Path, gateway_image: str, flavour: str = "kubernetes") -> list[Path]:
+    """Write the stack as FMT into OUT; returns the files written."""
+    if fmt not in FORMATS:
+        raise ExportError(f"no export format '{fmt}'; formats: {', '.join(FORMATS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    servers = _servers(stack)
+    if not servers:
+        raise ExportError("services.toml declares no server podllama runs; nothing to export")
+    key_files, keys = _keys(stack.cfg, out)
+    service = f"{dns_name(stack.name)}-gateway"
+    cfg_path = out / "gateway" / "services.toml"
+    atomic_write(cfg_path, tomli_w.dumps(gateway_config(stack.cfg, [service])))
+    if fmt == "compose":
+        doc = compose(stack, servers, gateway_image)
+        path = out / "compose.yaml"
+    else:
+        doc = kube(stack, servers, gateway_image, cfg_path.read_text(), keys, out, flavour)
+        path = out / "podllama.yaml"
+    atomic_write(path, doc)
+    return [path, cfg_path, *key_files]
+
+
+# -- compose ---------------------------------------------------------------------------------------------------
+def compose(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_image: str) -> str:
+    gw = stack.cfg.gateway
+    services: dict[str, Any] = {}
+    for name, replicas, spec in servers:
+        services[dns_name(name)] = {
+            "image": _image(stack, spec.image), "command": spec.args, "restart": "unless-stopped",
+            "read_only": True, "tmpfs": [f"{p}:rw,nosuid,nodev,size=256m" for p in spec.tmpfs],
+            "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"], "group_add": spec.groups,
+            "environment": spec.env,
+            "volumes": [f"{stack.cfg.models_path}:{MODELS}:ro", f"./keys:{KEY_DIR}:ro"],
+            "networks": ["servers"],
+            "healthcheck": {"test": ["CMD", "curl", "-fsS", f"http://127.0.0.1:{SERVER_PORT}/health"],
+                            **HEALTH, "start_period": "30s"},
+            **({"deploy": {"replicas": replicas}} if replicas > 1 else {}),
+            "labels": {"podllama.stack": stack.name, "podllama.server": name},
+        }
+    services[f"{dns_name(stack.name)}-gateway"] = {
+        "image": gateway_image, "command": ["--discovery", "dns", "-c", f"{CONFIG_IN_GATEWAY}/services.toml"],
+        "restart": "unless-stopped", "read_only": True, "tmpfs": ["/tmp:rw,nosuid,nodev,size=256m"],
+        "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"],
+        "environment": {"PODLLAMA_PUBLISHED_HOST": gw.host, STATE_ENV: STATE_IN_GATEWAY},
+        "volumes": [f"./gateway/services.toml:{CONFIG_IN_GATEWAY}/services.toml:ro",
+                    f"./gateway/state:{STATE_IN_GATEWAY}", f"{stack.cfg.models_path}:{MODELS}:ro"],
+        "ports": [f"{gw.host}:{gw.port}:{GATEWAY_PORT}"], "networks": ["servers", "outside"],
+        "depends_on": [dns_name(n) for n, _, _ in servers],
+        "labels": {"podllama.stack": stack.name, "podllama.kind": "gateway"},
+    }
+    doc = {"name": dns_name(stack.name), "services": services,
+           "networks": {"servers": {"internal": True}, "outside": {}}}
+    return _header(stack, "docker compose up -d  (or: podman-compose up -d)") + _yaml(doc)
+
+
+# -- Kubernetes --------------------------------------------------------------------------------------------------
+def _labels(stack: Stack, app: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": dns_name(stack.name)}
+
+
+def _probe(path: str = "/health", initial: int = 5, port: int = SERVER_PORT) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": 10, "timeoutSeconds": 5,
+            "failureThreshold": 3, "initialDelaySeconds": initial}
+
+
+def _hardened(uid: int | None, gid: int | None = None) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                           "capabilities": {"drop": ["ALL"]}}
+    if uid is not None:
+        ctx |= {"runAsUser": uid, "runAsNonRoot": uid != 0}
+    if gid is not None:
+        ctx["runAsGroup"] = gid
+    return ctx
+
+
+def kube(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_image: str, gateway_toml: str,
+         keys: dict[str, str], out: Path, flavour: str) -> str:
+    """FLAVOUR: "kubernetes" (the keys in a Secret) or "podman" (`podman kube play` of Podman < 4.4 cannot play
+    a Secret, nor mount a subPath: the keys are mounted from the export's directory OUT)."""
+    part = dns_name(stack.name)
+    secret_name, config_name = f"{part}-keys", f"{part}-config"
+    models = {"name": "models", "hostPath": {"path": str(stack.cfg.models_path), "type": "Directory"}}
+    server_key_only = [{"key": "server.key", "path": "server.key"}]
+    if flavour == "podman":
+        keys_volume = {"name": "keys", "hostPath": {"path": str((out / "keys").resolve()), "type": "Directory"}}
+        gateway_keys = {"name": "secrets",
+                        "hostPath": {"path": str((out / "gateway" / "state" / "secrets").resolve()), "type": "Directory"}}
+    else:
+        keys_volume = {"name": "keys", "secret": {"secretName": secret_name, "defaultMode": 0o440,
+                                                  "items": server_key_only}}
+        gateway_keys = {"name": "secrets", "secret": {"secretName": secret_name, "defaultMode": 0o400}}
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": config_name, "labels": _labels(stack, "config")},
+         "data": {"services.toml": gateway_toml}},
+    ]
+    if flavour != "podman":
+        docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                     "metadata": {"name": secret_name, "labels": _labels(stack, "keys")},
+                     "stringData": keys})
+    tmp = {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}
+    for name, replicas, spec in servers:
+        app = dns_name(name)
+        container = {
+            "name": "server", "image": _image(stack, spec.image), "args": spec.args,
+            "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+            # no ports: podman kube play would publish them on the host; the headless Service needs none
+            "securityContext": _hardened(10001, SERVER_GID),  # the group that reads server.key
+            "volumeMounts": [{"name": "models", "mountPath": MODELS, "readOnly": True},
+                             {"name": "keys", "mountPath": KEY_DIR, "readOnly": True},
+                             {"name": "tmp", "mountPath": "/tmp"}],
+            "readinessProbe": _probe(), "livenessProbe": _probe(initial=30),
+            "startupProbe": _probe() | {"failureThreshold": int(stack.cfg.stack.ready_timeout // 10) or 1},
+        }
+        docs.append(_deployment(stack, app, replicas, container, [models, keys_volume, tmp], fs_group=SERVER_GID))
+        docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": app, "labels": _labels(stack, app)},
+                     "spec": {"clusterIP": "None", "selector": _labels(stack, app),  # headless: every replica
+                              "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": SERVER_PORT}]}})
+    gw_app = f"{part}-gateway"
+    gateway = {
+        "name": "gateway", "image": gateway_image,
+        "args": ["--discovery", "dns", "-c", f"{CONFIG_IN_GATEWAY}/services.toml"],
+        "env": [{"name": "PODLLAMA_PUBLISHED_HOST", "value": stack.cfg.gateway.host},
+                {"name": STATE_ENV, "value": STATE_IN_GATEWAY}],
+        # podman kube play publishes a hostPort on the host; Kubernetes reaches the gateway through its Service
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT}
+                  | ({"hostPort": stack.cfg.gateway.port, "hostIP": stack.cfg.gateway.host} if flavour == "podman" else {})],
+        "securityContext": _hardened(0),
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_IN_GATEWAY, "readOnly": True},
+                         {"name": "state", "mountPath": STATE_IN_GATEWAY},
+                         {"name": "secrets", "mountPath": f"{STATE_IN_GATEWAY}/secrets", "readOnly": True},
+                         {"name": "models", "mountPath": MODELS, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "readinessProbe": _probe(port=GATEWAY_PORT), "livenessProbe": _probe(initial=10, port=GATEWAY_PORT),
+    }
+    volumes = [{"name": "config", "configMap": {"name": config_name}}, {"name": "state", "emptyDir": {}},
+               gateway_keys, models, tmp]
+    docs.append(_deployment(stack, gw_app, 1, gateway, volumes))
+    docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": gw_app, "labels": _labels(stack, gw_app)},
+                 "spec": {"selector": _labels(stack, gw_app),
+                          "ports": [{"name": "http", "port": stack.cfg.gateway.port, "targetPort": "http"}]}})
+    how = "podman kube play --network NET podllama.yaml" if flavour == "podman" else "kubectl apply -f podllama.yaml"
+    return _header(stack, how) + "---\n".join(_yaml(d) for d in docs)
+
+
+def _deployment(stack: Stack, app: str, replicas: int, container: dict[str, Any], volumes: list[dict[str, Any]],
+                fs_group: int | None = None) -> dict[str, Any]:
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes, "automountServiceAccountToken": False,
+                           "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}
+    if fs_group is not None:
+        pod["securityContext"] |= {"fsGroup": fs_group, "supplementalGroups": [fs_group]}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app, "labels": _labels(stack, app)},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": _labels(stack, app)},
+                     "template": {"metadata": {"labels": _labels(stack, app)}, "spec": pod}}}
+
+
+def _header(stack: Stack, how: str) -> str:
+    source = stack.cfg.source or "services.toml"
+    return (f"# podllama stack '{stack.name}', exported from {source} by `podllama export`.\n"
+            f"# Run: {how}\n")
+
+
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types
+    """Multi-line strings (the ConfigMap's services.toml) as literal blocks, readable as the file they are."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def _yaml(doc: dict[str, Any]) -> str:
+    return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120))
+
+
+def valid_dir(path: str) -> Path:
+    if not re.fullmatch(r"[^\x00-\x1f]+", path):
+        raise ExportError(f"'{path}' is not a directory name")
+    return Path(path)

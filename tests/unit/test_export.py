@@ -1,0 +1,129 @@
+"""`podllama export`: the documents it writes for a stack on the in-process engine — the same flags and hardening
+as `start`, keys where each side reads them, and Kubernetes manifests that validate against the schemas."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from podllama import config
+from podllama.export import ExportError, export, gateway_config
+from podllama.stack import Stack
+from tests.fakeengine import FakeEngine
+
+SERVERS = """
+[servers.chat]
+model = "tiny.gguf"
+alias = "tiny-chat"
+ctx_size = 1024
+replicas = 2
+
+[servers.embed_x]
+role = "embedding"
+model = "tiny.gguf"
+start = "on-demand"
+args = { parallel = 2 }
+
+[servers.far]
+url = "http://10.0.0.9:8080"
+"""
+K8S_VERSION = "1.31"
+
+
+@pytest.fixture
+def stack(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    path = tmp_path / "services.toml"
+    path.write_text(f'[stack]\nname = "exq"\nmodels_dir = "{tiny_models}"\n[gateway]\nport = 18099\n{SERVERS}')
+    engine = FakeEngine()
+    yield Stack(config.load(path), engine, default_variant="cpu")
+    engine.close()
+
+
+def docs(path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_kube_manifests_validate_and_carry_the_stack(stack, tmp_path):
+    out = tmp_path / "k"
+    written = export(stack, "kube", out, "localhost/podllama/gateway:x")
+    manifests = docs(written[0])
+    for d in manifests:  # the Kubernetes schemas, strictly (no unknown keys)
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    bogus = manifests[2] | {"spec": manifests[2]["spec"] | {"replica": 2}}  # the check itself can fail
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bogus, K8S_VERSION, strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in manifests}
+    assert kinds == {("ConfigMap", "exq-config"), ("Secret", "exq-keys"), ("Deployment", "chat"), ("Service", "chat"),
+                     ("Deployment", "embed-x"), ("Service", "embed-x"), ("Deployment", "exq-gateway"),
+                     ("Service", "exq-gateway")}  # the remote server runs elsewhere: nothing for it
+    by = {(d["kind"], d["metadata"]["name"]): d for d in manifests}
+    chat = by["Deployment", "chat"]["spec"]
+    assert chat["replicas"] == 2 and by["Service", "chat"]["spec"]["clusterIP"] == "None"  # every replica by DNS
+    pod = chat["template"]["spec"]
+    [c] = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["runAsUser"] == 10001 and sc["runAsNonRoot"] and "ports" not in c
+    assert stack.units()[0].spec.args == c["args"]  # the flags `start` gives, checked against the image's --help
+    assert "--api-key-file" in c["args"] and c["readinessProbe"]["httpGet"]["path"] == "/health"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] and mounts["/run/podllama"]["readOnly"]
+    keys = next(v for v in pod["volumes"] if v["name"] == "keys")["secret"]
+    assert keys["items"] == [{"key": "server.key", "path": "server.key"}]  # servers never see the admin key
+    secret = by["Secret", "exq-keys"]["stringData"]
+    assert secret["server.key"] == stack.credentials.server_key() and secret["admin.key"] == stack.credentials.admin_key()
+    gw = by["Deployment", "exq-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gw["args"][:2] == ["--discovery", "dns"] and gw["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert not any("sock" in m["mountPath"] for m in gw["volumeMounts"])  # no engine socket
+    toml = tomllib.loads(by["ConfigMap", "exq-config"]["data"]["services.toml"])
+    assert toml["servers"]["embed_x"]["start"] == "always" and toml["stack"]["models_dir"] == "/models"
+    assert toml["servers"]["far"]["url"] == "http://10.0.0.9:8080" and "exq-gateway" in toml["gateway"]["allowed_hosts"]
+
+
+def test_podman_flavour_mounts_the_keys_from_the_export_and_publishes_the_port(stack, tmp_path):
+    out = tmp_path / "p"
+    written = export(stack, "kube", out, "localhost/podllama/gateway:x", flavour="podman")
+    manifests = docs(written[0])
+    for d in manifests:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    assert "Secret" not in {d["kind"] for d in manifests}  # Podman 4.3's kube play cannot play one
+    gw = next(d for d in manifests if d["metadata"]["name"] == "exq-gateway" and d["kind"] == "Deployment")
+    port = gw["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert (port["hostPort"], port["hostIP"]) == (18099, "127.0.0.1")
+    key = out / "keys" / "server.key"
+    assert key.read_text().strip() == stack.credentials.server_key()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o440 and key.stat().st_gid == 10001
+    admin = out / "gateway" / "state" / "secrets" / "admin.key"
+    assert stat.S_IMODE(admin.stat().st_mode) == 0o600 and not (out / "keys" / "admin.key").exists()
+
+
+def test_compose_has_the_same_servers_hardening_and_an_internal_network(stack, tmp_path):
+    written = export(stack, "compose", tmp_path / "c", "localhost/podllama/gateway:x")
+    doc = yaml.safe_load(written[0].read_text())
+    chat = doc["services"]["chat"]
+    assert chat["read_only"] and chat["cap_drop"] == ["ALL"] and "no-new-privileges:true" in chat["security_opt"]
+    assert chat["deploy"]["replicas"] == 2 and chat["networks"] == ["servers"] and "ports" not in chat
+    assert f"{stack.cfg.models_path}:/models:ro" in chat["volumes"] and "./keys:/run/podllama:ro" in chat["volumes"]
+    assert chat["command"] == stack.units()[0].spec.args and chat["image"].endswith(":cpu-000000000000")
+    gw = doc["services"]["exq-gateway"]
+    assert gw["ports"] == ["127.0.0.1:18099:8080"] and set(gw["networks"]) == {"servers", "outside"}
+    assert not any("sock" in v for v in gw["volumes"])
+    assert doc["networks"]["servers"] == {"internal": True}
+    assert set(doc["services"]) == {"chat", "embed-x", "exq-gateway"}
+
+
+def test_bad_requests_change_nothing(stack, tmp_path):
+    with pytest.raises(ExportError, match="no export format 'helm'"):
+        export(stack, "helm", tmp_path / "x", "gw")
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_exported_gateways_config_parses_and_keeps_no_local_paths(stack):
+    data = gateway_config(stack.cfg, ["exq-gateway"])
+    again = config.validate(data)
+    assert again.gateway.admin_key_file is None and not any(s.on_demand for s in again.servers.values())
