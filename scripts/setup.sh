@@ -5,7 +5,7 @@
 #   scripts/setup.sh --with-docker   the same, plus Docker Engine (the engine tests run on both)
 #   scripts/setup.sh --for-tests     the same as --with-docker, plus what the tests use besides: Postgres
 #                                    (the request log tests start a cluster of their own) and Chromium (the
-#                                    dashboard tests drive it)
+#                                    dashboard tests drive it) and a registry (`build --push` is pushed to one)
 #
 # Where GitHub or a container registry cannot be reached it says so and uses the offline paths:
 # the llama.cpp tree from the Python package index, and a Debian base image bootstrapped from packages.
@@ -26,7 +26,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 packages="podman runc netavark aardvark-dns slirp4netns fuse-overlayfs catatonit debootstrap git python3-venv ca-certificates curl uidmap iptables"
 [ "$with_docker" = 1 ] && packages="$packages docker.io"
-[ "$for_tests" = 1 ] && packages="$packages postgresql chromium"
+[ "$for_tests" = 1 ] && packages="$packages postgresql chromium docker-registry"
 missing=$(for p in $packages; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   step "installing Debian packages:" $missing

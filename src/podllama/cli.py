@@ -32,6 +32,7 @@ from .images import BuildError
 from .keys import KeyProblem
 from .kinds import KINDS, Kind
 from .progress import Step, Steps
+from .registry import PushError
 from .service import ServiceError
 from .source import SourceError
 from .stack import Stack, StackError
@@ -236,21 +237,39 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           smoke: Annotated[bool, typer.Option(help="Smoke-test before tagging")] = True,
           fresh: Annotated[bool, typer.Option("--fresh", help="Use no cached layer and compile everything again "
                                                               "(refreshing the compiler cache)")] = False,
-          kind: KindOpt = None, as_json: JsonOpt = False) -> None:
+          kind: KindOpt = None,
+          push: Annotated[str | None, typer.Option(
+              "--push", metavar="REGISTRY/NAME", help="Then push it as REGISTRY/NAME:<variant>-<commit> and "
+              ":<variant>, and record the digest in images.lock (builds for any CPU unless --native)")] = None,
+          tls_verify: Annotated[bool, typer.Option(help="Podman: require TLS from the registry")] = True,
+          as_json: JsonOpt = False) -> None:
     """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
+    from . import registry
+
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
     hw = hardware.detect()
     k = kind_option(kind)
     chosen = hardware.resolve_variant(variant or cfg.stack.variant, hw)
     target = cpu_target or ("native" if native else "portable" if portable else None)
+    if push is not None:
+        registry.repository(push)  # a bad name is refused before the build
+        target = target or "portable"  # meant for other machines
     steps = Steps(err)
     with steps.step(f"build the {chosen} {k.program} image") as s:
         result = build_variant(s, cfg, eng, chosen, hw, base=base, target=target, ui=ui, smoke=smoke, kind=k,
                                fresh=fresh)
+    pushed = None
+    if push is not None:
+        with steps.step(f"push to {push}") as s:
+            pushed = registry.push(eng, result.image_id, push, chosen, result.commit, k, cfg.root / registry.LOCK,
+                                   tls_verify=tls_verify, progress=s.say)
     if as_json:
-        return emit(result.to_dict())
+        return emit(result.to_dict() | {"pushed": pushed})
+    if pushed is not None:
+        out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
+                  f"{cfg.root / registry.LOCK})")
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
         out.print(f"previous image kept as {images.previous_tag(chosen, k.repository(cfg.build.repository))} "
@@ -902,7 +921,7 @@ def _seconds(value: float | None) -> str:
 
 KNOWN_ERRORS = (ConfigError, SourceError, BuildError, EngineError, FlagError, StackError, UpdateError, PullError,
                 StoreError, ApiError, ServiceError, GGUFError, RootRequired, DatabaseError, KeyProblem,
-                ExportError)
+                ExportError, PushError)
 
 
 def fail(code: int, message: str, kind: str, as_json: bool) -> None:

@@ -89,6 +89,8 @@ def test_kube_export_validates_and_runs_under_podman_kube_play(stack, podman, tm
     finally:
         subprocess.run(["podman", "kube", "down", str(manifest)], capture_output=True)
         subprocess.run(["podman", "network", "rm", "-f", net], capture_output=True)
+        # Podman 4.3's kube down leaves the volume it made for the ConfigMap
+        subprocess.run(["podman", "volume", "rm", "-f", f"{stack.name}-config"], capture_output=True)
     assert not [p for p in podman_pods() if p.startswith(("chat-pod", "embed-x-pod"))]
 
 

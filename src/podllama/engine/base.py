@@ -232,6 +232,10 @@ class CliEngine:
     def tag(self, source: str, target: str) -> None:
         self.run_cli("tag", source, target)
 
+    def push(self, ref: str, tls_verify: bool = True, timeout: float = 1800) -> str:
+        """Push REF to its registry; returns the digest the registry stored it under (sha256:…)."""
+        raise NotImplementedError
+
     def untag(self, ref: str) -> None:
         """Remove one tag; the image stays while other tags or containers use it."""
         raise NotImplementedError

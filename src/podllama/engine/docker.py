@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,15 @@ class DockerEngine(CliEngine):
     def api_socket(self) -> Path:
         host = os.environ.get("DOCKER_HOST", "")
         return Path(host.removeprefix("unix://")) if host.startswith("unix://") else Path("/var/run/docker.sock")
+
+    def push(self, ref: str, tls_verify: bool = True, timeout: float = 1800) -> str:
+        """TLS_VERIFY is the daemon's business with Docker (`insecure-registries`; loopback registries are
+        allowed without TLS)."""
+        out = self.run_cli("push", "--", ref, timeout=timeout).stdout
+        found = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
+        if found is None:
+            raise EngineError(f"`docker push {ref}` did not say which digest it stored: {out[-300:]}")
+        return found.group(1)
 
     def build_env(self) -> dict[str, str]:
         return {"DOCKER_BUILDKIT": "1"}  # cache mounts and build secrets (RUN --mount) need BuildKit

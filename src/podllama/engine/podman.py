@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .base import CliEngine, GpuRequest
@@ -26,6 +27,13 @@ class PodmanEngine(CliEngine):
         if os.geteuid() == 0:
             return Path("/run/podman/podman.sock")
         return Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")) / "podman" / "podman.sock"
+
+    def push(self, ref: str, tls_verify: bool = True, timeout: float = 1800) -> str:
+        with tempfile.TemporaryDirectory() as d:
+            digest_file = Path(d) / "digest"
+            self.run_cli("push", f"--tls-verify={str(tls_verify).lower()}", "--digestfile", str(digest_file), "--",
+                         ref, timeout=timeout)
+            return digest_file.read_text().strip()
 
     def untag(self, ref: str) -> None:
         self.run_cli("untag", ref, check=False)

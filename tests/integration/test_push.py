@@ -1,0 +1,78 @@
+"""`podllama build --push`: a real registry (the distribution's docker-registry) gets the image under its variant and
+commit tags, images.lock records its digest, and an engine with an empty store pulls it by that digest and runs
+it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+
+import httpx
+import pytest
+
+from podllama.health import wait_healthy
+from tests.helpers import stack_name, wait_until
+from tests.integration.conftest import StackFiles, free_port
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A registry on a loopback port of its own, storing in TMP_PATH."""
+    port = free_port()
+    conf = tmp_path / "registry.yml"
+    conf.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'blobs'}\n"
+                    f"http:\n  addr: 127.0.0.1:{port}\n")
+    log = (tmp_path / "registry.log").open("w")
+    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    assert wait_until(up, 20), (tmp_path / "registry.log").read_text()
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_a_pushed_image_is_recorded_pulled_back_on_an_empty_store_and_runs(podman, cpu_image, models_dir, registry,
+                                                                         tmp_path):
+    sf = StackFiles(tmp_path, stack_name("ptpush"), podman, models_dir, free_port()).write("")
+    repo = f"{registry}/team/llama-server"
+    bad = sf.run("build", "--variant", "cpu", "--push", "-bad/name", check=False)
+    assert bad.returncode != 0 and "--push '-bad/name'" in bad.stderr and not (tmp_path / "images.lock").exists()
+    built = json.loads(sf.run("build", "--variant", "cpu", "--native", "--push", repo, "--no-tls-verify",
+                              "--json").stdout)
+    commit = built["commit"][:12]
+    lock = json.loads((tmp_path / "images.lock").read_text())["images"]
+    entry = lock[f"{repo}:cpu-{commit}"]
+    assert entry == built["pushed"] and entry["digest"].startswith("sha256:") and entry["ref"] == f"{repo}@{entry['digest']}"
+    assert (entry["kind"], entry["variant"], entry["cpu_target"]) == ("llama", "cpu", "native")
+    tags = httpx.get(f"http://{registry}/v2/team/llama-server/tags/list", timeout=10).json()["tags"]
+    assert sorted(tags) == ["cpu", f"cpu-{commit}"]
+    manifest = httpx.head(f"http://{registry}/v2/team/llama-server/manifests/cpu-{commit}", timeout=10, headers={
+        "Accept": "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"})
+    assert manifest.headers["docker-content-digest"] == entry["digest"]  # the lock names what the registry holds
+
+    store = tmp_path / "store"  # another engine store, empty: nothing but what it pulls
+    run_root = tempfile.mkdtemp(prefix="ptpush-", dir="/tmp")  # Podman takes at most 50 characters here
+    clean = ["podman", "--root", str(store), "--runroot", run_root, "--storage-driver", "vfs"]
+    assert subprocess.run([*clean, "images", "-q"], capture_output=True, text=True, check=True).stdout == ""
+    subprocess.run([*clean, "pull", "--tls-verify=false", entry["ref"]], capture_output=True, check=True)
+    port = free_port()
+    name = f"ptpush-{port}"
+    subprocess.run([*clean, "run", "-d", "--name", name, "--network", "host", "-v", f"{models_dir}:/models:ro",
+                    entry["ref"], "--model", "/models/tiny.gguf", "--port", str(port), "--ctx-size", "512"],
+                   capture_output=True, check=True)
+    try:
+        assert wait_healthy(f"http://127.0.0.1:{port}", timeout=60) == "ok"
+        r = httpx.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "Hi", "n_predict": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+    finally:
+        subprocess.run([*clean, "rm", "-f", name], capture_output=True)
+        # not `system reset`: with another root it still empties the host's network configs and locks
+        subprocess.run([*clean, "rmi", "-a", "-f"], capture_output=True)
+        shutil.rmtree(run_root, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""images.lock and the names `build --push` accepts (the push itself runs against a real registry in
+tests/integration/test_push.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from podllama import registry
+
+
+def test_the_lock_keeps_every_pushed_build_sorted_and_is_replaced_whole(tmp_path):
+    lock = tmp_path / "images.lock"
+    registry.record(lock, "r/x:cpu-bbb", {"digest": "sha256:2"})
+    registry.record(lock, "r/x:cpu-aaa", {"digest": "sha256:1"})
+    registry.record(lock, "r/x:cpu-bbb", {"digest": "sha256:3"})  # the same build pushed again
+    data = json.loads(lock.read_text())
+    assert list(data["images"]) == ["r/x:cpu-aaa", "r/x:cpu-bbb"] and data["images"]["r/x:cpu-bbb"]["digest"] == "sha256:3"
+    assert [p.name for p in tmp_path.iterdir()] == ["images.lock"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("text, says", [("{not json", "is not valid JSON"), ('{"images": []}', 'no "images" table')])
+def test_a_broken_lock_is_refused_naming_the_fix_and_left_as_it_was(tmp_path, text, says):
+    lock = tmp_path / "images.lock"
+    lock.write_text(text)
+    with pytest.raises(registry.PushError, match=says):
+        registry.record(lock, "r/x:cpu-a", {})
+    assert lock.read_text() == text
+
+
+@pytest.mark.parametrize("name", ["-registry/x", "reg/x:tag", "reg/x@sha256:" + "0" * 64, "reg/x\n", "reg x/y", ""])
+def test_push_targets_are_repositories_without_tags(name):
+    with pytest.raises(registry.PushError, match="--push"):
+        registry.repository(name)
+    assert registry.repository("127.0.0.1:5000/team/llama-server") == "127.0.0.1:5000/team/llama-server"
+
+
+def test_the_ci_workflow_builds_every_variant_with_options_the_command_has(project_root):
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    flow = yaml.safe_load((project_root / ".github/workflows/images.yml").read_text())
+    job = flow["jobs"]["build"]
+    variants = job["strategy"]["matrix"]["variant"]
+    assert sorted(variants) == sorted(p.name.removeprefix("Containerfile.") for p in
+                                      (project_root / "containers").glob("Containerfile.*")
+                                      if "-" not in p.name and not p.name.endswith("gateway"))
+    [run] = [s["run"] for s in job["steps"] if "--push" in s.get("run", "")]
+    used = set(re.findall(r"(--[a-z-]+)", run)) - {"--json"}
+    command = str(pathlib.Path(sys.executable).parent / "podllama")
+    help_text = subprocess.run([command, "build", "--help"], capture_output=True, text=True,
+                               env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "dumb"}).stdout
+    assert used and all(flag in help_text for flag in used), (used, help_text)
