@@ -26,7 +26,7 @@ from typing import Any
 import tomli_w
 import yaml
 
-from . import config
+from . import config, registry
 from .atomic import atomic_write
 from .config import STATE_ENV, Config
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
@@ -88,7 +88,12 @@ def _keys(cfg: Config, out: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 def _image(stack: Stack, image: str) -> str:
-    """The image by its commit tag (what `podllama build` tagged, never moved), where it has one."""
+    """The image by digest where `build --push` recorded it in images.lock, else by its commit tag (what
+    `podllama build` tagged, never moved)."""
+    image_id = stack.engine.image_id(image)
+    for entry in registry.read(stack.cfg.root / registry.LOCK)["images"].values():
+        if image_id and entry.get("image_id") == image_id:
+            return str(entry["ref"])
     labels = stack.engine.image_labels(image)
     commit = (labels.get("podllama.llama-commit") or labels.get("podllama.source") or "")[:12]
     tagged = image.rsplit(":", 1)[0] + f":{image.rsplit(':', 1)[1]}-{commit}" if commit and ":" in image else image

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from podllama import config
+from podllama import config, registry
 from podllama.export import ExportError, export, gateway_config
 from podllama.stack import Stack
 from tests.fakeengine import FakeEngine
@@ -127,3 +127,11 @@ def test_the_exported_gateways_config_parses_and_keeps_no_local_paths(stack):
     data = gateway_config(stack.cfg, ["exq-gateway"])
     again = config.validate(data)
     assert again.gateway.admin_key_file is None and not any(s.on_demand for s in again.servers.values())
+
+
+def test_images_pushed_with_build_push_are_named_by_their_digest(stack, tmp_path):
+    digest = "sha256:" + "ab" * 32
+    registry.record(stack.cfg.root / registry.LOCK, "reg/x:cpu-000000000000",
+                    {"ref": f"reg/x@{digest}", "image_id": FakeEngine.IMAGE_ID})
+    doc = yaml.safe_load(export(stack, "compose", tmp_path / "c", "gw")[0].read_text())
+    assert doc["services"]["chat"]["image"] == f"reg/x@{digest}"
