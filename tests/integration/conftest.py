@@ -73,9 +73,10 @@ def run_server(models_dir) -> Iterator:
     """Start llama-server containers from an image with the tiny model; removed at the end of the test."""
     started: list[tuple[CliEngine, str]] = []
 
-    def start(engine: CliEngine, image: str, *args: str, model: str = "tiny.gguf") -> Server:
+    def start(engine: CliEngine, image: str, *args: str, model: str = "tiny.gguf",
+              env: dict[str, str] | None = None) -> Server:
         name = f"podllama-test-{uuid.uuid4().hex[:8]}"
-        engine.run(ContainerSpec(name=name, image=image, labels={"podllama.test": "true"},
+        engine.run(ContainerSpec(name=name, image=image, labels={"podllama.test": "true"}, env=env or {},
                                  args=["--model", f"/models/{model}", "--ctx-size", "1024", *args],
                                  mounts=[Mount(str(models_dir), "/models")], ports=[("127.0.0.1", 0, 8080)]))
         started.append((engine, name))
