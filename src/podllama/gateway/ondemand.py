@@ -31,7 +31,7 @@ from ..stack import Stack, StackError, container_name
 from ..state import RUNNING, UNLOADED
 from ..units import human
 from .client import Client, UpstreamError
-from .upstreams import Registry
+from .upstreams import Registry, auth_header
 
 log = logging.getLogger("podllama.gateway")
 ROUND_EVERY = 2.0  # seconds between looks for idle servers
@@ -96,7 +96,7 @@ class Loader:
 
     def configure(self, load_timeout: float, server_key: str | None) -> None:
         self.load_timeout = load_timeout
-        self.auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
+        self.auth = auth_header(server_key)
 
     def servers(self) -> dict[str, Any]:
         return self.stack.cfg.servers

@@ -33,7 +33,7 @@ from .quota import OverLimit, Quota, Use
 from .requestlog import RequestLog, Row
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
 from .tally import Tally
-from .upstreams import Registry, Replica
+from .upstreams import Registry, Replica, auth_header
 
 log = logging.getLogger("podllama.gateway")
 
@@ -112,7 +112,7 @@ class Proxy:
         self.max_body = int(gw.max_body_mb * 2**20)
         self.max_images, self.max_image_side = gw.max_images, gw.max_image_side
         self.load_timeout = gw.load_timeout
-        self.upstream_auth = [(b"authorization", b"Bearer " + server_key.encode())] if server_key else []
+        self.upstream_auth = auth_header(server_key)
         self.log_bodies = LOG_BODY if gw.log_bodies else 0
 
     # -- entry points -------------------------------------------------------------------------------------
