@@ -128,3 +128,13 @@ def test_the_last_log_lines_are_whole_lines_even_when_written_in_pieces(engine, 
     assert list(engine.logs(name, tail=2)) == ["first\n", "starting stall\n"]
     assert list(engine.logs(name, tail=5)) == ["first\n", "starting stall\n"]
     assert list(engine.logs(name, tail=0)) == []
+
+
+def test_untag_removes_one_name_and_leaves_the_image_and_its_other_names(engine, llama_image):
+    """An image built twice with the same content has one id under two repositories (the update tests' clone
+    and the project's own); removing one name must not take the other with it."""
+    mine = f"localhost/podllama-conf-{uuid.uuid4().hex[:6]}/llama-server:cpu"
+    engine.tag(llama_image, mine)
+    engine.untag(mine)
+    assert engine.image_id(mine) is None
+    assert engine.image_id(llama_image) is not None, f"untagging {mine} removed {llama_image} too"

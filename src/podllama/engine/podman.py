@@ -36,7 +36,7 @@ class PodmanEngine(CliEngine):
             return digest_file.read_text().strip()
 
     def untag(self, ref: str) -> None:
-        self.run_cli("untag", ref, check=False)
+        self.run_cli("untag", ref, ref, check=False)  # the name to remove: alone, `untag IMAGE` removes all of them
 
     def gpu_flags(self, gpu: GpuRequest) -> list[str]:
         if gpu.backend == "cuda":  # Container Device Interface, from nvidia-container-toolkit
