@@ -150,13 +150,16 @@ def service_log(sock: Path = PODMAN_SOCKET) -> Path:
 
 def start_podman_service(sock: Path = PODMAN_SOCKET, wait: float = 10) -> None:
     """Podman's API service in the background, on SOCK (a stale socket file left there is replaced), detached
-    from the caller's terminal and pipes: its input is /dev/null, its output goes to service_log(SOCK)."""
+    from the caller's terminal and pipes: its input is /dev/null, its output goes to service_log(SOCK). It runs
+    in /: a service left in a directory that is later removed (a CI checkout, deleted and cloned again) hands
+    that missing directory to every container's conmon, which then fails to start them ("Failed to get working
+    directory", then "write child: broken pipe" from `podman run` through the socket)."""
     sock.parent.mkdir(parents=True, exist_ok=True)
     if sock.is_socket():
         sock.unlink()
     with open(service_log(sock), "ab") as out:
         subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], stdin=subprocess.DEVNULL,
-                         stdout=out, stderr=out, start_new_session=True)
+                         stdout=out, stderr=out, start_new_session=True, cwd="/")
     deadline = time.monotonic() + wait
     while not socket_answers(sock) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -232,7 +235,7 @@ def start_dockerd(wait: float = 60) -> None:
         if not pidfile_names(CONTAINERD_PIDFILE, "containerd"):
             CONTAINERD_PIDFILE.unlink(missing_ok=True)
         log = open(DOCKERD_LOG, "ab")
-        subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+        subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True, cwd="/")  # as the service above
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if DOCKER_SOCKET.is_socket() and answers():

@@ -50,6 +50,8 @@ def test_a_stale_podman_socket_is_seen_and_replaced(podman):
     fixed = socket_finding("--fix")
     assert fixed["ok"] is True and fixed["fixed"] is True, fixed
     assert doctor.socket_answers(sock) and listeners(sock)
+    # in /, never in the directory it was started from (which a CI run may delete): its containers inherit it
+    assert {os.readlink(f"/proc/{pid}/cwd") for pid in listeners(sock)} == {"/"}
     # what the gateway does with it: the engine's API answers through the socket
     api = subprocess.run(["podman", "--url", f"unix://{sock}", "version"], capture_output=True, text=True, timeout=30)
     assert api.returncode == 0 and "Server" in api.stdout
