@@ -35,6 +35,11 @@ FROM_ENV = {"PODLLAMA_API_KEYS": "api_keys", "PODLLAMA_ADMIN_KEY": "admin.key", 
             "HF_ENDPOINT": "hf_endpoint", "PODLLAMA_DATABASE": "database_url"}
 
 
+def bearer(key: str | None) -> list[tuple[bytes, bytes]]:
+    """The request header that presents KEY to a server (none without a key)."""
+    return [(b"authorization", b"Bearer " + key.encode())] if key else []
+
+
 class Credentials:
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir) / "secrets"

@@ -14,13 +14,13 @@ OK, LOADING, DOWN = "ok", "loading", "down"
 STATES = {200: OK, 503: LOADING}  # /health status → state
 
 
-def probe(url: str, timeout: float = 2.0, path: str = "/health", headers: dict[bytes, bytes] | None = None) -> str:
+def probe(url: str, timeout: float = 2.0, path: str = "/health", headers: list[tuple[bytes, bytes]] | None = None) -> str:
     """One look at URL/health (or PATH; plain HTTP): ok, loading (503), down (no answer), or error:<status>.
     A bare http.client request: it runs every few seconds per server, so it should cost next to nothing."""
     host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
     conn = http.client.HTTPConnection(host, int(port or 80), timeout=timeout)
     try:
-        conn.request("GET", path, headers={k.decode(): v.decode() for k, v in (headers or {}).items()})
+        conn.request("GET", path, headers={k.decode(): v.decode() for k, v in headers or []})
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException):
         return DOWN

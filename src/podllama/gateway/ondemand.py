@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import memory, placement
+from ..credentials import bearer
 from ..engine import EngineError
 from ..gguf_meta import GGUFError
 from ..health import DOWN
@@ -31,7 +32,7 @@ from ..stack import Stack, StackError, container_name
 from ..state import RUNNING, UNLOADED
 from ..units import human
 from .client import Client, UpstreamError
-from .upstreams import Registry, auth_header
+from .upstreams import Registry
 
 log = logging.getLogger("podllama.gateway")
 ROUND_EVERY = 2.0  # seconds between looks for idle servers
@@ -96,7 +97,7 @@ class Loader:
 
     def configure(self, load_timeout: float, server_key: str | None) -> None:
         self.load_timeout = load_timeout
-        self.auth = auth_header(server_key)
+        self.auth = bearer(server_key)
 
     def servers(self) -> dict[str, Any]:
         return self.stack.cfg.servers

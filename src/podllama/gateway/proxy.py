@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
 from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
+from ..credentials import bearer
 from ..health import LOADING
 from . import body as bodies
 from .auth import ANONYMOUS, Caller
@@ -33,7 +34,7 @@ from .quota import OverLimit, Quota, Use
 from .requestlog import RequestLog, Row
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
 from .tally import Tally
-from .upstreams import Registry, Replica, auth_header
+from .upstreams import Registry, Replica
 
 log = logging.getLogger("podllama.gateway")
 
@@ -112,7 +113,7 @@ class Proxy:
         self.max_body = int(gw.max_body_mb * 2**20)
         self.max_images, self.max_image_side = gw.max_images, gw.max_image_side
         self.load_timeout = gw.load_timeout
-        self.upstream_auth = auth_header(server_key)
+        self.upstream_auth = bearer(server_key)
         self.log_bodies = LOG_BODY if gw.log_bodies else 0
 
     # -- entry points -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Config, ConfigError, ServerSection
+from ..credentials import bearer
 from ..engine import EngineError
 from ..health import DOWN, LOADING, OK, STATES, probe
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack, dns_hosts
@@ -112,10 +113,6 @@ def _remote_key(cfg: Config, name: str) -> str | None:
         return None
 
 
-def auth_header(key: str | None) -> list[tuple[bytes, bytes]]:
-    return [(b"authorization", b"Bearer " + key.encode())] if key else []
-
-
 WAIT_PROBE_EVERY = 0.25  # seconds between probes of a server that requests are waiting for
 WAIT_LOOKUP_EVERY = 1.0  # … and between looks at its containers' addresses
 STATE_TTL = 0.5  # seconds a read of the stack's state is reused
@@ -151,8 +148,13 @@ class Registry:
         self.threads = {name: _http_threads(server) for name, server in cfg.routable.items()}
         self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.routable}
         # remote servers: their own key (never the stack's server key) and their own health path
-        self.remote_auth = {name: auth_header(_remote_key(cfg, name)) for name in cfg.remotes}
-        self.health_checks = {name: (r.health.encode(), self.remote_auth[name]) for name, r in cfg.remotes.items()}
+        self.remote_auth = {name: bearer(_remote_key(cfg, name)) for name in cfg.remotes}
+
+    def health_request(self, server: str) -> tuple[str, list[tuple[bytes, bytes]]]:
+        """(path, headers) of SERVER's health probe: llama-server's /health, or a remote server's own path with
+        its key."""
+        remote = self.cfg.remotes.get(server)
+        return (remote.health, self.remote_auth[server]) if remote is not None else ("/health", [])
 
     def auth_of(self, server: str) -> list[tuple[bytes, bytes]] | None:
         """The credentials a remote SERVER wants; None for the servers podllama runs (the stack's server key)."""
@@ -206,8 +208,8 @@ class Registry:
                     fresh.setdefault(t.server, []).append(prev)
                 else:  # new, or back at another address: one look at its health before it takes requests
                     replica = Replica(t.server, t.container, t.host, t.port)
-                    path, auth = self.health_checks.get(t.server, (b"/health", []))
-                    replica.state = probe(replica.url, timeout=1, path=path.decode(), headers=dict(auth))
+                    path, auth = self.health_request(t.server)
+                    replica.state = probe(replica.url, timeout=1, path=path, headers=auth)
                     fresh.setdefault(t.server, []).append(replica)
             self.replicas = fresh
 
@@ -271,8 +273,8 @@ class Registry:
 
     async def _probe(self, r: Replica) -> None:
         try:
-            path, auth = self.health_checks.get(r.server, (b"/health", []))
-            resp = await self.probes.request(r.host, r.port, "GET", path, auth)
+            path, auth = self.health_request(r.server)
+            resp = await self.probes.request(r.host, r.port, "GET", path.encode(), auth)
             await resp.read(self.probes.idle_timeout)
             state = STATES.get(resp.status, DOWN)
         except UpstreamError:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
+from ..credentials import bearer
 from ..engine import ContainerInfo
 from ..gguf_meta import GGUFError
 from ..health import container_health
@@ -59,8 +60,7 @@ def _remote_row(stack: Stack, name: str, probe: bool) -> dict[str, Any]:
             key = stack.cfg.remote_key(name)
         except ConfigError:
             key = None
-        headers = {b"authorization": b"Bearer " + key.encode()} if key else None
-        health = probe_url(remote.url, path=remote.health, headers=headers)
+        health = probe_url(remote.url, path=remote.health, headers=bearer(key))
     return {"server": name, "replica": 1, "container": None, "declared": True, "role": remote.role,
             "model": remote.alias or remote.model or name, "state": "remote", "health": health, "desired": RUNNING,
             "uptime_s": None, "restarts": 0, "last_restart": None, "failed": None, "image": None, "commit": None,
