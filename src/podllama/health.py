@@ -6,6 +6,7 @@ import http.client
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from .engine import CliEngine, ContainerInfo
@@ -17,8 +18,8 @@ STATES = {200: OK, 503: LOADING}  # /health status → state
 def probe(url: str, timeout: float = 2.0, path: str = "/health", headers: list[tuple[bytes, bytes]] | None = None) -> str:
     """One look at URL/health (or PATH; plain HTTP): ok, loading (503), down (no answer), or error:<status>.
     A bare http.client request: it runs every few seconds per server, so it should cost next to nothing."""
-    host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
-    conn = http.client.HTTPConnection(host, int(port or 80), timeout=timeout)
+    where = urlsplit(url)  # IPv6 addresses come in brackets
+    conn = http.client.HTTPConnection(where.hostname or "", where.port or 80, timeout=timeout)
     try:
         conn.request("GET", path, headers={k.decode(): v.decode() for k, v in headers or []})
         status = conn.getresponse().status

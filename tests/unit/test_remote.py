@@ -92,3 +92,34 @@ def test_a_changed_key_file_is_used_without_a_restart_and_an_unreadable_one_is_r
     assert "far.key" in reload["error"]  # reported; the running config (and key) stay
     gw.post("/v1/chat/completions", json=CHAT)
     assert remote.received("/v1/chat/completions")[-1].headers[b"authorization"] == b"Bearer sk-new"
+
+
+def test_a_remote_server_on_an_ipv6_address_is_probed_there():
+    """url = "http://[::1]:PORT" is accepted by the config, so the probes must reach it (status and the gateway's
+    first look use health.probe; the address a replica is reached at keeps its brackets)."""
+    import http.server
+    import socket
+    import threading
+
+    from podllama import health
+    from podllama.gateway.upstreams import Replica
+
+    class V6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = V6(("::1", 0), Health)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        assert health.probe(f"http://[::1]:{port}", path="/v1/models") == "ok"
+        assert health.probe(Replica("far", "remote:far", "::1", port).url, path="/v1/models") == "ok"
+    finally:
+        srv.shutdown()
