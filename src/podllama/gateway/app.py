@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, config
 from ..api import ADMIN_PREFIX
 from ..changes import version_of
+from ..config import ServerSection
 from ..credentials import Credentials
 from ..engine import CliEngine, get_engine
 from ..health import LOADING, OK
@@ -191,6 +192,10 @@ class Gateway:
         """Who the guard let this request in as."""
         return scope.get("state", {}).get("caller", ANONYMOUS)  # type: ignore[no-any-return]
 
+    def usable(self, caller: Caller) -> dict[str, ServerSection]:
+        """The servers CALLER's key may use (a scoped key sees only those), by name."""
+        return {name: s for name, s in self.registry.servers.items() if caller.refusal(name, s) is None}
+
     def server_of(self, model: str, caller: Caller) -> str:
         server = self.registry.server_for_model(model)
         if server is None:
@@ -316,11 +321,8 @@ class Gateway:
         @app.get("/v1/models", summary="Every model of every server (OpenAI list shape)")
         @app.get("/models", include_in_schema=False)
         async def models(request: Request) -> dict[str, Any]:
-            caller = _caller(request)
             data = []
-            for name, server in gw.registry.servers.items():
-                if caller.refusal(name, server) is not None:
-                    continue  # a scoped key sees only what it may use
+            for name, server in gw.usable(_caller(request)).items():
                 caps = sorted({ep.capability for ep in ENDPOINTS if ep.scope == "model" and server.role in ep.roles})
                 data.append({
                     "id": server.alias or name, "object": "model", "created": gw.started, "owned_by": "podllama",

@@ -364,10 +364,7 @@ class Ollama:
     # -- models ----------------------------------------------------------------------------------------------
     def _servers(self, scope: dict[str, Any]) -> dict[str, Any]:
         """The servers an Ollama client can use, that this caller may use: model id → server name."""
-        caller = self.gw.caller_of(scope)
-        reg = self.gw.registry
-        return {s.alias or name: name for name, s in reg.servers.items()
-                if s.role in ROLES and caller.refusal(name, s) is None}
+        return {s.alias or name: name for name, s in self.gw.usable(self.gw.caller_of(scope)).items() if s.role in ROLES}
 
     def _server(self, scope: dict[str, Any], model: Any) -> tuple[str, str]:
         """(model id, server) for the model an Ollama request names ('NAME' or 'NAME:latest')."""
