@@ -30,8 +30,8 @@ from . import config, registry
 from .atomic import atomic_write
 from .config import STATE_ENV, Config
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
-from .engine import ContainerSpec
-from .stack import GATEWAY_PORT, SERVER_PORT, Stack, dns_name
+from .engine import CliEngine, ContainerSpec
+from .stack import GATEWAY_PORT, L_COMMIT, SERVER_PORT, Stack, dns_name
 
 CONFIG_IN_GATEWAY = "/etc/podllama"  # the exported gateway's services.toml, read-only
 STATE_IN_GATEWAY = "/var/lib/podllama"  # … and its state ($PODLLAMA_STATE_DIR): the request log, secrets/
@@ -87,26 +87,28 @@ def _keys(cfg: Config, out: Path) -> tuple[list[Path], dict[str, str]]:
     return written, keys
 
 
-def _image(stack: Stack, image: str) -> str:
-    """The image by digest where `build --push` recorded it in images.lock, else by its commit tag (what
-    `podllama build` tagged, never moved)."""
-    image_id = stack.engine.image_id(image)
-    for entry in registry.read(stack.cfg.root / registry.LOCK)["images"].values():
-        if image_id and entry.get("image_id") == image_id:
-            return str(entry["ref"])
-    labels = stack.engine.image_labels(image)
-    commit = (labels.get("podllama.llama-commit") or labels.get("podllama.source") or "")[:12]
-    tagged = image.rsplit(":", 1)[0] + f":{image.rsplit(':', 1)[1]}-{commit}" if commit and ":" in image else image
-    return tagged if stack.engine.image_id(tagged) else image
+def _image(engine: CliEngine, spec: ContainerSpec, pushed: dict[str, str]) -> str:
+    """The image a server runs, by digest where `build --push` recorded it (PUSHED: image id → reference), else by
+    its commit tag (what `podllama build` tagged beside REPO:<variant>, never moved)."""
+    image_id = engine.image_id(spec.image)
+    if image_id and image_id in pushed:
+        return pushed[image_id]
+    commit = spec.labels.get(L_COMMIT, "")[:12]
+    tagged = f"{spec.image}-{commit}" if commit else spec.image
+    return tagged if engine.image_id(tagged) else spec.image
 
 
 def _servers(stack: Stack) -> list[tuple[str, int, ContainerSpec]]:
-    """(server, replicas, the first replica's spec) for every server podllama runs, all of them always on."""
+    """(server, replicas, the first replica's spec, with its image as exported) for every server podllama runs, all of
+    them always on."""
     cfg = config.validate(always_on(stack.cfg))
     cfg._source = stack.cfg.source
+    lock = registry.read(stack.cfg.root / registry.LOCK)["images"].values()
+    pushed = {str(e["image_id"]): str(e["ref"]) for e in lock if e.get("image_id") and e.get("ref")}
     seen: dict[str, tuple[str, int, ContainerSpec]] = {}
     for unit in Stack(cfg, stack.engine, default_variant=stack.default_variant, hw=stack.hw).units():
         if unit.server not in seen:
+            unit.spec.image = _image(stack.engine, unit.spec, pushed)
             seen[unit.server] = (unit.server, stack.cfg.servers[unit.server].replicas, unit.spec)
     return list(seen.values())
 
@@ -122,12 +124,13 @@ def export(stack: Stack, fmt: str, out: Path, gateway_image: str, flavour: str =
     key_files, keys = _keys(stack.cfg, out)
     service = f"{dns_name(stack.name)}-gateway"
     cfg_path = out / "gateway" / "services.toml"
-    atomic_write(cfg_path, tomli_w.dumps(gateway_config(stack.cfg, [service])))
+    gateway_toml = tomli_w.dumps(gateway_config(stack.cfg, [service]))
+    atomic_write(cfg_path, gateway_toml)
     if fmt == "compose":
         doc = compose(stack, servers, gateway_image)
         path = out / "compose.yaml"
     else:
-        doc = kube(stack, servers, gateway_image, cfg_path.read_text(), keys, out, flavour)
+        doc = kube(stack, servers, gateway_image, gateway_toml, keys, out, flavour)
         path = out / "podllama.yaml"
     atomic_write(path, doc)
     return [path, cfg_path, *key_files]
@@ -139,7 +142,7 @@ def compose(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway
     services: dict[str, Any] = {}
     for name, replicas, spec in servers:
         services[dns_name(name)] = {
-            "image": _image(stack, spec.image), "command": spec.args, "restart": "unless-stopped",
+            "image": spec.image, "command": spec.args, "restart": "unless-stopped",
             "read_only": True, "tmpfs": [f"{p}:rw,nosuid,nodev,size=256m" for p in spec.tmpfs],
             "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"], "group_add": spec.groups,
             "environment": spec.env,
@@ -214,7 +217,7 @@ def kube(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_im
     for name, replicas, spec in servers:
         app = dns_name(name)
         container = {
-            "name": "server", "image": _image(stack, spec.image), "args": spec.args,
+            "name": "server", "image": spec.image, "args": spec.args,
             "env": [{"name": k, "value": v} for k, v in spec.env.items()],
             # no ports: podman kube play would publish them on the host; the headless Service needs none
             "securityContext": _hardened(10001, SERVER_GID),  # the group that reads server.key
