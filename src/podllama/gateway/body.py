@@ -184,3 +184,18 @@ async def pieces(receive: Receive, limit: int, setting: str = "[gateway] max_bod
 
 async def read_all(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> bytes:
     return b"".join([chunk async for chunk in pieces(receive, limit, setting)])
+
+
+def replay(data: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives DATA as the whole body (already read), then hands on to RECEIVE, whose next
+    message is the client going away."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    return replayed

@@ -173,16 +173,7 @@ class Guard:
             if e.status != 499:
                 await send_error(send, e.status, str(e))
             return None
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        return replay
+        return bodies.replay(data, receive)
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:

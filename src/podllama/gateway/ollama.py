@@ -298,6 +298,12 @@ class Capture:
         self.on_event = on_event
         self._pending = b""
 
+    def problem(self) -> Problem | None:
+        """The error the proxy or the server answered (None: a success)."""
+        if 0 < self.status < 400:
+            return None
+        return Problem(self.status or 502, upstream_message(self.status, bytes(self.body)))
+
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
@@ -479,22 +485,14 @@ class Ollama:
         data = json.dumps(body).encode()
         ep = self.gw.table.match("POST", path)
         assert ep is not None
-        sent = False
-
-        async def inner_receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return await receive()  # the client's own: its disconnect ends the upstream request
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        await self.gw.proxy.endpoint(self._inner(scope, path, data), inner_receive, capture, ep)
+        # the body, then the client's own receive: its disconnect ends the upstream request
+        await self.gw.proxy.endpoint(self._inner(scope, path, data), bodies.replay(data, receive), capture, ep)
 
     async def _whole(self, scope: dict[str, Any], receive: Receive, path: str, body: dict[str, Any]) -> dict[str, Any]:
         capture = Capture()
         await self._call(scope, receive, path, body, capture)
-        if capture.status >= 400 or capture.status == 0:
-            raise Problem(capture.status or 502, upstream_message(capture.status, bytes(capture.body)))
+        if problem := capture.problem():
+            raise problem
         try:
             data = json.loads(capture.body)
         except ValueError:
@@ -524,11 +522,10 @@ class Ollama:
 
         capture = Capture(on_event)
         await self._call(scope, receive, path, body, capture)
-        if capture.status >= 400 or capture.status == 0:
-            if started:
-                await line({"error": upstream_message(capture.status, bytes(capture.body))})
-            else:
-                raise Problem(capture.status or 502, upstream_message(capture.status, bytes(capture.body)))
+        if problem := capture.problem():
+            if not started:
+                raise problem
+            await line({"error": str(problem)})
         else:
             for out in t.end():
                 await line(out)
