@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.helpers import get_ok
+
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}).encode()
 
 
@@ -129,12 +131,7 @@ def until(predicate, timeout: float, every: float = 0.05) -> float | None:
 
 
 def answers_health(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return get_ok(url + "/health", timeout=1)
 
 
 def podman_service_pids() -> list[int]:

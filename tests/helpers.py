@@ -29,6 +29,16 @@ def podllama(*args: str, check: bool = True, timeout: float = 3600, env: dict | 
     return proc
 
 
+def get_ok(url: str, timeout: float = 2) -> bool:
+    """GET URL answers 200 (no answer at all is False, not an error)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

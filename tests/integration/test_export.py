@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helpers import stack_name, wait_until
+from tests.helpers import get_ok, stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
 SERVERS = """
@@ -43,12 +43,7 @@ def stack(podman, cpu_image, models_dir, tmp_path):
 
 def answers(url: str) -> None:
     """Chat through the gateway (each chat replica in turn) and embeddings."""
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-    assert wait_until(up, 90), "the exported gateway never answered"
+    assert wait_until(lambda: get_ok(f"{url}/health", timeout=5), 90), "the exported gateway never answered"
     for _ in range(4):
         r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
         assert r.status_code == 200 and r.headers["x-podllama-server"] == "chat", r.text

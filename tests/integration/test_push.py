@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from podllama.health import wait_healthy
-from tests.helpers import stack_name, wait_until
+from tests.helpers import get_ok, stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
 
@@ -26,13 +26,7 @@ def registry(tmp_path):
                     f"http:\n  addr: 127.0.0.1:{port}\n")
     log = (tmp_path / "registry.log").open("w")
     proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    assert wait_until(up, 20), (tmp_path / "registry.log").read_text()
+    assert wait_until(lambda: get_ok(f"http://127.0.0.1:{port}/v2/"), 20), (tmp_path / "registry.log").read_text()
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
