@@ -498,7 +498,11 @@ class Config(_Model):
     @property
     def hub_token_file(self) -> Path | None:
         f = self.hub.token_file
-        return None if not f else (Path(f) if Path(f).is_absolute() else self.root / f)
+        return self.named_file(f) if f else None
+
+    def named_file(self, name: str) -> Path:
+        """A file the config names (key files, the hub token): absolute, or relative to services.toml."""
+        return Path(name) if Path(name).is_absolute() else self.root / name
 
     @property
     def state_path(self) -> Path:
@@ -511,7 +515,7 @@ class Config(_Model):
         f = self.remotes[name].api_key_file
         if not f:
             return None
-        path = Path(f) if Path(f).is_absolute() else self.root / f
+        path = self.named_file(f)
         try:
             key = path.read_text(encoding="utf-8").strip()
         except OSError as e:

@@ -27,10 +27,10 @@ from ..credentials import Credentials
 from ..keys import Key, digest
 
 
-def _read_keys(path: str | None, base: Path) -> list[str]:
+def _read_keys(cfg: Config, path: str | None) -> list[str]:
     if not path:
         return []
-    p = Path(path) if Path(path).is_absolute() else base / path
+    p = cfg.named_file(path)
     try:
         lines = p.read_text().splitlines()
     except OSError as e:
@@ -41,7 +41,7 @@ def _read_keys(path: str | None, base: Path) -> list[str]:
 def key_files(cfg: Config) -> list[Path]:
     """The key files the config names (watched for changes)."""
     named = (cfg.gateway.api_keys_file, cfg.gateway.admin_key_file, *(r.api_key_file for r in cfg.remotes.values()))
-    return [p if p.is_absolute() else cfg.root / p for p in (Path(f) for f in named if f)]
+    return [cfg.named_file(f) for f in named if f]
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ class Keys:
     def load(cls, cfg: Config) -> Keys:
         creds = Credentials(cfg.state_path)
         inference = [k for k in os.environ.get("PODLLAMA_API_KEYS", "").split(",") if k.strip()]
-        inference += _read_keys(cfg.gateway.api_keys_file, cfg.root) + creds.inference_keys()
+        inference += _read_keys(cfg, cfg.gateway.api_keys_file) + creds.inference_keys()
         admin = [os.environ["PODLLAMA_ADMIN_KEY"]] if os.environ.get("PODLLAMA_ADMIN_KEY") else []
-        admin += _read_keys(cfg.gateway.admin_key_file, cfg.root)
+        admin += _read_keys(cfg, cfg.gateway.admin_key_file)
         admin += [k for k in [creds.admin_key()] if k]
         host = os.environ.get("PODLLAMA_PUBLISHED_HOST") or cfg.gateway.host
         return cls([k.strip().encode() for k in inference], [k.strip().encode() for k in admin], not _loopback(host))
