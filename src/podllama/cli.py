@@ -599,7 +599,7 @@ def endpoints(as_json: JsonOpt = False) -> None:
 
 
 @app.command("export")
-def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compose or kube")],
+def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compose, kube or quadlet")],
                cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                output: Annotated[str, typer.Option("-o", "--output", help="Directory to write into")] = "export",
                target: Annotated[str, typer.Option("--for", help="kube: kubernetes (the keys in a Secret) or podman "

@@ -1,10 +1,11 @@
-"""`podllama export compose|kube`: the whole stack of services.toml for an orchestrator to run — the same
+"""`podllama export compose|kube|quadlet`: the whole stack of services.toml for an orchestrator to run — the same
 containers `podllama start` makes (images, server flags, the hardening, the read-only models volume, the
 server key), and the gateway without an engine socket: it finds the servers by their DNS names and leaves
 restarts to the orchestrator (`podllama gateway --discovery dns`).
 
 What it writes into DIR:
-    compose.yaml or podllama.yaml (a ConfigMap, a Secret, a Deployment and a Service per server, the gateway's)
+    compose.yaml, or podllama.yaml (a ConfigMap, a Secret, a Deployment and a Service per server, the gateway's),
+    or quadlet/*.container, *.network (a unit per replica and the gateway's, two networks: Podman ≥ 5)
     gateway/services.toml                       the config as the exported gateway reads it
     gateway/state/secrets/{admin.key,server.key}  the stack's keys, for the gateway (0600 / 0440)
     keys/server.key                             the server key alone, for the servers (root:10001, 0440)
@@ -30,7 +31,7 @@ from . import config, registry
 from .atomic import atomic_write
 from .config import STATE_ENV, Config
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
-from .engine import CliEngine, ContainerSpec
+from .engine import CliEngine, ContainerSpec, PodmanEngine, hardening
 from .stack import GATEWAY_PORT, L_COMMIT, SERVER_PORT, Stack, dns_name
 
 CONFIG_IN_GATEWAY = "/etc/podllama"  # the exported gateway's services.toml, read-only
@@ -38,7 +39,8 @@ STATE_IN_GATEWAY = "/var/lib/podllama"  # … and its state ($PODLLAMA_STATE_DIR
 KEY_DIR = str(Path(SERVER_KEY_IN_CONTAINER).parent)  # the servers' key directory: server.key alone
 MODELS = "/models"
 HEALTH = {"interval": "10s", "timeout": "5s", "retries": 3}
-FORMATS = ("compose", "kube")
+FORMATS = ("compose", "kube", "quadlet")
+QUADLET_DIR = "quadlet"
 
 
 class ExportError(Exception):
@@ -66,12 +68,15 @@ def gateway_config(cfg: Config, allowed: list[str]) -> dict[str, Any]:
     return data
 
 
-def _keys(cfg: Config, out: Path) -> tuple[list[Path], dict[str, str]]:
-    """The stack's keys copied for the gateway (OUT/gateway/state/secrets) and the server key alone for the
-    servers (OUT/keys); server.key readable by the servers' group."""
+def _stack_keys(cfg: Config) -> dict[str, str]:
     creds = Credentials(cfg.state_path)
     creds.ensure()
-    keys = {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
+    return {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
+
+
+def _write_keys(keys: dict[str, str], out: Path) -> list[Path]:
+    """The stack's keys copied for the gateway (OUT/gateway/state/secrets) and the server key alone for the
+    servers (OUT/keys); server.key readable by the servers' group."""
     gateway = out / "gateway" / "state" / "secrets"
     written = []
     for path, value, mode in ((gateway / "admin.key", keys["admin.key"], 0o600),
@@ -84,7 +89,7 @@ def _keys(cfg: Config, out: Path) -> tuple[list[Path], dict[str, str]]:
         written.append(path)
     if os.geteuid() == 0:
         os.chown(out / "keys", 0, SERVER_GID)
-    return written, keys
+    return written
 
 
 def _image(engine: CliEngine, spec: ContainerSpec, pushed: dict[str, str]) -> str:
@@ -114,26 +119,30 @@ def _servers(stack: Stack) -> list[tuple[str, int, ContainerSpec]]:
 
 
 def export(stack: Stack, fmt: str, out: Path, gateway_image: str, flavour: str = "kubernetes") -> list[Path]:
-    """Write the stack as FMT into OUT; returns the files written."""
+    """Write the stack as FMT into OUT; returns the files written. Nothing is written when the stack cannot be
+    exported."""
     if fmt not in FORMATS:
         raise ExportError(f"no export format '{fmt}'; formats: {', '.join(FORMATS)}")
-    out.mkdir(parents=True, exist_ok=True)
     servers = _servers(stack)
     if not servers:
         raise ExportError("services.toml declares no server podllama runs; nothing to export")
-    key_files, keys = _keys(stack.cfg, out)
-    service = f"{dns_name(stack.name)}-gateway"
-    cfg_path = out / "gateway" / "services.toml"
-    gateway_toml = tomli_w.dumps(gateway_config(stack.cfg, [service]))
-    atomic_write(cfg_path, gateway_toml)
+    keys = _stack_keys(stack.cfg)
+    gateway_toml = tomli_w.dumps(gateway_config(stack.cfg, [f"{dns_name(stack.name)}-gateway"]))
     if fmt == "compose":
-        doc = compose(stack, servers, gateway_image)
-        path = out / "compose.yaml"
+        files = {"compose.yaml": compose(stack, servers, gateway_image)}
+    elif fmt == "kube":
+        files = {"podllama.yaml": kube(stack, servers, gateway_image, gateway_toml, keys, out, flavour)}
     else:
-        doc = kube(stack, servers, gateway_image, gateway_toml, keys, out, flavour)
-        path = out / "podllama.yaml"
-    atomic_write(path, doc)
-    return [path, cfg_path, *key_files]
+        files = quadlet(stack, servers, gateway_image, out)
+        _remove_stale_units(out / QUADLET_DIR, set(files))
+    files["gateway/services.toml"] = gateway_toml
+    written = []
+    for name, text in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+        written.append(path)
+    return [*written, *_write_keys(keys, out)]
 
 
 # -- compose ---------------------------------------------------------------------------------------------------
@@ -269,8 +278,117 @@ def _deployment(stack: Stack, app: str, replicas: int, container: dict[str, Any]
                      "template": {"metadata": {"labels": _labels(stack, app)}, "spec": pod}}}
 
 
+# -- Quadlet ----------------------------------------------------------------------------------------------------
+Value = str | list[str]  # a key's value: text, or words (Exec, PodmanArgs, Environment, Label: split as systemd does)
+Section = list[tuple[str, Value]]
+
+
+def quadlet(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_image: str,
+            out: Path) -> dict[str, str]:
+    """Quadlet units (Podman's systemd generator): a .container per server replica, each under its server's DNS
+    name on an internal network, and the gateway's, on that network and on one that publishes its port; systemd
+    restarts what dies. The keys and the gateway's config are bind-mounted from OUT, which must stay where it
+    is. Returns {path under OUT: text}."""
+    part = dns_name(stack.name)
+    servers_net, outside_net = f"{part}-servers.network", f"{part}.network"
+    label: tuple[str, Value] = ("Label", [f"podllama.stack={stack.name}"])
+    files = {f"{QUADLET_DIR}/{servers_net}": _unit(stack, f"podllama {stack.name}: the servers' network", {
+                 "Network": [("NetworkName", f"{part}-servers"), ("Internal", "true"), label]}),
+             f"{QUADLET_DIR}/{outside_net}": _unit(stack, f"podllama {stack.name}: the gateway's published network", {
+                 "Network": [("NetworkName", part), label]})}
+    models: tuple[str, Value] = ("Volume", f"{stack.cfg.models_path}:{MODELS}:ro")
+    service: Section = [("Restart", "always"), ("TimeoutStartSec", "900")]  # 900: time to pull an image
+    install: Section = [("WantedBy", "default.target")]
+    server_units = []
+    for name, replicas, spec in servers:
+        for replica in range(1, replicas + 1):
+            unit = f"{part}-{dns_name(name)}" + (f"-{replica}" if replicas > 1 else "")
+            args = [*hardening(spec), f"--network-alias={dns_name(name)}",
+                    *(PodmanEngine().gpu_flags(spec.gpu) if spec.gpu else [])]
+            container: Section = [
+                ("ContainerName", unit), ("Image", _qualified(spec.image)), ("Network", servers_net),
+                models, ("Volume", f"{(out / 'keys').resolve()}:{KEY_DIR}:ro"),
+                *(("Environment", [f"{k}={v}"]) for k, v in spec.env.items()),
+                ("PodmanArgs", args),
+                ("HealthCmd", f"curl -fsS http://127.0.0.1:{SERVER_PORT}/health"),
+                ("HealthInterval", str(HEALTH["interval"])), ("HealthTimeout", str(HEALTH["timeout"])),
+                ("HealthRetries", str(HEALTH["retries"])), ("HealthStartPeriod", "30s"),
+                label, ("Label", [f"podllama.server={name}"]), ("Exec", spec.args)]
+            what = f"server {name}" + (f" (replica {replica} of {replicas})" if replicas > 1 else "")
+            files[f"{QUADLET_DIR}/{unit}.container"] = _unit(stack, f"podllama {stack.name}: {what}", {
+                "Container": container, "Service": service, "Install": install})
+            server_units.append(f"{unit}.service")
+    gw = stack.cfg.gateway
+    gateway_dir = (out / "gateway").resolve()
+    gateway = ContainerSpec(name=f"{part}-gateway", image=gateway_image, user="0:0")  # as `start` runs it
+    container = [
+        ("ContainerName", gateway.name), ("Image", _qualified(gateway_image)),
+        ("Network", servers_net), ("Network", outside_net), ("PublishPort", f"{gw.host}:{gw.port}:{GATEWAY_PORT}"),
+        ("Volume", f"{gateway_dir / 'services.toml'}:{CONFIG_IN_GATEWAY}/services.toml:ro"),
+        ("Volume", f"{gateway_dir / 'state'}:{STATE_IN_GATEWAY}:rw"), models,
+        ("Environment", [f"PODLLAMA_PUBLISHED_HOST={gw.host}", f"{STATE_ENV}={STATE_IN_GATEWAY}"]),
+        ("PodmanArgs", hardening(gateway)), label, ("Label", ["podllama.kind=gateway"]),
+        ("Exec", ["--discovery", "dns", "-c", f"{CONFIG_IN_GATEWAY}/services.toml"])]
+    # Wants, not Requires: the gateway stays up while a server restarts, and answers 503 for it meanwhile
+    files[f"{QUADLET_DIR}/{part}-gateway.container"] = _unit(stack, f"podllama {stack.name}: the gateway", {
+        "Unit": [("Wants", server_units), ("After", server_units)],
+        "Container": container, "Service": service, "Install": install})
+    return files
+
+
+def _qualified(image: str) -> str:
+    """IMAGE with its registry: Podman names what it builds localhost/…, and Quadlet warns about short names."""
+    first = image.split("/", 1)[0]
+    return image if "/" in image and ("." in first or ":" in first or first == "localhost") else f"localhost/{image}"
+
+
+def _unit(stack: Stack, description: str, sections: dict[str, Section]) -> str:
+    """A Quadlet unit file. Every value is checked for line breaks (which would start a directive of their own) and
+    kept literal: systemd's specifiers (%) everywhere, and variables ($) in what Podman's keys turn into the
+    podman command line, escaped; word values quoted where they need it."""
+    how = f"cp {QUADLET_DIR}/* /etc/containers/systemd/ && systemctl daemon-reload && " \
+          f"systemctl start {dns_name(stack.name)}-gateway"
+    body: dict[str, Section] = {"Unit": [("Description", description)]}
+    for section, keys in sections.items():
+        body.setdefault(section, []).extend(keys)
+    text = _header(stack, how)
+    for section, keys in body.items():
+        literal = section in ("Container", "Network")  # what the generator copies into ExecStart
+        text += f"\n[{section}]\n"
+        for key, value in keys:
+            words = [_escape(w, key, literal) for w in (value if isinstance(value, list) else [value])]
+            text += f"{key}={' '.join(map(_quoted, words)) if isinstance(value, list) else words[0]}\n"
+    return text
+
+
+def _escape(value: str, key: str, literal: bool) -> str:
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ExportError(f"{key}: {value!r} holds a control character, which cannot be written into a unit file "
+                          f"(a line break would start a line of its own); remove it from services.toml")
+    value = value.replace("%", "%%")
+    return value.replace("$", "$$") if literal else value
+
+
+def _quoted(word: str) -> str:
+    if re.fullmatch(r"[\w@+=:,./%$-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _remove_stale_units(directory: Path, keep: set[str]) -> None:
+    """Units an earlier export wrote into DIRECTORY that this one does not (a replica fewer): left there, they
+    would still run."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.suffix in (".container", ".network") and f"{QUADLET_DIR}/{path.name}" not in keep \
+                and path.read_text(errors="replace").startswith("# podllama stack"):
+            path.unlink()
+
+
 def _header(stack: Stack, how: str) -> str:
-    source = stack.cfg.source or "services.toml"
+    # a comment line: a line break in the config's path would end it (and start a directive in a unit file)
+    source = re.sub(r"[\x00-\x1f\x7f]", "?", str(stack.cfg.source or "services.toml"))
     return (f"# podllama stack '{stack.name}', exported from {source} by `podllama export`.\n"
             f"# Run: {how}\n")
 

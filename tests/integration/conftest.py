@@ -30,6 +30,16 @@ def base_choice(engine: CliEngine) -> str:
 
 
 @pytest.fixture(scope="session")
+def trixie_base(podman) -> str:
+    """A Debian 13 (trixie) base image: upstream's where a registry gave us one, else `podllama base-image`'s."""
+    if base_choice(podman) == "upstream":
+        return images.UPSTREAM_BASES["vulkan"][0]
+    if not podman.image_exists(f"{images.LOCAL_BASE}:trixie"):
+        podllama("base-image", "--suite", "trixie", "--engine", "podman")
+    return f"{images.LOCAL_BASE}:trixie"
+
+
+@pytest.fixture(scope="session")
 def podman() -> CliEngine:
     engine = get_engine("podman")
     if not engine.available():

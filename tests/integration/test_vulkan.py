@@ -22,10 +22,8 @@ EMBED = ("--n-gpu-layers", "99", "--embedding", "--pooling", "mean")
 
 
 @pytest.fixture(scope="session")
-def vulkan_image(podman) -> str:
+def vulkan_image(podman, trixie_base) -> str:  # trixie: the Vulkan image's Debian
     base = base_choice(podman)
-    if base == "local" and not podman.image_exists(f"{images.LOCAL_BASE}:trixie"):
-        podllama("base-image", "--suite", "trixie", "--engine", "podman")  # the Vulkan image's Debian
     built = json.loads(podllama("build", "--variant", "vulkan", "--native", "--ui", "off", "--engine", "podman",
                                 "--base", base, "--json").stdout)
     assert built["variant"] == "vulkan" and built["smoke"]

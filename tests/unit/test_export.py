@@ -3,6 +3,8 @@ as `start`, keys where each side reads them, and Kubernetes manifests that valid
 
 from __future__ import annotations
 
+import json
+import shlex
 import stat
 import tomllib
 
@@ -10,7 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from podllama import config, registry
+from podllama import config, registry, tinymodel
+from podllama.engine import hardening
 from podllama.export import ExportError, export, gateway_config
 from podllama.stack import Stack
 from tests.fakeengine import FakeEngine
@@ -135,3 +138,114 @@ def test_images_pushed_with_build_push_are_named_by_their_digest(stack, tmp_path
                     {"ref": f"reg/x@{digest}", "image_id": FakeEngine.IMAGE_ID})
     doc = yaml.safe_load(export(stack, "compose", tmp_path / "c", "gw")[0].read_text())
     assert doc["services"]["chat"]["image"] == f"reg/x@{digest}"
+
+
+def unit_file(path) -> list[tuple[str, str, str]]:
+    """A unit file as (section, key, value) lines, in order (Quadlet keys repeat)."""
+    out, section = [], ""
+    for line in path.read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.append((section, key, value))
+    return out
+
+
+def words(value: str) -> list[str]:
+    """A word-list value as systemd reads it into ExecStart: quotes, then %% and $$ made literal again."""
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(value)]
+
+
+def test_quadlet_units_run_what_start_runs(stack, tmp_path):
+    out = tmp_path / "q"
+    written = export(stack, "quadlet", out, "localhost/podllama/gateway:x")
+    units = {p.name for p in written if p.parent.name == "quadlet"}
+    assert units == {"exq-servers.network", "exq.network", "exq-chat-1.container", "exq-chat-2.container",
+                     "exq-embed-x.container", "exq-gateway.container"}  # a unit per replica, none for the remote
+    by_unit = {u.spec.name: u.spec for u in stack.units()}
+    chat = unit_file(out / "quadlet" / "exq-chat-2.container")
+    keys = {(s, k): v for s, k, v in chat}
+    assert words(keys["Container", "Exec"]) == by_unit["exq-chat-2"].args  # the flags `start` gives
+    args = words(keys["Container", "PodmanArgs"])
+    assert args == [*hardening(by_unit["exq-chat-2"]), "--network-alias=chat"]  # the same hardening, its DNS name
+    assert "--read-only" in args and "--cap-drop=ALL" in args and "--security-opt=no-new-privileges" in args
+    assert keys["Container", "Image"] == "localhost/podllama/llama-server:cpu-000000000000"
+    assert keys["Container", "Network"] == "exq-servers.network" and ("Container", "PublishPort") not in keys
+    volumes = [v for s, k, v in chat if k == "Volume"]
+    assert volumes == [f"{stack.cfg.models_path}:/models:ro", f"{out.resolve()}/keys:/run/podllama:ro"]
+    assert keys["Service", "Restart"] == "always" and "health" in keys["Container", "HealthCmd"]
+    net = {(s, k): v for s, k, v in unit_file(out / "quadlet" / "exq-servers.network")}
+    assert net["Network", "Internal"] == "true" and net["Network", "NetworkName"] == "exq-servers"
+    gw = unit_file(out / "quadlet" / "exq-gateway.container")
+    gkeys = {(s, k): v for s, k, v in gw}
+    assert [v for s, k, v in gw if k == "Network"] == ["exq-servers.network", "exq.network"]
+    assert gkeys["Container", "PublishPort"] == "127.0.0.1:18099:8080"
+    assert words(gkeys["Container", "Exec"])[:2] == ["--discovery", "dns"]
+    assert not any("sock" in v for s, k, v in gw if k == "Volume")  # no engine socket
+    assert set(gkeys["Unit", "Wants"].split()) == {"exq-chat-1.service", "exq-chat-2.service", "exq-embed-x.service"}
+    assert tomllib.loads((out / "gateway" / "services.toml").read_text())["servers"]["embed_x"]["start"] == "always"
+    assert (out / "keys" / "server.key").read_text().strip() == stack.credentials.server_key()
+
+
+def test_quadlet_values_stay_literal_through_systemd(tmp_path, tiny_models, monkeypatch):
+    """systemd expands % specifiers and $VARIABLES in what the generator puts into ExecStart: an alias holding
+    them must reach llama-server as written."""
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    path = tmp_path / "services.toml"
+    alias = 'tiny 100%n $HOME ${PATH} "q" \\ x'
+    path.write_text(f'[stack]\nname = "lit"\nmodels_dir = "{tiny_models}"\n'
+                    f'[servers.chat]\nmodel = "tiny.gguf"\nalias = {json.dumps(alias)}\n')
+    engine = FakeEngine()
+    try:
+        st = Stack(config.load(path), engine, default_variant="cpu")
+        export(st, "quadlet", tmp_path / "q", "gw")
+    finally:
+        engine.close()
+    keys = {(s, k): v for s, k, v in unit_file(tmp_path / "q" / "quadlet" / "lit-chat.container")}
+    argv = words(keys["Container", "Exec"])
+    assert argv[argv.index("--alias") + 1] == alias
+    assert "%n" not in keys["Container", "Exec"].replace("%%", "") and "$HOME" not in keys["Container", "Exec"].replace("$$", "")
+
+
+def test_a_line_break_in_a_path_is_refused_and_nothing_is_written(tmp_path, vocab_file, monkeypatch):
+    """A models directory named to smuggle a directive into the unit (ExecStartPre runs as root)."""
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    models = tmp_path / "m\nExecStartPre=touch pwned\n"  # no "/": one directory
+    models.mkdir()
+    tinymodel.write(models / "tiny.gguf", vocab_file)
+    path = tmp_path / "services.toml"
+    path.write_text(f'[stack]\nname = "nl"\nmodels_dir = {json.dumps(str(models))}\n'
+                    f'[servers.chat]\nmodel = "tiny.gguf"\n')
+    engine = FakeEngine()
+    try:
+        with pytest.raises(ExportError, match="Volume: .* control character"):
+            export(Stack(config.load(path), engine, default_variant="cpu"), "quadlet", tmp_path / "q", "gw")
+    finally:
+        engine.close()
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_line_break_in_the_configs_path_stays_in_its_comment(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    where = tmp_path / "c\nExecStartPre=touch pwned"
+    where.mkdir()
+    (where / "services.toml").write_text(f'[stack]\nname = "nl"\nmodels_dir = "{tiny_models}"\n'
+                                         f'[servers.chat]\nmodel = "tiny.gguf"\n')
+    engine = FakeEngine()
+    try:
+        export(Stack(config.load(where / "services.toml"), engine, default_variant="cpu"), "quadlet", tmp_path / "q", "gw")
+    finally:
+        engine.close()
+    for unit in (tmp_path / "q" / "quadlet").iterdir():
+        assert not [k for _, k, _ in unit_file(unit) if k == "ExecStartPre"], unit.read_text()
+
+
+def test_a_second_export_removes_the_units_it_no_longer_writes(stack, tmp_path):
+    out = tmp_path / "q"
+    (out / "quadlet").mkdir(parents=True)
+    (out / "quadlet" / "exq-chat-3.container").write_text("# podllama stack 'exq', exported …\n[Container]\n")
+    (out / "quadlet" / "mine.container").write_text("[Container]\nImage=x\n")  # not ours: kept
+    export(stack, "quadlet", out, "gw")
+    assert not (out / "quadlet" / "exq-chat-3.container").exists() and (out / "quadlet" / "mine.container").exists()
+    assert (out / "quadlet" / "exq-chat-2.container").exists()
