@@ -18,8 +18,9 @@ from tests.integration.conftest import StackFiles, free_port
 
 
 @pytest.fixture
-def registry(tmp_path):
-    """A registry on a loopback port of its own, storing in TMP_PATH."""
+def registry(tmp_path, podman):
+    """A registry on a loopback port of its own, storing in TMP_PATH; the names `build --push` gave images for it
+    are taken off this engine's images afterwards."""
     port = free_port()
     conf = tmp_path / "registry.yml"
     conf.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'blobs'}\n"
@@ -30,6 +31,11 @@ def registry(tmp_path):
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
+    names = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                           text=True).stdout.split()
+    for name in names:
+        if name.startswith(f"127.0.0.1:{port}/"):
+            podman.untag(name)
 
 
 def test_a_pushed_image_is_recorded_pulled_back_on_an_empty_store_and_runs(podman, cpu_image, models_dir, registry,
