@@ -606,10 +606,13 @@ def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compos
                                                              "(`podman kube play`: the keys mounted from DIR)")]
                = "kubernetes",
                as_json: JsonOpt = False) -> None:
-    """Write the whole stack for compose or Kubernetes: the same images, flags and hardening as `start`, the
-    read-only models volume, the server key, health probes, and a gateway that finds the servers by DNS."""
-    from .export import export, valid_dir
+    """Write the whole stack for compose, Kubernetes or systemd (Quadlet units): the same images, flags and
+    hardening as `start`, the read-only models volume, the server key, health probes, and a gateway that finds
+    the servers by DNS."""
+    from .export import FORMATS, export, valid_dir
 
+    if fmt not in FORMATS:  # before the gateway image is built
+        raise typer.BadParameter(f"no export format '{fmt}'; formats: {', '.join(FORMATS)}", param_hint="FORMAT")
     if target not in ("kubernetes", "podman"):
         raise typer.BadParameter("kubernetes or podman", param_hint="--for")
     st = stack_for(cfg_path, engine)

@@ -217,7 +217,8 @@ def test_idle_stop_streams_in_flight_and_warm_prompt_caches(podman, cpu_image, s
         asking_b.start()
         looks: list[tuple[float, set[str]]] = []  # (when the look had its answer, the servers running)
         while streaming.is_alive():
-            looks.append((time.monotonic(), running_servers(podman, sf.name)))
+            running = running_servers(podman, sf.name)  # the time after the answer: a look that began before
+            looks.append((time.monotonic(), running))  # the stream's end may see what happened after it
             time.sleep(0.3)
         streaming.join()
         asking_b.join(timeout=120)

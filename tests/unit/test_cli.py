@@ -80,3 +80,9 @@ def test_ctrl_c_exits_130(gateway, upstream):
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert out.startswith("tok")  # what had come is kept
+
+
+def test_an_unknown_export_format_is_refused_before_anything_is_built(tmp_path):
+    proc = podllama("export", "helm", "-c", str(tmp_path / "absent.toml"), "-o", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "no export format 'helm'" in proc.stderr and "quadlet" in proc.stderr
+    assert "gateway image" not in proc.stderr + proc.stdout and not (tmp_path / "x").exists()
