@@ -147,7 +147,7 @@ ctx_size = 2048
         t = time.monotonic()
         owui = subprocess.Popen([str(args.openwebui / "bin" / "open-webui"), "serve", "--host", "127.0.0.1", "--port",
                                  str(ui_port)], env=env, stdout=(work / "openwebui.log").open("w"),
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, cwd=work)  # it writes .webui_secret_key where it runs
         wait_for(f"http://127.0.0.1:{ui_port}/health", 300)
         run.step("Open WebUI up", time.monotonic() - t)
         before = len(requests_seen(url, admin))

@@ -33,6 +33,7 @@ from .config import STATE_ENV, Config
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from .engine import CliEngine, ContainerSpec, PodmanEngine, hardening
 from .stack import GATEWAY_PORT, L_COMMIT, SERVER_PORT, Stack, dns_name
+from .validate import CONTROL
 
 CONFIG_IN_GATEWAY = "/etc/podllama"  # the exported gateway's services.toml, read-only
 STATE_IN_GATEWAY = "/var/lib/podllama"  # … and its state ($PODLLAMA_STATE_DIR): the request log, secrets/
@@ -297,6 +298,7 @@ def quadlet(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway
              f"{QUADLET_DIR}/{outside_net}": _unit(stack, f"podllama {stack.name}: the gateway's published network", {
                  "Network": [("NetworkName", part), label]})}
     models: tuple[str, Value] = ("Volume", f"{stack.cfg.models_path}:{MODELS}:ro")
+    keys: tuple[str, Value] = ("Volume", f"{(out / 'keys').resolve()}:{KEY_DIR}:ro")
     service: Section = [("Restart", "always"), ("TimeoutStartSec", "900")]  # 900: time to pull an image
     install: Section = [("WantedBy", "default.target")]
     server_units = []
@@ -307,7 +309,7 @@ def quadlet(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway
                     *(PodmanEngine().gpu_flags(spec.gpu) if spec.gpu else [])]
             container: Section = [
                 ("ContainerName", unit), ("Image", _qualified(spec.image)), ("Network", servers_net),
-                models, ("Volume", f"{(out / 'keys').resolve()}:{KEY_DIR}:ro"),
+                models, keys,
                 *(("Environment", [f"{k}={v}"]) for k, v in spec.env.items()),
                 ("PodmanArgs", args),
                 ("HealthCmd", f"curl -fsS http://127.0.0.1:{SERVER_PORT}/health"),
@@ -362,7 +364,7 @@ def _unit(stack: Stack, description: str, sections: dict[str, Section]) -> str:
 
 
 def _escape(value: str, key: str, literal: bool) -> str:
-    if re.search(r"[\x00-\x1f\x7f]", value):
+    if CONTROL.search(value):
         raise ExportError(f"{key}: {value!r} holds a control character, which cannot be written into a unit file "
                           f"(a line break would start a line of its own); remove it from services.toml")
     value = value.replace("%", "%%")
@@ -388,7 +390,7 @@ def _remove_stale_units(directory: Path, keep: set[str]) -> None:
 
 def _header(stack: Stack, how: str) -> str:
     # a comment line: a line break in the config's path would end it (and start a directive in a unit file)
-    source = re.sub(r"[\x00-\x1f\x7f]", "?", str(stack.cfg.source or "services.toml"))
+    source = CONTROL.sub("?", str(stack.cfg.source or "services.toml"))
     return (f"# podllama stack '{stack.name}', exported from {source} by `podllama export`.\n"
             f"# Run: {how}\n")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # control characters, NUL and DEL
 _NUMBER = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 
 # git: commit ids, tags and branches (a subset of what `git check-ref-format` allows), and HEAD
@@ -35,7 +35,7 @@ _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
 def _plain(value: str, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
-    if _CONTROL.search(value):
+    if CONTROL.search(value):
         raise ValueError(f"{what} {value!r} holds control characters")
     if value.startswith("-"):
         raise ValueError(f"{what} {value!r} starts with '-', which a program would read as an option")

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, quote
 from ..config import NAME_RE, PROJECTOR_ROLES, GatewaySection
 from ..credentials import bearer
 from ..health import LOADING
+from ..validate import CONTROL
 from . import body as bodies
 from .auth import ANONYMOUS, Caller
 from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
@@ -44,7 +45,6 @@ NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"x-api-key", b"origin"}  # the 
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"trailer",
                            b"upgrade", b"proxy-authenticate"})
 SMALL_BODY = bodies.EXACT_LIMIT  # bodies up to this size are read before forwarding (sent with a content-length)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in the decoded path (a space is fine there: it is re-encoded)
 _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
 LOG_BODY = 64 * 1024  # bytes of each body the request log keeps, with [gateway] log_bodies
@@ -54,7 +54,7 @@ T = TypeVar("T")
 def target_of(path: str, query: bytes) -> bytes | None:
     """The request target sent upstream: PATH (decoded) re-encoded, plus QUERY as it came. None when the path
     holds control characters or the query anything but visible ASCII."""
-    if _CONTROL.search(path) or not _QUERY_OK.match(query):
+    if CONTROL.search(path) or not _QUERY_OK.match(query):  # a space is fine: it is re-encoded
         return None
     target = quote(path, safe=PATH_SAFE).encode()
     return target + b"?" + query if query else target
