@@ -1,4 +1,4 @@
-"""Helpers the tests share: running the real `podllama` command, waiting for a condition."""
+"""Helpers the tests share: running the real `podllama` command, waiting for a condition, reading a unit file."""
 
 from __future__ import annotations
 
@@ -68,3 +68,15 @@ def flood_headers(port: int, total: int = 32 * 2**20) -> tuple[bytes, int]:
             return sock.recv(200), sent
         except (TimeoutError, ConnectionResetError):
             return b"", sent
+
+
+def unit_file(path: Path) -> list[tuple[str, str, str]]:
+    """A unit file as (section, key, value) lines, in order (Quadlet keys repeat)."""
+    out, section = [], ""
+    for line in path.read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.append((section, key, value))
+    return out

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helpers import get_ok, stack_name, wait_until
+from tests.helpers import get_ok, stack_name, unit_file, wait_until
 from tests.integration.conftest import StackFiles, free_port
 
 SERVERS = """
@@ -132,11 +132,6 @@ def systemd_host(podman, trixie_base) -> str:
     return tag
 
 
-def unit_keys(path: Path) -> list[tuple[str, str]]:
-    return [tuple(line.split("=", 1)) for line in path.read_text().splitlines()  # type: ignore[misc]
-            if "=" in line and not line.startswith("#")]
-
-
 def test_quadlet_units_pass_podmans_generator_and_run_under_systemd(podman, cpu_image, models_dir, tmp_path,
                                                                    systemd_host):
     stack = StackFiles(tmp_path, stack_name("ptq"), podman, models_dir, free_port()).write(
@@ -156,8 +151,8 @@ def test_quadlet_units_pass_podmans_generator_and_run_under_systemd(podman, cpu_
     # and for real: systemd (PID 1 of a container of its own) runs them with the same generator
     box, store, port = f"{part}-systemd", tmp_path / "store", free_port()
     store.mkdir()
-    images = sorted({v for k, v in unit_keys(units / f"{part}-gateway.container") + unit_keys(
-        units / f"{part}-chat-1.container") if k == "Image"})
+    images = sorted({v for unit in ("gateway", "chat-1") for _, k, v in unit_file(units / f"{part}-{unit}.container")
+                     if k == "Image"})
     try:
         subprocess.run(["podman", "run", "-d", "--name", box, "--privileged", "--systemd=always",
                         "-v", f"{store}:/var/lib/containers", "-v", f"{out}:{out}", "-v", f"{models_dir}:{models_dir}:ro",

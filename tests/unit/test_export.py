@@ -17,6 +17,7 @@ from podllama.engine import hardening
 from podllama.export import ExportError, export, gateway_config
 from podllama.stack import Stack
 from tests.fakeengine import FakeEngine
+from tests.helpers import unit_file
 
 SERVERS = """
 [servers.chat]
@@ -138,18 +139,6 @@ def test_images_pushed_with_build_push_are_named_by_their_digest(stack, tmp_path
                     {"ref": f"reg/x@{digest}", "image_id": FakeEngine.IMAGE_ID})
     doc = yaml.safe_load(export(stack, "compose", tmp_path / "c", "gw")[0].read_text())
     assert doc["services"]["chat"]["image"] == f"reg/x@{digest}"
-
-
-def unit_file(path) -> list[tuple[str, str, str]]:
-    """A unit file as (section, key, value) lines, in order (Quadlet keys repeat)."""
-    out, section = [], ""
-    for line in path.read_text().splitlines():
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1]
-        elif line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out.append((section, key, value))
-    return out
 
 
 def words(value: str) -> list[str]:
