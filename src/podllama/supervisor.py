@@ -14,6 +14,7 @@ carries on where the last one stopped.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -61,9 +62,9 @@ class Supervisor:
         self.watch: dict[str, Watch] = {}
         self.events: list[dict[str, Any]] = []
         self._units: list[Unit] = []
-        self._units_at = 0.0
+        self._units_at = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self._addresses: dict[str, str] = {}  # container → address, from the last look at the engine
-        self._engine_at = 0.0
+        self._engine_at = -math.inf
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.on_restart: Callable[[Unit], object] = lambda unit: None
@@ -77,7 +78,7 @@ class Supervisor:
         self._wake.set()
     def refresh(self) -> None:
         """Forget the cached container specs (after a config change)."""
-        self._units_at = 0.0
+        self._units_at = -math.inf
 
     def configure(self, policy: SupervisorSection) -> None:
         """A new config: its policy, and container specs computed afresh."""

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class Loader:
         self.auth: list[tuple[bytes, bytes]] = []
         self._lock = asyncio.Lock()  # one load or unload at a time
         self._noted: dict[str, dict[str, Any]] = {}
-        self._measured_at = 0.0
+        self._measured_at = -math.inf  # never
         saved = stack.state.read().get("servers", {})
         for name in self.servers():
             entry = saved.get(f"{name}-1", {})

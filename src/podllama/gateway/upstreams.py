@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
@@ -127,7 +128,7 @@ class Registry:
         self.replicas: dict[str, list[Replica]] = {}
         self.names: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.refreshed = 0.0
+        self.refreshed = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
         self._saved: tuple[float, dict[str, dict[str, object]]] = (-STATE_TTL, {})
         self._waiting: dict[str, int] = {}
