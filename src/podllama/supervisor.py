@@ -61,6 +61,7 @@ class Supervisor:
         self._before_round = before_round
         self.watch: dict[str, Watch] = {}
         self.events: list[dict[str, Any]] = []
+        self.rounds = 0  # rounds begun (skipped ones not counted)
         self._units: list[Unit] = []
         self._units_at = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self._addresses: dict[str, str] = {}  # container → address, from the last look at the engine
@@ -97,6 +98,7 @@ class Supervisor:
         with self._lock, self.stack.state.operation(blocking=False) as got:
             if not got:
                 return []
+            self.rounds += 1
             if self._before_round is not None:
                 self._before_round()
             try:

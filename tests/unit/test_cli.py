@@ -9,10 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from tests import scripted
-from tests.helpers import PODLLAMA, ROOT, podllama
+from tests.helpers import PODLLAMA, ROOT, podllama, wait_until
 
 
 def test_version():
@@ -75,11 +74,13 @@ def test_ctrl_c_exits_130(gateway, upstream):
     proc = subprocess.Popen([*PODLLAMA, "run", "Tell me everything", "-c", str(gw.cfg_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
-    time.sleep(1.5)
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    first = wait_until(lambda: proc.stdout.read(3), timeout=30, interval=0.05)  # the answer has begun
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    assert out.startswith("tok")  # what had come is kept
+    assert (first + out).startswith("tok")  # what had come is kept
 
 
 def test_an_unknown_export_format_is_refused_before_anything_is_built(tmp_path):

@@ -148,7 +148,8 @@ def test_a_stream_in_flight_is_not_cut_and_idle_servers_stop(stack):
     wait_until(lambda: s.engine.running() == {"always"}, timeout=6)
     assert s.statuses() == {"always": "loaded", "a": "unloaded", "b": "unloaded"}
     assert s.gw.stack.state.desired("b-1") == UNLOADED, "the supervisor does not bring it back"
-    time.sleep(1)  # supervisor rounds (every 0.5 s here)
+    rounds = s.gw.supervisor.rounds
+    assert wait_until(lambda: s.gw.supervisor.rounds >= rounds + 2, timeout=10)  # two rounds later
     assert s.engine.running() == {"always"} and s.starts("always") == 1
 
 
@@ -175,7 +176,8 @@ def test_a_server_that_exits_while_loading_is_a_502_with_its_logs_and_stays_unlo
         assert "exited while loading" in r.text and "not within bounds" in r.text
         assert s.starts("broken") == attempt, "a new attempt per request, no restart loop"
     assert s.gw.stack.state.desired("broken-1") == UNLOADED
-    time.sleep(1)  # supervisor rounds (every 0.5 s here) do not restart it
+    rounds = s.gw.supervisor.rounds
+    assert wait_until(lambda: s.gw.supervisor.rounds >= rounds + 2, timeout=10)  # two rounds later: not restarted
     assert s.starts("broken") == 2 and s.statuses()["broken"] == "unloaded"
 
 

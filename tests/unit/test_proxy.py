@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests import scripted
-from tests.helpers import flood_headers
+from tests.helpers import flood_headers, wait_until
 from tests.unit.conftest import recv_all
 
 CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
@@ -156,7 +156,7 @@ def test_waiting_for_a_connection_is_bounded(gateway, upstream):
     gw = gateway("queue_timeout = 0.5", servers='[servers.chat]\nmodel = "tiny.gguf"\nargs = { threads_http = 1 }\n')
     busy = threading.Thread(target=lambda: gw.get("/servers/chat/slow"))
     busy.start()
-    time.sleep(0.3)
+    assert wait_until(lambda: upstream.open_for("/slow") == 1, timeout=10, interval=0.02)
     t0 = time.monotonic()
     r = gw.get("/servers/chat/other")
     assert r.status_code == 503 and r.headers["retry-after"] == "5"

@@ -11,6 +11,7 @@ import time
 import httpx
 
 from tests import scripted
+from tests.helpers import wait_until
 from tests.unit.conftest import free_port
 
 CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
@@ -78,8 +79,8 @@ def test_requests_for_a_server_coming_back_wait_for_it(gateway, upstream):
                for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    assert not results  # still waiting, not refused
+    assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 4, timeout=10)
+    assert not results  # waiting, not refused
     ports["chat"] = upstream.port  # the supervisor recreated it: a new address
     for t in threads:
         t.join(10)
@@ -95,12 +96,13 @@ def test_a_server_not_expected_back_is_refused_at_once_with_the_reason(gateway, 
     assert r.status_code == 503 and "stopped" in r.json()["error"]["message"] and time.monotonic() - t0 < 2
     started(gw, "chat")
     gw.gw.stack.state.record_failure("chat-1", "crash loop", "")
-    time.sleep(0.6)  # the registry's reading of the state is half a second old at most
+    # the registry's reading of the state is half a second old at most
+    assert wait_until(lambda: "gave up" in (gw.gw.registry.expected("chat") or ""), timeout=5)
     r = gw.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 503 and "gave up" in r.json()["error"]["message"] and r.headers["retry-after"] == "10"
     # and one never started (no state) is not waited for either
     gw.gw.stack.state.forget(["chat-1"])
-    time.sleep(0.6)
+    assert wait_until(lambda: (gw.gw.registry.expected("chat") or "").startswith("not running"), timeout=5)
     t0 = time.monotonic()
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 503 and time.monotonic() - t0 < 2
 
@@ -136,12 +138,8 @@ def test_a_client_that_leaves_while_waiting_ends_the_wait(gateway, upstream):
     with socket.create_connection(("127.0.0.1", gw.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-        time.sleep(0.8)
-        assert gw.gw.registry._waiting.get("chat") == 1
-    deadline = time.monotonic() + 3
-    while gw.gw.registry._waiting.get("chat") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gw.gw.registry._waiting.get("chat") == 0  # nobody waits for a client that is gone
+        assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 1, timeout=10)
+    assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 0, timeout=10)  # nobody waits for a client that is gone
     assert not upstream.received("/v1/chat/completions")
 
 
@@ -169,16 +167,16 @@ def test_the_wait_probes_often(gateway, upstream):
 
 
 def test_waiting_requests_share_one_watcher(gateway, upstream):
-    gw = gateway("load_timeout = 1", targets={"chat": free_port(), "embed": upstream.port})
+    gw = gateway("load_timeout = 3", targets={"chat": free_port(), "embed": upstream.port})
     started(gw, "chat")
     registry = gw.gw.registry
     threads = [threading.Thread(target=gw.post, args=("/v1/chat/completions",), kwargs={"json": CHAT})
                for _ in range(20)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    assert registry._waiting.get("chat") == 20 and list(registry._watchers) == ["chat"]
+    # all twenty wait at once, on one watcher (load_timeout 3 s: long enough for slow threads to start)
+    assert wait_until(lambda: registry._waiting.get("chat") == 20, timeout=10, interval=0.01)
+    assert list(registry._watchers) == ["chat"]
     for t in threads:
         t.join(10)
-    time.sleep(0.5)
-    assert registry._waiting.get("chat") == 0 and not registry._watchers
+    assert wait_until(lambda: registry._waiting.get("chat") == 0 and not registry._watchers, timeout=5)
