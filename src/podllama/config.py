@@ -131,6 +131,13 @@ class GatewaySection(_Model):
     queue_timeout: Annotated[float, Field(gt=0)] = 30  # wait this long for a free connection to a server, then 503
     header_timeout: Annotated[float, Field(gt=0)] = 10  # a request's line and headers must arrive within this
     body_timeout: Annotated[float, Field(gt=0)] = 60  # a request body that sends nothing this long is cut off
+    # a request body must average at least this many bytes a second once body_grace seconds have passed (408)
+    min_body_rate: Annotated[float, Field(ge=0)] = 240
+    body_grace: Annotated[float, Field(ge=0)] = 5
+    # a client that takes none of its answer for this long is closed (nginx's send_timeout)
+    send_timeout: Annotated[float, Field(gt=0)] = 60
+    # how far a client may fall behind its server (memory 1 MiB, then a temporary file) before it is closed
+    answer_buffer_mb: Annotated[float, Field(gt=0)] = 64
     max_header_kb: Annotated[int, Field(ge=4, le=1024)] = 64  # request line and headers together (431 beyond)
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
     # keys and the request log: a postgresql:// URL (also $PODLLAMA_DATABASE given to `podllama start`);

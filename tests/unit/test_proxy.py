@@ -38,15 +38,23 @@ def test_paths_are_re_encoded_and_queries_forwarded_on_every_route(gateway, upst
     assert b"/v1/chat/completions?trace=1" in targets
 
 
-def test_hop_by_hop_headers_and_client_credentials_stay_at_the_gateway(gateway, upstream):
+def test_only_the_headers_a_server_reads_go_upstream(gateway, upstream):
+    """An allowlist, not a blocklist: hop-by-hop headers, the client's credentials and cookies, Proxy-*,
+    X-Forwarded-* as the client sent them, Accept-Encoding and anything unknown stay at the gateway."""
     gw = gateway()
     gw.post("/v1/chat/completions", json=CHAT, headers={
         "Connection": "keep-alive, x-private-hop", "X-Private-Hop": "1", "Proxy-Authorization": "Basic x",
-        "TE": "trailers", "Authorization": "Bearer client-key", "X-Api-Key": "client-key", "X-Custom": "kept"})
+        "TE": "trailers", "Authorization": "Bearer client-key", "X-Api-Key": "client-key", "X-Custom": "dropped",
+        "Cookie": "podllama_session=s", "X-Forwarded-For": "10.9.9.9", "X-Forwarded-Host": "evil.example",
+        "Forwarded": "for=10.9.9.9", "Accept-Encoding": "gzip", "X-Conversation-Id": "conv-1",
+        "User-Agent": "test-client"})
     sent = upstream.received("/v1/chat")[-1].headers
-    for gone in (b"x-private-hop", b"proxy-authorization", b"te", b"x-api-key", b"connection"):
+    for gone in (b"x-private-hop", b"proxy-authorization", b"te", b"x-api-key", b"connection", b"x-custom",
+                 b"cookie", b"x-forwarded-host", b"forwarded", b"accept-encoding"):
         assert gone not in sent, gone
-    assert sent[b"x-custom"] == b"kept"
+    assert sent[b"x-forwarded-for"] == b"127.0.0.1", "set by the gateway, from the connection it saw"
+    assert sent[b"x-conversation-id"] == b"conv-1" and sent[b"user-agent"] == b"test-client"
+    assert sent[b"content-type"] == b"application/json"
     assert sent[b"authorization"] != b"Bearer client-key"
 
 

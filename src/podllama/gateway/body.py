@@ -1,16 +1,20 @@
-"""What a request body says about where it should go: the model it names, and whether it carries image or
-audio parts. Every function here is linear in the body's size and never blocks the event loop for long:
-bodies up to EXACT_LIMIT are parsed as JSON; bigger ones (images, audio) are scanned with bounded patterns
-(a JSON parse of 16 MiB takes ~80 ms of one core, a scan ~8 ms).
+"""Request bodies: received whole before anything is sent upstream (memory, then a temporary file), and what
+they say about where they should go — the model they name, whether they carry image or audio parts, whether an
+image request is within the gateway's limits. Every function here is linear in the body's size with small
+constants: JSON up to EXACT_LIMIT is read by jsonbody.loads (capped in elements and depth); bigger bodies
+(images, audio) are scanned with bounded patterns (a JSON parse of 16 MiB takes ~80 ms of one core, a scan
+~8 ms). No pattern with overlapping repetition ever sees request data.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
 
+from . import jsonbody
 from .client import BodyTooLarge, ClientGone
 from .errors import Receive
 
@@ -37,16 +41,36 @@ def media_role(body: dict[str, Any]) -> str | None:
     return found
 
 
-def inspect(content_type: bytes, body: bytes, multimodal: bool) -> tuple[str | None, str | None]:
-    """(model, media role) of a request body; (None, None) where it names none or cannot be read."""
+# a run of more than MAX_DEPTH opening brackets: too deep, whatever follows (for bodies too wide to parse here)
+_NESTED = re.compile(rb"[\[{](?:[ \t\r\n]{0,8}[\[{]){%d}" % jsonbody.MAX_DEPTH)
+
+
+def read_json(body: bytes) -> tuple[Any, jsonbody.JsonProblem | None]:
+    """A JSON body the gateway forwards: (its value, None) when it was cheap to parse; (None, None) when it is
+    not JSON, or too wide to parse here (the server judges those); (None, problem) when it nests deeper than
+    the gateway lets through (llama-server's parser recurses)."""
+    if len(body) > EXACT_LIMIT or jsonbody.elements(body) > jsonbody.MAX_ELEMENTS:
+        if len(body) <= EXACT_LIMIT and _NESTED.search(body):
+            return None, jsonbody.JsonProblem(400, f"the JSON body nests deeper than {jsonbody.MAX_DEPTH} levels")
+        return None, None
+    try:
+        return jsonbody.loads(body), None
+    except jsonbody.JsonProblem as e:
+        return None, (e if e.status == 400 and "nests" in str(e) else None)
+
+
+def inspect(content_type: bytes, body: bytes, multimodal: bool, data: Any = None) -> tuple[str | None, str | None]:
+    """(model, media role) of a request body (DATA: the body parsed already, when it was); (None, None) where it
+    names none or cannot be read."""
     if content_type.startswith(b"multipart/form-data"):
         return multipart_field(content_type, body, b"model"), None
-    if len(body) > EXACT_LIMIT:
-        return _scan(body, multimodal)
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None, None  # llama-server will say what is wrong with it
+    if data is None:
+        if len(body) > EXACT_LIMIT or jsonbody.elements(body) > jsonbody.MAX_ELEMENTS:
+            return _scan(body, multimodal)
+        try:
+            data = jsonbody.loads(body)
+        except jsonbody.JsonProblem:
+            return None, None  # not JSON: llama-server will say what is wrong with it
     if not isinstance(data, dict):
         return None, None
     model = data.get("model") if isinstance(data.get("model"), str) else None
@@ -93,10 +117,20 @@ def multipart_field(content_type: bytes, body: bytes, name: bytes, limit: int = 
 
 
 # -- image requests, within the gateway's limits -----------------------------------------------------------------
-_EXTRA_ARGS = re.compile(r"<sd_cpp_extra_args>(.*?)</sd_cpp_extra_args>")  # as sd-server finds them in a prompt
+EXTRA_OPEN, EXTRA_CLOSE = "<sd_cpp_extra_args>", "</sd_cpp_extra_args>"  # as sd-server finds them in a prompt
 
 
-def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: int) -> str | None:
+def extra_args(prompt: str) -> str | None:
+    """The text between the first <sd_cpp_extra_args> and the next closing tag (found with str.find: linear,
+    however many opening tags the prompt repeats)."""
+    start = prompt.find(EXTRA_OPEN)
+    if start == -1:
+        return None
+    end = prompt.find(EXTRA_CLOSE, start + len(EXTRA_OPEN))
+    return prompt[start + len(EXTRA_OPEN):end] if end != -1 else None
+
+
+async def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: int) -> str | None:
     """What in an image request (OpenAI `n` and `size`, AUTOMATIC1111 `batch_size`, `width`, `height` and
     hires sizes, and the `<sd_cpp_extra_args>` a prompt may carry) is over the gateway's limits or not a whole
     number; None when it is within them or is not readable (sd-server answers that itself)."""
@@ -105,23 +139,24 @@ def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: i
                                   if (v := multipart_field(content_type, body, k.encode(), limit=65536)) is not None}
     else:
         try:
-            fields = json.loads(body)
-        except ValueError:
-            return None
+            fields = await jsonbody.parse(body)
+        except jsonbody.JsonProblem as e:
+            return None if e.status == 400 and "not JSON" in str(e) else str(e)  # sd-server says what is wrong
         if not isinstance(fields, dict):
             return None
     prompt = fields.get("prompt")
-    extra = _EXTRA_ARGS.search(prompt) if isinstance(prompt, str) else None
+    extra = extra_args(prompt) if isinstance(prompt, str) else None
     try:
-        extra_args = json.loads(extra.group(1)) if extra else {}
-    except ValueError:
-        extra_args = {}  # sd-server refuses it
-    extra_args = extra_args if isinstance(extra_args, dict) else {}
-    counts = {"n": fields.get("n"), "batch_size": fields.get("batch_size"), "batch_count": extra_args.get("batch_count")}
+        extra_fields = jsonbody.loads(extra) if extra else {}
+    except jsonbody.JsonProblem:
+        extra_fields = {}  # sd-server refuses it
+    extra_fields = extra_fields if isinstance(extra_fields, dict) else {}
+    counts = {"n": fields.get("n"), "batch_size": fields.get("batch_size"),
+              "batch_count": extra_fields.get("batch_count")}
     sides = {k: v for k, v in (("width", fields.get("width")), ("height", fields.get("height")),
                                ("hr_resize_x", fields.get("hr_resize_x")), ("hr_resize_y", fields.get("hr_resize_y")),
-                               ("sd_cpp_extra_args width", extra_args.get("width")),
-                               ("sd_cpp_extra_args height", extra_args.get("height")))}
+                               ("sd_cpp_extra_args width", extra_fields.get("width")),
+                               ("sd_cpp_extra_args height", extra_fields.get("height")))}
     size = fields.get("size")
     if isinstance(size, str) and size != "auto":
         w, sep, h = size.partition("x")
@@ -158,32 +193,91 @@ def _whole(value: Any) -> int | None:
     return None
 
 
-# -- reading a request body, within limits ------------------------------------------------------------------------
-# (a body that stalls is cut off by the server protocol: gateway/server.py, body_timeout)
+# -- receiving a request body whole, within limits ---------------------------------------------------------------
+# (a body that stalls or trickles is cut off by the server protocol: gateway/server.py, body_timeout and
+# min_body_rate)
+SPOOL_MEMORY = 1 << 20  # bytes of a body kept in memory; the rest goes to a temporary file
+PIECE = 256 * 1024  # bytes per read when a spooled body is sent on
+
+
 def too_large(limit: int, setting: str) -> str:
     size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
     return f"request body over {size} ({setting})"
 
 
-async def pieces(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> AsyncIterator[bytes]:
-    """The request body as it arrives; ClientGone when the client leaves, BodyTooLarge past LIMIT bytes
-    (its message names SETTING, what raises the limit)."""
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone("the client went away while sending")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(too_large(limit, setting))
-        yield chunk
-        if not msg.get("more_body"):
+class Spool:
+    """A request body received whole before anything goes upstream (nginx's proxy_request_buffering): in
+    memory up to SPOOL_MEMORY bytes, then in an unnamed temporary file. It can be sent any number of times (a
+    retry sends it again) and is gone with close()."""
+
+    def __init__(self, memory: int = SPOOL_MEMORY) -> None:
+        self.memory = memory
+        self.head = bytearray()
+        self.file: IO[bytes] | None = None
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.file is None and len(self.head) + len(chunk) <= self.memory:
+            self.head += chunk
             return
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="podllama-body-")
+        self.file.write(chunk)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.file is None
+
+    def data(self) -> bytes:
+        """The whole body, when it is in memory; else its first SPOOL_MEMORY bytes."""
+        return bytes(self.head)
+
+    def pieces(self) -> Iterator[bytes]:
+        if self.head:
+            yield bytes(self.head)
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            while piece := self.file.read(PIECE):
+                yield piece
+
+    def whole(self) -> bytes:
+        """Everything, read back into memory (for the few readers that need all of a large body)."""
+        return b"".join(self.pieces())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+async def receive_whole(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> Spool:
+    """The request body, all of it; ClientGone when the client leaves, BodyTooLarge past LIMIT bytes (its
+    message names SETTING, what raises the limit). Nothing is sent anywhere until it is in."""
+    spool = Spool()
+    try:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone("the client went away while sending")
+            chunk = msg.get("body", b"")
+            if spool.size + len(chunk) > limit:
+                raise BodyTooLarge(too_large(limit, setting))
+            spool.write(chunk)
+            if not msg.get("more_body"):
+                return spool
+    except BaseException:
+        spool.close()
+        raise
 
 
 async def read_all(receive: Receive, limit: int, setting: str = "[gateway] max_body_mb") -> bytes:
-    return b"".join([chunk async for chunk in pieces(receive, limit, setting)])
+    spool = await receive_whole(receive, limit, setting)
+    try:
+        return spool.whole()
+    finally:
+        spool.close()
 
 
 def replay(data: bytes, receive: Receive) -> Receive:

@@ -468,10 +468,12 @@ class Client:
 
     async def request(self, host: str, port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"", body_stream: AsyncIterator[bytes] | None = None,
-                      on_start: Callable[[Response], None] | None = None, limit: int = 8) -> Response:
-        """Send a request and return once the response's head is in. With BODY_STREAM the body is sent chunked
-        as it comes (uploads, with backpressure), else BODY in one piece. ON_START gets the response object
-        as soon as the request is on its way (so it can be abandoned before its head arrives).
+                      on_start: Callable[[Response], None] | None = None, limit: int = 8,
+                      length: int | None = None) -> Response:
+        """Send a request and return once the response's head is in. With BODY_STREAM the body is sent piece by
+        piece (with backpressure): LENGTH bytes with a content-length, or chunked without LENGTH; else BODY in
+        one piece. ON_START gets the response object as soon as the request is on its way (so it can be
+        abandoned before its head arrives).
 
         Any failure closes the connection (its slot is given back at once). A request on a reused connection
         that the server had closed meanwhile is sent again on a new one, if its method is idempotent."""
@@ -480,7 +482,8 @@ class Client:
             conn = await pool.get(self.connect_timeout, self.queue_timeout, fresh=attempt > 1)
             reused = conn.used
             try:
-                return await self._exchange(conn, pool, method, target, headers, body, body_stream, on_start)
+                return await self._exchange(conn, pool, method, target, headers, body, body_stream, on_start,
+                                            length)
             except BrokenOff:
                 if reused and attempt == 1 and method in IDEMPOTENT and body_stream is None and not conn.chunks:
                     continue
@@ -489,7 +492,7 @@ class Client:
 
     async def _exchange(self, conn: Connection, pool: Pool, method: str, target: bytes,
                         headers: list[tuple[bytes, bytes]], body: bytes, body_stream: AsyncIterator[bytes] | None,
-                        on_start: Callable[[Response], None] | None) -> Response:
+                        on_start: Callable[[Response], None] | None, length: int | None = None) -> Response:
         lines = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", pool.host_header, b"\r\n"]
         for k, v in headers:
             lines += [k, b": ", v, b"\r\n"]
@@ -500,7 +503,9 @@ class Client:
                 if on_start:
                     on_start(response)
             else:
-                lines.append(b"transfer-encoding: chunked\r\n\r\n")
+                chunked = length is None
+                lines += [b"transfer-encoding: chunked\r\n\r\n"] if chunked else [
+                    b"content-length: ", str(length).encode(), b"\r\n\r\n"]
                 response = conn.start(b"".join(lines), b"", method)
                 if on_start:
                     on_start(response)
@@ -508,9 +513,9 @@ class Client:
                     if conn.closed:
                         break  # the server gave up on the upload (its answer, if any, is read below)
                     if piece:
-                        conn.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                        conn.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                         await conn.drain()
-                if not conn.closed:
+                if not conn.closed and chunked:
                     conn.write(b"0\r\n\r\n")
             while not conn.headers_done:
                 if conn.error is not None:

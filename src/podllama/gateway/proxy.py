@@ -5,9 +5,15 @@ with the route table, choose the server (capability → roles, then the request'
 default; image/audio parts → a vision/audio server), pick the least busy healthy replica, forward, and stream
 the answer back chunk by chunk. A client that goes away closes the upstream connection at once, in every phase.
 
+A request body is received whole (memory, then a temporary file: body.Spool) before a server is chosen or a
+connection to it taken, so a client that sends slowly holds nothing but its own connection; the answer is read
+from the server as fast as it comes into a bounded buffer per client (outbox.Outbox), so a client that reads
+slowly never holds a server either.
+
 What goes upstream is rebuilt, never copied blindly: the target from the *decoded* path, re-encoded (a
 `%0D%0A` in a URL cannot become a line break in the request line), the query string as it came (checked),
-the client's headers minus hop-by-hop ones and the client's credentials, plus the stack's server key.
+the client's headers that llama-server reads (an allowlist: FORWARDED), plus the stack's server key and the
+client's address as the gateway saw it.
 """
 
 from __future__ import annotations
@@ -31,24 +37,28 @@ from .client import BrokenOff, Client, ClientGone, ConnectFailed, Response, Upst
 from .errors import Receive, Send, error_body, send_error
 from .metrics import Metrics
 from .ondemand import Loader, Refused
+from .outbox import Outbox
 from .quota import OverLimit, Quota, Use
 from .requestlog import RequestLog, Row
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
-from .tally import Tally
+from .tally import ANY, Tally
 from .upstreams import Registry, Replica
 
 log = logging.getLogger("podllama.gateway")
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"x-api-key", b"origin"}  # the gateway's credentials stay here
+# the request headers a server is sent (any other — cookies, credentials, Proxy-*, X-Forwarded-*, hop-by-hop,
+# Accept-Encoding: answers come uncompressed so their tokens can be read — stays at the gateway)
+FORWARDED = frozenset({b"content-type", b"accept", b"accept-language", b"user-agent", b"x-conversation-id",
+                       b"anthropic-version", b"anthropic-beta", b"x-request-id", b"if-none-match",
+                       b"if-modified-since", b"cache-control", b"x-tool-cwd", b"x-tool-runtime", b"x-resp-type"})
+FORWARDED_PREFIXES = (b"x-llama-server-proxy-header-",)  # the web UI's MCP proxy passes these on (/cors-proxy)
 RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"trailer",
                            b"upgrade", b"proxy-authenticate"})
-SMALL_BODY = bodies.EXACT_LIMIT  # bodies up to this size are read before forwarding (sent with a content-length)
 _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
 LOG_BODY = 64 * 1024  # bytes of each body the request log keeps, with [gateway] log_bodies
 T = TypeVar("T")
+ANSWERS = {ep.name: ep.answer for ep in ENDPOINTS}  # endpoint → the shape of its answer (where its tokens are)
 
 
 def target_of(path: str, query: bytes) -> bytes | None:
@@ -66,32 +76,53 @@ async def _redirect(send: Send, location: str) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def drive(coro: Any, resume: Callable[[], object]) -> bool:
-    """Run an ASGI send() to completion right now if it does not have to wait (it waits only when the client
-    reads slower than the server writes); else finish it when it can, then call RESUME. True: done now."""
-    try:
-        future = coro.send(None)
-    except StopIteration:
-        return True
-    def later(_: object) -> None:
-        if drive(coro, resume):
-            resume()
-
-    future.add_done_callback(later)
-    return False
-
-
 class Flight:
     """One request on its way: what the disconnect watcher needs to cancel it."""
 
-    __slots__ = ("response", "finished", "disconnected", "task", "uploaded")
+    __slots__ = ("response", "finished", "disconnected", "task", "outbox", "abort")
 
-    def __init__(self) -> None:
+    def __init__(self, abort: Callable[[], object] | None = None) -> None:
         self.response: Response | None = None
         self.finished = False
         self.disconnected = False
         self.task = asyncio.current_task()
-        self.uploaded = 0  # bytes of a streamed request body sent upstream
+        self.outbox: Outbox | None = None
+        self.abort = abort  # closes the client's connection at once (server.py puts it in the scope)
+
+    def gone(self) -> None:
+        """The client went away: stop the server's work for it and whatever waits for it."""
+        self.disconnected = True
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.response is not None:
+            self.response.close()  # llama-server sees the connection go and stops
+        elif self.task is not None:
+            self.task.cancel()  # still queued for a connection: stop waiting
+
+    def close_client(self) -> None:
+        """The client fell too far behind: its connection is closed (what it has not read is lost)."""
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.abort is not None:
+            self.abort()
+
+
+class Outcome:
+    """What a request came to, for the metrics and the log: its status and time to the first byte."""
+
+    __slots__ = ("status", "ttfb")
+
+    def __init__(self) -> None:
+        self.status = 502
+        self.ttfb: float | None = None
+
+
+def _pieces(spool: bodies.Spool) -> AsyncIterator[bytes]:
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in spool.pieces():
+            yield piece
+
+    return pieces()
 
 
 class Proxy:
@@ -115,6 +146,7 @@ class Proxy:
         self.load_timeout = gw.load_timeout
         self.upstream_auth = bearer(server_key)
         self.log_bodies = LOG_BODY if gw.log_bodies else 0
+        self.answer_buffer = int(gw.answer_buffer_mb * 2**20)
 
     # -- entry points -------------------------------------------------------------------------------------
     async def endpoint(self, scope: dict[str, Any], receive: Receive, send: Send, ep: Endpoint) -> None:
@@ -123,31 +155,35 @@ class Proxy:
         if target is None:
             return await send_error(send, 400, "the request path or query holds control characters or spaces")
         query = parse_qs(scope["query_string"].decode("latin-1")) if scope["query_string"] else {}
-        body, streamed = b"", True
-        if ep.scope == "server":
-            server, why = self._server_scoped(ep, query)
-        else:
-            model = next(iter(query.get("model", [])), None)
-            media = None
-            choosing = ep.body_model and model is None and (
-                self._small_body(scope) or len(self.registry.servers_with_role(ep.roles)) > 1)
-            if scope["method"] == "POST" and (choosing or ep.image_limits):
-                # read it: the model it names decides, and a model of another role is refused
-                data = await self._read_body(receive, send)
-                if data is None:
-                    return
-                body, streamed = data, False
-                ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-                if ep.image_limits and (problem := bodies.image_problem(ctype, body, self.max_images,
-                                                                        self.max_image_side)):
-                    return await send_error(send, 400, problem)
-                if choosing and (b'"model"' in body or b'name="model"' in body or (
-                        ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES))):
-                    model, media = bodies.inspect(ctype, body, ep.multimodal)
-            server, why = self._choose(ep, model, media)
-        if server is None:
-            return await send_error(send, why[0], why[1], why[2] or None)
-        await self.forward(scope, receive, send, server, ep.name, target, body, streamed)
+        ok, spool = await self._receive(scope, receive, send)
+        if not ok:
+            return
+        try:
+            ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            body = spool.data() if spool is not None and spool.in_memory else b""
+            data, problem = bodies.read_json(body) if body and b"json" in ctype else (None, None)
+            if problem is not None:  # nested deeper than the gateway lets through
+                return await send_error(send, problem.status, str(problem))
+            if ep.scope == "server":
+                server, why = self._server_scoped(ep, query)
+            else:
+                model = next(iter(query.get("model", [])), None)
+                media = None
+                if spool is not None and ep.image_limits and (problem_text := await bodies.image_problem(
+                        ctype, spool.whole(), self.max_images, self.max_image_side)):
+                    return await send_error(send, 400, problem_text)
+                if spool is not None and ep.body_model and model is None:
+                    whole = body or spool.whole()
+                    if b'"model"' in whole or b'name="model"' in whole or (
+                            ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
+                        model, media = bodies.inspect(ctype, whole, ep.multimodal, data)
+                server, why = self._choose(ep, model, media)
+            if server is None:
+                return await send_error(send, why[0], why[1], why[2] or None)
+            await self.forward(scope, receive, send, server, ep.name, target, spool)
+        finally:
+            if spool is not None:
+                spool.close()
 
     async def passthrough(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """/servers/{name}/{path}: anything, to one server."""
@@ -169,7 +205,14 @@ class Proxy:
                 return await send_error(send, 404, f"server '{name}' runs {server.kind.program}: through "
                                                    f"/servers/{name}/ only /health and the routes of role "
                                                    f"'{server.role}' in /help")
-        await self.forward(scope, receive, send, name, "passthrough", target, b"", True)
+        ok, spool = await self._receive(scope, receive, send)
+        if not ok:
+            return
+        try:
+            await self.forward(scope, receive, send, name, "passthrough", target, spool)
+        finally:
+            if spool is not None:
+                spool.close()
 
     async def ui(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """llama.cpp's web UI, from the default chat server: `/` and its static files. Sent upstream without the
@@ -240,30 +283,30 @@ class Proxy:
         return server, (0, "", "")
 
     # -- request body -------------------------------------------------------------------------------------
-    @staticmethod
-    def _small_body(scope: dict[str, Any]) -> bool:
-        """A body small enough to read before choosing (JSON requests); big uploads stream through unread,
-        unless several servers could take them and only the body can tell which."""
+    async def _receive(self, scope: dict[str, Any], receive: Receive, send: Send
+                       ) -> tuple[bool, bodies.Spool | None]:
+        """(True, the whole body) before anything else — (True, None) when the request has none; (False, None)
+        when the client left or an error was answered (too large: by its Content-Length before a byte is read;
+        too slow: server.py)."""
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        return length is not None and length.isdigit() and int(length) <= SMALL_BODY
-
-    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
-        """The whole body, or None when the client left or an error was answered (too large, too slow)."""
+        chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        if (length is None or length == b"0") and not chunked:
+            return True, None
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await send_error(send, 413, bodies.too_large(self.max_body, "[gateway] max_body_mb"))
+            return False, None
         try:
-            return await bodies.read_all(receive, self.max_body)
+            return True, await bodies.receive_whole(receive, self.max_body)
         except UpstreamError as e:
             if e.status != 499:
                 await send_error(send, e.status, str(e))
-            return None
+            return False, None
 
     # -- forwarding ---------------------------------------------------------------------------------------
     def _upstream_headers(self, scope: dict[str, Any], server: str) -> list[tuple[bytes, bytes]]:
-        """The client's headers as they go to SERVER: hop-by-hop and credentials dropped, the server's own key
-        (the stack's server key, or a remote server's) added."""
-        headers = scope["headers"]
-        named = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
-        drop = NOT_FORWARDED | named if named else NOT_FORWARDED
-        out = [(k, v) for k, v in headers if k not in drop]
+        """The client's headers as they go to SERVER: those of FORWARDED, the client's address as the gateway saw
+        it, and the server's own key (the stack's server key, or a remote server's)."""
+        out = [(k, v) for k, v in scope["headers"] if k in FORWARDED or k.startswith(FORWARDED_PREFIXES)]
         client = scope.get("client")
         if client:
             out.append((b"x-forwarded-for", client[0].encode()))
@@ -271,34 +314,34 @@ class Proxy:
         return out + (self.upstream_auth if remote is None else remote)
 
     async def forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
-                      target: bytes, body: bytes, streamed: bool) -> None:
+                      target: bytes, spool: bodies.Spool | None) -> None:
         """To SERVER, if the caller's key may use it and is within its limits; an on-demand server is loaded
-        first, and counted busy until the answer is complete."""
+        first, and counted busy until the answer is complete. SPOOL: the request's body, received whole."""
         caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
         section = self.registry.servers.get(server)
         why = caller.refusal(server, section) if section is not None else None
         if why is not None:
-            self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), body)
+            self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), spool)
             return await send_error(send, 403, why)
         use = None
         if caller.key is not None:
             try:
                 use = self.quota.admit(caller.key)
             except OverLimit as e:
-                self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), body)
+                self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), spool)
                 return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
         try:
-            await self._load_and_forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
+            await self._load_and_forward(scope, receive, send, server, endpoint, target, spool, caller, use)
         finally:
             if caller.key is not None:
                 self.quota.done(caller.key, use)
 
     async def _load_and_forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str,
-                                endpoint: str, target: bytes, body: bytes, streamed: bool, caller: Caller,
+                                endpoint: str, target: bytes, spool: bodies.Spool | None, caller: Caller,
                                 use: Use | None) -> None:
         loader = self.loader
         if loader is None or not loader.manages(server):
-            return await self._forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
+            return await self._forward(scope, receive, send, server, endpoint, target, spool, caller, use)
         flight = Flight()
         acquired = False
 
@@ -308,7 +351,7 @@ class Proxy:
             acquired = True
 
         try:
-            await self._unless_gone(acquire(), None if streamed else receive, flight)
+            await self._unless_gone(acquire(), receive, flight)
         except Refused as e:
             self.metrics.error(endpoint, server, "unavailable")
             return await send_error(send, e.status, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
@@ -319,30 +362,18 @@ class Proxy:
         if not acquired:  # the client went away while it loaded
             return
         try:
-            await self._forward(scope, receive, send, server, endpoint, target, body, streamed, caller, use)
+            await self._forward(scope, receive, send, server, endpoint, target, spool, caller, use)
         finally:
             loader.release(server)
 
     async def _forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str, endpoint: str,
-                       target: bytes, body: bytes, streamed: bool, caller: Caller, use: Use | None) -> None:
-        started = time.perf_counter()
-        at = time.time()
-        flight = Flight()
-        tally = Tally(self.log_bodies)
-        is_sse = False
-        if streamed:
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
-            if length is None and not chunked:
-                streamed = False  # no body (GET, DELETE …)
-            elif length is not None and (not length.isdigit() or int(length) > self.max_body):
-                return await send_error(send, 413, bodies.too_large(self.max_body, "[gateway] max_body_mb"))
-            elif length is not None and int(length) <= SMALL_BODY:  # small: read now, forward with a content-length
-                data = await self._read_body(receive, send)
-                if data is None:
-                    return
-                body, streamed = data, False
-        replica = await self._replica(server, None if streamed else receive, flight)
+                       target: bytes, spool: bodies.Spool | None, caller: Caller, use: Use | None) -> None:
+        """Forward and account: a replica, the exchange (attempt), the answer (stream), then the request's
+        metrics, tokens, limits and log line, whatever happened."""
+        started, at = time.perf_counter(), time.time()
+        flight = Flight(scope.get("extensions", {}).get("podllama.abort"))
+        tally = Tally(self.log_bodies, ANSWERS.get(endpoint, ANY))
+        replica = await self._replica(server, receive, flight)
         if replica is None:
             if flight.disconnected:
                 return
@@ -351,136 +382,139 @@ class Proxy:
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv:
             self._remember(conv.decode(errors="replace"), server)
-        headers = self._upstream_headers(scope, server)
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
-        status, ttfb = 502, None
-        watcher: asyncio.Task[None] | None = None
+        outcome = Outcome()
+        watcher = asyncio.ensure_future(self._watch(receive, flight))
         try:
-            if not streamed:
-                watcher = asyncio.ensure_future(self._watch(receive, flight))
-            for attempt in (1, 2):
-                replica.in_flight += 1
-                try:
-                    response = await self.client.request(
-                        replica.host, replica.port, scope["method"], target, headers, body,
-                        self._upload(receive, flight) if streamed else None,
-                        on_start=lambda r: setattr(flight, "response", r), limit=self.registry.http_threads(server))
-                    break
-                except asyncio.CancelledError:
-                    if flight.disconnected:  # the client went away while the request was queued
-                        status = 499
-                        return
-                    raise
-                except UpstreamError as e:
-                    if flight.disconnected or isinstance(e, ClientGone):
-                        status = 499
-                        return
-                    if isinstance(e, (ConnectFailed, BrokenOff)):
-                        self.registry.mark_down(replica)
-                        self.on_trouble(server)
-                        if attempt == 1 and not streamed:
-                            # not a byte of an answer came: once more, on another replica or on this server
-                            # when it is back (waited for as a loading one)
-                            flight.response = None  # the client going away now cancels the wait
-                            try:
-                                other = await self._replica(server, None, flight)
-                            except asyncio.CancelledError:
-                                if flight.disconnected:
-                                    status = 499
-                                    return
-                                raise
-                            if other is not None:
-                                replica.in_flight -= 1
-                                replica = other
-                                continue
-                            if flight.disconnected:
-                                status = 499
-                                return
-                            if watcher is None:
-                                watcher = asyncio.ensure_future(self._watch(receive, flight))
-                            status = 503
-                            self.metrics.error(endpoint, server, "unavailable")
-                            return await self._unavailable(send, server, f"{e}; ")
-                    if watcher is None:
-                        watcher = asyncio.ensure_future(self._watch(receive, flight))
-                    status = e.status
-                    self.metrics.error(endpoint, server, e.kind)
-                    log.warning("%s (%s): %s", server, replica.container, e)
-                    return await send_error(send, status, f"server '{server}': {e}", None,
-                                            [(b"retry-after", b"5")] if status == 503 else [])
-            if watcher is None:
-                watcher = asyncio.ensure_future(self._watch(receive, flight))
-            status = response.status
-            ttfb = time.perf_counter() - started
-            out_headers = [(k, v) for k, v in response.headers
-                           if k not in RESPONSE_DROP and not k.startswith(b"access-control-")]
-            out_headers.append((b"x-podllama-server", server.encode()))
-            is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in response.headers)
-            if is_sse and not any(k == b"x-accel-buffering" for k, _ in out_headers):
-                out_headers.append((b"x-accel-buffering", b"no"))
-            await send({"type": "http.response.start", "status": status, "headers": out_headers})
-
-            def sink(chunk: bytes) -> bool:  # straight from the network callback to the client
-                tally.feed(chunk)
-                return drive(send({"type": "http.response.body", "body": chunk, "more_body": True}), response.resume)
-
-            try:
-                await response.stream_to(sink, self.client.idle_timeout)
-            except UpstreamError as e:
-                if flight.disconnected:
-                    status = 499
-                    return
-                self.metrics.error(endpoint, server, "broken_stream")
-                log.warning("%s: %s broke off mid-response: %s", server, replica.container, e)
-                if is_sse:  # never a silent truncation: the stream ends with an error event
-                    event = b"data: " + error_body(502, f"server '{server}' broke off: {e}", "server_error") + b"\n\n"
-                    flight.finished = True
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
-                    return
-                raise  # the client sees the connection drop mid-body, not a complete-looking answer
-            flight.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            response, replica = await self._attempt(scope, send, server, endpoint, target, spool, flight, replica,
+                                                    outcome)
+            if response is not None:
+                outcome.ttfb = time.perf_counter() - started
+                await self._stream(send, server, endpoint, replica, response, flight, tally, outcome)
         finally:
             flight.finished = True
             replica.in_flight -= 1
             self.metrics.in_flight[key] -= 1
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
             latency = time.perf_counter() - started
-            self.metrics.done(endpoint, server, status, latency, ttfb)
-            prompt, completion = tally.tokens(is_sse)
-            tokens = (prompt or 0) + (completion or 0)
+            self.metrics.done(endpoint, server, outcome.status, latency, outcome.ttfb)
+            prompt, completion = tally.tokens()
             if use is not None:
-                use.tokens = tokens
+                use.tokens = (prompt or 0) + (completion or 0)
             model = self._model(server)
             self.metrics.usage(caller.name, model, prompt, completion)
-            self._log(scope, caller, server, model, endpoint, status, at, body, prompt, completion, latency, ttfb,
-                      len(body) + flight.uploaded, tally)
+            self._log(scope, caller, server, model, endpoint, outcome.status, at, spool, prompt, completion, latency,
+                      outcome.ttfb, tally)
+
+    async def _attempt(self, scope: dict[str, Any], send: Send, server: str, endpoint: str, target: bytes,
+                       spool: bodies.Spool | None, flight: Flight, replica: Replica, outcome: Outcome
+                       ) -> tuple[Response | None, Replica]:
+        """The exchange up to the answer's head: once, and once more (on another replica, or on this server when
+        it is back) when not a byte of an answer came. (None, …) when it was answered here or the client left."""
+        headers = self._upstream_headers(scope, server)
+        body = spool.data() if spool is not None and spool.in_memory else b""
+        for attempt in (1, 2):
+            replica.in_flight += 1
+            try:
+                stream = None if spool is None or spool.in_memory else _pieces(spool)
+                response = await self.client.request(
+                    replica.host, replica.port, scope["method"], target, headers, body, stream,
+                    on_start=lambda r: setattr(flight, "response", r), limit=self.registry.http_threads(server),
+                    length=spool.size if spool is not None and stream is not None else None)
+                return response, replica
+            except asyncio.CancelledError:
+                if flight.disconnected:  # the client went away while the request was queued
+                    outcome.status = 499
+                    return None, replica
+                raise
+            except UpstreamError as e:
+                if flight.disconnected or isinstance(e, ClientGone):
+                    outcome.status = 499
+                    return None, replica
+                if isinstance(e, (ConnectFailed, BrokenOff)):
+                    self.registry.mark_down(replica)
+                    self.on_trouble(server)
+                    if attempt == 1:
+                        flight.response = None  # the client going away now cancels the wait
+                        try:
+                            other = await self._replica(server, None, flight)
+                        except asyncio.CancelledError:
+                            if flight.disconnected:
+                                outcome.status = 499
+                                return None, replica
+                            raise
+                        if other is not None:
+                            replica.in_flight -= 1
+                            replica = other
+                            continue
+                        if flight.disconnected:
+                            outcome.status = 499
+                            return None, replica
+                        outcome.status = 503
+                        self.metrics.error(endpoint, server, "unavailable")
+                        await self._unavailable(send, server, f"{e}; ")
+                        return None, replica
+                outcome.status = e.status
+                self.metrics.error(endpoint, server, e.kind)
+                log.warning("%s (%s): %s", server, replica.container, e)
+                await send_error(send, e.status, f"server '{server}': {e}", None,
+                                 [(b"retry-after", b"5")] if e.status == 503 else [])
+                return None, replica
+        raise AssertionError("unreachable")
+
+    async def _stream(self, send: Send, server: str, endpoint: str, replica: Replica, response: Response,
+                      flight: Flight, tally: Tally, outcome: Outcome) -> None:
+        """The answer, from the server as fast as it comes, to the client through its outbox."""
+        outcome.status = response.status
+        out_headers = [(k, v) for k, v in response.headers
+                       if k not in RESPONSE_DROP and not k.startswith(b"access-control-")]
+        out_headers.append((b"x-podllama-server", server.encode()))
+        tally.begin(response.headers)
+        if tally.sse and not any(k == b"x-accel-buffering" for k, _ in out_headers):
+            out_headers.append((b"x-accel-buffering", b"no"))
+        await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
+        outbox = flight.outbox = Outbox(send, self.answer_buffer)
+
+        def sink(chunk: bytes) -> bool:  # straight from the network callback into the client's outbox
+            tally.feed(chunk)
+            return outbox.put(chunk)
+
+        try:
+            await response.stream_to(sink, self.client.idle_timeout)
+        except UpstreamError as e:
+            if flight.disconnected or isinstance(e, ClientGone):
+                outcome.status = 499
+                flight.close_client()  # too far behind: the client goes too
+                return
+            self.metrics.error(endpoint, server, "broken_stream")
+            log.warning("%s: %s broke off mid-response: %s", server, replica.container, e)
+            if not tally.sse:
+                raise  # the client sees the connection drop mid-body, not a complete-looking answer
+            # never a silent truncation: the stream ends with an error event
+            outbox.put(b"data: " + error_body(502, f"server '{server}' broke off: {e}", "server_error") + b"\n\n")
+        await outbox.flush()
+        if outbox.closed:
+            outcome.status = 499
+            return
+        flight.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _model(self, server: str) -> str:
         section = self.registry.servers.get(server)
         return (section.alias if section is not None else None) or server
 
     def _log(self, scope: dict[str, Any], caller: Caller, server: str, model: str, endpoint: str, status: int,
-             at: float, body: bytes, prompt: int | None = None, completion: int | None = None, latency: float = 0.0,
-             ttfb: float | None = None, bytes_in: int = 0, tally: Tally | None = None) -> None:
+             at: float, spool: bodies.Spool | None, prompt: int | None = None, completion: int | None = None,
+             latency: float = 0.0, ttfb: float | None = None, tally: Tally | None = None) -> None:
         if self.log is None or not self.log.enabled:
             return
         keep = self.log_bodies
+        body = spool.data()[:keep] if keep and spool is not None else b""
         self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, model, status,
-                         prompt, completion, latency, ttfb, bytes_in, tally.size if tally else 0,
-                         body[:keep].decode(errors="replace") if keep and body else None,
+                         prompt, completion, latency, ttfb, spool.size if spool else 0, tally.size if tally else 0,
+                         body.decode(errors="replace") if body else None,
                          tally.kept.decode(errors="replace") if keep and tally and tally.kept else None))
-
-    async def _upload(self, receive: Receive, flight: Flight) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in bodies.pieces(receive, self.max_body):
-                flight.uploaded += len(chunk)
-                yield chunk
-        except ClientGone:
-            flight.disconnected = True
-            raise
 
     async def _unavailable(self, send: Send, server: str, before: str = "") -> None:
         state = self.registry.state_of(server)
@@ -529,11 +563,7 @@ class Proxy:
             if msg["type"] == "http.disconnect":
                 break
         if not flight.finished:
-            flight.disconnected = True
-            if flight.response is not None:
-                flight.response.close()  # llama-server sees the connection go and stops
-            elif flight.task is not None:
-                flight.task.cancel()  # still queued for a connection: stop waiting
+            flight.gone()
 
     def _remember(self, conv: str, server: str) -> None:
         self.conversations[conv] = server

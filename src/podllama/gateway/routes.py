@@ -40,6 +40,9 @@ class Endpoint:
     prefix: bool = False  # paths are prefixes (/slots/{id})
     multimodal: bool = False  # image/audio parts can send it to a vision/audio server
     image_limits: bool = False  # an image request: [gateway] max_images and max_image_side hold (body.image_problem)
+    # the shape of its answer, which says where its token counts are (tally.READERS): openai, anthropic,
+    # responses, native, embedding, rerank, count, image, speech, transcription, none
+    answer: str = "none"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -51,37 +54,39 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     # -- generation ------------------------------------------------------------------------------------------
     E("chat.completions", ("POST",), ("/v1/chat/completions", "/chat/completions"), "generate",
       "OpenAI Chat Completions: messages, tools, response_format, reasoning; image/audio parts go to a vision/audio "
-      "server", streams=True, multimodal=True,
+      "server", streams=True, multimodal=True, answer="openai",
       params=("model", "messages", "stream", "max_tokens", "temperature", "tools", "response_format")),
     E("chat.control", ("POST",), ("/v1/chat/completions/control",), "generate",
       "Act on an in-flight chat completion started with reasoning_control: {id, action: \"reasoning_end\"}",
       params=("model", "id", "action")),
     E("chat.input_tokens", ("POST",), ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"),
-      "generate", "Token count of a chat request, without generating", multimodal=True,
+      "generate", "Token count of a chat request, without generating", multimodal=True, answer="count",
       params=("model", "messages")),
-    E("completions.oai", ("POST",), ("/v1/completions",), "generate", "OpenAI legacy Completions", streams=True,
+    E("completions.oai", ("POST",), ("/v1/completions",), "generate", "OpenAI legacy Completions", streams=True, answer="openai",
       params=("model", "prompt", "stream", "max_tokens", "temperature")),
     E("completions.native", ("POST",), ("/completion", "/completions"), "generate",
       "llama.cpp-native completion (prompt as text, tokens or multimodal), every native sampling option",
-      streams=True, params=("prompt", "n_predict", "stream", "temperature", "grammar")),
+      streams=True, answer="native", params=("prompt", "n_predict", "stream", "temperature", "grammar")),
     E("responses", ("POST",), ("/v1/responses", "/responses"), "generate", "OpenAI Responses API",
-      streams=True, multimodal=True, params=("model", "input", "instructions", "stream")),
+      streams=True, multimodal=True, answer="responses", params=("model", "input", "instructions", "stream")),
     E("responses.input_tokens", ("POST",), ("/v1/responses/input_tokens", "/responses/input_tokens"), "generate",
-      "Token count of a Responses request", params=("model", "input")),
+      "Token count of a Responses request", answer="count", params=("model", "input")),
     E("messages", ("POST",), ("/v1/messages",), "generate", "Anthropic Messages API", streams=True,
-      multimodal=True, params=("model", "messages", "max_tokens", "stream", "system")),
+      multimodal=True, answer="anthropic", params=("model", "messages", "max_tokens", "stream", "system")),
     E("messages.count_tokens", ("POST",), ("/v1/messages/count_tokens",), "generate",
-      "Anthropic token counting: {input_tokens}", params=("model", "messages")),
+      "Anthropic token counting: {input_tokens}", answer="count", params=("model", "messages")),
     E("infill", ("POST",), ("/infill",), "infill",
       "Code fill-in-the-middle: input_prefix, input_suffix, input_extra (needs a model with FIM tokens)",
-      streams=True, params=("input_prefix", "input_suffix", "input_extra", "prompt", "n_predict")),
+      streams=True, answer="native", params=("input_prefix", "input_suffix", "input_extra", "prompt", "n_predict")),
     E("audio.transcriptions", ("POST",), ("/v1/audio/transcriptions", "/audio/transcriptions"), "transcription",
       "OpenAI speech to text (multipart: file, model, prompt, language, response_format json|text|verbose_json|"
       "srt|vtt, temperature): whisper-server, or a llama-server with an audio projector (json only)",
-      streams=True, params=("file", "model", "prompt", "language", "response_format", "temperature")),
+      streams=True, answer="transcription",
+      params=("file", "model", "prompt", "language", "response_format", "temperature")),
     # -- speech and images (the speech server, sd-server) ----------------------------------------------------
     E("audio.speech", ("POST",), ("/v1/audio/speech", "/audio/speech"), "speech",
       "OpenAI text to speech: {model, input, voice, response_format: wav|pcm, speed} → audio", streams=True,
+      answer="speech",
       params=("model", "input", "voice", "response_format", "speed")),
     E("audio.voices", ("GET",), ("/v1/audio/voices", "/audio/voices"), "speech",
       "The voices of a speech model (?model=, else the default speech server)", body_model=False,
@@ -90,21 +95,22 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       "The models of a speech server (?model=, else the default one)", body_model=False, params=("model",)),
     E("images.generations", ("POST",), ("/v1/images/generations", "/images/generations"), "image",
       "OpenAI image generation: {model, prompt, n, size: WxH, response_format: b64_json} (sd-server)",
-      params=("model", "prompt", "n", "size", "response_format"), image_limits=True),
+      params=("model", "prompt", "n", "size", "response_format"), image_limits=True, answer="image"),
     E("images.edits", ("POST",), ("/v1/images/edits", "/images/edits"), "image",
       "OpenAI image edits (multipart: image, mask, prompt, model, n, size)",
-      params=("image", "mask", "prompt", "model", "n", "size"), image_limits=True),
+      params=("image", "mask", "prompt", "model", "n", "size"), image_limits=True, answer="image"),
     E("sdapi", ("POST",), ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"), "image",
       "AUTOMATIC1111-style txt2img and img2img (sd-server's own API; the default image server)", body_model=False,
-      params=("prompt", "negative_prompt", "width", "height", "steps", "seed"), image_limits=True),
+      params=("prompt", "negative_prompt", "width", "height", "steps", "seed"), image_limits=True, answer="image"),
     # -- embeddings and rerank -------------------------------------------------------------------------------
-    E("embeddings.oai", ("POST",), ("/v1/embeddings",), "embedding", "OpenAI embeddings", flag="--embedding",
+    E("embeddings.oai", ("POST",), ("/v1/embeddings",), "embedding", "OpenAI embeddings", flag="--embedding", answer="embedding",
       params=("model", "input", "encoding_format")),
     E("embeddings.native", ("POST",), ("/embedding", "/embeddings"), "embedding",
       "llama.cpp-native embeddings (per-token vectors with --pooling none)", flag="--embedding",
+      answer="embedding",
       params=("content", "input")),
     E("rerank", ("POST",), ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking"), "rerank",
-      "Rerank documents against a query (Jina or TEI format)", flag="--rerank",
+      "Rerank documents against a query (Jina or TEI format)", flag="--rerank", answer="rerank",
       params=("model", "query", "documents", "top_n", "texts")),
     # -- tokens and templates --------------------------------------------------------------------------------
     E("tokenize", ("POST",), ("/tokenize",), "generate", "Text → tokens", params=("content", "add_special", "with_pieces")),

@@ -1,0 +1,90 @@
+"""JSON from a request, read in bounded time: the one place the gateway turns request bytes into objects.
+
+A JSON parse costs about 150 ns of one core per element and holds the interpreter's lock throughout, so a
+body of many small elements stalls the event loop whatever thread parses it (a worker thread does not help).
+Three limits make every parse cheap or refused:
+- **elements**: the structural characters (`,` `:` `[` `{`) are counted first (C speed, strings included, so
+  it can only overestimate); more than MAX_ELEMENTS → 413. A real request has few: text and images are long
+  strings, which cost little per byte.
+- **depth**: more than MAX_DEPTH levels → 400 (never a RecursionError, never a 500).
+- **size**: bodies up to ON_LOOP bytes are parsed on the event loop (under ~5 ms); bigger ones, which can
+  only be a few long strings after the element check, in a worker process, whose answer comes back as a copy
+  of those few strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import multiprocessing
+from typing import Any
+
+MAX_ELEMENTS = 50_000
+MAX_DEPTH = 64
+ON_LOOP = 1 << 20
+
+
+class JsonProblem(ValueError):
+    """A body that is not JSON the gateway will read: STATUS (400 or 413) and a message naming the limit."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)  # both in args: it crosses from the worker process by pickle
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def elements(data: bytes) -> int:
+    """An upper bound on the JSON elements in DATA."""
+    return data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{")
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """True when VALUE nests containers deeper than LIMIT (iterative: no recursion on hostile data)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def loads(data: bytes | str) -> Any:
+    """DATA parsed, or JsonProblem: 413 past MAX_ELEMENTS, 400 when not JSON or deeper than MAX_DEPTH."""
+    raw = data.encode() if isinstance(data, str) else data
+    count = elements(raw)
+    if count > MAX_ELEMENTS:
+        raise JsonProblem(413, f"the JSON body has more than {MAX_ELEMENTS} elements (arrays, objects, values); "
+                               "the gateway reads no more")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        value, count = None, MAX_DEPTH + 1
+    except ValueError as e:
+        raise JsonProblem(400, f"the body is not JSON: {e}") from None
+    if count > MAX_DEPTH and (value is None or _depth_over(value, MAX_DEPTH)):
+        raise JsonProblem(400, f"the JSON body nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def _worker() -> concurrent.futures.ProcessPoolExecutor:
+    global _pool  # one worker process for the gateway's process, started on first use
+    if _pool is None:
+        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _pool
+
+
+async def parse(data: bytes) -> Any:
+    """loads(DATA) without holding the event loop: small bodies here, big ones in the worker process."""
+    if len(data) <= ON_LOOP:
+        return loads(data)
+    if elements(data) > MAX_ELEMENTS:
+        return loads(data)  # refused before parsing
+    return await asyncio.get_running_loop().run_in_executor(_worker(), loads, data)
