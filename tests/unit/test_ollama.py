@@ -138,7 +138,7 @@ def test_errors_come_in_ollamas_shape(client, upstream):
         c.pull("llama3")
     assert e.value.status_code == 501 and "podllama pull" in e.value.error
     bad = httpx.post(f"{gw.url}/api/chat", content=b"{not json")
-    assert bad.status_code == 400 and bad.json() == {"error": "the body is not JSON"}
+    assert bad.status_code == 400 and bad.json()["error"].startswith("the body is not JSON")
 
 
 def test_the_management_api_moved_to_admin_and_old_paths_say_so(client):

@@ -27,6 +27,7 @@ from ..engine import EngineError
 from ..keys import KeyProblem, KeyStore, NewKey
 from ..stack import StackError
 from ..store import ModelNotFound, StoreError
+from . import jsonbody
 from .jobs import Job, Jobs
 
 if TYPE_CHECKING:
@@ -240,13 +241,18 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
     @config.put("/config")
     async def put_config(request: Request, dry_run: DryRun = False) -> Any:
         """Replace services.toml (TOML, or JSON of the same shape). Validated, diffed, applied, saved."""
-        raw = (await request.body()).decode(errors="replace")
-        if "json" in request.headers.get("content-type", ""):
+        body = await request.body()
+        as_json = "json" in request.headers.get("content-type", "")
+
+        def text(_: str) -> str:  # in the worker thread: a big config is rendered off the event loop
+            if not as_json:
+                return body.decode(errors="replace")
             try:
-                raw = tomlkit.dumps(json.loads(raw))
-            except ValueError as e:
-                raise HTTPException(422, f"body is not JSON: {e}") from None
-        return await run_in_threadpool(change, lambda _: raw, request.headers.get("if-match"), dry_run)
+                return tomlkit.dumps(jsonbody.loads(body))
+            except jsonbody.JsonProblem as e:
+                raise ChangeError(e.status if e.status != 400 else 422, str(e)) from None
+
+        return await run_in_threadpool(change, text, request.headers.get("if-match"), dry_run)
 
     @config.post("/reload")
     async def reload() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__, config
 from ..api import ADMIN_PREFIX
@@ -39,9 +40,9 @@ from . import admin, dashboard
 from . import help as helpdoc
 from .auth import ANONYMOUS, Caller, Keys, key_files
 from .errors import error_type
-from .guard import Access, Guard, access_of_own
+from .guard import ACCESS, Access, Guard, access_of_own
 from .jobs import Jobs
-from .metrics import Metrics
+from .metrics import Metrics, watch_loop
 from .ollama import PREFIX as OLLAMA
 from .ollama import Ollama
 from .ondemand import Loader, Refused
@@ -196,6 +197,13 @@ class Gateway:
         """The servers CALLER's key may use (a scoped key sees only those), by name."""
         return {name: s for name, s in self.registry.servers.items() if caller.refusal(name, s) is None}
 
+    def visible(self, caller: Caller) -> set[str] | None:
+        """The servers an answer to CALLER may name: None for all (an admin, a listed key, or a gateway that
+        needs no key), else those its key may use (none for a caller without a key where keys are needed)."""
+        if caller.admin or (caller.key is None and (caller.id or not self.keys.any_inference)):
+            return None
+        return set(self.usable(caller)) if caller.key is not None else set()
+
     def server_of(self, model: str, caller: Caller) -> str:
         server = self.registry.server_for_model(model)
         if server is None:
@@ -243,8 +251,12 @@ class Gateway:
         ollama = path == OLLAMA or path.startswith(OLLAMA + "/")
         ui = not proxied and not passthrough and scope["method"] in ("GET", "HEAD") and _is_ui(path)
         streamed = proxied or passthrough or ollama  # bodies read (and capped) by the proxy or the translation
-        access = Access.PUBLIC if ui else Access.INFERENCE if streamed else access_of_own(path)
-        checked = await self.guard(scope, receive, send, access, own=not (streamed or ui))
+        # who may call it: the route table says, for its routes; the gateway's own routes by their prefix
+        access = (Access.PUBLIC if ui else ACCESS[ep.access] if ep is not None else Access.INFERENCE if streamed
+                  else access_of_own(path))
+        own = not (streamed or ui)
+        checked = await self.guard(scope, receive, send, access, own=own,
+                                   takes_body=own and self._takes_body(scope))
         if checked is None:
             return
         receive, send = checked
@@ -258,6 +270,12 @@ class Gateway:
         if ui:
             return await self.proxy.ui(scope, receive, send)
         await self.api(scope, receive, send)
+
+    def _takes_body(self, scope: dict[str, Any]) -> bool:
+        """A route of the gateway's own that takes a body matches this request (else its body is never read)."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return False
+        return any(route.matches(scope)[0] is Match.FULL for route in self.api.router.routes)
 
     # -- the routes the gateway answers -------------------------------------------------------------------
     def _fastapi(self) -> FastAPI:
@@ -277,6 +295,7 @@ class Gateway:
             # on-demand servers: stopped when idle, measured while they run (it drives the engine, as the
             # supervisor does)
             reaper = asyncio.create_task(gw.loader.run(stop)) if gw.supervise else None
+            lag = asyncio.create_task(watch_loop(gw.metrics.loop_lag, stop))
             if gw.keys.public_bind and not gw.keys.any_inference:
                 log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
                             "who reaches it can use the models (set $PODLLAMA_API_KEYS or [gateway] api_keys_file)")
@@ -287,6 +306,7 @@ class Gateway:
             await poller
             if reaper is not None:
                 await reaper
+            await lag
             await gw.loader.close()
             await gw.proxy.close()
             await asyncio.to_thread(gw.requests.stop)
@@ -341,20 +361,25 @@ class Gateway:
             return await gw.unload(gw.server_of(body.model, _caller(request)))
 
         @app.get("/metrics", summary="Gateway metrics (Prometheus); ?server=NAME for a server's own")
-        async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+        async def metrics(request: Request) -> PlainTextResponse:
+            caller = _caller(request)
+            visible = gw.visible(caller)
+            models = None if visible is None else {gw.registry.servers[s].alias or s for s in visible}
+            text = gw.metrics.render(visible, models, None if visible is None else caller.name)
+            return PlainTextResponse(text, media_type="text/plain; version=0.0.4",
+                                     headers={"Process-Start-Time-Unix": str(gw.started)})
 
         @app.get("/help", summary="Every endpoint: where it routes now and what it needs (JSON or HTML)")
         async def help_all(request: Request) -> Any:
-            items = helpdoc.entries(app, gw.registry, gw.keys)
+            items = helpdoc.entries(app, gw.registry, gw.keys, gw.visible(_caller(request)))
             if "text/html" in request.headers.get("accept", ""):
                 return HTMLResponse(helpdoc.render_html(items))
             return {"endpoints": items}
 
         @app.get("/help/{path:path}", summary="One endpoint's entry (by path or alias)")
-        async def help_one(path: str) -> dict[str, Any]:
+        async def help_one(path: str, request: Request) -> dict[str, Any]:
             wanted = "/" + path.strip("/")
-            for item in helpdoc.entries(app, gw.registry, gw.keys):
+            for item in helpdoc.entries(app, gw.registry, gw.keys, gw.visible(_caller(request))):
                 if wanted == item["path"] or wanted in item["aliases"]:
                     return item
             raise StarletteHTTPException(404, f"no endpoint {wanted}; GET /help lists them")

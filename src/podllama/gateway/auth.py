@@ -145,26 +145,30 @@ SESSION_TTL = 12 * 3600
 
 
 class Sessions:
-    """Dashboard logins: a random token in an HttpOnly, SameSite=Strict cookie, standing for the admin caller
-    who logged in with a key, for SESSION_TTL seconds or until logout. Kept in the gateway's memory: a
-    gateway restart logs everyone out."""
+    """Dashboard logins: a random token in an HttpOnly, SameSite=Strict cookie, standing for the admin key that
+    logged in, for SESSION_TTL seconds or until logout. A session is as good as its key and no better: the key
+    is checked again on every use, so revoking, expiring or removing it ends its sessions at once. Kept in the
+    gateway's memory: a gateway restart logs everyone out."""
 
     def __init__(self) -> None:
-        self.live: dict[str, tuple[Caller, float]] = {}
+        self.live: dict[str, tuple[bytes, float]] = {}
 
-    def open(self, caller: Caller) -> str:
+    def open(self, key: bytes) -> str:
         now = time.time()
         self.live = {t: v for t, v in self.live.items() if v[1] > now}
         token = secrets.token_urlsafe(32)
-        self.live[token] = (caller, now + SESSION_TTL)
+        self.live[token] = (key, now + SESSION_TTL)
         return token
 
-    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
+    def caller(self, headers: list[tuple[bytes, bytes]], keys: Keys) -> Caller | None:
         token = cookie(headers, SESSION_COOKIE)
         found = self.live.get(token) if token else None
         if found is None or found[1] <= time.time():
             return None
-        return found[0]
+        caller = keys.caller_of(found[0], admin=True)
+        if caller is None:  # its key is gone: so is the session
+            self.live.pop(token or "", None)
+        return caller
 
     def close(self, headers: list[tuple[bytes, bytes]]) -> None:
         token = cookie(headers, SESSION_COOKIE)

@@ -48,11 +48,12 @@ def router(gw: Gateway) -> APIRouter:
 
     @ui.post("/login", summary="Log in to the dashboard with an admin key; sets the session cookie")
     def login(body: Login) -> Response:
-        caller = gw.keys.caller_of(body.key.strip().encode(), admin=True)
+        key = body.key.strip().encode()
+        caller = gw.keys.caller_of(key, admin=True)
         if caller is None:
             raise HTTPException(401, "that is not an admin key (the stack's is in .podllama/secrets/admin.key; "
                                      "`podllama keys create NAME --admin` makes more)")
-        token = gw.guard.sessions.open(caller)
+        token = gw.guard.sessions.open(key)
         response = Response(b'{"logged_in": true}', media_type="application/json", headers=SECURITY)
         response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL, path="/", httponly=True, samesite="strict")
         return response
@@ -66,7 +67,7 @@ def router(gw: Gateway) -> APIRouter:
 
     @ui.get("/session", summary="Whether this browser is logged in, and the stack's name")
     def session(request: Request) -> dict[str, Any]:
-        caller = gw.guard.sessions.caller(request.scope["headers"])
+        caller = gw.guard.sessions.caller(request.scope["headers"], gw.keys)
         return {"logged_in": caller is not None, "name": caller.name if caller else None, "stack": gw.stack.name}
 
     @ui.get("/{name}", include_in_schema=False)  # last: the routes above go first

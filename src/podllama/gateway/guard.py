@@ -11,8 +11,11 @@
    body is read. A dashboard login (an HttpOnly, SameSite=Strict cookie) stands for the admin key that opened
    it; the Origin check above keeps other origins on the same site from using it to change anything. Who the
    key belongs to (a Caller) goes with the request, in `scope["state"]["caller"]`.
-5. **Bodies** of the gateway's own routes (/admin, /api …) are read here, capped at API_MAX_BODY (413), before FastAPI
-   parses them. Proxied routes stream theirs, capped by the proxy at `max_body_mb`.
+5. **Bodies** of the gateway's own routes (/admin, /ui …) are read here, after the checks above and only for a
+   route that exists and takes one, capped at API_MAX_BODY (PUBLIC_MAX_BODY on routes that need no key: 413);
+   a JSON body is checked by jsonbody (elements, depth: 413/400) before FastAPI parses it. A request whose body
+   is not read is answered with `Connection: close`. Proxied routes receive theirs in the proxy, capped at
+   `max_body_mb`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import Any
 from ..api import ADMIN_PREFIX
 from ..config import GatewaySection
 from . import body as bodies
+from . import jsonbody
 from .auth import ANONYMOUS, Caller, Keys, Sessions
 from .client import UpstreamError
 from .errors import Receive, Send
 from .errors import send_error as _send_error
 
 API_MAX_BODY = 1 << 20
+PUBLIC_MAX_BODY = 16 * 1024  # a dashboard login's body; nothing public takes more
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
@@ -41,6 +46,9 @@ class Access(Enum):
     PUBLIC = "public"
     INFERENCE = "inference key"
     ADMIN = "admin key"
+
+
+ACCESS = {"public": Access.PUBLIC, "inference": Access.INFERENCE, "admin": Access.ADMIN}  # the route table's words
 
 
 # answered by the gateway, need an inference key
@@ -111,15 +119,16 @@ class Guard:
     def caller(self, access: Access, headers: list[tuple[bytes, bytes]]) -> Caller | None:
         """Who the request comes from, when it may have ACCESS; None: it may not. A key in the headers first,
         else a dashboard login's cookie (an admin's)."""
-        if access is Access.PUBLIC:
-            return ANONYMOUS
-        return self.keys.identify(headers, admin=access is Access.ADMIN) or self.sessions.caller(headers)
+        if access is Access.PUBLIC:  # anyone; a key, when one is sent, says what the answer may name
+            return self.keys.identify(headers, admin=False) or ANONYMOUS
+        return self.keys.identify(headers, admin=access is Access.ADMIN) or self.sessions.caller(headers, self.keys)
 
     # -- the ASGI step ---------------------------------------------------------------------------------------
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send, access: Access, own: bool
-                       ) -> tuple[Receive, Send] | None:
-        """Check a request. OWN: the gateway answers it itself (its body is read here). Returns the
-        (receive, send) to go on with, or None when it was answered here."""
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send, access: Access, own: bool,
+                       takes_body: bool = True) -> tuple[Receive, Send] | None:
+        """Check a request. OWN: the gateway answers it itself (its body is read here, when TAKES_BODY: a route
+        of the gateway's own takes one). Returns the (receive, send) to go on with, or None when it was answered
+        here."""
         headers = scope["headers"]
         method = scope["method"]
         if not self.host_ok(headers):
@@ -143,11 +152,14 @@ class Guard:
         scope.setdefault("state", {})["caller"] = caller  # for the proxy (scope, limits, the log) and /admin
         if origin is not None and origin_ok:
             send = _with_cors(send, origin)
-        if own:
-            replay = await self._read(scope, receive, send)
+        if own and takes_body:
+            limit = PUBLIC_MAX_BODY if access is Access.PUBLIC else API_MAX_BODY
+            replay = await self._read(scope, receive, send, limit)
             if replay is None:
                 return None
             receive = replay
+        elif own and _has_body(scope["headers"]):
+            send = _closing(send)  # never read: the connection ends with the answer
         return receive, send
 
     async def _preflight(self, send: Send, origin: bytes, ok: bool) -> None:
@@ -161,24 +173,45 @@ class Guard:
             (b"access-control-allow-headers", CORS_HEADERS), (b"access-control-max-age", b"600")]})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _read(self, scope: dict[str, Any], receive: Receive, send: Send) -> Receive | None:
-        """The body of a request the gateway answers itself, read now within API_MAX_BODY, then replayed."""
+    async def _read(self, scope: dict[str, Any], receive: Receive, send: Send, limit: int) -> Receive | None:
+        """The body of a request the gateway answers itself, read now within LIMIT, checked when it is JSON,
+        then replayed."""
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > API_MAX_BODY:
-            await send_error(send, 413, bodies.too_large(API_MAX_BODY, "the management API's limit"))
+        if length is not None and length.isdigit() and int(length) > limit:
+            await send_error(send, 413, bodies.too_large(limit, "the management API's limit"))
             return None
         try:
-            data = await bodies.read_all(receive, API_MAX_BODY, "the management API's limit")
+            data = await bodies.read_all(receive, limit, "the management API's limit")
         except UpstreamError as e:
             if e.status != 499:
                 await send_error(send, e.status, str(e))
             return None
+        ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        if data and b"json" in ctype:
+            try:
+                jsonbody.loads(data)
+            except jsonbody.JsonProblem as e:
+                await send_error(send, e.status, str(e))
+                return None
         return bodies.replay(data, receive)
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """A refusal ends the connection: whatever body the client still meant to send is never read."""
     await _send_error(send, status, message, headers=[*(headers or []), (b"connection", b"close")])
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any((k == b"content-length" and v != b"0") or k == b"transfer-encoding" for k, v in headers)
+
+
+def _closing(send: Send) -> Send:
+    async def closing_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+        await send(message)
+
+    return closing_send
 
 
 def _with_cors(send: Send, origin: bytes) -> Send:

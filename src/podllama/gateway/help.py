@@ -15,21 +15,25 @@ from .routes import ENDPOINTS, PASSTHROUGH, Endpoint
 from .upstreams import Registry
 
 
-def _routes_to(ep: Endpoint, registry: Registry) -> str:
+def _routes_to(ep: Endpoint, registry: Registry, visible: set[str] | None) -> str:
+    """Where EP goes now, naming only the VISIBLE servers (None: all)."""
     if ep.scope == "gateway":
         return "the gateway itself"
-    if ep.scope == "server":
-        default = registry.default(ep.roles)
-        return f"?server=NAME or ?model=NAME, else '{default}'" if default else "no server configured"
-    servers = registry.servers_with_role(ep.roles)
-    if not servers:
-        return f"nothing: needs a server with role {' or '.join(ep.roles)}"
     default = registry.default(ep.roles)
+    if visible is not None and default not in visible:
+        default = None
+    if ep.scope == "server":
+        return f"?server=NAME or ?model=NAME, else '{default}'" if default else "?server=NAME or ?model=NAME"
+    servers = [s for s in registry.servers_with_role(ep.roles) if visible is None or s in visible]
+    if not servers:
+        return f"nothing here: needs a server with role {' or '.join(ep.roles)}"
     others = [s for s in servers if s != default]
-    return f"'{default}'" + (f"; by model: {', '.join(others)}" if others else "")
+    return (f"'{default}'; by model: " if default else "by model: ") + ", ".join(others) if others else f"'{default}'"
 
 
-def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]]:
+def entries(app: FastAPI, registry: Registry, keys: Keys, visible: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every endpoint; where each routes names only the VISIBLE servers (None: all; what a scoped key, or a
+    caller without a key, may hear of)."""
     inference = Access.INFERENCE.value if keys.any_inference else "no key (none configured)"
     out = []
     for ep in ENDPOINTS:
@@ -37,12 +41,13 @@ def entries(app: FastAPI, registry: Registry, keys: Keys) -> list[dict[str, Any]
             "name": ep.name, "methods": list(ep.methods), "path": ep.paths[0] + ("{id}" if ep.prefix else ""),
             "aliases": [p + ("{id}" if ep.prefix else "") for p in ep.paths[1:]],
             "purpose": ep.purpose, "params": list(ep.params), "streams": ep.streams,
-            "routes_to": _routes_to(ep, registry), "roles": list(ep.roles) if ep.scope == "model" else [],
+            "routes_to": _routes_to(ep, registry, visible), "roles": list(ep.roles) if ep.scope == "model" else [],
             "llama_server_flag": ep.flag, "auth": "public" if ep.name == "health" else inference,
         })
     out.append({"name": "passthrough", "methods": ["*"], "path": f"{PASSTHROUGH}{{name}}/{{path}}", "aliases": [],
                 "purpose": "Anything, passed through to one server (its web UI, routes added upstream later …)",
-                "params": [], "streams": True, "routes_to": ", ".join(registry.servers) or "no servers",
+                "params": [], "streams": True,
+                "routes_to": ", ".join(s for s in registry.servers if visible is None or s in visible) or "no servers",
                 "roles": [], "llama_server_flag": None, "auth": inference})
     for r in OLLAMA_ROUTES:
         out.append({"name": "ollama" + r.path.removeprefix("/api").replace("/", "."), "methods": [r.method],

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..api import ADMIN_PREFIX
 from ..gguf_meta import Metadata
 from . import body as bodies
+from . import jsonbody
 from .client import UpstreamError
 from .errors import Receive, Send
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 PREFIX = "/api"
 VERSION = "0.12.0"  # the Ollama API version whose shapes this follows (clients check it is recent enough)
 ROLES = ("chat", "vision", "audio", "infill", "embedding")  # what Ollama clients can use; image/speech are not
-JSON_PARSE_IN_THREAD = 1 << 20  # bigger bodies (images) are parsed off the event loop
 
 # Ollama's options → the names llama-server reads in an OpenAI-compatible body. Others (num_ctx, num_gpu,
 # num_thread …) are settings of the server process, fixed at its start: services.toml's args set them.
@@ -360,9 +360,9 @@ class Ollama:
         except UpstreamError as e:
             raise Problem(e.status, str(e)) from None
         try:
-            data = await asyncio.to_thread(json.loads, raw) if len(raw) > JSON_PARSE_IN_THREAD else json.loads(raw or b"{}")
-        except ValueError:
-            raise Problem(400, "the body is not JSON") from None
+            data = await jsonbody.parse(raw or b"{}")
+        except jsonbody.JsonProblem as e:
+            raise Problem(e.status, str(e)) from None
         if not isinstance(data, dict):
             raise Problem(400, "the body must be a JSON object")
         return data

@@ -130,7 +130,8 @@ class Proxy:
         self.registry, self.metrics = registry, metrics
         self.table = RouteTable.build()  # the gateway classifies requests by it too
         self.client = Client()
-        self.conversations: OrderedDict[str, str] = OrderedDict()  # X-Conversation-Id → server
+        # X-Conversation-Id → (server, the id of the key that started it): a stream is its key's alone
+        self.conversations: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
         self.loader: Loader | None = None  # loads on-demand servers (gateway/ondemand.py)
         self.quota = Quota()  # per-key limits (gateway/quota.py)
@@ -164,8 +165,9 @@ class Proxy:
             data, problem = bodies.read_json(body) if body and b"json" in ctype else (None, None)
             if problem is not None:  # nested deeper than the gateway lets through
                 return await send_error(send, problem.status, str(problem))
+            caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
             if ep.scope == "server":
-                server, why = self._server_scoped(ep, query)
+                server, why = self._server_scoped(ep, query, caller, data)
             else:
                 model = next(iter(query.get("model", [])), None)
                 media = None
@@ -195,7 +197,8 @@ class Proxy:
             return await send_error(send, 400, "the path is not /servers/NAME/PATH with a plain server name and path "
                                                "(no '..', control characters or spaces)")
         if name not in self.registry.servers:
-            return await send_error(send, 404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}")
+            caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+            return await send_error(send, 404, f"no server named '{name}'; servers: {self._listed(caller)}")
         server = self.registry.servers[name]
         if not server.kind.llama and path != "health":
             # the other programs have routes no one should reach (whisper-server's POST /load opens any path):
@@ -240,14 +243,33 @@ class Proxy:
         await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
     # -- choosing a server --------------------------------------------------------------------------------
-    def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]]) -> tuple[str | None, tuple[int, str, str]]:
+    def _listed(self, caller: Caller) -> str:
+        """The servers CALLER may use, for a message (a scoped key hears of no others)."""
+        return ", ".join(n for n, s in self.registry.servers.items() if caller.refusal(n, s) is None) or "none"
+
+    def _stream_of(self, conv: str, caller: Caller) -> str | None:
+        """The server of conversation CONV when CALLER's key started it."""
+        known = self.conversations.get(conv)
+        return known[0] if known is not None and known[1] == caller.id else None
+
+    def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]], caller: Caller, data: Any
+                       ) -> tuple[str | None, tuple[int, str, str]]:
         if ep.name == "stream.follow" and query.get("conv_id"):
-            known = self.conversations.get(query["conv_id"][0])
-            if known:
-                return known, (0, "", "")
+            known = self._stream_of(query["conv_id"][0], caller)
+            if known is None:  # another key's stream, or none: llama-server would replay anyone's
+                return None, (404, "no stream with that conv_id was started with this key", "")
+            return known, (0, "", "")
+        if ep.name == "stream.lookup":
+            ids = data.get("conversation_ids") if isinstance(data, dict) else None
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                return None, (400, "stream lookup takes {\"conversation_ids\": [ids …]}", "")
+            servers = {self._stream_of(i, caller) for i in ids}
+            if None in servers or len(servers) != 1:
+                return None, (404, "a conversation id was not started with this key (or on another server)", "")
+            return servers.pop(), (0, "", "")
         name = next(iter(query.get("server", [])), None)
         if name is not None and name not in self.registry.servers:
-            return None, (404, f"no server named '{name}'; servers: {', '.join(self.registry.servers)}", "")
+            return None, (404, f"no server named '{name}'; servers: {self._listed(caller)}", "")
         model = next(iter(query.get("model", [])), None)
         if name is None and model is not None:
             name = self.registry.server_for_model(model)
@@ -381,7 +403,11 @@ class Proxy:
             return await self._unavailable(send, server)
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv:
-            self._remember(conv.decode(errors="replace"), server)
+            owner = self.conversations.get(conv.decode(errors="replace"))
+            if owner is not None and owner[1] != caller.id:
+                self.metrics.error(endpoint, server, "refused")
+                return await send_error(send, 409, "that X-Conversation-Id belongs to another key; choose a new one")
+            self._remember(conv.decode(errors="replace"), server, caller.id)
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         outcome = Outcome()
@@ -565,8 +591,8 @@ class Proxy:
         if not flight.finished:
             flight.gone()
 
-    def _remember(self, conv: str, server: str) -> None:
-        self.conversations[conv] = server
+    def _remember(self, conv: str, server: str, owner: str) -> None:
+        self.conversations[conv] = (server, owner)
         self.conversations.move_to_end(conv)
         while len(self.conversations) > 10000:
             self.conversations.popitem(last=False)

@@ -43,6 +43,7 @@ class Endpoint:
     # the shape of its answer, which says where its token counts are (tally.READERS): openai, anthropic,
     # responses, native, embedding, rerank, count, image, speech, transcription, none
     answer: str = "none"
+    access: str = "inference"  # who may call it: public, inference (a key, where any is set) or admin
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -138,7 +139,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       flag="--ui-mcp-proxy", params=("server", "url")),
     E("health", ("GET",), ("/health", "/v1/health"), "server",
       "Liveness: the gateway answers itself (public, no key); a server's own via /servers/NAME/health",
-      scope="gateway", body_model=False),
+      scope="gateway", body_model=False, access="public"),
     E("models", ("GET",), ("/v1/models", "/models"), "server",
       "Every model of every server, in the OpenAI list shape (id, owned_by, role, capabilities, status)",
       scope="gateway", body_model=False),
