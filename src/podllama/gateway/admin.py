@@ -204,14 +204,14 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
         return act(name, gw.stack.restart, "restart")
 
     @servers.post("/{name}/load")
-    async def load_server(name: Existing) -> dict[str, Any]:
+    async def load_server(name: Existing, request: Request) -> dict[str, Any]:
         """Load an on-demand server now (room made in the memory budget as for a request); waits until it answers."""
-        return await gw.load(name)
+        return await gw.load(name, gw.caller_of(request.scope))
 
     @servers.post("/{name}/unload")
-    async def unload_server(name: Existing) -> dict[str, Any]:
+    async def unload_server(name: Existing, request: Request) -> dict[str, Any]:
         """Stop an on-demand server (its prompt caches saved); its next request loads it again."""
-        return await gw.unload(name)
+        return await gw.unload(name, gw.caller_of(request.scope))
 
     @servers.get("/{name}/logs")
     def server_logs(name: Existing, tail: int = Query(100, ge=1, le=2000)) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from .ollama import PREFIX as OLLAMA
 from .ollama import Ollama
 from .ondemand import Loader, Refused
 from .proxy import Proxy
-from .quota import WINDOW
+from .quota import WINDOW, OverLimit
 from .requestlog import RequestLog
 from .routes import ENDPOINTS, PASSTHROUGH
 from .server import Limits
@@ -212,13 +212,17 @@ class Gateway:
             raise StarletteHTTPException(403, why)
         return server
 
-    async def load(self, server: str) -> dict[str, Any]:
-        """Load on-demand SERVER now (as its first request would); for other servers, say how they run."""
+    async def load(self, server: str, caller: Caller) -> dict[str, Any]:
+        """Load on-demand SERVER now (as its first request would), within CALLER's limits; for other servers, say
+        how they run."""
         if not self.loader.manages(server):
             raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"): it runs from "
                                               "`podllama start` on; POST /admin/servers/NAME/start starts it")
         try:
-            await self.loader.ensure(server)
+            with self.proxy.limited(caller):
+                await self.loader.ensure(server)
+        except OverLimit as e:
+            raise StarletteHTTPException(429, str(e), {"retry-after": str(e.retry_after)}) from None
         except Refused as e:
             raise StarletteHTTPException(e.status, str(e), {"retry-after": str(e.retry_after)}) from None
         except TimeoutError:
@@ -226,12 +230,15 @@ class Gateway:
                                               f"{self.loader.load_timeout:.0f}s ([gateway] load_timeout)") from None
         return {"success": True, "server": server, "status": {"value": self.model_state(server)}}
 
-    async def unload(self, server: str) -> dict[str, Any]:
+    async def unload(self, server: str, caller: Caller) -> dict[str, Any]:
         if not self.loader.manages(server):
             raise StarletteHTTPException(400, f"server '{server}' is not on demand (start = \"always\"); "
                                               "POST /admin/servers/NAME/stop stops it")
         try:
-            stopped = await self.loader.unload(server)
+            with self.proxy.limited(caller):
+                stopped = await self.loader.unload(server)
+        except OverLimit as e:
+            raise StarletteHTTPException(429, str(e), {"retry-after": str(e.retry_after)}) from None
         except Refused as e:
             raise StarletteHTTPException(e.status, str(e), {"retry-after": str(e.retry_after)}) from None
         return {"success": True, "server": server, "was_loaded": stopped, "status": {"value": self.model_state(server)}}
@@ -354,11 +361,11 @@ class Gateway:
 
         @app.post("/models/load", summary="Load a model's server now and wait until it answers (on-demand servers)")
         async def load_model(body: ModelRef, request: Request) -> dict[str, Any]:
-            return await gw.load(gw.server_of(body.model, _caller(request)))
+            return await gw.load(gw.server_of(body.model, _caller(request)), _caller(request))
 
         @app.post("/models/unload", summary="Stop a model's on-demand server (its prompt caches saved)")
         async def unload_model(body: ModelRef, request: Request) -> dict[str, Any]:
-            return await gw.unload(gw.server_of(body.model, _caller(request)))
+            return await gw.unload(gw.server_of(body.model, _caller(request)), _caller(request))
 
         @app.get("/metrics", summary="Gateway metrics (Prometheus); ?server=NAME for a server's own")
         async def metrics(request: Request) -> PlainTextResponse:

@@ -25,12 +25,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from ..api import ADMIN_PREFIX
 from ..gguf_meta import Metadata
 from . import body as bodies
 from . import jsonbody
 from .client import UpstreamError
 from .errors import Receive, Send
+from .quota import OverLimit
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -434,7 +437,7 @@ class Ollama:
     async def chat(self, scope: dict[str, Any], receive: Receive, send: Send, req: dict[str, Any]) -> None:
         model, server = self._server(scope, req.get("model"))
         if not req.get("messages"):
-            return await self._load_only(send, model, server, req, generate=False)
+            return await self._load_only(scope, send, model, server, req, generate=False)
         stream = req.get("stream", True) is not False
         await self._infer(scope, receive, send, "/v1/chat/completions", chat_body(req, model, stream),
                           Translation(model, False, time.monotonic()), stream)
@@ -442,7 +445,7 @@ class Ollama:
     async def generate(self, scope: dict[str, Any], receive: Receive, send: Send, req: dict[str, Any]) -> None:
         model, server = self._server(scope, req.get("model"))
         if not req.get("prompt") and not req.get("images"):
-            return await self._load_only(send, model, server, req, generate=True)
+            return await self._load_only(scope, send, model, server, req, generate=True)
         stream = req.get("stream", True) is not False
         path, body = generate_body(req, model, stream)
         await self._infer(scope, receive, send, path, body, Translation(model, True, time.monotonic()), stream)
@@ -464,11 +467,22 @@ class Ollama:
         data = await self._whole(scope, receive, "/v1/embeddings", body)
         await send_json(send, 200, {"embedding": vectors(data)[0]})
 
-    async def _load_only(self, send: Send, model: str, server: str, req: dict[str, Any], generate: bool) -> None:
-        """An empty prompt loads the model (keep_alive 0: unloads it), as Ollama does."""
+    async def _load_only(self, scope: dict[str, Any], send: Send, model: str, server: str, req: dict[str, Any],
+                         generate: bool) -> None:
+        """An empty prompt loads the model (keep_alive 0: unloads it), as Ollama does: within the key's limits."""
         unload = req.get("keep_alive") in (0, "0", "0s")
+        caller = self.gw.caller_of(scope)
         if self.gw.loader.manages(server):
-            await (self.gw.unload(server) if unload else self.gw.load(server))
+            try:
+                await (self.gw.unload(server, caller) if unload else self.gw.load(server, caller))
+            except StarletteHTTPException as e:
+                raise Problem(e.status_code, str(e.detail)) from None
+        else:
+            try:
+                with self.gw.proxy.limited(caller):
+                    pass  # counted as a request, as Ollama's load is one
+            except OverLimit as e:
+                raise Problem(429, str(e)) from None
         line = Translation(model, generate, time.monotonic())._line("", done=True)
         await send_json(send, 200, line | {"done_reason": "unload" if unload else "load"})
 

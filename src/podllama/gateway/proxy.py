@@ -19,11 +19,12 @@ client's address as the gateway saw it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
@@ -345,18 +346,25 @@ class Proxy:
         if why is not None:
             self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), spool)
             return await send_error(send, 403, why)
-        use = None
-        if caller.key is not None:
-            try:
-                use = self.quota.admit(caller.key)
-            except OverLimit as e:
-                self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), spool)
-                return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
         try:
-            await self._load_and_forward(scope, receive, send, server, endpoint, target, spool, caller, use)
+            with self.limited(caller) as use:
+                await self._load_and_forward(scope, receive, send, server, endpoint, target, spool, caller, use)
+        except OverLimit as e:
+            self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), spool)
+            return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
+
+    @contextlib.contextmanager
+    def limited(self, caller: Caller) -> Iterator[Use | None]:
+        """A request of CALLER's within its key's limits (rpm, tpm, concurrency), counted until the block ends;
+        OverLimit when it is not. Every route that reaches a server goes through here."""
+        if caller.key is None:
+            yield None
+            return
+        use = self.quota.admit(caller.key)
+        try:
+            yield use
         finally:
-            if caller.key is not None:
-                self.quota.done(caller.key, use)
+            self.quota.done(caller.key, use)
 
     async def _load_and_forward(self, scope: dict[str, Any], receive: Receive, send: Send, server: str,
                                 endpoint: str, target: bytes, spool: bodies.Spool | None, caller: Caller,
