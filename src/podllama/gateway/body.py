@@ -205,6 +205,18 @@ def too_large(limit: int, setting: str) -> str:
     return f"request body over {size} ({setting})"
 
 
+def refused_by_head(headers: list[tuple[bytes, bytes]], limit: int, setting: str = "[gateway] max_body_mb"
+                    ) -> tuple[int, str] | None:
+    """(status, why) when a request's headers already refuse its body — longer than LIMIT, or compressed (it
+    would be inflated past every limit by whoever reads it) — so it is answered before a byte is read."""
+    for k, v in headers:
+        if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+            return 413, too_large(limit, setting)
+        if k == b"content-encoding" and v.strip().lower() != b"identity":
+            return 415, "request bodies are taken uncompressed (no Content-Encoding)"
+    return None
+
+
 class Spool:
     """A request body received whole before anything goes upstream (nginx's proxy_request_buffering): in
     memory up to SPOOL_MEMORY bytes, then in an unnamed temporary file. It can be sent any number of times (a

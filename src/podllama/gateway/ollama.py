@@ -358,6 +358,9 @@ class Ollama:
                             f"(e.g. {ADMIN_PREFIX}{path.removeprefix(PREFIX)}); GET /help lists every endpoint")
 
     async def _body(self, scope: dict[str, Any], receive: Receive) -> dict[str, Any]:
+        refusal = bodies.refused_by_head(scope["headers"], self.gw.proxy.max_body)
+        if refusal is not None:
+            raise Problem(*refusal)
         try:
             raw = await bodies.read_all(receive, self.gw.proxy.max_body)
         except UpstreamError as e:

@@ -59,6 +59,7 @@ _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
 LOG_BODY = 64 * 1024  # bytes of each body the request log keeps, with [gateway] log_bodies
 T = TypeVar("T")
+CLOSE = [(b"connection", b"close")]  # on a refusal before the body was read: it never will be
 ANSWERS = {ep.name: ep.answer for ep in ENDPOINTS}  # endpoint → the shape of its answer (where its tokens are)
 
 
@@ -157,15 +158,12 @@ class Proxy:
         if target is None:
             return await send_error(send, 400, "the request path or query holds control characters or spaces")
         query = parse_qs(scope["query_string"].decode("latin-1")) if scope["query_string"] else {}
-        ok, spool = await self._receive(scope, receive, send)
+        ok, spool, data = await self._receive(scope, receive, send)
         if not ok:
             return
         try:
             ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             body = spool.data() if spool is not None and spool.in_memory else b""
-            data, problem = bodies.read_json(body) if body and b"json" in ctype else (None, None)
-            if problem is not None:  # nested deeper than the gateway lets through
-                return await send_error(send, problem.status, str(problem))
             caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
             if ep.scope == "server":
                 server, why = self._server_scoped(ep, query, caller, data)
@@ -209,7 +207,7 @@ class Proxy:
                 return await send_error(send, 404, f"server '{name}' runs {server.kind.program}: through "
                                                    f"/servers/{name}/ only /health and the routes of role "
                                                    f"'{server.role}' in /help")
-        ok, spool = await self._receive(scope, receive, send)
+        ok, spool, _ = await self._receive(scope, receive, send)
         if not ok:
             return
         try:
@@ -307,23 +305,32 @@ class Proxy:
 
     # -- request body -------------------------------------------------------------------------------------
     async def _receive(self, scope: dict[str, Any], receive: Receive, send: Send
-                       ) -> tuple[bool, bodies.Spool | None]:
-        """(True, the whole body) before anything else — (True, None) when the request has none; (False, None)
-        when the client left or an error was answered (too large: by its Content-Length before a byte is read;
-        too slow: server.py)."""
+                       ) -> tuple[bool, bodies.Spool | None, Any]:
+        """(True, the whole body, its JSON value when it was cheap to read) before anything else — (True, None,
+        None) when the request has none; (False, None, None) when the client left or an error was answered: too
+        large or compressed (by its head, before a byte is read), too slow (server.py), JSON nested deeper than
+        the gateway lets through."""
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
         if (length is None or length == b"0") and not chunked:
-            return True, None
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await send_error(send, 413, bodies.too_large(self.max_body, "[gateway] max_body_mb"))
-            return False, None
+            return True, None, None
+        refusal = bodies.refused_by_head(scope["headers"], self.max_body)
+        if refusal is not None:
+            await send_error(send, *refusal, None, CLOSE)
+            return False, None, None
         try:
-            return True, await bodies.receive_whole(receive, self.max_body)
+            spool = await bodies.receive_whole(receive, self.max_body)
         except UpstreamError as e:
             if e.status != 499:
                 await send_error(send, e.status, str(e))
-            return False, None
+            return False, None, None
+        ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        data, problem = bodies.read_json(spool.data()) if spool.in_memory and b"json" in ctype else (None, None)
+        if problem is not None:
+            spool.close()
+            await send_error(send, problem.status, str(problem))
+            return False, None, None
+        return True, spool, data
 
     # -- forwarding ---------------------------------------------------------------------------------------
     def _upstream_headers(self, scope: dict[str, Any], server: str) -> list[tuple[bytes, bytes]]:
