@@ -4,6 +4,7 @@ with the token counts the server reported; the database itself (migrations, URLs
 
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 import time
@@ -237,3 +238,28 @@ def test_a_database_that_fails_loses_no_request_and_no_row(gateway, upstream):
         blocker.close()
     assert wait_until(lambda: gw.gw.requests.written == 20, 20)
     assert gw.gw.requests.dropped == 0 and gw.gw.requests.error is None
+
+
+def test_switching_api_does_not_dodge_a_token_limit(gateway, upstream):
+    """Anthropic's, the Responses API's and a compressed answer's tokens count against tpm as chat's do."""
+    upstream.on("/v1/messages", usage_reply({"type": "message", "usage": {"input_tokens": 3, "output_tokens": 5}}))
+    upstream.on("/v1/responses", usage_reply({"object": "response", "usage": {"input_tokens": 3, "output_tokens": 5}}))
+
+    async def compressed(ex) -> None:
+        body = gzip.compress(json.dumps(USAGE).encode())
+        ex.writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                        b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        await ex.writer.drain()
+
+    upstream.on("/v1/chat/completions", compressed)
+    gw = gateway()
+    h = key(gw, "switcher", tpm=40)
+    assert gw.post("/v1/messages", json=CHAT, headers=h).status_code == 200
+    assert gw.post("/v1/responses", json=CHAT, headers=h).status_code == 200
+    assert gw.post("/v1/chat/completions", json=CHAT, headers=h).status_code == 200  # 18 more: 34 in all
+    r = gw.post("/v1/messages", json=CHAT, headers=h)
+    assert r.status_code == 200
+    r = gw.post("/v1/messages", json=CHAT, headers=h)  # 42 used, 40 allowed
+    assert r.status_code == 429 and "42 tokens" in r.json()["error"]["message"], r.text
+    text = gw.get("/metrics", headers=gw.admin).text
+    assert 'podllama_tokens_total{key="switcher",model="tiny-chat",type="prompt"} 20' in text, text

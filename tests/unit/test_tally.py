@@ -3,10 +3,14 @@ never a number the model wrote; the limits' windows on a clock of the test's own
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
 
 from podllama.gateway.quota import OverLimit, Quota
-from podllama.gateway.tally import TAIL, Tally
+from podllama.gateway.routes import ENDPOINTS
+from podllama.gateway.tally import DECODE_LIMIT, READERS, TAIL, Tally
 from podllama.keys import Key
 
 
@@ -71,3 +75,75 @@ def test_limits_slide_with_the_clock():
     q.seed([("key_2", now[0] - 5, 10), ("key_2", now[0] - 90, 10)])
     assert len(q.windows["key_2"].uses) == 1  # only the last minute
     assert q.admit(Key("key_3", "free", "pk-")) is None  # no limits: nothing counted
+
+
+# -- one reader per answer shape, chosen from the route table -------------------------------------------------------
+def sse_of(*payloads: dict, done: bool = True) -> bytes:
+    return b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads) + (b"data: [DONE]\n\n" if done else b"")
+
+
+FILLER = [{"choices": [{"delta": {"content": "x" * 200}}]}] * 200  # pushes the start of a stream out of the tail
+# answer shape → (a whole answer, a streamed answer), each reporting 3 prompt and 5 completion tokens as its
+# server does
+SAMPLES: dict[str, tuple[bytes, bytes]] = {
+    "openai": (json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}).encode(),
+               sse_of(*FILLER, {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}})),
+    "anthropic": (json.dumps({"type": "message", "usage": {"input_tokens": 3, "output_tokens": 5}}).encode(),
+                  sse_of({"type": "message_start", "message": {"usage": {"input_tokens": 3, "output_tokens": 1}}},
+                         *FILLER, {"type": "message_delta", "usage": {"output_tokens": 5}}, done=False)),
+    "responses": (json.dumps({"object": "response", "usage": {"input_tokens": 3, "output_tokens": 5}}).encode(),
+                  sse_of(*FILLER, {"type": "response.completed", "response": {
+                      "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}}}, done=False)),
+    "native": (json.dumps({"content": "x", "tokens_evaluated": 3, "tokens_predicted": 5}).encode(),
+               sse_of(*FILLER, {"content": "", "stop": True, "tokens_evaluated": 3, "tokens_predicted": 5})),
+    "embedding": (json.dumps({"data": [], "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode(), b""),
+    "rerank": (json.dumps({"results": [], "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode(), b""),
+}
+EXPECTED = {"embedding": (3, None), "rerank": (3, None)}
+
+
+def test_every_route_that_makes_tokens_has_a_reader():
+    """Walks the route table: a route whose server generates or embeds must name an answer shape whose reader
+    finds that shape's counts, whole and streamed; a new such route without one fails here."""
+    for ep in ENDPOINTS:
+        assert ep.answer in READERS, (ep.name, ep.answer)
+        # generation (a route that can stream text), embeddings and rerank are where tokens are made and billed
+        makes_tokens = ep.scope == "model" and (ep.capability in ("embedding", "rerank") or (
+            ep.streams and ep.capability in ("generate", "infill")))
+        if makes_tokens:
+            assert READERS[ep.answer], f"{ep.name}: its answers carry tokens but its shape '{ep.answer}' reads none"
+            assert ep.answer in SAMPLES, f"{ep.name}: no sample answer of shape '{ep.answer}' to check its reader"
+    for shape, (whole, streamed) in SAMPLES.items():
+        want = EXPECTED.get(shape, (3, 5))
+        t = Tally(shape=shape)
+        t.feed(whole)
+        assert t.tokens(sse=False) == want, (shape, "whole")
+        if streamed:
+            for piece in (7, 1000):
+                t = fed_shape(streamed, piece, shape)
+                assert t.tokens(sse=True) == want, (shape, "streamed", piece)
+
+
+def fed_shape(data: bytes, piece: int, shape: str, headers: list | None = None) -> Tally:
+    t = Tally(shape=shape)
+    t.begin(headers or [(b"content-type", b"text/event-stream")])
+    for i in range(0, len(data), piece):
+        t.feed(data[i:i + piece])
+    return t
+
+
+def test_a_compressed_answer_is_counted():
+    whole, streamed = SAMPLES["openai"]
+    t = fed_shape(gzip.compress(streamed), 50, "openai", [(b"content-type", b"text/event-stream"),
+                                                          (b"content-encoding", b"gzip")])
+    assert t.tokens() == (3, 5)
+    bomb = gzip.compress(b"0" * (DECODE_LIMIT + 1000))
+    t = fed_shape(bomb, 1 << 16, "openai", [(b"content-encoding", b"gzip")])
+    assert t.tokens() == (None, None), "past the decode limit nothing more is read"
+
+
+def test_image_speech_and_count_answers_report_no_tokens():
+    for shape in ("image", "speech", "transcription", "count", "none"):
+        t = Tally(shape=shape)
+        t.feed(json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 9}}).encode())
+        assert t.tokens(sse=False) == (None, None), shape
