@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from podllama.doctor import service_log
-from tests.helpers import flood_headers, stack_name
+from tests.helpers import flood_headers, stack_name, wait_until
 from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, free_port
 
 STACK = stack_name("ptatk")
@@ -210,3 +210,138 @@ def test_the_gateway_follows_the_config_and_the_keys_given_to_start(podman, mode
         assert "sk-given-to-start" not in json.dumps(podman.inspect(f"{sf.name}-gateway").raw)
     finally:
         sf.run("down", check=False)
+
+
+# -- the front's mechanisms, one real-stack test per class (docs/security.md, "The front") ---------------------------
+def pinging(url: str) -> tuple[list[float], threading.Event, threading.Thread]:
+    """/health asked in a loop, each answer's time noted, until the event is set."""
+    times: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            httpx.get(f"{url}/health", timeout=30)
+            times.append(time.monotonic() - t0)
+
+    thread = threading.Thread(target=ping)
+    thread.start()
+    return times, stop, thread
+
+
+def test_hostile_json_is_a_clear_4xx_and_never_stalls_the_gateway(stack):
+    times, stop, pinger = pinging(stack.url)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, headers in (("/v1/chat/completions", {}), ("/completion", {}), ("/api/chat", {}),
+                          ("/admin/config", stack.admin)):
+        method = "PUT" if path == "/admin/config" else "POST"
+        r = httpx.request(method, stack.url + path, content=deep, timeout=30,
+                          headers=headers | {"Content-Type": "application/json"})
+        assert r.status_code == 400 and "nests deeper" in r.text, (path, r.status_code, r.text[:200])
+    wide = json.dumps({"model": "chat", "messages": [{"role": "user", "content": [1] * 4_000_000}]}).encode()
+    r = httpx.post(f"{stack.url}/api/chat", content=wide, timeout=60)  # 12 MB of tiny elements
+    assert r.status_code == 413 and "elements" in r.text
+    tags = json.dumps({"prompt": "<sd_cpp_extra_args>" * 200_000}).encode()
+    assert httpx.post(f"{stack.url}/v1/images/generations", content=tags, timeout=30).status_code == 501
+    stop.set()
+    pinger.join()
+    assert times and max(times) < 0.5, f"/health took up to {max(times) * 1000:.0f} ms"
+    lag = httpx.get(f"{stack.url}/metrics").text
+    worst = float(next(line.split()[-1] for line in lag.splitlines()
+                       if line.startswith("podllama_event_loop_lag_max_seconds")))
+    assert worst < 0.25, f"the gateway's loop stalled for {worst * 1000:.0f} ms"
+    assert httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+
+
+def test_trickling_bodies_never_reach_a_server_and_are_cut_off(stack):
+    socks = []
+    for _ in range(48):
+        sock = socket.create_connection(("127.0.0.1", stack.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")
+        socks.append(sock)
+    t0 = time.monotonic()
+    assert httpx.get(f"{stack.url}/props", timeout=10).status_code == 200  # routed to the chat server
+    assert httpx.get(f"{stack.url}/servers/chat/health", timeout=10).status_code == 200
+    assert time.monotonic() - t0 < 3
+    answers = []
+    for sock in socks:  # one byte every 2 s is under min_body_rate: each is refused once body_grace is over
+        sock.settimeout(20)
+        deadline = time.monotonic() + 20
+        answer = b""
+        while not answer and time.monotonic() < deadline:
+            try:
+                sock.sendall(b" ")
+                sock.settimeout(0.5)
+                answer = sock.recv(200)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        answers.append(answer)
+        sock.close()
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:40] for a in answers if not a.startswith(
+        b"HTTP/1.1 408")][:3]
+
+
+def test_clients_that_never_read_do_not_hold_a_server(stack):
+    body = json.dumps({"input": ["hello there"] * 2000}).encode()  # about 2.5 MB of vectors back
+    socks = []
+    for _ in range(12):
+        sock = socket.create_connection(("127.0.0.1", stack.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        socks.append(sock)
+    try:
+        # the answers were read from the server into the clients' outboxes: the server answers others at once
+        def free() -> bool:
+            t0 = time.monotonic()
+            ok = httpx.get(f"{stack.url}/props?server=embed", timeout=10).status_code == 200
+            return ok and time.monotonic() - t0 < 1
+
+        assert wait_until(free, timeout=60)
+        r = httpx.post(f"{stack.url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_every_generating_api_counts_its_tokens_on_a_real_server(stack):
+    def counted() -> int:
+        text = httpx.get(f"{stack.url}/metrics").text
+        return sum(int(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("podllama_tokens_total{") and 'type="completion"' in line)
+
+    for path, body in (("/v1/messages", {"model": "chat", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "x"}]}), ("/v1/responses", {"model": "chat", "input": "x",
+                                                                     "max_output_tokens": 3}),
+            ("/v1/chat/completions", CHAT | {"max_tokens": 3})):
+        before = counted()
+        r = httpx.post(stack.url + path, json=body, headers={"Accept-Encoding": "gzip"}, timeout=60)
+        assert r.status_code == 200, (path, r.text[:300])
+        usage = r.json()["usage"]
+        reported = usage.get("output_tokens", usage.get("completion_tokens"))
+        assert reported and counted() - before == reported, (path, usage)
+
+
+def test_the_gateways_metrics_carry_what_prometheus_clients_expect(stack):
+    r = httpx.get(f"{stack.url}/metrics")
+    assert r.status_code == 200 and int(r.headers["process-start-time-unix"]) > 1_700_000_000
+    assert "podllama_event_loop_lag_seconds_bucket" in r.text
+    own = httpx.get(f"{stack.url}/metrics?server=chat")
+    assert own.status_code == 200 and "llamacpp:" in own.text and "process-start-time-unix" in own.headers
+
+
+def test_a_scoped_key_sees_only_its_own(stack):
+    """Last in this module: once a database key exists, inference needs a key."""
+    made = json.loads(stack.run("keys", "create", "embed-only", "--roles", "embedding", "--json").stdout)
+    scoped = {"Authorization": f"Bearer {made['key']}"}
+
+    assert wait_until(lambda: httpx.get(f"{stack.url}/v1/models", headers=scoped).status_code == 200, 10)
+    assert httpx.post(f"{stack.url}/v1/embeddings", json={"input": "x"}, headers=scoped).status_code == 200
+    for path in ("/v1/models", "/metrics", "/help", "/servers/nope/x"):
+        text = httpx.get(stack.url + path, headers=scoped).text
+        assert "'chat'" not in text and '"chat"' not in text and 'server="chat"' not in text, (path, text[:300])
+    assert 'server="chat"' in httpx.get(f"{stack.url}/metrics", headers=stack.admin).text
