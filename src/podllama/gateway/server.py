@@ -96,9 +96,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().resume_writing()
 
     def _stop_send_watch(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send_timer = _cancel(self._send_timer)
 
     def abort(self) -> None:
         """Close the connection at once, whatever is still unsent (a client that stopped reading)."""
@@ -110,9 +108,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(self.limits.header_timeout, self._too_slow)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_timer = _cancel(self._head_timer)
 
     def _too_slow(self) -> None:
         self._head_timer = None
@@ -176,9 +172,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _stop_body_watch(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._body_timer = _cancel(self._body_timer)
 
     def _check_body(self) -> None:
         """A request body still pending: cut it off when the client has sent nothing for body_timeout, or has
@@ -233,6 +227,13 @@ class LimitedProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%b" % (status, reason, len(body), body))
         self.transport.close()
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancel TIMER if there is one; returns None, for `self.x = _cancel(self.x)`."""
+    if timer is not None:
+        timer.cancel()
+    return None
 
 
 def config(app: Any, host: str, port: int, limits: Limits) -> uvicorn.Config:
