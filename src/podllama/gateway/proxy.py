@@ -173,7 +173,10 @@ class Proxy:
                 if spool is not None and ep.image_limits and (problem_text := await bodies.image_problem(
                         ctype, spool.whole(), self.max_images, self.max_image_side)):
                     return await send_error(send, 400, problem_text)
-                if spool is not None and ep.body_model and model is None:
+                # the model a body names decides; a large body (in a file) is read back only when several
+                # servers could take it and only the body can tell which
+                if spool is not None and ep.body_model and model is None and (
+                        spool.in_memory or len(self.registry.servers_with_role(ep.roles)) > 1):
                     whole = body or spool.whole()
                     if b'"model"' in whole or b'name="model"' in whole or (
                             ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
