@@ -15,9 +15,12 @@ Part 2 — what the gateway itself costs: `own` and `aiohttp` in front of a fast
 (bench/fakeupstream.py), CPU seconds of the gateway process per request (keep-alive clients, concurrency 16)
 and per streamed token (16 streams of 200 events).
 
+With --before REV, the *aiohttp* column becomes *before*: the same gateway process from a checkout of REV
+(podllama's own client), so a change is measured against what it changed, in the same run.
+
 Writes bench/RESULTS.md and bench/results.json.
 
-Usage: bench/gateway.py [--seconds 5] [--rounds 3] [--base local]
+Usage: bench/gateway.py [--seconds 5] [--rounds 3] [--base local] [--before REV]
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ CHAT = {"messages": [{"role": "user", "content": "Write a long story about a gat
 SMALL = {"messages": [{"role": "user", "content": "Hello, gateway! How fast are you today?"}], "max_tokens": 1}
 CELLS = [("small", 1), ("small", 16), ("stream", 1), ("stream", 16), ("stream", 64)]
 TARGETS = {("small", 1): 0.95, ("small", 16): 0.95, ("stream", 1): 0.95, ("stream", 16): 1.0, ("stream", 64): 1.0}
-PORTS = {"gateway": 18900, "own": 18911, "aiohttp": 18912, "fake": 18920, "own-fake": 18921, "aiohttp-fake": 18922}
+PORTS = {"gateway": 18900, "own": 18911, "aiohttp": 18912, "before": 18913, "fake": 18920, "own-fake": 18921,
+         "aiohttp-fake": 18922, "before-fake": 18923}
 
 
 def podllama(*args: str, cfg: Path) -> str:
@@ -83,13 +87,23 @@ args = {{ parallel = 4 }}
     return cfg
 
 
-def spawn(*argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def spawn(*argv: str, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def gateway_proc(cfg: Path, port: int, client: str, upstream: str | None = None) -> subprocess.Popen[bytes]:
+def gateway_proc(cfg: Path, port: int, client: str, upstream: str | None = None, root: Path = ROOT
+                 ) -> subprocess.Popen[bytes]:
+    """A gateway process from the checkout at ROOT (this one, or --before's)."""
     return spawn("bench/gatewayproc.py", "--config", str(cfg), "--port", str(port), "--client", client,
-                 *(["--upstream", upstream] if upstream else []))
+                 *(["--upstream", upstream] if upstream else []), cwd=root)
+
+
+def checkout(rev: str, work: Path) -> Path:
+    """A worktree of REV (for --before), removed with the benchmark's work directory."""
+    where = work / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True,
+                   capture_output=True)
+    return where
 
 
 def wait_up(url: str, timeout: float = 30) -> None:
@@ -228,7 +242,7 @@ async def measure_cpu(urls: dict[str, tuple[str, int]], rounds: int, requests: i
 
 
 # -- report -------------------------------------------------------------------------------------------------------
-def summarize(results: dict, cpu: dict, seconds: float, rounds: int, note: str) -> str:
+def summarize(results: dict, cpu: dict, seconds: float, rounds: int, note: str, other: str = "aiohttp") -> str:
     def med(kind: str, conc: int, target: str, key: str) -> float:
         return statistics.median(x[key] for x in results[(kind, conc, target)])
 
@@ -249,7 +263,7 @@ def summarize(results: dict, cpu: dict, seconds: float, rounds: int, note: str) 
         "of the peer measurements). Load: aiohttp in one process, "
         "a new connection per request. Cells interleaved round by round, the order rotating; medians; each ratio "
         "is against *direct* in the same cell (the rounds' range in brackets).", "",
-        "| workload | conc | direct | gateway (ratio) | own (ratio) | aiohttp (ratio) | gateway added p50 | "
+        f"| workload | conc | direct | gateway (ratio) | own (ratio) | {other} (ratio) | gateway added p50 | "
         "target | met |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -257,7 +271,7 @@ def summarize(results: dict, cpu: dict, seconds: float, rounds: int, note: str) 
     for kind, conc in CELLS:
         d = med(kind, conc, "direct", "rate")
         cells = []
-        for target in ("gateway", "own", "aiohttp"):
+        for target in ("gateway", "own", other):
             g = med(kind, conc, target, "rate")
             cells.append(f"{g:,.1f} ({g / d:.3f}×{spread(kind, conc, target)})")
         ratio = med(kind, conc, "gateway", "rate") / d
@@ -291,8 +305,11 @@ def main() -> None:
     p.add_argument("--base", default=os.environ.get("PODLLAMA_BASE", "local"))
     p.add_argument("--keep", action="store_true", help="leave the stack running")
     p.add_argument("--note", default="")
+    p.add_argument("--before", metavar="REV", help="compare with the gateway at this commit instead of aiohttp's client")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="podllama-bench-"))
+    other, before = ("before", checkout(args.before, work)) if args.before else ("aiohttp", ROOT)
+    client = "own" if args.before else "aiohttp"
     cfg = make_stack(work, args.base)
     print("starting the stack …", flush=True)
     podllama("start", cfg=cfg)
@@ -302,10 +319,10 @@ def main() -> None:
         info = get_engine(c.stack.engine).inspect("plbench-chat-1")
         assert info is not None and info.ip
         key = {"Authorization": f"Bearer {Credentials(c.state_path).server_key()}"}
-        procs += [gateway_proc(cfg, PORTS["own"], "own"), gateway_proc(cfg, PORTS["aiohttp"], "aiohttp")]
+        procs += [gateway_proc(cfg, PORTS["own"], "own"), gateway_proc(cfg, PORTS[other], client, root=before)]
         targets = {"direct": (f"http://{info.ip}:8080", key)} | {
-            name: (f"http://127.0.0.1:{PORTS[name]}", {}) for name in ("gateway", "own", "aiohttp")}
-        for name in ("own", "aiohttp"):
+            name: (f"http://127.0.0.1:{PORTS[name]}", {}) for name in ("gateway", "own", other)}
+        for name in ("own", other):
             wait_up(targets[name][0])
         results = asyncio.run(measure(targets, args.seconds, args.rounds))
         for proc in procs:
@@ -313,13 +330,13 @@ def main() -> None:
         procs += [spawn("bench/fakeupstream.py", str(PORTS["fake"]))]
         fake = f"127.0.0.1:{PORTS['fake']}"
         procs += [gateway_proc(cfg, PORTS["own-fake"], "own", fake),
-                  gateway_proc(cfg, PORTS["aiohttp-fake"], "aiohttp", fake)]
+                  gateway_proc(cfg, PORTS[f"{other}-fake"], client, fake, root=before)]
         urls = {name: (f"http://127.0.0.1:{PORTS[name]}", procs[-2 + i].pid)
-                for i, name in enumerate(("own-fake", "aiohttp-fake"))}
+                for i, name in enumerate(("own-fake", f"{other}-fake"))}
         for url, _ in urls.values():
             wait_up(url)
         cpu = asyncio.run(measure_cpu(urls, args.rounds, args.cpu_requests, args.cpu_streams))
-        text = summarize(results, cpu, args.seconds, args.rounds, args.note)
+        text = summarize(results, cpu, args.seconds, args.rounds, args.note, other)
         (ROOT / "bench" / "RESULTS.md").write_text(text)
         (ROOT / "bench" / "results.json").write_text(json.dumps(
             {"requests": {f"{k}|{c}|{t}": v for (k, c, t), v in results.items()}, "cpu": cpu}, indent=1))
@@ -329,6 +346,8 @@ def main() -> None:
             proc.terminate()
         if not args.keep:
             podllama("down", cfg=cfg)
+        if args.before:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
 
 
 if __name__ == "__main__":
