@@ -8,6 +8,7 @@ constants: JSON up to EXACT_LIMIT is read by jsonbody.loads (capped in elements 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import tempfile
@@ -130,7 +131,7 @@ def extra_args(prompt: str) -> str | None:
     return prompt[start + len(EXTRA_OPEN):end] if end != -1 else None
 
 
-async def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: int) -> str | None:
+def image_problem(content_type: bytes, body: bytes, max_images: int, max_side: int) -> str | None:
     """What in an image request (OpenAI `n` and `size`, AUTOMATIC1111 `batch_size`, `width`, `height` and
     hires sizes, and the `<sd_cpp_extra_args>` a prompt may carry) is over the gateway's limits or not a whole
     number; None when it is within them or is not readable (sd-server answers that itself)."""
@@ -139,7 +140,7 @@ async def image_problem(content_type: bytes, body: bytes, max_images: int, max_s
                                   if (v := multipart_field(content_type, body, k.encode(), limit=65536)) is not None}
     else:
         try:
-            fields = await jsonbody.parse(body)
+            fields = jsonbody.loads(body)
         except jsonbody.JsonProblem as e:
             return None if e.status == 400 and "not JSON" in str(e) else str(e)  # sd-server says what is wrong
         if not isinstance(fields, dict):
@@ -193,6 +194,58 @@ def _whole(value: Any) -> int | None:
     return None
 
 
+# -- the same questions of a body received whole (body.Spool), without holding the event loop ---------------------
+OVERLAP = 1024  # bytes two scanned pieces share: longer than any match of _MODEL or _MEDIA_TYPE
+
+
+def image_problem_file(path: str, content_type: bytes, max_images: int, max_side: int) -> str | None:
+    """image_problem of the body in the file at PATH (run in the worker process: the file is read there)."""
+    with open(path, "rb") as f:
+        return image_problem(content_type, f.read(), max_images, max_side)
+
+
+async def image_problem_of(content_type: bytes, spool: Spool, max_images: int, max_side: int) -> str | None:
+    """image_problem of a received body: here when it is in memory, in the worker process when it is in a file
+    (a multipart form's fields are looked for in its first and last MiB: they are small, the image is not)."""
+    if spool.in_memory:
+        return image_problem(content_type, spool.data(), max_images, max_side)
+    if content_type.startswith(b"multipart/form-data"):
+        return image_problem(content_type, spool.head(), max_images, max_side) or image_problem(
+            content_type, _from_delimiter(content_type, spool.tail()), max_images, max_side)
+    path = spool.path
+    assert path is not None
+    return await jsonbody.offload(image_problem_file, path, content_type, max_images, max_side)
+
+
+def _from_delimiter(content_type: bytes, data: bytes) -> bytes:
+    """DATA from its first multipart delimiter on (a tail cut from the middle of a form)."""
+    m = _BOUNDARY.search(content_type)
+    at = data.find(b"\r\n--" + m.group(1)) if m else -1
+    return data[at + 2:] if at != -1 else b""
+
+
+async def inspect_spool(content_type: bytes, spool: Spool, multimodal: bool, data: Any = None
+                        ) -> tuple[str | None, str | None]:
+    """inspect() of a received body; one in a file is read a piece at a time, the loop free between pieces."""
+    if spool.in_memory:
+        return inspect(content_type, spool.data(), multimodal, data)
+    if content_type.startswith(b"multipart/form-data"):
+        model = multipart_field(content_type, spool.head(), b"model") or multipart_field(
+            content_type, _from_delimiter(content_type, spool.tail()), b"model")
+        return model, None
+    model, kinds, carry = None, set(), b""
+    for piece in spool.pieces():
+        window = carry + piece
+        if model is None:
+            found, _ = _scan(window, False)
+            model = found
+        if multimodal:
+            kinds |= {_MEDIA[k.decode()] for k in _MEDIA_TYPE.findall(window)}
+        carry = window[-OVERLAP:]
+        await asyncio.sleep(0)
+    return model, "audio" if "audio" in kinds else "vision" if kinds else None
+
+
 # -- receiving a request body whole, within limits ---------------------------------------------------------------
 # (a body that stalls or trickles is cut off by the server protocol: gateway/server.py, body_timeout and
 # min_body_rate)
@@ -219,40 +272,71 @@ def refused_by_head(headers: list[tuple[bytes, bytes]], limit: int, setting: str
 
 class Spool:
     """A request body received whole before anything goes upstream (nginx's proxy_request_buffering): in
-    memory up to SPOOL_MEMORY bytes, then in an unnamed temporary file. It can be sent any number of times (a
-    retry sends it again) and is gone with close()."""
+    memory up to SPOOL_MEMORY bytes (kept as the pieces that came: a body of one piece is never copied), then in
+    a temporary file (mode 0600, removed with close(); named, so the gateway's worker process can read it). It
+    can be sent any number of times (a retry sends it again)."""
 
     def __init__(self, memory: int = SPOOL_MEMORY) -> None:
         self.memory = memory
-        self.head = bytearray()
+        self.parts: list[bytes] = []
         self.file: IO[bytes] | None = None
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.file is None and len(self.head) + len(chunk) <= self.memory:
-            self.head += chunk
+        if self.file is None and self.size + len(chunk) <= self.memory:
+            self.size += len(chunk)
+            if chunk:
+                self.parts.append(chunk)
             return
         if self.file is None:
-            self.file = tempfile.TemporaryFile(prefix="podllama-body-")
+            self.file = tempfile.NamedTemporaryFile(prefix="podllama-body-")
+            self.file.write(b"".join(self.parts))
+            self.parts = []
+        self.size += len(chunk)
         self.file.write(chunk)
 
     @property
     def in_memory(self) -> bool:
         return self.file is None
 
+    @property
+    def path(self) -> str | None:
+        """The file holding the body (flushed), when it is not in memory."""
+        if self.file is None:
+            return None
+        self.file.flush()
+        return self.file.name
+
     def data(self) -> bytes:
-        """The whole body, when it is in memory; else its first SPOOL_MEMORY bytes."""
-        return bytes(self.head)
+        """The whole body, when it is in memory (b"" when it is in the file)."""
+        if len(self.parts) > 1:
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0] if self.parts else b""
 
     def pieces(self) -> Iterator[bytes]:
-        if self.head:
-            yield bytes(self.head)
-        if self.file is not None:
-            self.file.flush()
-            self.file.seek(0)
-            while piece := self.file.read(PIECE):
-                yield piece
+        if self.file is None:
+            yield self.data()
+            return
+        self.file.flush()
+        self.file.seek(0)
+        while piece := self.file.read(PIECE):
+            yield piece
+
+    def head(self, size: int = SPOOL_MEMORY) -> bytes:
+        """The first SIZE bytes."""
+        if self.file is None:
+            return self.data()[:size]
+        self.file.flush()
+        self.file.seek(0)
+        return self.file.read(size)
+
+    def tail(self, size: int = SPOOL_MEMORY) -> bytes:
+        """The last SIZE bytes."""
+        if self.file is None:
+            return self.data()[-size:]
+        self.file.flush()
+        self.file.seek(max(0, self.size - size))
+        return self.file.read(size)
 
     def whole(self) -> bytes:
         """Everything, read back into memory (for the few readers that need all of a large body)."""
@@ -290,6 +374,23 @@ async def read_all(receive: Receive, limit: int, setting: str = "[gateway] max_b
         return spool.whole()
     finally:
         spool.close()
+
+
+def replay_pieces(pieces: Iterator[bytes], receive: Receive) -> Receive:
+    """A `receive` that gives PIECES as the body, one message each (the event loop free between them), then
+    hands on to RECEIVE."""
+    pending = iter(pieces)
+    queued = next(pending, None)
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal queued
+        if queued is None:
+            return await receive()
+        piece, queued = queued, next(pending, None)
+        await asyncio.sleep(0)
+        return {"type": "http.request", "body": piece, "more_body": queued is not None}
+
+    return replayed
 
 
 def replay(data: bytes, receive: Receive) -> Receive:

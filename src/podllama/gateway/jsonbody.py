@@ -8,21 +8,29 @@ Three limits make every parse cheap or refused:
   strings, which cost little per byte.
 - **depth**: more than MAX_DEPTH levels → 400 (never a RecursionError, never a 500).
 - **size**: bodies up to ON_LOOP bytes are parsed on the event loop (under ~5 ms); bigger ones, which can
-  only be a few long strings after the element check, in a worker process, whose answer comes back as a copy
-  of those few strings.
+  only be a few long strings after the element check, in a worker process. What must be read whole there
+  (Ollama's requests) comes back thinned (Slim): its long strings stay in a file and are spliced back into the
+  JSON made from it, a piece at a time, so no big string is ever made or copied on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
-from typing import Any
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 MAX_ELEMENTS = 50_000
 MAX_DEPTH = 64
 ON_LOOP = 1 << 20
+T = TypeVar("T")
 
 
 class JsonProblem(ValueError):
@@ -81,10 +89,86 @@ def _worker() -> concurrent.futures.ProcessPoolExecutor:
     return _pool
 
 
+async def offload(fn: Callable[..., T], *args: Any) -> T:
+    """FN(*ARGS) in the gateway's worker process (FN a module-level function; ARGS and the result small, or
+    the cost of copying them comes back to the loop)."""
+    return await asyncio.get_running_loop().run_in_executor(_worker(), fn, *args)
+
+
 async def parse(data: bytes) -> Any:
     """loads(DATA) without holding the event loop: small bodies here, big ones in the worker process."""
     if len(data) <= ON_LOOP:
         return loads(data)
     if elements(data) > MAX_ELEMENTS:
         return loads(data)  # refused before parsing
-    return await asyncio.get_running_loop().run_in_executor(_worker(), loads, data)
+    return await offload(loads, data)
+
+
+# -- a big body, thinned: its long strings stay in a file ----------------------------------------------------------
+LONG = 64 * 1024  # characters of a string past which it is kept in the file
+KEEP = 64  # characters of a long string kept in the value (its start says what it is: base64 of a PNG …)
+
+
+@dataclass
+class Slim:
+    """A parsed body whose long strings are cut to their first KEEP characters plus a marker; the rest of each,
+    JSON-escaped, lies in the file at PATH (removed by drop()). splice() puts them back into any JSON made from
+    the value. Small to pickle, so it comes back from the worker process at no cost to the event loop."""
+
+    value: Any
+    path: str
+    parts: dict[str, tuple[int, int]]  # marker → (offset, length) in the file
+
+    def drop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def splice(self, data: bytes) -> tuple[int, Iterator[bytes]]:
+        """(length, pieces) of DATA — JSON made from the value — with every marker replaced by its rest."""
+        cuts = sorted((at, marker) for marker in self.parts
+                      if (at := data.find(marker.encode())) != -1)
+        length = len(data) + sum(self.parts[m][1] - len(m) for _, m in cuts)
+
+        def pieces() -> Iterator[bytes]:
+            at = 0
+            with open(self.path, "rb") as f:
+                for where, marker in cuts:
+                    yield data[at:where]
+                    offset, size = self.parts[marker]
+                    f.seek(offset)
+                    while size > 0:
+                        piece = f.read(min(size, 256 * 1024))
+                        if not piece:
+                            break
+                        size -= len(piece)
+                        yield piece
+                    at = where + len(marker)
+            yield data[at:]
+
+        return length, pieces()
+
+
+def slim_file(path: str) -> Slim:
+    """The body in the file at PATH, parsed (loads' limits) and thinned (run in the worker process)."""
+    with open(path, "rb") as f:
+        value = loads(f.read())
+    out = tempfile.NamedTemporaryFile(prefix="podllama-slim-", delete=False)
+    parts: dict[str, tuple[int, int]] = {}
+    tag = uuid.uuid4().hex
+
+    def thin(item: Any) -> Any:
+        if isinstance(item, str) and len(item) > LONG:
+            marker = f"~podllama-{tag}-{len(parts)}~"
+            rest = json.dumps(item[KEEP:])[1:-1].encode()
+            parts[marker] = (out.tell(), len(rest))
+            out.write(rest)
+            return item[:KEEP] + marker
+        if isinstance(item, list):
+            return [thin(i) for i in item]
+        if isinstance(item, dict):
+            return {k: thin(v) for k, v in item.items()}
+        return item
+
+    with out:
+        value = thin(value)
+    return Slim(value, out.name, parts)

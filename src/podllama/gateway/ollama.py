@@ -140,6 +140,9 @@ def message(m: Any) -> dict[str, Any]:
     return out
 
 
+SLIM = "podllama.slim"  # the request's thinned body, in its scope's state, when it was big (jsonbody.Slim)
+
+
 def chat_body(req: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
     messages = req.get("messages")
     if not isinstance(messages, list):
@@ -346,6 +349,10 @@ class Ollama:
             await handler(scope, receive, send, req)
         except Problem as e:
             await send_json(send, e.status, {"error": str(e)})
+        finally:
+            slim = scope.get("state", {}).pop(SLIM, None)
+            if slim is not None:
+                slim.drop()
 
     def _unknown(self, method: str, path: str) -> Problem:
         name = path.removeprefix(PREFIX + "/").split("/")[0]
@@ -362,13 +369,20 @@ class Ollama:
         if refusal is not None:
             raise Problem(*refusal)
         try:
-            raw = await bodies.read_all(receive, self.gw.proxy.max_body)
+            spool = await bodies.receive_whole(receive, self.gw.proxy.max_body)
         except UpstreamError as e:
             raise Problem(e.status, str(e)) from None
         try:
-            data = await jsonbody.parse(raw or b"{}")
+            if spool.in_memory:
+                data = jsonbody.loads(spool.data() or b"{}")
+            else:  # parsed in the worker process; its long strings (images) stay in a file (jsonbody.Slim)
+                slim = await jsonbody.offload(jsonbody.slim_file, spool.path)
+                scope.setdefault("state", {})[SLIM] = slim
+                data = slim.value
         except jsonbody.JsonProblem as e:
             raise Problem(e.status, str(e)) from None
+        finally:
+            spool.close()
         if not isinstance(data, dict):
             raise Problem(400, "the body must be a JSON object")
         return data
@@ -489,12 +503,12 @@ class Ollama:
         line = Translation(model, generate, time.monotonic())._line("", done=True)
         await send_json(send, 200, line | {"done_reason": "unload" if unload else "load"})
 
-    def _inner(self, scope: dict[str, Any], path: str, body: bytes) -> dict[str, Any]:
+    def _inner(self, scope: dict[str, Any], path: str, length: int) -> dict[str, Any]:
         keep = [(k, v) for k, v in scope["headers"]
                 if k not in (b"content-length", b"content-type", b"transfer-encoding", b"accept-encoding")]
         return dict(scope, path=path, raw_path=path.encode(), query_string=b"", method="POST",
                     headers=[*keep, (b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())])
+                             (b"content-length", str(length).encode())])
 
     async def _call(self, scope: dict[str, Any], receive: Receive, path: str, body: dict[str, Any],
                     capture: Capture) -> None:
@@ -502,8 +516,14 @@ class Ollama:
         data = json.dumps(body).encode()
         ep = self.gw.table.match("POST", path)
         assert ep is not None
-        # the body, then the client's own receive: its disconnect ends the upstream request
-        await self.gw.proxy.endpoint(self._inner(scope, path, data), bodies.replay(data, receive), capture, ep)
+        slim: jsonbody.Slim | None = scope.get("state", {}).get(SLIM)
+        if slim is None:
+            # the body, then the client's own receive: its disconnect ends the upstream request
+            return await self.gw.proxy.endpoint(self._inner(scope, path, len(data)), bodies.replay(data, receive),
+                                                capture, ep)
+        length, pieces = slim.splice(data)  # the long strings back, from their file, a piece at a time
+        await self.gw.proxy.endpoint(self._inner(scope, path, length), bodies.replay_pieces(pieces, receive),
+                                     capture, ep)
 
     async def _whole(self, scope: dict[str, Any], receive: Receive, path: str, body: dict[str, Any]) -> dict[str, Any]:
         capture = Capture()

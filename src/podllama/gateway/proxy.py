@@ -120,9 +120,12 @@ class Outcome:
 
 
 def _pieces(spool: bodies.Spool) -> AsyncIterator[bytes]:
+    """A body in a file, a piece at a time, the event loop free between pieces (a server that takes everything
+    at once never makes the upload wait, so the wait is made here)."""
     async def pieces() -> AsyncIterator[bytes]:
         for piece in spool.pieces():
             yield piece
+            await asyncio.sleep(0)
 
     return pieces()
 
@@ -170,17 +173,16 @@ class Proxy:
             else:
                 model = next(iter(query.get("model", [])), None)
                 media = None
-                if spool is not None and ep.image_limits and (problem_text := await bodies.image_problem(
-                        ctype, spool.whole(), self.max_images, self.max_image_side)):
+                if spool is not None and ep.image_limits and (problem_text := await bodies.image_problem_of(
+                        ctype, spool, self.max_images, self.max_image_side)):
                     return await send_error(send, 400, problem_text)
                 # the model a body names decides; a large body (in a file) is read back only when several
                 # servers could take it and only the body can tell which
                 if spool is not None and ep.body_model and model is None and (
                         spool.in_memory or len(self.registry.servers_with_role(ep.roles)) > 1):
-                    whole = body or spool.whole()
-                    if b'"model"' in whole or b'name="model"' in whole or (
+                    if not body or b'"model"' in body or b'name="model"' in body or (
                             ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
-                        model, media = bodies.inspect(ctype, whole, ep.multimodal, data)
+                        model, media = await bodies.inspect_spool(ctype, spool, ep.multimodal, data)
                 server, why = self._choose(ep, model, media)
             if server is None:
                 return await send_error(send, why[0], why[1], why[2] or None)
@@ -554,7 +556,7 @@ class Proxy:
         if self.log is None or not self.log.enabled:
             return
         keep = self.log_bodies
-        body = spool.data()[:keep] if keep and spool is not None else b""
+        body = spool.head(keep) if keep and spool is not None else b""
         self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, model, status,
                          prompt, completion, latency, ttfb, spool.size if spool else 0, tally.size if tally else 0,
                          body.decode(errors="replace") if body else None,
