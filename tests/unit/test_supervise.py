@@ -155,3 +155,25 @@ def test_healthy_servers_cost_no_engine_call_and_a_lost_engine_pauses_supervisio
     done = sup.check_once()
     assert done and done[0]["reason"] == "exited with code 139" and answers(stack, engine) == OK
     assert sup.engine_problem is None and stack.state.read().get("engine_problem") is None
+
+
+def test_planning_writes_nothing(make):
+    """Stack.units() names the files a container mounts and makes none: a plan or a dry run leaves the stack's
+    state as it was; the files come when a container is made."""
+    stack, engine = make(CHAT + '\n[servers.lazy]\nmodel = "tiny.gguf"\nstart = "on-demand"\n')
+    state = stack.cfg.state_path
+
+    def files() -> set[str]:
+        return {str(p.relative_to(state)) for p in state.rglob("*")} if state.exists() else set()
+
+    for name in ("admin.key", "server.key"):
+        (state / "secrets" / name).unlink(missing_ok=True)
+    before = files()
+    units = stack.units()
+    stack.plan(None, units)
+    made = {f for f in files() - before if f.split("/")[0] != "images"}  # (the image's flags: a cache)
+    assert not made, made
+    slots = [m for u in units for m in u.spec.mounts if m.target.endswith("slots")]
+    assert slots and not (state / "slots" / "lazy").exists()
+    stack.recreate(next(u for u in units if u.server == "lazy"), exists=False)
+    assert (state / "slots" / "lazy").is_dir() and (state / "secrets" / "server.key").is_file()

@@ -288,12 +288,12 @@ class Stack:
         return problems
 
     def units(self, names: list[str] | None = None) -> list[Unit]:
-        """Container specs for the servers; every server's args are checked against its image's flags first."""
+        """Container specs for the servers; every server's args are checked against its image's flags first.
+        Pure: it names the files the containers mount and writes none (recreate() makes them before a container
+        is made), so planning and a dry run leave the disk as it was."""
         out: list[Unit] = []
         known: dict[str, flags.FlagSet] = {}
-        creds = self.credentials
-        creds.ensure()  # every server mounts the stack's server key
-        secret = Mount(str(creds.path("server.key")), SERVER_KEY_IN_CONTAINER, read_only=True)
+        secret = Mount(str(self.credentials.path("server.key")), SERVER_KEY_IN_CONTAINER, read_only=True)
         for name in self.select(names):
             server = self.cfg.servers[name]
             variant, kind = self.variant_of(server), server.kind
@@ -313,7 +313,7 @@ class Stack:
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
             if server.saves_slots:
                 # prompt caches saved when it is unloaded and restored when it is loaded again (gateway/ondemand.py)
-                mounts.append(Mount(str(self.slot_dir(name)), SLOTS_IN_CONTAINER, read_only=False))
+                mounts.append(Mount(str(self.slot_path(name)), SLOTS_IN_CONTAINER, read_only=False))
                 argv += ["--slot-save-path", SLOTS_IN_CONTAINER]
             labels = self.engine.image_labels(image)
             commit = labels.get("podllama.llama-commit") or labels.get("podllama.source", "")
@@ -335,11 +335,15 @@ class Stack:
                 out.append(Unit(name, replica, server.role, spec, h, server.on_demand))
         return out
 
+    def slot_path(self, name: str) -> Path:
+        """Where server NAME's saved prompt caches live (made by slot_dir())."""
+        return self.cfg.state_path / "slots" / name
+
     def slot_dir(self, name: str) -> Path:
-        """Where server NAME's saved prompt caches live: in the stack's state directory (0700), writable by the
-        servers' group (the gateway, root without capabilities, cannot hand it to that group: then any user,
-        still behind the 0700 directory around it)."""
-        path = self.cfg.state_path / "slots" / name
+        """slot_path(NAME), made where missing: in the stack's state directory (0700), writable by the servers'
+        group (the gateway, root without capabilities, cannot hand it to that group: then any user, still behind
+        the 0700 directory around it)."""
+        path = self.slot_path(name)
         if not path.is_dir():
             path.mkdir(parents=True, exist_ok=True)
             try:
@@ -387,7 +391,11 @@ class Stack:
             self.recreate(unit, exists=info is not None)
 
     def recreate(self, unit: Unit, exists: bool = True) -> None:
-        """UNIT's container made afresh from its spec (the old one, if any, removed first)."""
+        """UNIT's container made afresh from its spec (the old one, if any, removed first), with the files it
+        mounts made first: the stack's server key, the server's slot directory."""
+        self.credentials.ensure()
+        if self.cfg.servers[unit.server].saves_slots:
+            self.slot_dir(unit.server)
         if exists:
             self.engine.remove(unit.name)
         try:
