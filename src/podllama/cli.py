@@ -32,7 +32,7 @@ from .images import BuildError
 from .keys import KeyProblem
 from .kinds import KINDS, Kind
 from .progress import Step, Steps
-from .registry import PushError
+from .push import PushError
 from .service import ServiceError
 from .source import SourceError
 from .stack import Stack, StackError
@@ -245,7 +245,7 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           as_json: JsonOpt = False) -> None:
     """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
-    from . import registry
+    from . import push as pushes
 
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
@@ -254,7 +254,7 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     chosen = hardware.resolve_variant(variant or cfg.stack.variant, hw)
     target = cpu_target or ("native" if native else "portable" if portable else None)
     if push is not None:
-        registry.repository(push)  # a bad name is refused before the build
+        pushes.repository(push)  # a bad name is refused before the build
         target = target or "portable"  # meant for other machines
     steps = Steps(err)
     with steps.step(f"build the {chosen} {k.program} image") as s:
@@ -263,13 +263,13 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     pushed = None
     if push is not None:
         with steps.step(f"push to {push}") as s:
-            pushed = registry.push(eng, result.image_id, push, chosen, result.commit, k, cfg.root / registry.LOCK,
+            pushed = pushes.push(eng, result.image_id, push, chosen, result.commit, k, cfg.root / pushes.LOCK,
                                    tls_verify=tls_verify, progress=s.say)
     if as_json:
         return emit(result.to_dict() | {"pushed": pushed})
     if pushed is not None:
         out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
-                  f"{cfg.root / registry.LOCK})")
+                  f"{cfg.root / pushes.LOCK})")
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
         out.print(f"previous image kept as {images.previous_tag(chosen, k.repository(cfg.build.repository))} "

@@ -27,7 +27,7 @@ from typing import Any
 import tomli_w
 import yaml
 
-from . import config, registry
+from . import config, push
 from .atomic import atomic_write
 from .config import STATE_ENV, Config
 from .credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
@@ -109,7 +109,7 @@ def _servers(stack: Stack) -> list[tuple[str, int, ContainerSpec]]:
     them always on."""
     cfg = config.validate(always_on(stack.cfg))
     cfg._source = stack.cfg.source
-    lock = registry.read(stack.cfg.root / registry.LOCK)["images"].values()
+    lock = push.read(stack.cfg.root / push.LOCK)["images"].values()
     pushed = {str(e["image_id"]): str(e["ref"]) for e in lock if e.get("image_id") and e.get("ref")}
     seen: dict[str, tuple[str, int, ContainerSpec]] = {}
     for unit in Stack(cfg, stack.engine, default_variant=stack.default_variant, hw=stack.hw).units():

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from podllama import config, registry, tinymodel
+from podllama import config, push, tinymodel
 from podllama.engine import hardening
 from podllama.export import ExportError, export, gateway_config
 from podllama.stack import Stack
@@ -135,7 +135,7 @@ def test_the_exported_gateways_config_parses_and_keeps_no_local_paths(stack):
 
 def test_images_pushed_with_build_push_are_named_by_their_digest(stack, tmp_path):
     digest = "sha256:" + "ab" * 32
-    registry.record(stack.cfg.root / registry.LOCK, "reg/x:cpu-000000000000",
+    push.record(stack.cfg.root / push.LOCK, "reg/x:cpu-000000000000",
                     {"ref": f"reg/x@{digest}", "image_id": FakeEngine.IMAGE_ID})
     doc = yaml.safe_load(export(stack, "compose", tmp_path / "c", "gw")[0].read_text())
     assert doc["services"]["chat"]["image"] == f"reg/x@{digest}"

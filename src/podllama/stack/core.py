@@ -21,7 +21,7 @@ from ..health import OK, container_health
 from ..kinds import KINDS, Kind
 from ..state import RUNNING, STOPPED, UNLOADED, StackState
 from ..store import ModelNotFound, Store, StoreError
-from .gateway import Gateway
+from .gateway import GatewayContainer
 from .plan import Plan, plan
 from .spec import (
     L_CHOSEN,
@@ -57,7 +57,7 @@ class Stack:
         self.state = StackState(cfg.state_path)
         self.hw = hw
         self.default_variant = default_variant
-        self.gateway = Gateway(self)
+        self.gateway = GatewayContainer(self)
 
     # -- naming -------------------------------------------------------------------------------------------
     @property

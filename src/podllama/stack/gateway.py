@@ -33,7 +33,10 @@ def socket_mount(socket: Path) -> tuple[Mount, str]:
     return Mount(str(socket.parent), ENGINE_SOCKET_DIR, read_only=True), f"{ENGINE_SOCKET_DIR}/{socket.name}"
 
 
-class Gateway:
+class GatewayContainer:
+    """The gateway's own container — spec, engine socket, start — as the stack runs it (the app inside is
+    gateway/app.Gateway)."""
+
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
 

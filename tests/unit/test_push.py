@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from podllama import registry
+from podllama import push
 
 
 def test_the_lock_keeps_every_pushed_build_sorted_and_is_replaced_whole(tmp_path):
     lock = tmp_path / "images.lock"
-    registry.record(lock, "r/x:cpu-bbb", {"digest": "sha256:2"})
-    registry.record(lock, "r/x:cpu-aaa", {"digest": "sha256:1"})
-    registry.record(lock, "r/x:cpu-bbb", {"digest": "sha256:3"})  # the same build pushed again
+    push.record(lock, "r/x:cpu-bbb", {"digest": "sha256:2"})
+    push.record(lock, "r/x:cpu-aaa", {"digest": "sha256:1"})
+    push.record(lock, "r/x:cpu-bbb", {"digest": "sha256:3"})  # the same build pushed again
     data = json.loads(lock.read_text())
     assert list(data["images"]) == ["r/x:cpu-aaa", "r/x:cpu-bbb"] and data["images"]["r/x:cpu-bbb"]["digest"] == "sha256:3"
     assert [p.name for p in tmp_path.iterdir()] == ["images.lock"]  # no temporary file left beside it
@@ -24,16 +24,16 @@ def test_the_lock_keeps_every_pushed_build_sorted_and_is_replaced_whole(tmp_path
 def test_a_broken_lock_is_refused_naming_the_fix_and_left_as_it_was(tmp_path, text, says):
     lock = tmp_path / "images.lock"
     lock.write_text(text)
-    with pytest.raises(registry.PushError, match=says):
-        registry.record(lock, "r/x:cpu-a", {})
+    with pytest.raises(push.PushError, match=says):
+        push.record(lock, "r/x:cpu-a", {})
     assert lock.read_text() == text
 
 
 @pytest.mark.parametrize("name", ["-registry/x", "reg/x:tag", "reg/x@sha256:" + "0" * 64, "reg/x\n", "reg x/y", ""])
 def test_push_targets_are_repositories_without_tags(name):
-    with pytest.raises(registry.PushError, match="--push"):
-        registry.repository(name)
-    assert registry.repository("127.0.0.1:5000/team/llama-server") == "127.0.0.1:5000/team/llama-server"
+    with pytest.raises(push.PushError, match="--push"):
+        push.repository(name)
+    assert push.repository("127.0.0.1:5000/team/llama-server") == "127.0.0.1:5000/team/llama-server"
 
 
 def test_the_ci_workflow_builds_every_variant_with_options_the_command_has(project_root):
