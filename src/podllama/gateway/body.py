@@ -210,18 +210,20 @@ async def image_problem_of(content_type: bytes, spool: Spool, max_images: int, m
     if spool.in_memory:
         return image_problem(content_type, spool.data(), max_images, max_side)
     if content_type.startswith(b"multipart/form-data"):
-        return image_problem(content_type, spool.head(), max_images, max_side) or image_problem(
-            content_type, _from_delimiter(content_type, spool.tail()), max_images, max_side)
+        return next(filter(None, (image_problem(content_type, part, max_images, max_side)
+                                  for part in _form_ends(content_type, spool))), None)
     path = spool.path
     assert path is not None
     return await jsonbody.offload(image_problem_file, path, content_type, max_images, max_side)
 
 
-def _from_delimiter(content_type: bytes, data: bytes) -> bytes:
-    """DATA from its first multipart delimiter on (a tail cut from the middle of a form)."""
+def _form_ends(content_type: bytes, spool: Spool) -> tuple[bytes, bytes]:
+    """The first and the last MiB of a multipart form in a file, the last from its first delimiter on: a form's
+    small fields are in one of them, whatever order the client put its parts in; the big file is not read."""
     m = _BOUNDARY.search(content_type)
-    at = data.find(b"\r\n--" + m.group(1)) if m else -1
-    return data[at + 2:] if at != -1 else b""
+    tail = spool.tail()
+    at = tail.find(b"\r\n--" + m.group(1)) if m else -1
+    return spool.head(), tail[at + 2:] if at != -1 else b""
 
 
 async def inspect_spool(content_type: bytes, spool: Spool, multimodal: bool, data: Any = None
@@ -230,9 +232,8 @@ async def inspect_spool(content_type: bytes, spool: Spool, multimodal: bool, dat
     if spool.in_memory:
         return inspect(content_type, spool.data(), multimodal, data)
     if content_type.startswith(b"multipart/form-data"):
-        model = multipart_field(content_type, spool.head(), b"model") or multipart_field(
-            content_type, _from_delimiter(content_type, spool.tail()), b"model")
-        return model, None
+        return next(filter(None, (multipart_field(content_type, part, b"model")
+                                  for part in _form_ends(content_type, spool))), None), None
     model, kinds, carry = None, set(), b""
     for piece in spool.pieces():
         window = carry + piece
@@ -250,7 +251,6 @@ async def inspect_spool(content_type: bytes, spool: Spool, multimodal: bool, dat
 # (a body that stalls or trickles is cut off by the server protocol: gateway/server.py, body_timeout and
 # min_body_rate)
 SPOOL_MEMORY = 1 << 20  # bytes of a body kept in memory; the rest goes to a temporary file
-PIECE = 256 * 1024  # bytes per read when a spooled body is sent on
 
 
 def too_large(limit: int, setting: str) -> str:
@@ -319,7 +319,7 @@ class Spool:
             return
         self.file.flush()
         self.file.seek(0)
-        while piece := self.file.read(PIECE):
+        while piece := self.file.read(jsonbody.PIECE):
             yield piece
 
     def head(self, size: int = SPOOL_MEMORY) -> bytes:

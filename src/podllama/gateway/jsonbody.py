@@ -7,10 +7,11 @@ Three limits make every parse cheap or refused:
   it can only overestimate); more than MAX_ELEMENTS → 413. A real request has few: text and images are long
   strings, which cost little per byte.
 - **depth**: more than MAX_DEPTH levels → 400 (never a RecursionError, never a 500).
-- **size**: bodies up to ON_LOOP bytes are parsed on the event loop (under ~5 ms); bigger ones, which can
-  only be a few long strings after the element check, in a worker process. What must be read whole there
-  (Ollama's requests) comes back thinned (Slim): its long strings stay in a file and are spliced back into the
-  JSON made from it, a piece at a time, so no big string is ever made or copied on the event loop.
+- **size**: bodies up to 1 MiB (body.EXACT_LIMIT) are parsed on the event loop (under ~5 ms); bigger ones,
+  which can only be a few long strings after the element check, in a worker process (`offload`), reading the
+  body's temporary file there. What must be read whole (Ollama's requests) comes back thinned (Slim): its long
+  strings stay in a file and are spliced back into the JSON made from it, a piece at a time, so no big string
+  is ever made or copied on the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 MAX_ELEMENTS = 50_000
 MAX_DEPTH = 64
-ON_LOOP = 1 << 20
+PIECE = 256 * 1024  # bytes per read when a body in a file is sent on (here and body.Spool)
 T = TypeVar("T")
 
 
@@ -95,15 +96,6 @@ async def offload(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_worker(), fn, *args)
 
 
-async def parse(data: bytes) -> Any:
-    """loads(DATA) without holding the event loop: small bodies here, big ones in the worker process."""
-    if len(data) <= ON_LOOP:
-        return loads(data)
-    if elements(data) > MAX_ELEMENTS:
-        return loads(data)  # refused before parsing
-    return await offload(loads, data)
-
-
 # -- a big body, thinned: its long strings stay in a file ----------------------------------------------------------
 LONG = 64 * 1024  # characters of a string past which it is kept in the file
 KEEP = 64  # characters of a long string kept in the value (its start says what it is: base64 of a PNG …)
@@ -137,7 +129,7 @@ class Slim:
                     offset, size = self.parts[marker]
                     f.seek(offset)
                     while size > 0:
-                        piece = f.read(min(size, 256 * 1024))
+                        piece = f.read(min(size, PIECE))
                         if not piece:
                             break
                         size -= len(piece)
