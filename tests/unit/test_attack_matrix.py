@@ -39,6 +39,7 @@ def routes(app) -> list[tuple[str, str, Access]]:
         for method in ep.methods:
             out.append((method, ep.paths[0] + ("0" if ep.prefix else ""), ACCESS[ep.access]))
     out.append(("POST", "/servers/chat/anything", Access.INFERENCE))
+    out += [("GET", "/", Access.PUBLIC), ("GET", "/_app/immutable/x.js", Access.PUBLIC)]  # llama.cpp's web UI
     out += [(r.method, r.path, Access.INFERENCE) for r in OLLAMA_ROUTES]
     table = {(m, p) for m, p, _ in out}
     for route in app.routes:

@@ -3,6 +3,7 @@ answer in bounded time, never with a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -86,3 +87,24 @@ def test_the_http_front_answers_any_head_without_a_crash(gateway):
         assert gw.get("/health").status_code == 200
 
     attack()
+
+
+def test_a_big_form_in_a_file_is_read_at_its_ends_only():
+    """A multipart form over the memory threshold: its model field and image limits are found whether the
+    field comes before or after the big file part, and the file part itself is never read."""
+    big = b"\x89PNG" + b"z" * (3 << 20)
+    part = b'--b\r\nContent-Disposition: form-data; name="%b"%b\r\n\r\n%b\r\n'
+    for fields_first in (True, False):
+        fields = part % (b"model", b"", b"ears") + part % (b"n", b"", b"99")
+        image = part % (b"image", b'; filename="a.png"', big)
+        form = (fields + image if fields_first else image + fields) + b"--b--\r\n"
+        spool = bodies.Spool()
+        for i in range(0, len(form), 65536):
+            spool.write(form[i:i + 65536])
+        assert not spool.in_memory
+        try:
+            assert asyncio.run(bodies.inspect_spool(MULTIPART, spool, True)) == ("ears", None), fields_first
+            problem = asyncio.run(bodies.image_problem_of(MULTIPART, spool, 4, 2048))
+            assert problem is not None and "n 99" in problem, (fields_first, problem)
+        finally:
+            spool.close()
