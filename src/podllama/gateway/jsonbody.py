@@ -17,6 +17,7 @@ Three limits make every parse cheap or refused:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import json
@@ -87,6 +88,7 @@ def _worker() -> concurrent.futures.ProcessPoolExecutor:
     global _pool  # one worker process for the gateway's process, started on first use
     if _pool is None:
         _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_pool.shutdown, cancel_futures=True)  # before the interpreter tears its modules down
     return _pool
 
 

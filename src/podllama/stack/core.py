@@ -394,7 +394,7 @@ class Stack:
         """UNIT's container made afresh from its spec (the old one, if any, removed first), with the files it
         mounts made first: the stack's server key, the server's slot directory."""
         self.credentials.ensure()
-        if self.cfg.servers[unit.server].saves_slots:
+        if any(m.target == SLOTS_IN_CONTAINER for m in unit.spec.mounts):
             self.slot_dir(unit.server)
         if exists:
             self.engine.remove(unit.name)
