@@ -22,6 +22,11 @@ RUNNING, STOPPED = "running", "stopped"
 UNLOADED = "unloaded"  # an on-demand server that does not run now; its next request starts it
 
 
+def replica_key(server: str, replica: int) -> str:
+    """The entry of SERVER's REPLICA (1, 2 …) in the state's "servers"."""
+    return f"{server}-{replica}"
+
+
 class StackState:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)

@@ -51,10 +51,16 @@ class Watch:
 class Supervisor:
     def __init__(self, stack: Stack, policy: SupervisorSection | None = None,
                  units: Callable[[], list[Unit]] | None = None,
-                 before_round: Callable[[], object] | None = None) -> None:
+                 before_round: Callable[[], object] | None = None,
+                 loading: Callable[[], set[str]] = set,
+                 on_restart: Callable[[Unit], object] = lambda unit: None,
+                 observed: Callable[[str], str | None] | None = None) -> None:
         """UNITS: where the containers to watch come from (default: the stack's config). BEFORE_ROUND runs at
         the start of every round, once no lifecycle command holds the stack (the gateway re-reads its config
-        there, so a server removed from services.toml is never brought back)."""
+        there, so a server removed from services.toml is never brought back). LOADING: the servers someone else
+        is bringing up (the gateway's on-demand loads), whose exits are theirs to handle. ON_RESTART hears of
+        each container restarted. OBSERVED: a container's health as someone else's probes see it (the gateway's;
+        None where they do not know it), read instead of a probe of its own for the cheap look of each round."""
         self.stack = stack
         self.policy = policy or stack.cfg.supervisor
         self._source = units or stack.units
@@ -68,9 +74,7 @@ class Supervisor:
         self._engine_at = -math.inf
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self.on_restart: Callable[[Unit], object] = lambda unit: None
-        # servers someone else is bringing up (the gateway's on-demand loads): their exits are theirs to handle
-        self.loading: Callable[[], set[str]] = set
+        self.on_restart, self.loading, self.observed = on_restart, loading, observed
         # {"since": epoch seconds, "error": text}; carried over from a gateway that went away meanwhile
         self.engine_problem: dict[str, Any] | None = stack.state.read().get("engine_problem")
 
@@ -116,7 +120,7 @@ class Supervisor:
             active = [u for u in units if saved.get(u.key, {}).get("desired", RUNNING) == RUNNING
                       and not saved.get(u.key, {}).get("failed") and u.server not in loading]
             # The cheap look first: every server answering /health at its known address needs nothing more.
-            healthy = {u.name for u in active if (a := self._addresses.get(u.name)) and probe(f"http://{a}:{SERVER_PORT}") == OK}
+            healthy = {u.name for u in active if self._answers(u.name)}
             for name in healthy:
                 self._healthy(self.watch.setdefault(name, Watch()), name)
             if len(healthy) == len(active) and time.monotonic() - self._engine_at < ENGINE_EVERY:
@@ -142,6 +146,14 @@ class Supervisor:
                     done.append(event)
             self.events = (self.events + done)[-200:]
             return done
+
+    def _answers(self, container: str) -> bool:
+        """CONTAINER answered /health with 200 at its known address: as observed, else as probed now."""
+        seen = self.observed(container) if self.observed is not None else None
+        if seen is not None:
+            return seen == OK
+        address = self._addresses.get(container)
+        return bool(address) and probe(f"http://{address}:{SERVER_PORT}") == OK
 
     def _engine_down(self, e: EngineError) -> None:
         if self.engine_problem is None:

@@ -102,7 +102,7 @@ def test_a_remote_server_on_an_ipv6_address_is_probed_there():
     import threading
 
     from podllama import health
-    from podllama.gateway.upstreams import Replica
+    from podllama.gateway.servers import Replica
 
     class V6(http.server.ThreadingHTTPServer):
         address_family = socket.AF_INET6

@@ -79,7 +79,7 @@ def test_requests_for_a_server_coming_back_wait_for_it(gateway, upstream):
                for _ in range(4)]
     for t in threads:
         t.start()
-    assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 4, timeout=10)
+    assert wait_until(lambda: gw.gw.registry["chat"].waiters == 4, timeout=10)
     assert not results  # waiting, not refused
     ports["chat"] = upstream.port  # the supervisor recreated it: a new address
     for t in threads:
@@ -97,12 +97,12 @@ def test_a_server_not_expected_back_is_refused_at_once_with_the_reason(gateway, 
     started(gw, "chat")
     gw.gw.stack.state.record_failure("chat-1", "crash loop", "")
     # the registry's reading of the state is half a second old at most
-    assert wait_until(lambda: "gave up" in (gw.gw.registry.expected("chat") or ""), timeout=5)
+    assert wait_until(lambda: "gave up" in (gw.gw.registry["chat"].expected() or ""), timeout=5)
     r = gw.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 503 and "gave up" in r.json()["error"]["message"] and r.headers["retry-after"] == "10"
     # and one never started (no state) is not waited for either
     gw.gw.stack.state.forget(["chat-1"])
-    assert wait_until(lambda: (gw.gw.registry.expected("chat") or "").startswith("not running"), timeout=5)
+    assert wait_until(lambda: (gw.gw.registry["chat"].expected() or "").startswith("not running"), timeout=5)
     t0 = time.monotonic()
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 503 and time.monotonic() - t0 < 2
 
@@ -138,8 +138,8 @@ def test_a_client_that_leaves_while_waiting_ends_the_wait(gateway, upstream):
     with socket.create_connection(("127.0.0.1", gw.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-        assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 1, timeout=10)
-    assert wait_until(lambda: gw.gw.registry._waiting.get("chat") == 0, timeout=10)  # nobody waits for a client that is gone
+        assert wait_until(lambda: gw.gw.registry["chat"].waiters == 1, timeout=10)
+    assert wait_until(lambda: gw.gw.registry["chat"].waiters == 0, timeout=10)  # nobody waits for a client that is gone
     assert not upstream.received("/v1/chat/completions")
 
 
@@ -161,7 +161,8 @@ def test_a_large_upload_is_received_whole_and_sent_again_when_the_server_died(ga
 def test_the_wait_probes_often(gateway, upstream):
     """While requests wait, the server's /health is asked about four times a second (not every poll round)."""
     gw = gateway("load_timeout = 3")
-    gw.gw.registry.replicas.clear()  # as after a restart: unknown until looked up
+    for handle in gw.gw.registry.handles.values():  # as after a restart: unknown until looked up
+        handle.replicas = []
     started(gw, "chat")
     upstream.on("/health", health_after(1.0))
     before = len(upstream.received("/health"))
@@ -179,8 +180,8 @@ def test_waiting_requests_share_one_watcher(gateway, upstream):
     for t in threads:
         t.start()
     # all twenty wait at once, on one watcher (load_timeout 3 s: long enough for slow threads to start)
-    assert wait_until(lambda: registry._waiting.get("chat") == 20, timeout=10, interval=0.01)
-    assert list(registry._watchers) == ["chat"]
+    assert wait_until(lambda: registry["chat"].waiters == 20, timeout=10, interval=0.01)
+    assert [h.name for h in registry.handles.values() if h.watcher is not None] == ["chat"]
     for t in threads:
         t.join(10)
-    assert wait_until(lambda: registry._waiting.get("chat") == 0 and not registry._watchers, timeout=5)
+    assert wait_until(lambda: registry["chat"].waiters == 0 and registry["chat"].watcher is None, timeout=5)

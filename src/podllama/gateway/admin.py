@@ -258,7 +258,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
     async def reload() -> dict[str, Any]:
         """Read services.toml and the keys again now (`podllama start` calls this after an edit)."""
         await asyncio.to_thread(gw.reload)
-        await asyncio.to_thread(gw.registry.refresh)
+        await gw.registry.refresh()
         await gw.registry.probe_all()
         return {"version": gw.version(), "error": gw.config_error, "servers": list(gw.registry.servers)}
 
@@ -269,7 +269,7 @@ def routers(gw: Gateway, jobs: Jobs) -> list[APIRouter]:
 
         def seen(engine: str) -> list[dict[str, Any]]:
             return [{"server": r.server, "container": r.container, "health": r.state, "address": r.host,
-                     "engine": engine} for rs in gw.registry.replicas.values() for r in rs]
+                     "engine": engine} for h in gw.registry.handles.values() for r in h.replicas]
 
         if gw.registry.orchestrated:  # an exported stack: the orchestrator runs the servers, DNS finds them
             servers = seen("none: an exported stack, run by its orchestrator")

@@ -32,7 +32,6 @@ from ..changes import version_of
 from ..config import ServerSection
 from ..credentials import Credentials
 from ..engine import CliEngine, get_engine
-from ..health import LOADING, OK
 from ..keys import Key
 from ..stack import Stack
 from ..supervisor import Supervisor
@@ -85,24 +84,21 @@ class Gateway:
         self.guard = Guard(cfg.gateway, self.keys, bound)
         self.limits = Limits()
         self.limits.configure(cfg.gateway)
-        self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state)
-        self.registry.orchestrated = orchestrated
-        self.metrics = Metrics()
-        self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key())
+        self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state, orchestrated)
         # the database (keys, the request log), read and written by the request log's own thread
         self.database = self.credentials.database(cfg)
         self.requests = RequestLog(self.database, self._stored_keys, enabled=cfg.gateway.log_requests)
-        self.proxy.log = self.requests
-        self.metrics.log_state = lambda: (self.requests.written, self.requests.waiting, self.requests.dropped)
-        self.loader = Loader(self.stack, self.registry)
-        self.loader.configure(cfg.gateway.load_timeout, self.credentials.server_key())
-        self.proxy.loader = self.loader
-        self.supervisor = Supervisor(self.stack, before_round=self.follow_config)
-        self.supervisor.loading = lambda: set(self.loader.loading)
+        self.metrics = Metrics(log_state=lambda: (self.requests.written, self.requests.waiting, self.requests.dropped))
+        self.loader = Loader(self.stack, self.registry, cfg.gateway.load_timeout, self.credentials.server_key())
+        # the supervisor leaves alone a server the gateway is loading (its exit is the load's to report), and a
+        # restart it makes is looked up at once (a recreated container has a new address)
+        self.supervisor = Supervisor(self.stack, before_round=self.follow_config, loading=self._loading,
+                                     on_restart=lambda unit: self.registry.refresh_from_thread(),
+                                     observed=self.registry.observed)
         self.supervise = supervise
-        if supervise:  # a request that finds a server gone wakes the supervisor; a restart is looked up at once
-            self.proxy.on_trouble = self.supervisor.wake
-            self.supervisor.on_restart = lambda unit: self.registry.refresh()
+        # a request that finds a server gone wakes the supervisor
+        self.proxy = Proxy(self.registry, self.metrics, cfg.gateway, self.credentials.server_key(), self.loader,
+                           self.requests, self.supervisor.wake if supervise else lambda server: None)
         self.poll_every = poll_every
         self.table = self.proxy.table
         self.started = int(time.time())
@@ -159,7 +155,7 @@ class Gateway:
         with self._reload_lock:
             self._seen = self._stamp()
             self._adopt(stack.cfg, Keys.load(stack.cfg))
-        self.registry.refresh()
+        self.registry.refresh_from_thread()
 
     def _stored_keys(self, stored: dict[str, Key], made: bool) -> None:
         self.keys.stored, self.keys.made = stored, made
@@ -182,11 +178,13 @@ class Gateway:
         self._seen = self._stamp()
 
     # -- on-demand servers ---------------------------------------------------------------------------------
+    def _loading(self) -> set[str]:
+        """The servers the gateway is loading now (read from the supervisor's thread)."""
+        return {h.name for h in list(self.registry.handles.values()) if h.loading is not None}
+
     def model_state(self, server: str) -> str:
         """loaded | loading | unloaded (as llama.cpp's router mode says it)."""
-        if self.loader.manages(server):
-            return self.loader.state_of(server)
-        return {OK: "loaded", LOADING: "loading"}.get(self.registry.state_of(server), "unloaded")
+        return self.registry[server].model_state
 
     @staticmethod
     def caller_of(scope: Mapping[str, Any]) -> Caller:
@@ -294,7 +292,7 @@ class Gateway:
             if await asyncio.to_thread(gw.requests.read_keys):  # the limits go on where they were
                 gw.proxy.quota.seed(await asyncio.to_thread(gw.requests.recent, WINDOW))
             gw.requests.start()
-            await asyncio.to_thread(gw.registry.refresh)
+            await gw.registry.refresh()
             await gw.registry.probe_all()
             poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
                                                          on_round=gw.follow_config))

@@ -63,7 +63,8 @@ async def watch_loop(histogram: Histogram, stop: asyncio.Event, every: float = L
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, log_state: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:
+        """LOG_STATE: the request log's rows written, waiting and dropped."""
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # endpoint, server, status
         self.errors: dict[tuple[str, str, str], int] = defaultdict(int)  # endpoint, server, kind
         self.latency: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
@@ -71,7 +72,7 @@ class Metrics:
         self.in_flight: dict[tuple[str, str], int] = defaultdict(int)
         self.by_key: dict[tuple[str, str], int] = defaultdict(int)  # key name, model → requests
         self.tokens: dict[tuple[str, str, str], int] = defaultdict(int)  # key name, model, prompt|completion
-        self.log_state: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)  # written, waiting, dropped
+        self.log_state = log_state
         self.loop_lag = Histogram(LAG_BUCKETS)
 
     def done(self, endpoint: str, server: str, status: int, seconds: float, ttfb: float | None) -> None:

@@ -15,13 +15,11 @@ memory, within the memory budget of each device ([placement]).
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import memory, placement
@@ -33,6 +31,7 @@ from ..stack import Stack, StackError, container_name
 from ..state import RUNNING, UNLOADED
 from ..units import human
 from .client import Client, UpstreamError
+from .servers import Figure, Phase, Server, Ticket
 from .upstreams import Registry
 
 log = logging.getLogger("podllama.gateway")
@@ -49,70 +48,31 @@ class Refused(Exception):
         self.status, self.retry_after = status, retry_after
 
 
-@dataclass(eq=False)
-class Ticket:
-    """A request waiting for its server's load; granted: counted in flight by the load."""
-
-    granted: bool = False
-
-
-@dataclass
-class Figure:
-    """What a server holds, per device: estimated before it ran, measured since (for the settings of HASH)."""
-
-    hash: str = ""
-    estimate: dict[str, int] = field(default_factory=dict)
-    measured: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def devices(self) -> dict[str, int]:
-        """The figure decisions use: measured where it was, else estimated."""
-        return self.estimate | self.measured
-
-
 class Loader:
-    def __init__(self, stack: Stack, registry: Registry) -> None:
-        """Call configure() before use (the load timeout and the servers' key)."""
+    """The placement policy: which on-demand server to load, and which to stop for it. What it knows of each
+    server lives in the server's handle (servers.py); the loader moves it through its phases."""
+
+    def __init__(self, stack: Stack, registry: Registry, load_timeout: float, server_key: str | None) -> None:
         self.stack, self.registry = stack, registry
-        self.busy: collections.Counter[str] = collections.Counter()
-        self.last_used: dict[str, float] = {}  # epoch seconds
-        self.loading: dict[str, asyncio.Task[None]] = {}
-        self.unloading: set[str] = set()
-        self.draining: set[str] = set()  # to be stopped once their requests are done; new ones wait
-        self.waiting: collections.defaultdict[str, set[Ticket]] = collections.defaultdict(set)  # for a load
-        self.figures: dict[str, Figure] = {}
-        self.load_timeout = 120.0
         self.client = Client(connect_timeout=2, first_byte_timeout=120, idle_timeout=120, queue_timeout=30)
-        self.auth: list[tuple[bytes, bytes]] = []
         self._lock = asyncio.Lock()  # one load or unload at a time
         self._noted: dict[str, dict[str, Any]] = {}
         self._measured_at = -math.inf  # never
-        saved = stack.state.read().get("servers", {})
-        for name in self.servers():
-            entry = saved.get(f"{name}-1", {})
-            if entry.get("last_used"):
-                self.last_used[name] = float(entry["last_used"])
-            if entry.get("memory"):
-                m = entry["memory"]
-                self.figures[name] = Figure(m.get("hash", ""), m.get("estimate", {}), m.get("measured", {}))
+        self.configure(load_timeout, server_key)
 
     def configure(self, load_timeout: float, server_key: str | None) -> None:
         self.load_timeout = load_timeout
         self.auth = bearer(server_key)
 
-    def servers(self) -> dict[str, Any]:
-        return self.stack.cfg.servers
+    def handles(self) -> list[Server]:
+        """The handles of the servers podllama runs (not the remote ones)."""
+        return [h for h in self.registry.handles.values() if h.remote is None]
 
     def manages(self, server: str) -> bool:
-        s = self.servers().get(server)
-        return s is not None and s.on_demand
+        h = self.registry.get(server)
+        return h is not None and h.remote is None and h.section.on_demand
 
     # -- requests -----------------------------------------------------------------------------------------
-    def ready(self, server: str) -> bool:
-        """SERVER answers and nothing is about to stop it: a request may go to it now."""
-        return (server not in self.unloading and server not in self.draining and server not in self.loading
-                and self.registry.pick(server) is not None)
-
     async def acquire(self, server: str) -> None:
         """Have SERVER loaded, then count the request in flight (so it is not stopped under it); raises Refused
         when it cannot be loaded, TimeoutError after load_timeout. Every acquire needs its release.
@@ -120,94 +80,91 @@ class Loader:
         A request that waited for a load is counted by the load itself, before the next load may run: else the
         next one could find the server idle and stop it before its waiters got their turn (with three servers
         and one budget, each load would undo the last)."""
+        h = self.registry[server]
         deadline = time.monotonic() + self.load_timeout
-        self.last_used[server] = time.time()
+        h.last_used = time.time()
         ticket = Ticket()
-        self.waiting[server].add(ticket)
+        h.tickets.add(ticket)
         try:
-            while not ticket.granted and not self.ready(server):  # nothing awaited between check and count
+            while not ticket.granted and not h.ready():  # nothing awaited between check and count
                 await self.ensure(server, max(0.0, deadline - time.monotonic()))
         except BaseException:
             if ticket.granted:  # counted by the load, then given up (the client went, or a timeout)
-                self.release(server)
+                h.release()
             raise
         finally:
-            self.waiting[server].discard(ticket)
+            h.tickets.discard(ticket)
         if not ticket.granted:
-            self.busy[server] += 1
+            h.admit()
 
     def release(self, server: str) -> None:
-        self.busy[server] -= 1
-        self.last_used[server] = time.time()
+        self.registry[server].release()
 
     async def ensure(self, server: str, timeout: float | None = None) -> None:
         """SERVER loaded and answering; loads it when it is not (one load shared by all who wait)."""
-        task = self.loading.get(server)
+        h = self.registry[server]
+        task = h.loading
         if task is None:
-            task = asyncio.create_task(self._load(server))
-            self.loading[server] = task
-            task.add_done_callback(lambda t, s=server: self._loaded(s, t))  # type: ignore[misc]
+            task = h.loading = asyncio.create_task(self._load(h))
+            task.add_done_callback(lambda t: self._loaded(h, t))
         await asyncio.wait_for(asyncio.shield(task), timeout if timeout is not None else self.load_timeout)
 
-    def _loaded(self, server: str, task: asyncio.Task[None]) -> None:
-        if self.loading.get(server) is task:
-            del self.loading[server]
+    @staticmethod
+    def _loaded(h: Server, task: asyncio.Task[None]) -> None:
+        if h.loading is task:
+            h.loading = None
         if not task.cancelled() and task.exception() is not None:
-            log.warning("loading %s failed: %s", server, task.exception())
-
-    def state_of(self, server: str) -> str:
-        """loaded | loading | unloaded, as router mode says it in /v1/models."""
-        if server in self.loading:
-            return "loading"
-        if server not in self.unloading and self.registry.pick(server) is not None:
-            return "loaded"
-        return "loading" if self.registry.coming(server) else "unloaded"
+            log.warning("loading %s failed: %s", h.name, task.exception())
 
     # -- loading ------------------------------------------------------------------------------------------
-    async def _load(self, server: str) -> None:
+    async def _load(self, h: Server) -> None:
         async with self._lock:
-            await self._load_locked(server)
-            for ticket in self.waiting[server]:  # the requests that waited are in flight from here
+            if h.pick() is None:  # (else loaded meanwhile)
+                h.move(Phase.STARTING)
+                try:
+                    await self._load_locked(h)
+                finally:
+                    h.move(None)
+            for ticket in h.tickets:  # the requests that waited are in flight from here
                 if not ticket.granted:
                     ticket.granted = True
-                    self.busy[server] += 1
+                    h.admit()
         await self.measure()
 
-    async def _load_locked(self, server: str) -> None:
-        """Under the lock: room made, SERVER started, up and its prompt caches restored."""
-        if self.registry.pick(server) is not None and server not in self.unloading:
-            return  # loaded meanwhile
-        started = time.monotonic()
+    async def _load_locked(self, h: Server) -> None:
+        """Under the lock: room made, H's server started, up and its prompt caches restored."""
+        server, started = h.name, time.monotonic()
         info = await asyncio.to_thread(self.stack.engine.inspect, container_name(self.stack.name, server, 1))
         if info is None or not info.running:
-            figure = await asyncio.to_thread(self.figure, server)
-            if any(not h.devices for h in self.held(exclude=server)):
+            figure = await asyncio.to_thread(self.figure, h)
+            if any(not held.devices for held in self.held(exclude=server)):
                 await self.measure()  # a running server not measured yet (the gateway just started)
             room = placement.make_room(server, figure.devices, self.budgets(), self.held(exclude=server),
                                        self._settings())
             if room.refusal:
                 raise Refused(503, room.refusal)
             for victim in room.victims:
-                await self._drain(victim, server)
-                await self._unload(victim, f"making room for '{server}'")
+                await self._drain(self.registry[victim], server)
+                await self._unload(self.registry[victim], f"making room for '{server}'")
             try:
                 await asyncio.to_thread(self.stack.load, server)
             except (StackError, EngineError) as e:
                 raise Refused(503, f"server '{server}' could not be started: {e}") from None
         else:  # already on its way (the supervisor restarted it, or another gateway started it)
-            await asyncio.to_thread(self.stack.state.set_desired, [f"{server}-1"], RUNNING)
-        await self._wait_up(server)
-        await self._restore(server)
-        self.last_used[server] = time.time()
-        self._event("load", server, f"in {time.monotonic() - started:.1f}s")
+            await asyncio.to_thread(self.stack.state.set_desired, h.keys, RUNNING)
+        await self._wait_up(h)
+        await self._restore(h)
+        h.last_used = time.time()
+        self._event("load", h, f"in {time.monotonic() - started:.1f}s")
 
-    async def _wait_up(self, server: str) -> None:
-        """Until SERVER answers /health; an exit while loading is a refusal with its last log lines (and the
-        server is left unloaded rather than restarted in a loop)."""
+    async def _wait_up(self, h: Server) -> None:
+        """Until H's server answers /health; an exit while loading is a refusal with its last log lines (and
+        the server is left unloaded rather than restarted in a loop)."""
+        server = h.name
         cname = container_name(self.stack.name, server, 1)
         deadline = time.monotonic() + self.load_timeout
         checked = 0.0
-        await asyncio.to_thread(self.registry.refresh)
+        await self.registry.refresh()
         while True:
             replica = await self.registry.wait_ready(server, 1.0)
             if replica is not None:
@@ -217,63 +174,63 @@ class Loader:
                 info = await asyncio.to_thread(self.stack.engine.inspect, cname)
                 if info is not None and not info.running:  # (missing: being recreated by the supervisor)
                     tail = await asyncio.to_thread(self.stack.tail, cname, 15)
-                    await asyncio.to_thread(self.stack.state.set_desired, [f"{server}-1"], UNLOADED)
+                    await asyncio.to_thread(self.stack.state.set_desired, h.keys, UNLOADED)
                     raise Refused(502, f"server '{server}' exited while loading; its last log lines:\n{tail}")
-                await asyncio.to_thread(self.registry.refresh)
+                await self.registry.refresh()
             if time.monotonic() > deadline:
                 raise Refused(503, f"server '{server}' is still loading after {self.load_timeout:.0f}s "
                                    "([gateway] load_timeout)", retry_after=5)
 
-    async def _drain(self, victim: str, server: str) -> None:
+    async def _drain(self, victim: Server, server: str) -> None:
         """Until VICTIM has no request in flight; requests for it that come meanwhile wait for its next load."""
-        if not self.busy[victim]:
+        if not victim.in_flight:
             return
-        self.draining.add(victim)
+        victim.move(Phase.DRAINING)
         deadline = time.monotonic() + self.load_timeout
         try:
-            while self.busy[victim]:
+            while victim.in_flight:
                 if time.monotonic() > deadline:
-                    raise Refused(503, f"server '{server}' needs the memory of '{victim}', whose requests did not "
-                                       f"finish within {self.load_timeout:.0f}s ([gateway] load_timeout)", retry_after=5)
+                    raise Refused(503, f"server '{server}' needs the memory of '{victim.name}', whose requests did "
+                                       f"not finish within {self.load_timeout:.0f}s ([gateway] load_timeout)",
+                                  retry_after=5)
                 await asyncio.sleep(0.05)
         finally:
-            self.draining.discard(victim)
+            victim.move(None)
 
     # -- unloading ----------------------------------------------------------------------------------------
     async def unload(self, server: str, reason: str = "asked to") -> bool:
         """Stop SERVER (its prompt caches saved first). False when it was not loaded. Refused while busy."""
+        h = self.registry[server]
         async with self._lock:
-            if self.busy[server]:
-                raise Refused(409, f"server '{server}' has {self.busy[server]} requests in flight; unload it when "
+            if h.in_flight:
+                raise Refused(409, f"server '{server}' has {h.in_flight} requests in flight; unload it when "
                                    "they are done", retry_after=5)
             info = await asyncio.to_thread(self.stack.engine.inspect, container_name(self.stack.name, server, 1))
             if info is None or not info.running:
-                await asyncio.to_thread(self.stack.state.set_desired, [f"{server}-1"], UNLOADED)
+                await asyncio.to_thread(self.stack.state.set_desired, h.keys, UNLOADED)
                 return False
-            await self._unload(server, reason)
+            await self._unload(h, reason)
             return True
 
-    async def _unload(self, server: str, reason: str) -> None:
-        """Under the lock: save SERVER's slots, stop it, forget its address."""
-        self.unloading.add(server)
+    async def _unload(self, h: Server, reason: str) -> None:
+        """Under the lock: save H's server's slots, stop it, forget its address."""
+        h.move(Phase.STOPPING)
         try:
-            await self._save(server)
-            await asyncio.to_thread(self.stack.unload, server)
-            for r in self.registry.replicas.get(server, ()):
-                self.registry.mark_down(r)
-            self.registry.replicas.pop(server, None)
-            self._event("unload", server, reason)
+            await self._save(h)
+            await asyncio.to_thread(self.stack.unload, h.name)
+            h.place([])
+            self._event("unload", h, reason)
         finally:
-            self.unloading.discard(server)
+            h.move(None)
 
     # -- prompt caches ------------------------------------------------------------------------------------
-    def _slot_file(self, server: str, slot: int) -> str:
-        figure = self.figures.get(server)
-        return f"{(figure.hash if figure else '') or 'slot'}-{slot}.bin"
+    @staticmethod
+    def _slot_file(h: Server, slot: int) -> str:
+        return f"{(h.figure.hash if h.figure else '') or 'slot'}-{slot}.bin"
 
-    async def _call(self, server: str, method: str, target: str, body: dict[str, Any] | None = None
+    async def _call(self, h: Server, method: str, target: str, body: dict[str, Any] | None = None
                     ) -> tuple[int, Any]:
-        replica = self.registry.pick(server)
+        replica = h.pick()
         if replica is None:
             return 0, None
         data = json.dumps(body).encode() if body is not None else b""
@@ -282,61 +239,56 @@ class Loader:
             resp = await self.client.request(replica.host, replica.port, method, target.encode(), headers, data)
             raw = await resp.read(self.client.idle_timeout)
         except UpstreamError as e:
-            log.warning("%s %s on %s: %s", method, target, server, e)
+            log.warning("%s %s on %s: %s", method, target, h.name, e)
             return 0, None
         try:
             return resp.status, json.loads(raw or b"null")
         except ValueError:
             return resp.status, None
 
-    async def _save(self, server: str) -> None:
-        if not self._has_slots(server):
+    async def _save(self, h: Server) -> None:
+        if not h.section.saves_slots:
             return
-        status, slots = await self._call(server, "GET", "/slots")
+        status, slots = await self._call(h, "GET", "/slots")
         if status != 200 or not isinstance(slots, list):
             return
-        directory = self.stack.slot_dir(server)
+        directory = self.stack.slot_dir(h.name)
         for old in directory.glob("*.bin"):  # caches of other settings, and slots now empty
             old.unlink(missing_ok=True)
         for slot in slots:
             if isinstance(slot, dict) and isinstance(slot.get("id"), int) and slot.get("n_prompt_tokens"):
-                status, answer = await self._call(server, "POST", f"/slots/{slot['id']}?action=save",
-                                                  {"filename": self._slot_file(server, slot["id"])})
+                status, answer = await self._call(h, "POST", f"/slots/{slot['id']}?action=save",
+                                                  {"filename": self._slot_file(h, slot["id"])})
                 if status != 200:
-                    log.warning("%s: saving slot %s failed: %s", server, slot["id"], answer)
+                    log.warning("%s: saving slot %s failed: %s", h.name, slot["id"], answer)
 
-    async def _restore(self, server: str) -> None:
-        if not self._has_slots(server):
+    async def _restore(self, h: Server) -> None:
+        if not h.section.saves_slots:
             return
-        directory = self.stack.slot_dir(server)
+        directory = self.stack.slot_dir(h.name)
         for path in sorted(directory.glob("*.bin")):
             prefix, _, slot = path.stem.rpartition("-")
-            if prefix != self._slot_file(server, 0).rpartition("-")[0] or not slot.isdigit():
+            if prefix != self._slot_file(h, 0).rpartition("-")[0] or not slot.isdigit():
                 continue
-            status, answer = await self._call(server, "POST", f"/slots/{slot}?action=restore", {"filename": path.name})
+            status, answer = await self._call(h, "POST", f"/slots/{slot}?action=restore", {"filename": path.name})
             if status == 200:
-                log.info("%s: slot %s restored (%s tokens)", server, slot, (answer or {}).get("n_restored"))
+                log.info("%s: slot %s restored (%s tokens)", h.name, slot, (answer or {}).get("n_restored"))
             else:
-                log.warning("%s: restoring slot %s failed: %s", server, slot, answer)
-
-    def _has_slots(self, server: str) -> bool:
-        s = self.servers().get(server)
-        return s is not None and s.saves_slots
+                log.warning("%s: restoring slot %s failed: %s", h.name, slot, answer)
 
     # -- memory -------------------------------------------------------------------------------------------
-    def figure(self, server: str) -> Figure:
-        """What SERVER will hold (blocking: reads its GGUF files, asks the engine for its image's flags)."""
-        unit = self.stack.units([server])[0]
-        figure = self.figures.get(server)
+    def figure(self, h: Server) -> Figure:
+        """What H's server will hold (blocking: reads its GGUF files, asks the engine for its image's flags)."""
+        unit = self.stack.units([h.name])[0]
+        figure = h.figure
         if figure is not None and figure.hash == unit.hash and figure.estimate:
             return figure
         try:
-            estimate = self.stack.estimate(server).devices
+            estimate = self.stack.estimate(h.name).devices
         except (GGUFError, OSError) as e:
-            raise Refused(503, f"server '{server}': its model cannot be read to estimate its memory: {e}") from None
-        figure = Figure(unit.hash, estimate, {})
-        self.figures[server] = figure
-        return figure
+            raise Refused(503, f"server '{h.name}': its model cannot be read to estimate its memory: {e}") from None
+        h.figure = Figure(unit.hash, estimate, {})
+        return h.figure
 
     def budgets(self) -> dict[str, int | None]:
         p = self.stack.cfg.placement
@@ -354,46 +306,42 @@ class Loader:
 
     def held(self, exclude: str | None = None) -> list[placement.Held]:
         """What the running servers hold (always ones included), by the figures known."""
-        out = []
-        for name, cfg in self.servers().items():
-            up = self.registry.state_of(name) != DOWN or self.registry.coming(name)  # a queued load holds nothing yet
-            if name == exclude or not up:
-                continue
-            figure = self.figures.get(name)
-            devices = figure.devices if figure else {}
-            out.append(placement.Held(name, devices, cfg.on_demand, self.busy[name], self.last_used.get(name, 0.0)))
-        return out
+        return [placement.Held(h.name, h.held(), h.section.on_demand, h.in_flight, h.last_used)
+                for h in self.handles()  # a server not running, or whose load is only queued, holds nothing yet
+                if h.name != exclude and (h.health() != DOWN or h.coming())]
 
     async def measure(self) -> None:
         """What each running server's process holds now; the largest figure seen for its settings is kept."""
         self._measured_at = time.monotonic()
-        running = [n for n in self.servers() if self.registry.pick(n) is not None and n not in self.unloading]
-        for name in running:
-            if name not in self.figures or not self.figures[name].hash:
+        for h in self.handles():
+            if h.pick() is None or h.driving is Phase.STOPPING:
+                continue
+            if h.figure is None or not h.figure.hash:
                 try:
-                    await asyncio.to_thread(self.figure, name)
+                    await asyncio.to_thread(self.figure, h)
                 except (Refused, StackError, EngineError) as e:
-                    log.debug("no estimate for %s: %s", name, e)
+                    log.debug("no estimate for %s: %s", h.name, e)
                     continue
-            figure = self.figures[name]
-            used = await asyncio.to_thread(self.stack.engine.memory, container_name(self.stack.name, name, 1))
-            if used is not None and self.stack.device_of(name) == "cpu":
+            figure = h.figure
+            assert figure is not None
+            used = await asyncio.to_thread(self.stack.engine.memory, container_name(self.stack.name, h.name, 1))
+            if used is not None and self.stack.device_of(h.name) == "cpu":
                 figure.measured["cpu"] = max(figure.measured.get("cpu", 0), used)
         await self._note()
 
     async def _note(self) -> None:
         """Memory figures and last uses into the stack's state (for `podllama status`), when they changed."""
         fields: dict[str, dict[str, Any]] = {}
-        for name in self.servers():
+        for h in self.handles():
             entry: dict[str, Any] = {}
-            if name in self.figures:
-                f = self.figures[name]
+            if h.figure is not None:
+                f = h.figure
                 entry["memory"] = {"hash": f.hash, "estimate": f.estimate, "measured": f.measured}
-            if name in self.last_used:
-                entry["last_used"] = round(self.last_used[name], 1)
-            if entry and self._noted.get(name) != entry:
-                fields[f"{name}-1"] = entry
-                self._noted[name] = entry
+            if h.last_used:
+                entry["last_used"] = round(h.last_used, 1)
+            if entry and self._noted.get(h.name) != entry:
+                fields[h.keys[0]] = entry
+                self._noted[h.name] = entry
         if fields:
             await asyncio.to_thread(self.stack.state.note, fields)
 
@@ -415,26 +363,28 @@ class Loader:
         """One look: the idle servers stopped (returned), memory measured when it is time."""
         now = time.time()
         stopped = []
-        for name, cfg in self.servers().items():
-            if not cfg.on_demand or self.busy[name] or name in self.loading or self.registry.pick(name) is None:
+        for h in self.handles():
+            cfg = h.section
+            if not cfg.on_demand or h.in_flight or h.loading is not None or h.pick() is None:
                 continue
-            idle = now - self.last_used.setdefault(name, now)
+            h.last_used = h.last_used or now
+            idle = now - h.last_used
             if idle >= cfg.idle_seconds:
                 try:
-                    if await self.unload(name, f"idle for {idle:.0f}s (idle_timeout {cfg.idle_seconds:g}s)"):
-                        stopped.append(name)
+                    if await self.unload(h.name, f"idle for {idle:.0f}s (idle_timeout {cfg.idle_seconds:g}s)"):
+                        stopped.append(h.name)
                 except Refused:
                     pass  # a request came in meanwhile
-        every = MEASURE_EVERY if any(s.on_demand for s in self.servers().values()) else MEASURE_ALWAYS_EVERY
+        every = MEASURE_EVERY if any(h.section.on_demand for h in self.handles()) else MEASURE_ALWAYS_EVERY
         if time.monotonic() - self._measured_at >= every:
             await self.measure()
         return stopped
 
     # -- what it did --------------------------------------------------------------------------------------
-    def _event(self, action: str, server: str, detail: str) -> None:
-        figure = self.figures.get(server)
-        log.info("%s %s (%s)%s", action, server, detail,
-                 f"; holds {human(sum(figure.devices.values()))}" if figure else "")
+    @staticmethod
+    def _event(action: str, h: Server, detail: str) -> None:
+        log.info("%s %s (%s)%s", action, h.name, detail,
+                 f"; holds {human(sum(h.held().values()))}" if h.figure else "")
 
     async def close(self) -> None:
         self.client.close()

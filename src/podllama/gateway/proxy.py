@@ -42,8 +42,9 @@ from .outbox import Outbox
 from .quota import OverLimit, Quota, Use
 from .requestlog import RequestLog, Row
 from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
+from .servers import Replica
 from .tally import ANY, Tally
-from .upstreams import Registry, Replica
+from .upstreams import Registry
 
 log = logging.getLogger("podllama.gateway")
 
@@ -131,16 +132,18 @@ def _pieces(spool: bodies.Spool) -> AsyncIterator[bytes]:
 
 
 class Proxy:
-    def __init__(self, registry: Registry, metrics: Metrics, gateway: GatewaySection, server_key: str | None) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, gateway: GatewaySection, server_key: str | None,
+                 loader: Loader | None = None, log: RequestLog | None = None,
+                 on_trouble: Callable[[str], object] = lambda server: None) -> None:
+        """LOADER loads on-demand servers (gateway/ondemand.py); LOG is the request log (gateway/requestlog.py);
+        ON_TROUBLE hears of a server that seems to have died."""
         self.registry, self.metrics = registry, metrics
+        self.loader, self.log, self.on_trouble = loader, log, on_trouble
         self.table = RouteTable.build()  # the gateway classifies requests by it too
         self.client = Client()
         # X-Conversation-Id → (server, the id of the key that started it): a stream is its key's alone
         self.conversations: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self.on_trouble: Callable[[str], object] = lambda server: None  # a server seems to have died
-        self.loader: Loader | None = None  # loads on-demand servers (gateway/ondemand.py)
         self.quota = Quota()  # per-key limits (gateway/quota.py)
-        self.log: RequestLog | None = None  # the request log (gateway/requestlog.py)
         self.configure(gateway, server_key)
 
     def configure(self, gw: GatewaySection, server_key: str | None) -> None:
@@ -226,7 +229,7 @@ class Proxy:
         stack's server key, so llama-server itself lets through only what it serves to anyone (the UI's files);
         where the image has no UI, `/` leads to /help."""
         server = self.registry.default(CAPABILITY_ROLES["generate"])
-        replica = self.registry.pick(server) if server else None
+        replica = self.registry[server].pick() if server else None
         target = target_of(scope["path"], scope["query_string"])
         if replica is None or target is None:
             return await _redirect(send, "/help")
@@ -563,25 +566,27 @@ class Proxy:
                          tally.kept.decode(errors="replace") if keep and tally and tally.kept else None))
 
     async def _unavailable(self, send: Send, server: str, before: str = "") -> None:
-        state = self.registry.state_of(server)
-        if state == LOADING or self.registry.coming(server):
+        h = self.registry[server]
+        loading = h.health() == LOADING
+        if loading:
+            what = f"is still loading after {self.load_timeout:.0f}s ([gateway] load_timeout)"
+        elif h.coming():
             what = f"did not come back within {self.load_timeout:.0f}s ([gateway] load_timeout)"
-            if state == LOADING:
-                what = f"is still loading after {self.load_timeout:.0f}s ([gateway] load_timeout)"
         else:
-            what = f"is {self.registry.expected(server) or 'not running'}"
+            what = f"is {h.expected() or 'not running'}"
         await send_error(send, 503, f"server '{server}': {before}it {what}; try again shortly (`podllama status` "
-                         "tells more)", None, [(b"retry-after", b"5" if state == LOADING else b"10")])
+                         "tells more)", None, [(b"retry-after", b"5" if loading else b"10")])
 
     async def _replica(self, server: str, receive: Receive | None, flight: Flight) -> Replica | None:
         """A healthy replica of SERVER; while it loads or comes back after a restart, waited for up to
         load_timeout (and given up when the client goes, watched through RECEIVE where the body has been read
         already; without RECEIVE the request's own watcher cancels the wait)."""
-        replica = self.registry.pick(server)
-        if replica is None and not self.registry.coming(server):
+        h = self.registry[server]
+        replica = h.pick()
+        if replica is None and not h.coming():
             await self.registry.refresh_soon()
-            replica = self.registry.pick(server)
-        if replica is not None or not self.registry.coming(server) or not self.load_timeout:
+            replica = h.pick()
+        if replica is not None or not h.coming() or not self.load_timeout:
             return replica
         return await self._unless_gone(self.registry.wait_ready(server, self.load_timeout), receive, flight)
 

@@ -1,6 +1,6 @@
-"""Where requests can go: the stack's servers, their replicas' addresses and health, and which server a model
-name means. Addresses come from a discovery function (the engine's containers, in a thread); health from
-/health probes on the event loop. Replicas are picked by fewest requests in flight, among healthy ones.
+"""Where requests can go: which server a model name means, and what is observed of each server — its replicas'
+addresses, from a discovery function (the engine's containers, in a thread), and their health, from /health
+probes on the event loop — fed to the server's handle (servers.py), which answers every question about it.
 
 A server that is down but should run (the stack's state says so, and the supervisor has not given up on it)
 is coming back: requests wait for it as for a loading one, and while any does, its replicas are probed every
@@ -11,37 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import socket
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from ..config import Config, ConfigError, ServerSection
 from ..credentials import bearer
 from ..engine import EngineError
-from ..health import DOWN, LOADING, OK, STATES, probe
+from ..health import DOWN, OK, STATES
 from ..stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack, dns_hosts
-from ..state import RUNNING, STOPPED, UNLOADED, StackState
+from ..state import StackState
 from .client import Client, UpstreamError
+from .servers import Replica, Server
 
 log = logging.getLogger("podllama.gateway")
-
-
-@dataclass
-class Replica:
-    server: str
-    container: str
-    host: str
-    port: int = SERVER_PORT
-    state: str = DOWN
-    in_flight: int = 0
-    changed: float = field(default_factory=time.monotonic)
-
-    @property
-    def url(self) -> str:
-        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -92,16 +77,6 @@ def dns_discovery(config: Callable[[], Config]) -> Discover:
     return discover
 
 
-def _http_threads(server: ServerSection) -> int:
-    """How many connections a llama-server serves at once (its HTTP threads): --threads-http, else
-    llama-server's own default, max(n_parallel + 4, CPUs - 1), with n_parallel -1 meaning 4."""
-    threads = server.args.get("threads_http")
-    if isinstance(threads, int) and threads > 0:
-        return threads
-    parallel = next((v for k, v in server.args.items() if k in ("parallel", "np") and isinstance(v, int)), -1)
-    return max((parallel if parallel > 0 else 4) + 4, (os.cpu_count() or 2) - 1)
-
-
 REMOTE = "remote:"  # the "container" of a remote server's one replica: remote:NAME
 
 
@@ -120,24 +95,28 @@ STATE_TTL = 0.5  # seconds a read of the stack's state is reused
 
 
 class Registry:
-    def __init__(self, cfg: Config, discover: Discover, state: StackState | None = None) -> None:
-        """STATE: the stack's state, which says which servers should run (None: none is waited for when down)."""
+    """The servers' handles (servers.py), fed with what is observed: their replicas' addresses (discovery) and
+    health (probes). It decides nothing about a server; it only looks."""
+
+    def __init__(self, cfg: Config, discover: Discover, state: StackState | None = None,
+                 orchestrated: bool = False) -> None:
+        """STATE: the stack's state, which says which servers should run (None: none is waited for when down).
+        ORCHESTRATED: an exported stack, whose orchestrator brings back every server that dies."""
         self.discover = discover
         self.state = state
-        self.orchestrated = False  # an exported stack: every server is expected back (see expected())
-        self.replicas: dict[str, list[Replica]] = {}
+        self.orchestrated = orchestrated
+        self.handles: dict[str, Server] = {}
         self.names: dict[str, str] = {}
-        self._lock = threading.Lock()
         self.refreshed = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
-        self._saved: tuple[float, dict[str, dict[str, object]]] = (-STATE_TTL, {})
-        self._waiting: dict[str, int] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._saved_at, self._saved = -STATE_TTL, {}  # type: tuple[float, dict[str, dict[str, Any]]]
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.configure(cfg)
 
     # -- configuration ------------------------------------------------------------------------------------
     def configure(self, cfg: Config) -> None:
-        """Model names → servers: the server's name, its alias, its model file (with and without .gguf)."""
+        """Model names → servers (the server's name, its alias, its model file with and without .gguf); a
+        handle per routable server (kept across changes, with its new section)."""
         names: dict[str, str] = {}
         for name, server in cfg.routable.items():
             for key in (name, server.alias, server.model, server.model.rsplit("/", 1)[-1],
@@ -146,10 +125,27 @@ class Registry:
                     names.setdefault(key, name)
         self.cfg = cfg
         self.names = names
-        self.threads = {name: _http_threads(server) for name, server in cfg.routable.items()}
-        self.replicas = {s: rs for s, rs in self.replicas.items() if s in cfg.routable}
+        handles = {}
+        for name, section in cfg.routable.items():
+            handle = self.handles.get(name)
+            remote = cfg.remotes[name].url if name in cfg.remotes else None
+            if handle is None or handle.remote != remote:
+                saved = self._servers_saved if self.state is not None else None
+                handle = Server(name, section, saved, remote, self.orchestrated)
+                if self.state is not None:
+                    handle.recall(self.state.read().get("servers", {}))
+            else:
+                handle.configure(section)
+            handles[name] = handle
+        self.handles = handles
         # remote servers: their own key (never the stack's server key) and their own health path
         self.remote_auth = {name: bearer(_remote_key(cfg, name)) for name in cfg.remotes}
+
+    def __getitem__(self, server: str) -> Server:
+        return self.handles[server]
+
+    def get(self, server: str) -> Server | None:
+        return self.handles.get(server)
 
     def health_request(self, server: str) -> tuple[str, list[tuple[bytes, bytes]]]:
         """(path, headers) of SERVER's health probe: llama-server's /health, or a remote server's own path with
@@ -183,96 +179,77 @@ class Registry:
 
     def http_threads(self, server: str) -> int:
         """How many connections the server's llama-server serves at once."""
-        return self.threads.get(server, 8)
+        handle = self.handles.get(server)
+        return handle.threads if handle is not None else 8
 
     def servers_with_role(self, roles: tuple[str, ...]) -> list[str]:
         return [n for n, s in self.servers.items() if s.role in roles]
 
+    def _servers_saved(self) -> dict[str, dict[str, Any]]:
+        """The stack's saved server entries, read at most every STATE_TTL seconds."""
+        if time.monotonic() - self._saved_at >= STATE_TTL and self.state is not None:
+            self._saved = self.state.read().get("servers", {})
+            self._saved_at = time.monotonic()
+        return self._saved
+
     # -- addresses ----------------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Look up the servers' replicas and addresses (blocking: run it in a thread)."""
+    async def refresh(self) -> None:
+        """Look up the servers' replicas and addresses (the engine asked in a thread); a replica new, or back at
+        another address, is probed once before it takes requests."""
+        self._loop = asyncio.get_running_loop()
         self.refreshed = time.monotonic()  # also when the look fails: an engine that is gone is not asked in a loop
-        found = self.discover()
-        remote = [Target(n, REMOTE + n, r.host, r.port) for n, r in self.cfg.remotes.items()]
+        found = await asyncio.to_thread(self.discover)
+        old = {r.container: r for h in self.handles.values() for r in h.replicas}
         if found is None:  # the engine did not answer: its servers as last seen, the remote ones as configured
-            found = [Target(r.server, r.container, r.host, r.port) for rs in self.replicas.values() for r in rs
+            found = [Target(r.server, r.container, r.host, r.port) for r in old.values()
                      if not r.container.startswith(REMOTE)]
-        found = [*found, *remote]
-        with self._lock:
-            old = {r.container: r for rs in self.replicas.values() for r in rs}
-            fresh: dict[str, list[Replica]] = {}
-            for t in found:
-                if t.server not in self.servers:
-                    continue
-                prev = old.get(t.container)
-                if prev is not None and prev.host == t.host and prev.port == t.port:
-                    fresh.setdefault(t.server, []).append(prev)
-                else:  # new, or back at another address: one look at its health before it takes requests
-                    replica = Replica(t.server, t.container, t.host, t.port)
-                    path, auth = self.health_request(t.server)
-                    replica.state = probe(replica.url, timeout=1, path=path, headers=auth)
-                    fresh.setdefault(t.server, []).append(replica)
-            self.replicas = fresh
+        found = [*found, *(Target(n, REMOTE + n, r.host, r.port) for n, r in self.cfg.remotes.items())]
+        placed: dict[str, list[Replica]] = {name: [] for name in self.handles}
+        new = []
+        for t in found:
+            if t.server not in placed:
+                continue
+            prev = old.get(t.container)
+            if prev is None or prev.host != t.host or prev.port != t.port:
+                prev = Replica(t.server, t.container, t.host, t.port)
+                new.append(prev)
+            placed[t.server].append(prev)
+        await asyncio.gather(*(self._probe(r) for r in new))
+        for name, replicas in placed.items():
+            self.handles[name].place(replicas)
+
+    def refresh_from_thread(self) -> None:
+        """refresh(), from a thread that is not the event loop's (the management API's workers, the supervisor);
+        nothing before the loop first looked (it looks when it starts)."""
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.refresh(), self._loop).result(timeout=60)
 
     async def refresh_soon(self, at_most_every: float = 1.0) -> None:
         """Look again now (a server seems gone: the supervisor may have restarted it elsewhere)."""
         if time.monotonic() - self.refreshed >= at_most_every:
-            await asyncio.to_thread(self.refresh)
+            await self.refresh()
 
-    def pick(self, server: str) -> Replica | None:
-        """A healthy replica of SERVER with the fewest requests in flight."""
-        best = None
-        for r in self.replicas.get(server, ()):
-            if r.state == OK and (best is None or r.in_flight < best.in_flight):
-                best = r
-        return best
-
-    def state_of(self, server: str) -> str:
-        states = {r.state for r in self.replicas.get(server, ())}
-        return OK if OK in states else LOADING if LOADING in states else DOWN
-
-    def _servers_saved(self) -> dict[str, dict[str, object]]:
-        at, saved = self._saved
-        if time.monotonic() - at >= STATE_TTL and self.state is not None:
-            saved = self.state.read().get("servers", {})
-            self._saved = (time.monotonic(), saved)
-        return saved
-
-    def expected(self, server: str) -> str | None:
-        """Why SERVER is not coming back when it is not: None when some replica should run (started, not
-        stopped by the user, not given up on by the supervisor); else what the state says."""
-        if server in self.cfg.remotes:
-            return f"not answering at {self.cfg.remotes[server].url} (a remote server: podllama does not run it)"
-        if self.orchestrated:
-            return None  # an orchestrator runs the servers, and brings back what dies
-        if self.state is None or server not in self.servers:
-            return "not running"
-        saved = self._servers_saved()
-        entries = [saved.get(f"{server}-{r}") for r in range(1, self.servers[server].replicas + 1)]
-        if any(e and e.get("desired", RUNNING) == RUNNING and not e.get("failed") for e in entries):
-            return None
-        if any(e and e.get("failed") for e in entries):
-            return "failed (the supervisor gave up on it; `podllama status` says why, `podllama start` retries)"
-        if any(e and e.get("desired") == STOPPED for e in entries):
-            return "stopped (`podllama start` starts it)"
-        if any(e and e.get("desired") == UNLOADED for e in entries):
-            return "not loaded (on demand: a request loads it)"
-        return "not running (`podllama start` starts it)"
-
-    def coming(self, server: str) -> bool:
-        """Whether SERVER is loading, or down and expected back: a request for it waits."""
-        return self.state_of(server) == LOADING or (self.state_of(server) == DOWN and self.expected(server) is None)
+    def observed(self, container: str) -> str | None:
+        """CONTAINER's health as last probed (None: not a replica the registry knows). Read from the supervisor's
+        thread: a look at plain attributes."""
+        for handle in list(self.handles.values()):
+            for r in list(handle.replicas):
+                if r.container == container:
+                    return r.state
+        return None
 
     def mark_down(self, replica: Replica) -> None:
-        if replica.state != DOWN:
-            replica.state, replica.changed = DOWN, time.monotonic()
+        """A request found REPLICA gone."""
+        handle = self.handles.get(replica.server)
+        if handle is not None:
+            handle.observe(replica, DOWN)
 
     # -- health -------------------------------------------------------------------------------------------
     async def probe_all(self) -> None:
-        replicas = [r for rs in list(self.replicas.values()) for r in rs]
-        await asyncio.gather(*(self._probe(r) for r in replicas))
+        await asyncio.gather(*(self._probe(r) for h in list(self.handles.values()) for r in h.replicas))
 
     async def _probe(self, r: Replica) -> None:
+        """One look at R's health: the gateway's one health probe."""
         try:
             path, auth = self.health_request(r.server)
             resp = await self.probes.request(r.host, r.port, "GET", path.encode(), auth)
@@ -280,9 +257,11 @@ class Registry:
             state = STATES.get(resp.status, DOWN)
         except UpstreamError:
             state = DOWN
-        if state != r.state:
-            log.info("%s: %s → %s", r.container, r.state, state)
-            r.state, r.changed = state, time.monotonic()
+        handle, before = self.handles.get(r.server), r.state
+        if handle is None:  # its server left the config meanwhile
+            r.state = state
+        elif handle.observe(r, state):
+            log.info("%s: %s → %s", r.container, before, state)
 
     async def run(self, stop: asyncio.Event, every: float = 2.0, refresh_busy: float = 2.0,
                   refresh_idle: float = 30.0, on_round: Callable[[], object] | None = None) -> None:
@@ -293,10 +272,9 @@ class Registry:
         while not stop.is_set():
             if on_round is not None:
                 on_round()
-            healthy = all(r.state == OK for rs in self.replicas.values() for r in rs) and \
-                set(self.replicas) >= set(self.servers)
+            healthy = all(h.replicas and all(r.state == OK for r in h.replicas) for h in self.handles.values())
             if time.monotonic() - last_refresh >= (refresh_idle if healthy else refresh_busy):
-                await asyncio.to_thread(self.refresh)
+                await self.refresh()
                 last_refresh = time.monotonic()
             await self.probe_all()
             try:
@@ -306,27 +284,29 @@ class Registry:
 
     async def wait_ready(self, server: str, timeout: float) -> Replica | None:
         """A healthy replica of SERVER, waiting up to TIMEOUT while it loads or comes back (None at once when it
-        is not coming)."""
+        is not coming); woken by each change its handle sees."""
+        handle = self.handles[server]
         deadline = time.monotonic() + timeout
-        self._waiting[server] = self._waiting.get(server, 0) + 1
-        if server not in self._watchers:
-            self._watchers[server] = asyncio.create_task(self._watch(server))
+        handle.waiters += 1
+        if handle.watcher is None:
+            handle.watcher = asyncio.create_task(self._watch(handle))
         try:
             while True:
-                replica = self.pick(server)
-                if replica is not None or time.monotonic() >= deadline or not self.coming(server):
+                replica = handle.pick()
+                left = deadline - time.monotonic()
+                if replica is not None or left <= 0 or not handle.coming():
                     return replica
-                await asyncio.sleep(0.05)
+                await handle.changed(min(left, WAIT_PROBE_EVERY))
         finally:
-            self._waiting[server] -= 1
+            handle.waiters -= 1
 
-    async def _watch(self, server: str) -> None:
-        """While requests wait for SERVER: its replicas probed often, its containers looked up again."""
+    async def _watch(self, handle: Server) -> None:
+        """While requests wait for HANDLE's server: its replicas probed often, its containers looked up again."""
         try:
-            while self._waiting.get(server):
-                if self.pick(server) is None:
+            while handle.waiters:
+                if handle.pick() is None:
                     await self.refresh_soon(WAIT_LOOKUP_EVERY)
-                    await asyncio.gather(*(self._probe(r) for r in list(self.replicas.get(server, ()))))
+                    await asyncio.gather(*(self._probe(r) for r in list(handle.replicas)))
                 await asyncio.sleep(WAIT_PROBE_EVERY)
         finally:
-            del self._watchers[server]
+            handle.watcher = None

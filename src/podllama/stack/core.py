@@ -19,7 +19,7 @@ from ..gguf_meta import GGUFError, Metadata
 from ..gguf_meta import read as read_gguf
 from ..health import OK, container_health
 from ..kinds import KINDS, Kind
-from ..state import RUNNING, STOPPED, UNLOADED, StackState
+from ..state import RUNNING, STOPPED, UNLOADED, StackState, replica_key
 from ..store import ModelNotFound, Store, StoreError
 from .gateway import GatewayContainer
 from .plan import Plan, plan
@@ -539,7 +539,7 @@ class Stack:
         logs stay readable)."""
         cname = container_name(self.name, name, 1)
         with self.state.operation():
-            self.state.set_desired([f"{name}-1"], UNLOADED)
+            self.state.set_desired([replica_key(name, 1)], UNLOADED)
             self.engine.stop(cname, timeout)
 
     def down(self) -> list[str]:

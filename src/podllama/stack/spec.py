@@ -16,6 +16,7 @@ from .. import flags
 from ..config import ServerSection
 from ..credentials import SERVER_KEY_IN_CONTAINER
 from ..engine import ContainerInfo, ContainerSpec
+from ..state import replica_key
 
 SERVER_PORT = 8080
 SLOTS_IN_CONTAINER = "/slots"  # an on-demand server's saved prompt caches
@@ -50,7 +51,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return f"{self.server}-{self.replica}"
+        return replica_key(self.server, self.replica)
 
 
 def container_name(stack: str, server: str, replica: int) -> str:

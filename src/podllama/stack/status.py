@@ -13,7 +13,7 @@ from ..engine import ContainerInfo
 from ..gguf_meta import GGUFError
 from ..health import container_health
 from ..health import probe as probe_url
-from ..state import RUNNING
+from ..state import RUNNING, replica_key
 from .spec import (
     L_CHOSEN,
     L_COMMIT,
@@ -42,7 +42,7 @@ def status_rows(stack: Stack, probe: bool = True) -> list[dict[str, Any]]:
         for replica in range(1, server.replicas + 1):
             declared.append(container_name(stack.name, name, replica))
             rows.append(_row(stack, name, replica, server.role, server.model, running.get(declared[-1]),
-                             saved.get(f"{name}-{replica}", {}), probe, declared=True))
+                             saved.get(replica_key(name, replica), {}), probe, declared=True))
     for cname, info in sorted(running.items()):
         if cname in declared or info.labels.get(L_KIND) != "server":
             continue
