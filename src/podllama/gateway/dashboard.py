@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from .admin import Body
+from .admin.common import Body
 from .auth import SESSION_COOKIE, SESSION_TTL
 
 if TYPE_CHECKING:
