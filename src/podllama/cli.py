@@ -405,7 +405,7 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
         last_use = f"{_duration(r['idle_s'])} ago" if r.get("idle_s") is not None else "-"
         table.add_row(f"{r['server']}/{r['replica']}", r["role"], state, r["health"] or "-", _duration(r["uptime_s"]),
                       str(r["restarts"]), _memory(r.get("memory")), last_use, r["commit"] or "-",
-                      r.get("model_file") or r["model"])
+                      r["model"])
     out.print(table)
     restarted = f", restarted {gw.restarts} times by the engine" if gw and gw.restarts else ""
     out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url}){restarted}")

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from . import validate
+from .config import PROJECTOR_ROLES
 from .store import Manifest, Store, StoredFile, StoreError, safe_name
 from .units import human
 
@@ -410,18 +411,30 @@ def resolve(store: Store, text: str) -> Manifest | None:
     return next((m for m in store.manifests() if m.repo == ref.repo), None)
 
 
-def listing(store: Store, servers: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every model in the store (and GGUF files placed by hand), with the servers whose config uses it."""
-    def users(m: Manifest) -> list[str]:
-        names = []
-        for name, s in servers.items():
-            hit = resolve(store, s.model) if s.model.startswith("hf://") else store.find(s.model)
-            if (hit is not None and hit.id == m.id) or any(f.path == s.mmproj for f in m.files):
-                names.append(name)
-        return names
+def server_files(store: Store, server: Any) -> tuple[str, str | None] | None:
+    """The model and projector files (in STORE) that SERVER (a config's server section) runs: its hub model once
+    pulled, else its fallback where that file is there; None when neither is. The one answer to "which model
+    does this server run", for `podllama status`, the dashboard and the model listing alike."""
+    if not server.model.startswith("hf://"):
+        return server.model, server.mmproj
+    m = resolve(store, server.model)
+    if m is None:
+        if server.fallback and (store.root / server.fallback).is_file():
+            return server.fallback, server.mmproj
+        return None
+    return m.model, server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None)
 
-    rows = [m.to_dict() | {"used_by": users(m)} for m in store.manifests()]
+
+def listing(store: Store, servers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model in the store (and GGUF files placed by hand), with the servers that run it (a server whose
+    hub model is not pulled runs its fallback: that file is the one it uses)."""
+    used = {name: {f for f in server_files(store, s) or () if f} for name, s in servers.items()}
+
+    def users(paths: set[str]) -> list[str]:
+        return [name for name, files in used.items() if files & paths]
+
+    rows = [m.to_dict() | {"used_by": users({f.path for f in m.files})} for m in store.manifests()]
     for rel in store.unmanaged():
         rows.append({"id": rel, "size": store.path(rel).stat().st_size, "source": "placed by hand", "revision": None,
-                     "files": [], "model": rel, "used_by": [n for n, s in servers.items() if rel in (s.model, s.mmproj)]})
+                     "files": [], "model": rel, "used_by": users({rel})})
     return rows

@@ -53,6 +53,7 @@ def test_the_default_stack_answers_sensibly_offline(podman, cpu_image, smollm, t
         assert f"using its fallback {FALLBACK}" in started.stderr  # says which model it used, and why
         status = {r["server"]: r for r in json.loads(podllama("status", "--json", "-c", str(cfg)).stdout)["servers"]}
         assert status["chat"]["model_file"] == FALLBACK and "fallback model" in status["chat"]["chosen"]
+        assert status["chat"]["model"] == FALLBACK  # what runs, in every view (the dashboard shows this row)
         assert "pooling 'mean'" in status["embed"]["chosen"]  # the file names no pooling type
         for container, role in ((f"{name}-chat-1", "chat"), (f"{name}-embed-1", "embedding")):
             info = podman.inspect(container)

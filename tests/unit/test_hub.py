@@ -254,3 +254,17 @@ def test_a_disk_that_fills_up_during_a_pull_leaves_the_store_valid(fake, small_d
     del fake.halfway["f-Q4_K_M.gguf"]
     m = hub.pull(small_disk, "org/f-GGUF:Q4_K_M")  # with room again, the same pull works
     assert (small_disk.root / m.model).read_bytes() == data and small_disk.verify() == {m.id: []}
+
+
+def test_a_server_whose_hub_model_is_not_pulled_is_listed_as_using_its_fallback(store):
+    """One answer to "which model does this server run": its fallback while its hub model is not pulled."""
+    from podllama.config import ServerSection
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    servers = {"chat": ServerSection(model="hf://org/repo-GGUF", fallback="tiny.gguf"),
+               "other": ServerSection(model="hf://org/elsewhere-GGUF")}
+    assert hub.server_files(store, servers["chat"]) == ("tiny.gguf", None)
+    assert hub.server_files(store, servers["other"]) is None  # neither pulled nor a fallback
+    rows = {r["id"]: r for r in hub.listing(store, servers)}
+    assert rows["tiny.gguf"]["used_by"] == ["chat"]

@@ -283,60 +283,57 @@ class Gateway:
         return any(route.matches(scope)[0] is Match.FULL for route in self.api.router.routes)
 
     # -- the routes the gateway answers -------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """The gateway's background work, from the app's start to its end: the request log's writer, the
+        registry's looks, the supervisor's thread, the on-demand rounds, the loop's lag watch."""
+        gw, stop = self, asyncio.Event()
+        if await asyncio.to_thread(gw.requests.read_keys):  # the limits go on where they were
+            gw.proxy.quota.seed(await asyncio.to_thread(gw.requests.recent, WINDOW))
+        gw.requests.start()
+        await gw.registry.refresh()
+        await gw.registry.probe_all()
+        poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
+                                                     on_round=gw.follow_config))
+        sup_stop = gw.supervisor.start_thread()[1] if gw.supervise else None
+        # on-demand servers: stopped when idle, measured while they run (it drives the engine, as the
+        # supervisor does)
+        reaper = asyncio.create_task(gw.loader.run(stop)) if gw.supervise else None
+        lag = asyncio.create_task(watch_loop(gw.metrics.loop_lag, stop))
+        if gw.keys.public_bind and not gw.keys.any_inference:
+            log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
+                        "who reaches it can use the models (set $PODLLAMA_API_KEYS or [gateway] api_keys_file)")
+        yield
+        stop.set()
+        if sup_stop is not None:
+            sup_stop.set()
+        await poller
+        if reaper is not None:
+            await reaper
+        await lag
+        await gw.loader.close()
+        await gw.proxy.close()
+        await asyncio.to_thread(gw.requests.stop)
+        gw.database.close()
+        gw.registry.probes.close()
+
     def _fastapi(self) -> FastAPI:
         gw = self
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            stop = asyncio.Event()
-            if await asyncio.to_thread(gw.requests.read_keys):  # the limits go on where they were
-                gw.proxy.quota.seed(await asyncio.to_thread(gw.requests.recent, WINDOW))
-            gw.requests.start()
-            await gw.registry.refresh()
-            await gw.registry.probe_all()
-            poller = asyncio.create_task(gw.registry.run(stop, every=gw.poll_every, refresh_busy=gw.poll_every,
-                                                         on_round=gw.follow_config))
-            sup_stop = gw.supervisor.start_thread()[1] if gw.supervise else None
-            # on-demand servers: stopped when idle, measured while they run (it drives the engine, as the
-            # supervisor does)
-            reaper = asyncio.create_task(gw.loader.run(stop)) if gw.supervise else None
-            lag = asyncio.create_task(watch_loop(gw.metrics.loop_lag, stop))
-            if gw.keys.public_bind and not gw.keys.any_inference:
-                log.warning("the gateway is published on a non-loopback address without inference keys: anyone "
-                            "who reaches it can use the models (set $PODLLAMA_API_KEYS or [gateway] api_keys_file)")
-            yield
-            stop.set()
-            if sup_stop is not None:
-                sup_stop.set()
-            await poller
-            if reaper is not None:
-                await reaper
-            await lag
-            await gw.loader.close()
-            await gw.proxy.close()
-            await asyncio.to_thread(gw.requests.stop)
-            gw.database.close()
-            gw.registry.probes.close()
-
         # no Swagger page: its scripts come from a CDN, which machines without the internet cannot load; /help
         # (JSON and HTML) and /openapi.json document every route from local data
-        app = FastAPI(title="podllama gateway", version=__version__, lifespan=lifespan, docs_url=None,
+        app = FastAPI(title="podllama gateway", version=__version__, lifespan=self.lifespan, docs_url=None,
                       redoc_url=None)
+        _error_handlers(app)
+        self._own_routes(app)
+        app.state.gateway, app.state.jobs = gw, Jobs()
+        for router in [*admin.routers(gw, app.state.jobs), dashboard.router(gw)]:  # as the app's own routes:
+            app.router.routes.extend(router.routes)  # /help and OpenAPI see them
+        app.openapi = lambda: app.openapi_schema or _cache(app, helpdoc.openapi(app))  # type: ignore[method-assign]
+        return app
 
-        @app.exception_handler(StarletteHTTPException)
-        async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-            message = str(exc.detail)
-            if exc.status_code == 404 and message == "Not Found":
-                message = f"no endpoint {request.method} {request.url.path}; GET /help lists every endpoint"
-            return JSONResponse({"error": {"code": exc.status_code, "message": message,
-                                           "type": error_type(exc.status_code)}},
-                                status_code=exc.status_code, headers=exc.headers)
-
-        @app.exception_handler(RequestValidationError)
-        async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-            return JSONResponse({"error": {"code": 422, "message": problems, "type": "invalid_request_error"}},
-                                status_code=422)
+    def _own_routes(self, app: FastAPI) -> None:
+        """What the gateway answers itself for everyone: its health, the models, loads, metrics, help."""
+        gw = self
 
         @app.get("/health", summary="The gateway is up, and whose it is (public, no key)")
         @app.get("/v1/health", include_in_schema=False)
@@ -389,11 +386,24 @@ class Gateway:
                     return item
             raise StarletteHTTPException(404, f"no endpoint {wanted}; GET /help lists them")
 
-        app.state.gateway, app.state.jobs = gw, Jobs()
-        for router in [*admin.routers(gw, app.state.jobs), dashboard.router(gw)]:  # as the app's own routes:
-            app.router.routes.extend(router.routes)  # /help and OpenAPI see them
-        app.openapi = lambda: app.openapi_schema or _cache(app, helpdoc.openapi(app))  # type: ignore[method-assign]
-        return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Errors in the OpenAI shape: {"error": {"code", "message", "type"}}."""
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no endpoint {request.method} {request.url.path}; GET /help lists every endpoint"
+        return JSONResponse({"error": {"code": exc.status_code, "message": message,
+                                       "type": error_type(exc.status_code)}},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": {"code": 422, "message": problems, "type": "invalid_request_error"}},
+                            status_code=422)
 
 
 def _cache(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:

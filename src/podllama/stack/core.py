@@ -129,19 +129,15 @@ class Stack:
         """The model and projector files (in the store) of server NAME: its hub model once pulled, else its
         fallback where it has one."""
         server = self.cfg.servers[name]
-        if not server.model.startswith("hf://"):
-            return server.model, server.mmproj
-        m = hub.resolve(self.store, server.model)
-        if m is None:
-            if server.fallback and (self.cfg.models_path / server.fallback).is_file():
-                return server.fallback, server.mmproj
+        files = hub.server_files(self.store, server)
+        if files is None:
             raise StackError(f"servers.{name}: {server.model} is not in the model store yet; run "
                              f"`podllama pull {server.model.removeprefix('hf://')}`")
-        mmproj = server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None)
-        if server.role in PROJECTOR_ROLES and not mmproj:
+        if server.model.startswith("hf://") and files[0] != server.fallback and server.role in PROJECTOR_ROLES \
+                and not files[1]:
             raise StackError(f"servers.{name}: role '{server.role}' needs a projector, and {server.model} has no "
                              "mmproj file; set mmproj = \"FILE\"")
-        return m.model, mmproj
+        return files
 
     def metadata(self, model: str) -> Metadata | None:
         """What the model file MODEL (in the store) says about itself; None when it is not there."""

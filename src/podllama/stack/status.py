@@ -77,7 +77,9 @@ def _row(stack: Stack, server: str, replica: int, role: str, model: str, info: C
     failed = saved.get("failed")
     return {
         "server": server, "replica": replica, "container": container_name(stack.name, server, replica),
-        "declared": declared, "role": role, "model": model,
+        # the model it runs (its file in the store: the hub model once pulled, else its fallback), and the one
+        # its config names; every view shows the first
+        "declared": declared, "role": role, "model": _runs(stack, server, info) or model, "model_ref": model,
         "state": "failed" if failed and not (info and info.running) else state,
         "health": health, "desired": saved.get("desired", RUNNING),
         "uptime_s": uptime(info.started_at) if info is not None and info.running else None,
@@ -92,6 +94,16 @@ def _row(stack: Stack, server: str, replica: int, role: str, model: str, info: C
         "last_used": saved.get("last_used"),
         "idle_s": round(time.time() - saved["last_used"], 1) if saved.get("last_used") else None,
     }
+
+
+def _runs(stack: Stack, server: str, info: ContainerInfo | None) -> str | None:
+    """The model file SERVER runs: its container's, else the one it would run if started now."""
+    if info is not None and info.labels.get(L_FILE):
+        return info.labels[L_FILE]
+    try:
+        return stack.model_files(server)[0] if server in stack.cfg.servers else None
+    except StackError:
+        return None
 
 
 def _memory(stack: Stack, server: str, saved: dict[str, Any]) -> dict[str, Any] | None:

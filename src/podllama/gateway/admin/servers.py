@@ -73,6 +73,14 @@ def router(stack: Stack, following: Following, supervisor: Supervisor, load: Act
         """Remove a server from the config; its containers go."""
         return change(lambda text: changes.with_server(text, name, None), request, dry_run)
 
+    _lifecycle(servers, stack, supervisor, load, unload, caller_of, server_rows)
+    return servers
+
+
+def _lifecycle(servers: APIRouter, stack: Stack, supervisor: Supervisor, load: Act, unload: Act,
+               caller_of: Callable[[Any], Caller], server_rows: Callable[[str], list[dict[str, Any]]]) -> None:
+    """A server's lifecycle on SERVERS: start, stop, restart, load, unload, its logs."""
+
     def act(name: str, action: Callable[[list[str]], object], verb: str) -> dict[str, Any]:
         try:
             action([name])
@@ -114,5 +122,3 @@ def router(stack: Stack, following: Following, supervisor: Supervisor, load: Act
                                                  for r in server_rows(name) if r.get("container")}}
         except EngineError as e:
             raise HTTPException(503, f"the engine cannot be asked for logs: {e}") from None
-
-    return servers
