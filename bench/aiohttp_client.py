@@ -1,4 +1,4 @@
-"""aiohttp's client behind the interface of the gateway's own upstream client (podllama.gateway.client), so
+"""aiohttp's client behind the interface of the gateway's own upstream client (podllama.gateway.front.client), so
 bench/gateway.py can run the same gateway with either and compare them in one run. Bench code only: the
 gateway keeps whichever measures faster."""
 
@@ -9,7 +9,14 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
-from podllama.gateway.client import BrokenOff, ClientGone, ConnectFailed, FirstByteTimeout, IdleTimeout, UpstreamError
+from podllama.gateway.front.client import (
+    BrokenOff,
+    ClientGone,
+    ConnectFailed,
+    FirstByteTimeout,
+    IdleTimeout,
+    UpstreamError,
+)
 
 
 class AiohttpResponse:

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from podllama import images, source, tinymodel  # noqa: E402
-from podllama.credentials import Credentials  # noqa: E402
+from podllama.access.credentials import Credentials  # noqa: E402
+from podllama.build import images, source  # noqa: E402
 from podllama.engine import CliEngine, get_engine  # noqa: E402
+from podllama.models import tinymodel  # noqa: E402
 from tests.faults import Load, answers_health, kill_podman_service, kill_process, until  # noqa: E402
 
 AFTER = 10.0  # seconds of load after recovery

@@ -43,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from podllama import config as cfgmod  # noqa: E402
-from podllama import source, tinymodel  # noqa: E402
-from podllama.credentials import Credentials  # noqa: E402
+from podllama.access.credentials import Credentials  # noqa: E402
+from podllama.build import source  # noqa: E402
 from podllama.engine import get_engine  # noqa: E402
+from podllama.models import tinymodel  # noqa: E402
 
 CHAT = {"messages": [{"role": "user", "content": "Write a long story about a gateway."}], "max_tokens": 64,
         "stream": True, "temperature": 1.0}

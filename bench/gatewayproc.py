@@ -18,8 +18,8 @@ from aiohttp_client import AiohttpClient  # noqa: E402
 
 from podllama import config  # noqa: E402
 from podllama.gateway.app import Gateway  # noqa: E402
-from podllama.gateway.server import serve  # noqa: E402
-from podllama.gateway.upstreams import Target  # noqa: E402
+from podllama.gateway.front.server import serve  # noqa: E402
+from podllama.gateway.routing.upstreams import Target  # noqa: E402
 
 
 def main() -> None:

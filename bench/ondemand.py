@@ -33,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from podllama import config, images, source, tinymodel  # noqa: E402
-from podllama.credentials import Credentials  # noqa: E402
+from podllama import config  # noqa: E402
+from podllama.access.credentials import Credentials  # noqa: E402
+from podllama.build import images, source  # noqa: E402
 from podllama.engine import ContainerSpec, Mount, get_engine  # noqa: E402
+from podllama.models import tinymodel  # noqa: E402
 
 MiB = 2**20
 MODELS = {"big": "tiny-big.gguf", "gemma": "gemma-3-270m-q4_k_m.gguf"}

@@ -34,8 +34,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 from gateway import cpu_seconds, gateway_proc, spawn, wait_up  # noqa: E402
 
 from podllama import config as cfgmod  # noqa: E402
-from podllama.credentials import Credentials  # noqa: E402
-from podllama.keys import KeyStore, NewKey  # noqa: E402
+from podllama.access.credentials import Credentials  # noqa: E402
+from podllama.access.keys import KeyStore, NewKey  # noqa: E402
 
 SMALL = {"messages": [{"role": "user", "content": "Hello, gateway! How fast are you today?"}], "max_tokens": 1}
 STREAM = {"messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 200, "stream": True}

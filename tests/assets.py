@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from podllama import pinned, pypi, source
 from podllama.atomic import atomic_write
+from podllama.build import pinned, pypi, source
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from podllama.config.kinds import KINDS
 from podllama.engine import CliEngine, ContainerInfo, ContainerSpec, EngineError
-from podllama.kinds import KINDS
 
 # the llama-server flags the tests' configs use, as its --help prints them
 HELP = """----- common params -----

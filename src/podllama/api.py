@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
+from .access.credentials import Credentials
 from .config import Config
-from .credentials import Credentials
 
 # podllama's management API lives under this prefix; /api is Ollama's API (gateway/ollama.py)
 ADMIN_PREFIX = "/admin"

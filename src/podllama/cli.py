@@ -19,26 +19,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, config, hardware, images, kinds, source
+from . import __version__, config
+from .access.database import Database, DatabaseError
+from .access.keys import KeyProblem
 from .api import ApiError, GatewayAPI
-from .config import ConfigError
-from .database import Database, DatabaseError
-from .engine import CliEngine, EngineError, get_engine
-from .export import ExportError
-from .flags import FlagError
-from .gguf_meta import GGUFError
-from .hub import PullError
-from .images import BuildError
-from .keys import KeyProblem
-from .kinds import KINDS, Kind
+from .build import images, source
+from .build.flags import FlagError
+from .build.images import BuildError
+from .build.push import PushError
+from .build.source import SourceError
+from .config import ConfigError, kinds
+from .config.kinds import KINDS, Kind
+from .engine import CliEngine, EngineError, get_engine, hardware
+from .models.gguf_meta import GGUFError
+from .models.hub import PullError
+from .models.store import StoreError
 from .progress import Step, Steps
-from .push import PushError
-from .service import ServiceError
-from .source import SourceError
 from .stack import Stack, StackError
-from .store import StoreError
+from .stack.export import ExportError
+from .stack.service import ServiceError
+from .stack.update import UpdateError
 from .units import human
-from .update import UpdateError
 
 # No locals in tracebacks: a token or key can be among them (and unexpected errors print one line anyway).
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -245,7 +246,7 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           as_json: JsonOpt = False) -> None:
     """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
-    from . import push as pushes
+    from .build import push as pushes
 
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
@@ -478,7 +479,7 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                help="Fetch from this URL or path instead of the submodule's origin")] = None,
            as_json: JsonOpt = False) -> None:
     """Move llama.cpp to a new commit, build and smoke-test, restart servers one by one; roll back on any failure."""
-    from .update import update as run_update
+    from .stack.update import update as run_update
 
     st = stack_for(cfg_path, engine)
     steps = Steps(err)
@@ -492,7 +493,7 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
 def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
             as_json: JsonOpt = False) -> None:
     """Rebuild the stack's images at the current commit and restart servers on them, with rollback on failure."""
-    from .update import rebuild as run_rebuild
+    from .stack.update import rebuild as run_rebuild
 
     st = stack_for(cfg_path, engine)
     steps = Steps(err)
@@ -590,8 +591,8 @@ def endpoints(as_json: JsonOpt = False) -> None:
     """Every llama-server endpoint the gateway serves, from its route table (Markdown, or --json)."""
     from dataclasses import asdict
 
-    from .gateway import help as helpdoc
-    from .gateway.routes import ENDPOINTS
+    from .gateway.apis import help as helpdoc
+    from .gateway.routing.routes import ENDPOINTS
 
     if as_json:
         return emit([asdict(ep) | {"roles": list(ep.roles)} for ep in ENDPOINTS])
@@ -609,7 +610,7 @@ def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compos
     """Write the whole stack for compose, Kubernetes or systemd (Quadlet units): the same images, flags and
     hardening as `start`, the read-only models volume, the server key, health probes, and a gateway that finds
     the servers by DNS."""
-    from .export import FORMATS, export, valid_dir
+    from .stack.export import FORMATS, export, valid_dir
 
     if fmt not in FORMATS:  # before the gateway image is built
         raise typer.BadParameter(f"no export format '{fmt}'; formats: {', '.join(FORMATS)}", param_hint="FORMAT")
@@ -639,7 +640,7 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
     import logging
 
     from .gateway.app import Gateway
-    from .gateway.server import serve
+    from .gateway.front.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -662,9 +663,9 @@ def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/F
          mmproj: Annotated[bool, typer.Option(help="Also the multimodal projector, when the repo has one")] = True,
          as_json: JsonOpt = False) -> None:
     """Download a model from Hugging Face into the store (resumes, retries, checks every file's sha256)."""
-    from . import hub
-    from .credentials import Credentials
-    from .store import Store
+    from .access.credentials import Credentials
+    from .models import hub
+    from .models.store import Store
 
     cfg = load_config(cfg_path, required=False)
     creds = Credentials(cfg.state_path)
@@ -682,8 +683,8 @@ def pull(ref: Annotated[str, typer.Argument(help="ORG/REPO[:QUANT] or ORG/REPO/F
 @models_app.command("list")
 def models_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Models in the store: size, source, which servers use them."""
-    from . import hub
-    from .store import Store
+    from .models import hub
+    from .models.store import Store
 
     cfg = load_config(cfg_path, required=False)
     rows = hub.listing(Store(cfg.models_path), cfg.servers)
@@ -712,7 +713,7 @@ def models_rm(model_id: Annotated[str, typer.Argument(help="A model id from `pod
 def models_verify(model_id: Annotated[str | None, typer.Argument(help="One model (default: all)")] = None,
                   cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-check every byte of the stored models against their manifests (sizes and sha256)."""
-    from .store import Store
+    from .models.store import Store
 
     cfg = load_config(cfg_path, required=False)
     report = Store(cfg.models_path).verify(model_id)
@@ -730,7 +731,7 @@ def models_import(file: Annotated[Path, typer.Argument(help="A local GGUF file")
                   name: Annotated[str | None, typer.Option(help="Its name in the store (default: the file's)")] = None,
                   as_json: JsonOpt = False) -> None:
     """Copy a local GGUF into the store and record it (checked before it takes its name)."""
-    from .store import Store
+    from .models.store import Store
 
     cfg = load_config(cfg_path, required=False)
     m = Store(cfg.models_path).import_file(file, name)
@@ -740,7 +741,7 @@ def models_import(file: Annotated[Path, typer.Argument(help="A local GGUF file")
 @models_app.command("usage")
 def models_usage(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Disk used by the store, downloads in progress, and free space."""
-    from .store import Store
+    from .models.store import Store
 
     cfg = load_config(cfg_path, required=False)
     u = Store(cfg.models_path).usage()
@@ -755,7 +756,7 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                                                    "image's llama-server flags")] = True,
           as_json: JsonOpt = False) -> None:
     """Validate services.toml (and each server's args against the flags of the image it will run)."""
-    from . import flags as flagmod
+    from .build import flags as flagmod
 
     cfg = load_config(cfg_path)
     errors, notes = [], []
@@ -785,7 +786,7 @@ def doctor(engine: EngineOpt = None, cfg_path: ConfigOpt = None, variant: Varian
            fix: Annotated[bool, typer.Option("--fix", help="Apply the fixes podllama can make itself")] = False,
            as_json: JsonOpt = False) -> None:
     """Check the engine, its runtime quirks, the API socket, GPU passthrough and base images."""
-    from . import doctor as doc
+    from .build import doctor as doc
 
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
@@ -814,7 +815,7 @@ def version(as_json: JsonOpt = False) -> None:
 @service_app.command("install")
 def service_install(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Write (and enable, where systemd runs) a unit that starts this stack when the machine starts."""
-    from . import service
+    from .stack import service
 
     cfg = load_config(cfg_path)
     assert cfg.source is not None
@@ -826,7 +827,7 @@ def service_install(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> Non
 @service_app.command("remove")
 def service_remove(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Disable and remove the stack's unit."""
-    from . import service
+    from .stack import service
 
     cfg = load_config(cfg_path)
     assert cfg.source is not None
@@ -836,7 +837,7 @@ def service_remove(cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None
 
 # -- running it -------------------------------------------------------------------------------------------------
 def _database(cfg_path: Path | None) -> tuple[config.Config, Database]:
-    from .credentials import Credentials
+    from .access.credentials import Credentials
 
     cfg = load_config(cfg_path, required=False)
     return cfg, Credentials(cfg.state_path).database(cfg)
@@ -858,7 +859,7 @@ def keys_create(name: Annotated[str, typer.Argument(help="What the key is for (a
                 expires: Annotated[str | None, typer.Option(help="Unusable from this date (2027-01-31, UTC)")] = None,
                 cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Make a key; it is printed once (only its hash is kept). The gateway takes it within seconds."""
-    from .keys import KeyStore, NewKey
+    from .access.keys import KeyStore, NewKey
 
     cfg, db = _database(cfg_path)
     key, secret = KeyStore(db).create(NewKey(name, _names(models), _names(servers), _names(roles), admin, rpm, tpm,
@@ -873,7 +874,7 @@ def keys_create(name: Annotated[str, typer.Argument(help="What the key is for (a
 def keys_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False,
               every: Annotated[bool, typer.Option("--all", help="Revoked and expired keys too")] = False) -> None:
     """The keys: id, name, scope, limits, expiry, state (never the keys themselves)."""
-    from .keys import KeyStore
+    from .access.keys import KeyStore
 
     keys = [k.public() for k in KeyStore(_database(cfg_path)[1]).list() if every or k.state == "active"]
     if as_json:
@@ -891,7 +892,7 @@ def keys_list(cfg_path: ConfigOpt = None, as_json: JsonOpt = False,
 def keys_revoke(key: Annotated[str, typer.Argument(help="A key's id or name (from `podllama keys list`)")],
                 cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Revoke a key: the gateway refuses it within seconds."""
-    from .keys import KeyStore
+    from .access.keys import KeyStore
 
     revoked = KeyStore(_database(cfg_path)[1]).revoke(key)
     show(as_json, revoked.public(), f"revoked key '{revoked.name}' ({revoked.id})")
@@ -902,7 +903,7 @@ def usage(by: Annotated[str, typer.Option(help="key | model | server | route")] 
           since: Annotated[str, typer.Option(help="A span (30m, 24h, 7d) or a date (2026-11-01)")] = "24h",
           cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Requests, errors, tokens and latency from the request log."""
-    from . import usage as report
+    from .access import usage as report
 
     try:
         start = report.since_of(since)

@@ -8,6 +8,7 @@ Callers still pass `--` where the program supports it: these checks are the firs
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # control characters, NUL and DEL
 _NUMBER = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
@@ -113,3 +114,55 @@ def text(value: str, what: str) -> str:
     """A name that becomes one command-line argument (an alias, a file name): no control characters, no
     leading '-'."""
     return _plain(value, what)
+
+
+# -- database URLs --------------------------------------------------------------------------------------------
+def database_url(url: str) -> str:
+    """URL, if it names a database podllama can use; else ValueError naming the forms it takes."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("postgresql", "postgres"):
+        if not urlsplit(url).hostname and "host=" not in url:
+            raise ValueError("a postgresql:// URL needs a host: postgresql://USER:PASSWORD@HOST:5432/DBNAME")
+        return url
+    if scheme == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    raise ValueError(f"'{url_shown(url)}' is not a database URL podllama uses: postgresql://USER:PASSWORD@HOST/DB, or "
+                     "sqlite:////ABSOLUTE/PATH.db (leave it out for the SQLite file in the state directory)")
+
+
+def url_shown(url: str) -> str:
+    """URL with its password left out, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+# -- Hugging Face model references -------------------------------------------------------------------------------
+# the files podllama pulls as a model, by suffix (with the files that go with one: a Piper voice's .onnx.json)
+MODEL_FILES: dict[str, tuple[str, ...]] = {".gguf": (), ".bin": (), ".safetensors": (), ".ckpt": (),
+                                           ".onnx": (".json",)}
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_QUANT = re.compile(r"[A-Za-z0-9_]+")
+
+
+def hf_reference(text: str) -> tuple[str, str | None, str | None]:
+    """(repo, quant tag, file) of 'org/repo:Q4_K_M' | 'org/repo' | 'org/repo/dir/file.gguf' (an 'hf://' prefix is
+    allowed); ValueError naming the forms it takes. The file's path is checked by the store when it is used."""
+    text = text.strip().removeprefix("hf://")
+    repo_part, _, tag = text.partition(":")
+    parts = repo_part.split("/")
+    if len(parts) < 2 or not all(_REPO_PART.fullmatch(p) for p in parts[:2]):
+        raise ValueError(f"'{text}' is not a Hugging Face model reference; write ORG/REPO[:QUANT] or "
+                         "ORG/REPO/FILE (e.g. ggml-org/gemma-3-270m-it-GGUF:Q8_0)")
+    if tag and not _QUANT.fullmatch(tag):
+        raise ValueError(f"'{tag}' is not a quant tag (letters, digits and _: Q4_K_M, Q8_0, F16 …)")
+    file = "/".join(parts[2:]) or None
+    if file is not None:
+        if not file.endswith(tuple(MODEL_FILES)):
+            raise ValueError(f"'{file}' is not a model file podllama pulls (by name: {', '.join(MODEL_FILES)})")
+        if tag:
+            raise ValueError("give either a file or a quant tag, not both")
+    return "/".join(parts[:2]), tag or None, file
+

@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from podllama import images, source, tinymodel
+from podllama.build import images, source
 from podllama.engine import CliEngine, ContainerSpec, Mount, get_engine
-from podllama.health import wait_healthy
+from podllama.engine.health import wait_healthy
+from podllama.models import tinymodel
 from tests.helpers import ROOT, podllama
 
 
@@ -105,7 +106,7 @@ def run_server(models_dir) -> Iterator:
 @pytest.fixture(scope="session")
 def docker() -> CliEngine:
     """Docker Engine, its daemon started here when no service manager runs it (CI machines)."""
-    from podllama import doctor
+    from podllama.build import doctor
 
     try:
         doctor.start_dockerd()
@@ -203,14 +204,14 @@ interval = 0.5
     @property
     def admin(self) -> dict[str, str]:
         """Headers with this stack's admin key (made by its first start)."""
-        from podllama.credentials import Credentials
+        from podllama.access.credentials import Credentials
 
         return {"Authorization": f"Bearer {Credentials(self.dir / '.podllama').admin_key()}"}
 
     @property
     def server_key(self) -> dict[str, str]:
         """Headers with the key this stack's llama-servers require (only the gateway sends it)."""
-        from podllama.credentials import Credentials
+        from podllama.access.credentials import Credentials
 
         return {"Authorization": f"Bearer {Credentials(self.dir / '.podllama').server_key()}"}
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from podllama.doctor import service_log
+from podllama.build.doctor import service_log
 from tests.helpers import flood_headers, stack_name, wait_until
 from tests.integration.conftest import CHAT_AND_EMBED, StackFiles, free_port
 

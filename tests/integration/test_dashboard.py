@@ -10,7 +10,8 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from podllama import source, tinymodel
+from podllama.build import source
+from podllama.models import tinymodel
 from tests.fakehub import FakeHub
 from tests.helpers import ROOT, stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port

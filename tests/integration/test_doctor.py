@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from podllama import doctor
+from podllama.build import doctor
 from tests.helpers import podllama, wait_until
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from podllama.engine import ContainerSpec, Mount
-from podllama.health import container_health
+from podllama.engine.health import container_health
 from tests.helpers import wait_until
 
 

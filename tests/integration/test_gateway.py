@@ -16,7 +16,7 @@ import ollama
 import openai
 import pytest
 
-from podllama.gateway.routes import ENDPOINTS
+from podllama.gateway.routing.routes import ENDPOINTS
 from tests.helpers import stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from podllama import images, source
+from podllama.build import images, source
 from podllama.engine import ContainerSpec
 from tests.helpers import ROOT, podllama
 

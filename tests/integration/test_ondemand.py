@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from podllama import source, tinymodel
+from podllama.build import source
+from podllama.models import tinymodel
 from tests.helpers import ROOT, wait_until
 
 MiB = 2**20

@@ -12,7 +12,7 @@ import tempfile
 import httpx
 import pytest
 
-from podllama.health import wait_healthy
+from podllama.engine.health import wait_healthy
 from tests.helpers import get_ok, stack_name, wait_until
 from tests.integration.conftest import StackFiles, free_port
 

@@ -16,8 +16,9 @@ import httpx
 import openai
 import pytest
 
-from podllama import pinned, sdmodel, source, tinymodel
+from podllama.build import pinned, source
 from podllama.engine import ContainerSpec
+from podllama.models import sdmodel, tinymodel
 from tests import assets
 from tests.helpers import ROOT, podllama
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from podllama.database import Database, DatabaseError
+from podllama.access.database import Database, DatabaseError
 from tests.helpers import wait_until
 from tests.integration.conftest import free_port
 from tests.postgres import Postgres

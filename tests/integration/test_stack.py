@@ -172,7 +172,7 @@ def test_replicas_get_one_container_each(podman, stack_files):
 def test_the_stack_comes_back_when_the_docker_service_restarts(docker_ready, stack_files):
     """What a reboot does to Docker: the daemon stops every container and starts again. The gateway's restart
     policy brings it back; its supervisor brings back the servers that should run."""
-    from podllama import doctor
+    from podllama.build import doctor
 
     docker = docker_ready
     sf = stack_files(docker)
@@ -196,7 +196,8 @@ def test_the_units_start_brings_a_podman_stack_back_after_a_reboot(podman, stack
     """Podman has no daemon to bring anything back at boot: the unit of `podllama service install` does. After
     a power cut every container is stopped; the unit's own ExecStart, run as systemd would (its working
     directory and environment), brings the stack back, and its ExecStop stops it."""
-    from podllama import service, source
+    from podllama.build import source
+    from podllama.stack import service
 
     sf = stack_files(podman)
     sf.run("start")

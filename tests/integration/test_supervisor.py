@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from podllama import images
+from podllama.build import images
 from podllama.config import SupervisorSection
 from podllama.engine import ContainerSpec
 from podllama.stack import Stack, Unit
-from podllama.supervisor import Supervisor
+from podllama.stack.supervisor import Supervisor
 
 # A stand-in llama-server: answers /health with 503 ("loading") forever, printing a log line every 0.3 s when
 # MODE is "progress"; with MODE "hang" it answers 200 twice and then never again.

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from podllama import images
+from podllama.build import images
 
 VARIANT = "zztest"
 

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from podllama import images
+from podllama.build import images
 from podllama.engine import ContainerSpec
 from tests.helpers import podllama
 from tests.integration.conftest import base_choice

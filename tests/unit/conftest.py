@@ -15,10 +15,11 @@ import httpx
 import pytest
 import uvicorn
 
-from podllama import config, tinymodel
-from podllama.gateway import server
+from podllama import config
 from podllama.gateway.app import Gateway
-from podllama.gateway.upstreams import Target
+from podllama.gateway.front import server
+from podllama.gateway.routing.upstreams import Target
+from podllama.models import tinymodel
 from tests.scripted import Upstream
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from podllama.credentials import Credentials
+from podllama.access.credentials import Credentials
 from tests.helpers import wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}

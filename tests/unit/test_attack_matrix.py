@@ -18,10 +18,10 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from podllama.gateway.guard import ACCESS, Access, access_of_own
-from podllama.gateway.ollama import ROUTES as OLLAMA_ROUTES
-from podllama.gateway.routes import ENDPOINTS
-from podllama.keys import KeyStore, NewKey
+from podllama.access.keys import KeyStore, NewKey
+from podllama.gateway.apis.ollama import ROUTES as OLLAMA_ROUTES
+from podllama.gateway.front.guard import ACCESS, Access, access_of_own
+from podllama.gateway.routing.routes import ENDPOINTS
 from tests.helpers import wait_until
 from tests.unit.conftest import SERVERS, recv_all
 

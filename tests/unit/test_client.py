@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from podllama.gateway.client import BrokenOff, Client, FirstByteTimeout, QueueTimeout
+from podllama.gateway.front.client import BrokenOff, Client, FirstByteTimeout, QueueTimeout
 from tests import scripted
 
 

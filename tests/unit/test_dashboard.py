@@ -43,7 +43,7 @@ def test_the_pages_are_ours_and_cannot_be_framed(gateway, upstream):
 
 
 def test_the_dashboard_script_never_writes_html():
-    from podllama.gateway.dashboard import UI_DIR
+    from podllama.gateway.apis.dashboard import UI_DIR
 
     script = (UI_DIR / "app.js").read_text()
     assert "innerHTML" not in script and "outerHTML" not in script and "insertAdjacentHTML" not in script

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from podllama import hub
+from podllama.access.credentials import SERVER_GID, Credentials
 from podllama.atomic import atomic_write
-from podllama.credentials import SERVER_GID, Credentials
-from podllama.store import Store, StoreError
+from podllama.models import hub
+from podllama.models.store import Store, StoreError
 from tests.fakehub import FakeHub
 from tests.helpers import podllama
 from tests.unit.test_hub import GGUF

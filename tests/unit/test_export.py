@@ -12,10 +12,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from podllama import config, push, tinymodel
+from podllama import config
+from podllama.build import push
 from podllama.engine import hardening
-from podllama.export import ExportError, export, gateway_config
+from podllama.models import tinymodel
 from podllama.stack import Stack
+from podllama.stack.export import ExportError, export, gateway_config
 from tests.fakeengine import FakeEngine
 from tests.helpers import unit_file
 

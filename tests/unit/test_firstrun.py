@@ -12,17 +12,19 @@ import httpx
 import pytest
 from rich.console import Console
 
-from podllama import config, defaults, gguf_meta, images, service
+from podllama import config
+from podllama.build import images
 from podllama.engine import PodmanEngine
-from podllama.gguf_meta import GGUFError, Metadata
+from podllama.models import defaults, gguf_meta
+from podllama.models.gguf_meta import GGUFError, Metadata
 from podllama.progress import Steps, build_progress
-from podllama.stack import Stack, StackError
+from podllama.stack import Stack, StackError, service
 from tests.unit.conftest import free_port
 
 
 # -- GGUF metadata ---------------------------------------------------------------------------------------------
 def test_gguf_metadata_of_real_files(vocab_file, tmp_path):
-    from podllama import tinymodel
+    from podllama.models import tinymodel
 
     vocab = gguf_meta.read(vocab_file)
     assert vocab.architecture == "llama" and vocab.vocab_size == 32000 and vocab.chat_template is None

@@ -1,6 +1,6 @@
 import pytest
 
-from podllama.flags import FlagError, FlagSet, render
+from podllama.build.flags import FlagError, FlagSet, render
 
 HELP = """----- common params -----
 

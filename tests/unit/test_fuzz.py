@@ -10,8 +10,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from podllama.gateway import body as bodies
-from podllama.gateway import jsonbody
+from podllama.gateway.front import body as bodies
+from podllama.gateway.front import jsonbody
 
 JSON_TYPE = b"application/json"
 MULTIPART = b"multipart/form-data; boundary=b"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from podllama import hardware
+from podllama.engine import hardware
 
 HOSTS = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from podllama import hub
-from podllama.hub import PullError
-from podllama.store import Store, StoreError, safe_name
+from podllama.models import hub
+from podllama.models.hub import PullError
+from podllama.models.store import Store, StoreError, safe_name
 from tests.fakehub import FakeHub
 
 GGUF = b"GGUF" + bytes(range(256)) * 40  # 10 KiB that start like a GGUF

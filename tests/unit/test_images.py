@@ -1,8 +1,8 @@
 
 import pytest
 
-from podllama import images
-from podllama.images import BuildError
+from podllama.build import images
+from podllama.build.images import BuildError
 
 
 def test_base_choices():

@@ -7,10 +7,12 @@ import subprocess
 
 import pytest
 
-from podllama import config, hub, images, source, validate
+from podllama import config, validate
+from podllama.build import images, source
 from podllama.config import ConfigError
 from podllama.engine import ContainerSpec, PodmanEngine
-from podllama.store import Store
+from podllama.models import hub
+from podllama.models.store import Store
 from tests.unit.test_source import git, make_upstream
 
 HOSTILE = ["--upload-pack=touch /tmp/pwned;false", "-oProxyCommand=touch /tmp/pwned", "ext::sh -c touch% /tmp/pwned",

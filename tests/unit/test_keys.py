@@ -13,9 +13,11 @@ import httpx
 import pytest
 
 from podllama import config
-from podllama.database import LATEST, Database, DatabaseError, check_url, shown
-from podllama.keys import KeyProblem, KeyStore, NewKey
-from podllama.usage import since_of, summary
+from podllama.access.database import LATEST, Database, DatabaseError
+from podllama.access.keys import KeyProblem, KeyStore, NewKey
+from podllama.access.usage import since_of, summary
+from podllama.validate import database_url as check_url
+from podllama.validate import url_shown as shown
 from tests.helpers import wait_until
 from tests.scripted import sse
 

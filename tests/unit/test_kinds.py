@@ -6,9 +6,12 @@ import io
 import tarfile
 from pathlib import Path
 
+import pydantic
 import pytest
 
-from podllama import config, flags, kinds, pinned
+from podllama import config
+from podllama.build import flags, pinned
+from podllama.config import kinds
 from podllama.stack.spec import server_args, server_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +32,7 @@ def test_every_role_has_one_kind_and_its_repository_sits_beside_llama_servers():
 
 
 def test_llama_server_settings_on_another_kind_are_refused_with_the_reason():
-    with pytest.raises(config.ValidationError, match="ctx_size, gpu_layers: llama-server settings; role "
+    with pytest.raises(pydantic.ValidationError, match="ctx_size, gpu_layers: llama-server settings; role "
                                                      "'transcription' runs whisper-server"):
         config.ServerSection(role="transcription", model="w.bin", ctx_size=512, gpu_layers=3)
     on_demand = config.ServerSection(role="speech", model="v.onnx", start="on-demand")

@@ -16,10 +16,10 @@ import pytest
 import uvicorn
 
 from podllama import config
-from podllama.gateway import server
 from podllama.gateway.app import Gateway
+from podllama.gateway.front import server
 from podllama.stack import Stack
-from podllama.state import UNLOADED
+from podllama.stack.state import UNLOADED
 from tests.fakeengine import FakeEngine, Script
 from tests.helpers import wait_until
 from tests.unit.conftest import free_port

@@ -11,7 +11,7 @@ import httpx
 import ollama
 import pytest
 
-from podllama import gguf_meta
+from podllama.models import gguf_meta
 from tests import scripted
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()

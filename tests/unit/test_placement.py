@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from podllama import config, gguf_meta, memory, source, tinymodel
+from podllama import config
+from podllama.build import source
 from podllama.engine import ContainerInfo, ContainerSpec
-from podllama.placement import Held, make_room
+from podllama.models import gguf_meta, memory, tinymodel
 from podllama.stack import Unit, plan
+from podllama.stack.placement import Held, make_room
 from podllama.stack.spec import L_HASH
 from podllama.units import parse_duration, parse_size
 from tests.helpers import ROOT

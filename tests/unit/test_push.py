@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from podllama import push
+from podllama.build import push
 
 
 def test_the_lock_keeps_every_pushed_build_sorted_and_is_replaced_whole(tmp_path):

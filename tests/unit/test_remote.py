@@ -101,8 +101,8 @@ def test_a_remote_server_on_an_ipv6_address_is_probed_there():
     import socket
     import threading
 
-    from podllama import health
-    from podllama.gateway.servers import Replica
+    from podllama.engine import health
+    from podllama.gateway.routing.servers import Replica
 
     class V6(http.server.ThreadingHTTPServer):
         address_family = socket.AF_INET6

@@ -3,8 +3,8 @@
 import typing
 
 from podllama.config import Role
-from podllama.gateway import help as helpdoc
-from podllama.gateway.routes import CAPABILITY_ROLES, ENDPOINTS, RouteTable
+from podllama.gateway.apis import help as helpdoc
+from podllama.gateway.routing.routes import CAPABILITY_ROLES, ENDPOINTS, RouteTable
 
 # Every route llama-server registers at the pinned commit (tools/server/server.cpp), router-only routes aside.
 LLAMA_SERVER_ROUTES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gguf
 
-from podllama import sdmodel
+from podllama.models import sdmodel
 
 
 def test_the_zero_model_is_a_sparse_gguf_of_the_sd1_tiny_unet_layout(tmp_path):

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from podllama.config import ServerSection
-from podllama.gateway.servers import MOVES, BadMove, Phase, Replica, Server
-from podllama.health import DOWN, LOADING, OK
+from podllama.engine.health import DOWN, LOADING, OK
+from podllama.gateway.routing.servers import MOVES, BadMove, Phase, Replica, Server
 
 
 def handle(saved: dict | None = None, replicas: int = 1, **kw) -> Server:

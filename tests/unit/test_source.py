@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from podllama import source
-from podllama.source import SourceError
+from podllama.build import source
+from podllama.build.source import SourceError
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from podllama import config
-from podllama.health import OK, probe
+from podllama.engine.health import OK, probe
 from podllama.stack import Stack
-from podllama.supervisor import Supervisor
+from podllama.stack.supervisor import Supervisor
 from tests.fakeengine import FakeEngine, Script
 
 POLICY = """

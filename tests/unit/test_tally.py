@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from podllama.gateway.quota import OverLimit, Quota
-from podllama.gateway.routes import ENDPOINTS
-from podllama.gateway.tally import DECODE_LIMIT, READERS, TAIL, Tally
-from podllama.keys import Key
+from podllama.access.keys import Key
+from podllama.gateway.routing.quota import OverLimit, Quota
+from podllama.gateway.routing.routes import ENDPOINTS
+from podllama.gateway.routing.tally import DECODE_LIMIT, READERS, TAIL, Tally
 
 
 def fed(data: bytes, piece: int) -> Tally:

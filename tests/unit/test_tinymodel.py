@@ -2,7 +2,7 @@ import hashlib
 
 import gguf
 
-from podllama import tinymodel
+from podllama.models import tinymodel
 
 
 def test_tiny_model_is_a_valid_deterministic_llama(tmp_path, vocab_file):

@@ -27,30 +27,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .. import __version__, config
+from ..access.credentials import Credentials
+from ..access.keys import Key
 from ..api import ADMIN_PREFIX
-from ..changes import version_of
 from ..config import ServerSection
-from ..credentials import Credentials
 from ..engine import CliEngine, get_engine
-from ..keys import Key
 from ..stack import Stack
-from ..supervisor import Supervisor
-from . import admin, dashboard
-from . import help as helpdoc
-from .auth import ANONYMOUS, Caller, Keys, key_files
-from .errors import error_type
-from .guard import ACCESS, Access, Guard, access_of_own
-from .jobs import Jobs
-from .metrics import Metrics, watch_loop
-from .ollama import PREFIX as OLLAMA
-from .ollama import Ollama
-from .ondemand import Loader, Refused
-from .proxy import Proxy
-from .quota import WINDOW, OverLimit
-from .requestlog import RequestLog
-from .routes import ENDPOINTS, PASSTHROUGH
-from .server import Limits
-from .upstreams import Discover, Registry, dns_discovery, engine_discovery
+from ..stack.changes import version_of
+from ..stack.supervisor import Supervisor
+from .apis import admin, dashboard
+from .apis import help as helpdoc
+from .apis.jobs import Jobs
+from .apis.ollama import PREFIX as OLLAMA
+from .apis.ollama import Ollama
+from .front.auth import ANONYMOUS, Caller, Keys, key_files
+from .front.errors import error_type
+from .front.guard import ACCESS, Access, Guard, access_of_own
+from .front.server import Limits
+from .routing.metrics import Metrics, watch_loop
+from .routing.ondemand import Loader, Refused
+from .routing.proxy import Proxy
+from .routing.quota import WINDOW, OverLimit
+from .routing.requestlog import RequestLog
+from .routing.routes import ENDPOINTS, PASSTHROUGH
+from .routing.upstreams import Discover, Registry, dns_discovery, engine_discovery
 
 log = logging.getLogger("podllama.gateway")
 

@@ -11,16 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import defaults, flags, hardware, hub, images, memory
+from ..access.credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
+from ..build import flags, images
 from ..config import PROJECTOR_ROLES, Config, ConfigError, ServerSection
-from ..credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
-from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount
-from ..gguf_meta import GGUFError, Metadata
-from ..gguf_meta import read as read_gguf
-from ..health import OK, container_health
-from ..kinds import KINDS, Kind
-from ..state import RUNNING, STOPPED, UNLOADED, StackState, replica_key
-from ..store import ModelNotFound, Store, StoreError
+from ..config.kinds import KINDS, Kind
+from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount, hardware
+from ..engine.health import OK, container_health
+from ..models import defaults, hub, memory
+from ..models.gguf_meta import GGUFError, Metadata
+from ..models.gguf_meta import read as read_gguf
+from ..models.store import ModelNotFound, Store, StoreError
 from .gateway import GatewayContainer
 from .plan import Plan, plan
 from .spec import (
@@ -45,6 +45,7 @@ from .spec import (
     spec_hash,
     state_keys,
 )
+from .state import RUNNING, STOPPED, UNLOADED, StackState, replica_key
 from .status import status_rows
 
 
@@ -250,7 +251,7 @@ class Stack:
     def gpu_problems(self, names: list[str]) -> list[str]:
         """GPU passthrough that would fail for the variants NAMES run on: the smoke test or the first start
         would find out much later."""
-        from .. import doctor
+        from ..build import doctor
 
         problems = []
         checks = {"cuda": "NVIDIA passthrough", "rocm": "ROCm passthrough", "vulkan": "Vulkan passthrough"}

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import hardware, images, memory
-from ..engine import ContainerSpec, EngineError, Mount
+from ..build import images
+from ..engine import ContainerSpec, EngineError, Mount, hardware
+from ..models import memory
 from .spec import GATEWAY_PORT, L_HASH, L_KIND, L_STACK, StackError, spec_hash
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class GatewayContainer:
     def start(self, root: Path, on_line: Callable[[str], None] | None = None) -> str:
         """The gateway container up: the engine's API socket ready (started where podllama can), the gateway
         image built from ROOT's code when missing, the container (re)created when it changed. Returns its URL."""
-        from .. import doctor
+        from ..build import doctor
 
         st = self.stack
         finding = doctor.check_socket(st.engine, fix=True)

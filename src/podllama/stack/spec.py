@@ -12,11 +12,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from .. import flags
+from ..access.credentials import SERVER_KEY_IN_CONTAINER
+from ..build import flags
 from ..config import ServerSection
-from ..credentials import SERVER_KEY_IN_CONTAINER
 from ..engine import ContainerInfo, ContainerSpec
-from ..state import replica_key
+from .state import replica_key
 
 SERVER_PORT = 8080
 SLOTS_IN_CONTAINER = "/slots"  # an on-demand server's saved prompt caches

@@ -7,13 +7,12 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..access.credentials import bearer
 from ..config import ConfigError
-from ..credentials import bearer
 from ..engine import ContainerInfo
-from ..gguf_meta import GGUFError
-from ..health import container_health
-from ..health import probe as probe_url
-from ..state import RUNNING, replica_key
+from ..engine.health import container_health
+from ..engine.health import probe as probe_url
+from ..models.gguf_meta import GGUFError
 from .spec import (
     L_CHOSEN,
     L_COMMIT,
@@ -28,6 +27,7 @@ from .spec import (
     container_name,
     int_label,
 )
+from .state import RUNNING, replica_key
 
 if TYPE_CHECKING:
     from .core import Stack

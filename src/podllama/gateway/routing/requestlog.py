@@ -1,0 +1,164 @@
+"""The request log: one row per request the gateway forwarded, written to the stack's database off the
+request path.
+
+A request only appends its row to a bounded queue (a deque: no lock, no wake-up; a full queue drops the row
+and counts it). A writer thread takes what is queued every FLUSH_EVERY seconds, in batches of up to BATCH
+rows, and inserts each batch in one transaction — waking per row would cost a thread switch and a
+transaction per request. When the database is slow, the queue fills meanwhile; when it is down, the batch is kept and
+tried again (every RETRY seconds, at most), so rows made during an outage are written once it is back — as
+long as they fit in the queue. The same thread reads the database keys every KEYS_EVERY seconds, so that a
+key made or revoked by the CLI is seen without a restart, and a slow database never holds up the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ...access.database import Database, DatabaseError
+from ...access.keys import Key, KeyStore
+
+log = logging.getLogger("podllama.gateway")
+
+CAPACITY = 50_000
+BATCH = 1000
+FLUSH_EVERY = 0.25
+RETRY = 2.0
+KEYS_EVERY = 2.0
+
+
+class Row(NamedTuple):
+    ts: float
+    key_id: str | None
+    method: str
+    route: str
+    server: str | None
+    model: str | None
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency: float
+    ttft: float | None
+    bytes_in: int
+    bytes_out: int
+    request_body: str | None = None
+    response_body: str | None = None
+
+
+TABLE = "podllama_requests"
+
+
+class RequestLog:
+    def __init__(self, db: Database, on_keys: Callable[[dict[str, Key], bool], None], capacity: int = CAPACITY,
+                 enabled: bool = True) -> None:
+        """ON_KEYS: given the usable database keys (by hash), and whether any key was ever made, whenever they
+        have been read."""
+        self.db, self.on_keys = db, on_keys
+        self.enabled = enabled
+        self.capacity = capacity
+        self.queue: deque[Row] = deque()
+        self.written = 0
+        self.dropped = 0  # rows that found the queue full
+        self.error: str | None = None  # the last failure, while it lasts
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: list[Row] = []
+        self._old: list[Database] = []  # databases moved away from, to close
+
+    # -- the request path ------------------------------------------------------------------------------------
+    def add(self, row: Row) -> None:
+        if not self.enabled:
+            return
+        if len(self.queue) >= self.capacity:
+            self.dropped += 1
+            return
+        self.queue.append(row)
+
+    # -- the writer --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="podllama-request-log", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued (within TIMEOUT), then stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def move_to(self, db: Database) -> None:
+        """Use DB from now on; the writer closes the old one (closing may wait on a slow database)."""
+        self._old.append(self.db)
+        self.db = db
+
+    def read_keys(self) -> bool:
+        try:
+            store = KeyStore(self.db)
+            keys, made = store.by_hash(), store.any_made()
+        except DatabaseError as e:
+            self._failed(e)
+            return False
+        self.on_keys(keys, made)
+        return True
+
+    def recent(self, seconds: float) -> list[tuple[str, float, int]]:
+        """(key id, time, tokens) of the requests of the last SECONDS made with a key (to fill the limits)."""
+        try:
+            rows = self.db.query("SELECT key_id, ts, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0) "
+                                 "FROM podllama_requests WHERE ts > ? AND key_id IS NOT NULL",
+                                 (time.time() - seconds,))
+        except DatabaseError as e:
+            self._failed(e)
+            return []
+        return [(str(k), float(t), int(n)) for k, t, n in rows]
+
+    def _run(self) -> None:
+        next_keys = retry_at = 0.0
+        while True:
+            while self._old:
+                self._old.pop().close()
+            stopping = self._stop.is_set()
+            now = time.monotonic()
+            if now >= next_keys and not stopping:
+                self.read_keys()
+                next_keys = now + KEYS_EVERY
+            while len(self._pending) < BATCH and self.queue:
+                self._pending.append(self.queue.popleft())
+            if not self._pending:
+                if stopping:
+                    return
+                self._stop.wait(FLUSH_EVERY)
+                continue
+            if time.monotonic() < retry_at:
+                if stopping:
+                    return
+                self._stop.wait(FLUSH_EVERY)
+                continue
+            try:
+                self.db.insert_many(TABLE, Row._fields, self._pending)
+            except DatabaseError as e:
+                self._failed(e)
+                retry_at = time.monotonic() + RETRY
+                if stopping:
+                    return
+                continue
+            self.written += len(self._pending)
+            self._pending = []
+            if self.error is not None:
+                log.info("the database is written again (%s)", self.db.where)
+                self.error = None
+            if not self.queue and not stopping:
+                self._stop.wait(FLUSH_EVERY)
+
+    def _failed(self, e: DatabaseError) -> None:
+        if self.error is None:
+            log.warning("the database cannot be used now; keys stay as last read, request log rows wait in "
+                        "memory (up to %d): %s", self.capacity, e)
+        self.error = str(e)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue) + len(self._pending)
