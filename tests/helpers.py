@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+from podllama.gateway.routing.metrics import LAG_BUCKETS, Histogram, watch_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 PODLLAMA = [sys.executable, "-m", "podllama.cli"]
@@ -80,3 +86,28 @@ def unit_file(path: Path) -> list[tuple[str, str, str]]:
             key, _, value = line.partition("=")
             out.append((section, key, value))
     return out
+
+
+@contextlib.contextmanager
+def control_loop() -> Iterator[Histogram]:
+    """An idle event loop in a thread of this process, its lag measured as the gateway's is: what the machine's
+    load and the interpreter's lock cost any loop here. What the gateway's loop suffers beyond it, the gateway
+    did to itself."""
+    lag, stop, ready = Histogram(LAG_BUCKETS), None, threading.Event()
+
+    async def run() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        ready.set()
+        await watch_loop(lag, stop)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield lag
+    finally:
+        loop.call_soon_threadsafe(stop.set)  # type: ignore[union-attr]
+        thread.join(10)
+        loop.close()

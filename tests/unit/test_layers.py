@@ -87,3 +87,12 @@ def test_the_package_root_holds_only_a_handful_of_modules():
 def test_every_module_belongs_to_a_layer():
     for path in PACKAGE.rglob("*.py"):
         layer_of(module_of(path)[0])
+
+
+def test_the_architecture_diagram_is_drawn_from_the_code_as_it_is():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "architecture.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

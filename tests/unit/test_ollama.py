@@ -13,6 +13,7 @@ import pytest
 
 from podllama.models import gguf_meta
 from tests import scripted
+from tests.helpers import control_loop
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 TIMINGS = {"prompt_n": 7, "prompt_ms": 12.5, "predicted_n": 3, "predicted_ms": 30.0}
@@ -184,11 +185,12 @@ def test_a_big_image_goes_through_whole_without_holding_the_event_loop(client, u
     big = PNG + base64.b64encode(bytes(range(256)) * 24_000).decode()  # about 8 MB of base64, a PNG's start
     lag = gw.gw.metrics.loop_lag
     lag.max = 0.0
-    r = c.chat(model="tiny-chat", stream=False, messages=[
-        {"role": "user", "content": "what is this? \"quoted\" \u00e9", "images": [big]}])
+    with control_loop() as control:  # what the machine's load costs any loop here, measured side by side
+        r = c.chat(model="tiny-chat", stream=False, messages=[
+            {"role": "user", "content": "what is this? \"quoted\" \u00e9", "images": [big]}])
     assert r.message.content == "a cat"
     body = sent(upstream, "/v1/chat/completions")
     text, image = body["messages"][0]["content"]
     assert text["text"] == "what is this? \"quoted\" \u00e9"
     assert image["image_url"]["url"] == f"data:image/png;base64,{big}", "the image arrived whole and unchanged"
-    assert lag.max < 0.1, f"the event loop was held for {lag.max * 1000:.0f} ms"
+    assert lag.max < 0.1 + control.max, f"the event loop was held for {lag.max * 1000:.0f} ms"

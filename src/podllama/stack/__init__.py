@@ -3,7 +3,7 @@
 
 from .core import Stack
 from .gateway import GatewayContainer
-from .plan import Plan, Step, plan
+from .plan import Action, Plan, plan
 from .spec import (
     GATEWAY_PORT,
     L_CHOSEN,
@@ -30,4 +30,4 @@ from .spec import (
 
 __all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
            "L_ROLE", "L_SERVER", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "GatewayContainer", "Plan", "Stack", "StackError",
-           "Step", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]
+           "Action", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]

@@ -10,7 +10,7 @@ from .spec import L_HASH, L_REPLICA, L_SERVER, Unit, int_label
 
 
 @dataclass
-class Step:
+class Action:
     action: str  # start | restart | keep | remove | on-demand (not running; its first request starts it)
     server: str
     replica: int | None
@@ -20,10 +20,10 @@ class Step:
 
 @dataclass
 class Plan:
-    steps: list[Step] = field(default_factory=list)
+    steps: list[Action] = field(default_factory=list)
 
     @property
-    def changes(self) -> list[Step]:
+    def changes(self) -> list[Action]:
         return [s for s in self.steps if s.action not in ("keep", "on-demand")]
 
     def describe(self) -> str:
@@ -57,18 +57,18 @@ def plan(units: list[Unit], running: dict[str, ContainerInfo], declared: set[str
     if declared is not None:
         for cname, orphan in sorted(running.items()):
             if cname not in declared:
-                out.steps.append(Step("remove", orphan.labels.get(L_SERVER, "?"),
+                out.steps.append(Action("remove", orphan.labels.get(L_SERVER, "?"),
                                       int_label(orphan.labels.get(L_REPLICA)), cname, "no longer declared in the config"))
     for u in units:
         info = running.get(u.name)
         if u.on_demand and (info is None or not info.running):
-            out.steps.append(Step("on-demand", u.server, u.replica, u.name, "started by its first request"))
+            out.steps.append(Action("on-demand", u.server, u.replica, u.name, "started by its first request"))
         elif info is None:
-            out.steps.append(Step("start", u.server, u.replica, u.name, "not created yet"))
+            out.steps.append(Action("start", u.server, u.replica, u.name, "not created yet"))
         elif info.labels.get(L_HASH) != u.hash:
-            out.steps.append(Step("restart", u.server, u.replica, u.name, "config or image changed"))
+            out.steps.append(Action("restart", u.server, u.replica, u.name, "config or image changed"))
         elif not info.running:
-            out.steps.append(Step("start", u.server, u.replica, u.name, f"was {info.state}"))
+            out.steps.append(Action("start", u.server, u.replica, u.name, f"was {info.state}"))
         else:
-            out.steps.append(Step("keep", u.server, u.replica, u.name, "running, unchanged"))
+            out.steps.append(Action("keep", u.server, u.replica, u.name, "running, unchanged"))
     return out

@@ -25,13 +25,13 @@ class ServiceError(Exception):
 
 
 @dataclass
-class Unit:
+class SystemdUnit:
     name: str
     path: Path
     text: str
 
 
-def unit_for(stack: str, config: Path, engine: str, home: Path) -> Unit:
+def unit_for(stack: str, config: Path, engine: str, home: Path) -> SystemdUnit:
     """The unit of stack STACK, whose services.toml is CONFIG; podllama runs from HOME's environment."""
     podllama = shutil.which("podllama") or str(Path(sys.executable).with_name("podllama"))
     name = f"podllama-{stack}.service"
@@ -53,14 +53,14 @@ TimeoutStartSec=3600
 [Install]
 WantedBy=multi-user.target
 """
-    return Unit(name, UNIT_DIR / name, text)
+    return SystemdUnit(name, UNIT_DIR / name, text)
 
 
 def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
 
 
-def install(unit: Unit) -> list[str]:
+def install(unit: SystemdUnit) -> list[str]:
     """Write the unit and, where systemd runs, enable it. Returns what was done, for the user."""
     if os.geteuid() != 0:
         raise ServiceError(f"writing {unit.path} needs root: run `sudo podllama service install`")
@@ -80,7 +80,7 @@ def install(unit: Unit) -> list[str]:
     return done
 
 
-def remove(unit: Unit) -> list[str]:
+def remove(unit: SystemdUnit) -> list[str]:
     if os.geteuid() != 0:
         raise ServiceError(f"removing {unit.path} needs root: run `sudo podllama service remove`")
     done = []

@@ -50,7 +50,7 @@ class Limits:
         self.send_timeout = gateway.send_timeout
 
 
-class Refused(Exception):
+class ParseStopped(Exception):
     """Raised in a parser callback: httptools stops, and the refusal set before it is sent."""
 
 
@@ -137,7 +137,7 @@ class LimitedProtocol(HttpToolsProtocol):
         problem = self._head_problem()
         if problem is not None:
             self._refusal = (400, problem)
-            raise Refused
+            raise ParseStopped
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions["podllama.abort"] = self.abort
         super().on_headers_complete()
@@ -211,7 +211,7 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._head_bytes > self.limits.max_header_bytes or self._head_count > self.limits.max_headers:
             self._refusal = (431, f"request line and headers over {self.limits.max_header_bytes // 1024} KiB or "
                                   f"{self.limits.max_headers} headers ([gateway] max_header_kb, max_headers)")
-            raise Refused  # httptools stops parsing; uvicorn answers through send_400_response
+            raise ParseStopped  # httptools stops parsing; uvicorn answers through send_400_response
 
     def send_400_response(self, msg: str) -> None:
         if self._refusal is None:
