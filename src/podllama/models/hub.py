@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from .. import validate
-from ..config import PROJECTOR_ROLES
+from ..config import PROJECTOR_ROLES, ServerSection
 from ..units import human
 from ..validate import MODEL_FILES
 from .store import Manifest, Store, StoredFile, StoreError, safe_name
@@ -400,7 +400,7 @@ def resolve(store: Store, text: str) -> Manifest | None:
     return next((m for m in store.manifests() if m.repo == ref.repo), None)
 
 
-def server_files(store: Store, server: Any) -> tuple[str, str | None] | None:
+def server_files(store: Store, server: ServerSection) -> tuple[str, str | None] | None:
     """The model and projector files (in STORE) that SERVER (a config's server section) runs: its hub model once
     pulled, else its fallback where that file is there; None when neither is. The one answer to "which model
     does this server run", for `podllama status`, the dashboard and the model listing alike."""

@@ -150,9 +150,10 @@ class Server:
         return True
 
     def place(self, replicas: list[Replica]) -> None:
-        """Its replicas as discovery found them."""
-        self.replicas = replicas
-        self._pulse()
+        """Its replicas as discovery found them (waiters woken only when they changed)."""
+        if replicas != self.replicas:
+            self.replicas = replicas
+            self._pulse()
 
     def _pulse(self) -> None:
         """Wake whoever waits for a change."""
@@ -237,13 +238,6 @@ class Server:
     def held(self) -> dict[str, int]:
         """What it holds per device, by the figures known."""
         return self.figure.devices if self.figure is not None else {}
-
-    def describe(self) -> dict[str, Any]:
-        """Its condition, for the management API and the dashboard."""
-        return {"phase": self.phase.value, "state": self.model_state, "in_flight": self.in_flight,
-                "waiting": self.waiters + len(self.tickets), "last_used": self.last_used or None,
-                "replicas": [{"container": r.container, "address": r.url, "state": r.state,
-                              "in_flight": r.in_flight} for r in self.replicas]}
 
 
 def _http_threads(server: ServerSection) -> int:

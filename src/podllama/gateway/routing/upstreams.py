@@ -126,6 +126,7 @@ class Registry:
         self.cfg = cfg
         self.names = names
         handles = {}
+        remembered: dict[str, dict[str, Any]] | None = None  # the state, read once for all new handles
         for name, section in cfg.routable.items():
             handle = self.handles.get(name)
             remote = cfg.remotes[name].url if name in cfg.remotes else None
@@ -133,7 +134,9 @@ class Registry:
                 saved = self._servers_saved if self.state is not None else None
                 handle = Server(name, section, saved, remote, self.orchestrated)
                 if self.state is not None:
-                    handle.recall(self.state.read().get("servers", {}))
+                    if remembered is None:
+                        remembered = self.state.read().get("servers", {})
+                    handle.recall(remembered)
             else:
                 handle.configure(section)
             handles[name] = handle
