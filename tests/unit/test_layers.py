@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import re
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -96,3 +98,47 @@ def test_the_architecture_diagram_is_drawn_from_the_code_as_it_is():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "architecture.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# Python named from outside the package: shell scripts, CI, Containerfiles, benches and the docs' commands
+OUTSIDE = ["scripts", ".ci", ".github", "containers", "bench", "docs", "README.md", "Makefile"]
+REFERENCE = re.compile(r"from (podllama(?:\.\w+)*) import ([\w, ]+)|python3? -m (podllama(?:\.\w+)+)")
+
+
+def outside_references() -> list[tuple[str, str, list[str]]]:
+    """(where, module, names) for every `from podllama… import …` and `-m podllama.…` outside src/."""
+    found = []
+    for top in OUTSIDE:
+        base = ROOT / top
+        paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+        for path in paths:
+            if path.suffix in {".png", ".jpg", ".gguf", ".json", ".lock"}:
+                continue
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                continue
+            for n, line in enumerate(text.splitlines(), 1):
+                for m in REFERENCE.finditer(line):
+                    module = m.group(1) or m.group(3)
+                    names = [x.strip() for x in (m.group(2) or "").split(",") if x.strip() and x.strip() != "as"]
+                    found.append((f"{path.relative_to(ROOT)}:{n}", module, [x.split()[0] for x in names]))
+    return found
+
+
+def test_every_name_used_from_outside_the_package_exists():
+    """A module moved inside the package must take its callers in scripts/, .ci/ and bench/ with it: the setup
+    script once imported a module from its old place and only CI found out."""
+    refs = outside_references()
+    assert any("scripts/setup.sh" in where for where, _, _ in refs)  # the walk sees the shell scripts
+    missing = []
+    for where, module, names in refs:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"{where}: {module}: {e}")
+            continue
+        for name in names:
+            if not hasattr(mod, name) and importlib.util.find_spec(f"{module}.{name}") is None:
+                missing.append(f"{where}: {module} has no {name}")
+    assert not missing, "\n".join(missing)
