@@ -23,9 +23,8 @@ import contextlib
 import logging
 import re
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 from ...access.credentials import bearer
@@ -37,6 +36,8 @@ from ..front.auth import ANONYMOUS, Caller
 from ..front.client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
 from ..front.errors import Receive, Send, error_body, send_error
 from ..front.outbox import Outbox
+from .choice import Chooser
+from .flight import Flight, Outcome, unless_gone, watch
 from .metrics import Metrics
 from .ondemand import Loader, Refused
 from .quota import OverLimit, Quota, Use
@@ -59,7 +60,6 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b
 _QUERY_OK = re.compile(rb"^[\x21-\x7e]*$")
 PATH_SAFE = "/:@!$&'()*+,;=~"
 LOG_BODY = 64 * 1024  # bytes of each body the request log keeps, with [gateway] log_bodies
-T = TypeVar("T")
 CLOSE = [(b"connection", b"close")]  # on a refusal before the body was read: it never will be
 ANSWERS = {ep.name: ep.answer for ep in ENDPOINTS}  # endpoint → the shape of its answer (where its tokens are)
 
@@ -77,47 +77,6 @@ async def _redirect(send: Send, location: str) -> None:
     await send({"type": "http.response.start", "status": 307,
                 "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
     await send({"type": "http.response.body", "body": b""})
-
-
-class Flight:
-    """One request on its way: what the disconnect watcher needs to cancel it."""
-
-    __slots__ = ("response", "finished", "disconnected", "task", "outbox", "abort")
-
-    def __init__(self, abort: Callable[[], object] | None = None) -> None:
-        self.response: Response | None = None
-        self.finished = False
-        self.disconnected = False
-        self.task = asyncio.current_task()
-        self.outbox: Outbox | None = None
-        self.abort = abort  # closes the client's connection at once (server.py puts it in the scope)
-
-    def gone(self) -> None:
-        """The client went away: stop the server's work for it and whatever waits for it."""
-        self.disconnected = True
-        if self.outbox is not None:
-            self.outbox.close()
-        if self.response is not None:
-            self.response.close()  # llama-server sees the connection go and stops
-        elif self.task is not None:
-            self.task.cancel()  # still queued for a connection: stop waiting
-
-    def close_client(self) -> None:
-        """The client fell too far behind: its connection is closed (what it has not read is lost)."""
-        if self.outbox is not None:
-            self.outbox.close()
-        if self.abort is not None:
-            self.abort()
-
-
-class Outcome:
-    """What a request came to, for the metrics and the log: its status and time to the first byte."""
-
-    __slots__ = ("status", "ttfb")
-
-    def __init__(self) -> None:
-        self.status = 502
-        self.ttfb: float | None = None
 
 
 def _pieces(spool: bodies.Spool) -> AsyncIterator[bytes]:
@@ -141,8 +100,7 @@ class Proxy:
         self.loader, self.log, self.on_trouble = loader, log, on_trouble
         self.table = RouteTable.build()  # the gateway classifies requests by it too
         self.client = Client()
-        # X-Conversation-Id → (server, the id of the key that started it): a stream is its key's alone
-        self.conversations: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.chooser = Chooser(registry)
         self.quota = Quota()  # per-key limits (gateway/quota.py)
         self.configure(gateway, server_key)
 
@@ -172,7 +130,7 @@ class Proxy:
             body = spool.data() if spool is not None and spool.in_memory else b""
             caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
             if ep.scope == "server":
-                server, why = self._server_scoped(ep, query, caller, data)
+                server, why = self.chooser.server_scoped(ep, query, caller, data)
             else:
                 model = next(iter(query.get("model", [])), None)
                 media = None
@@ -186,7 +144,7 @@ class Proxy:
                     if not body or b'"model"' in body or b'name="model"' in body or (
                             ep.multimodal and self.registry.servers_with_role(PROJECTOR_ROLES)):
                         model, media = await bodies.inspect_spool(ctype, spool, ep.multimodal, data)
-                server, why = self._choose(ep, model, media)
+                server, why = self.chooser.choose(ep, model, media)
             if server is None:
                 return await send_error(send, why[0], why[1], why[2] or None)
             await self.forward(scope, receive, send, server, ep.name, target, spool)
@@ -205,7 +163,7 @@ class Proxy:
                                                "(no '..', control characters or spaces)")
         if name not in self.registry.servers:
             caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
-            return await send_error(send, 404, f"no server named '{name}'; servers: {self._listed(caller)}")
+            return await send_error(send, 404, f"no server named '{name}'; servers: {self.chooser.listed(caller)}")
         server = self.registry.servers[name]
         if not server.kind.llama and path != "health":
             # the other programs have routes no one should reach (whisper-server's POST /load opens any path):
@@ -248,68 +206,6 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [*out, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
-
-    # -- choosing a server --------------------------------------------------------------------------------
-    def _listed(self, caller: Caller) -> str:
-        """The servers CALLER may use, for a message (a scoped key hears of no others)."""
-        return ", ".join(n for n, s in self.registry.servers.items() if caller.refusal(n, s) is None) or "none"
-
-    def _stream_of(self, conv: str, caller: Caller) -> str | None:
-        """The server of conversation CONV when CALLER's key started it."""
-        known = self.conversations.get(conv)
-        return known[0] if known is not None and known[1] == caller.id else None
-
-    def _server_scoped(self, ep: Endpoint, query: dict[str, list[str]], caller: Caller, data: Any
-                       ) -> tuple[str | None, tuple[int, str, str]]:
-        if ep.name == "stream.follow" and query.get("conv_id"):
-            known = self._stream_of(query["conv_id"][0], caller)
-            if known is None:  # another key's stream, or none: llama-server would replay anyone's
-                return None, (404, "no stream with that conv_id was started with this key", "")
-            return known, (0, "", "")
-        if ep.name == "stream.lookup":
-            ids = data.get("conversation_ids") if isinstance(data, dict) else None
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-                return None, (400, "stream lookup takes {\"conversation_ids\": [ids …]}", "")
-            servers = {self._stream_of(i, caller) for i in ids}
-            if None in servers or len(servers) != 1:
-                return None, (404, "a conversation id was not started with this key (or on another server)", "")
-            return servers.pop(), (0, "", "")
-        name = next(iter(query.get("server", [])), None)
-        if name is not None and name not in self.registry.servers:
-            return None, (404, f"no server named '{name}'; servers: {self._listed(caller)}", "")
-        model = next(iter(query.get("model", [])), None)
-        if name is None and model is not None:
-            name = self.registry.server_for_model(model)
-            if name is None:
-                return None, (404, f"model '{model}' not found; GET /v1/models lists them", "")
-        if name is not None:
-            section = self.registry.servers[name]
-            if section.role not in ep.roles:
-                return None, (400, f"server '{name}' runs {section.kind.program}, which has no {ep.paths[0]}", "")
-            return name, (0, "", "")
-        server = self.registry.default(CAPABILITY_ROLES["server"])
-        return server, (503, "no servers are configured", "")
-
-    def _choose(self, ep: Endpoint, model: str | None, media: str | None) -> tuple[str | None, tuple[int, str, str]]:
-        reg = self.registry
-        roles = ep.roles
-        if media and reg.servers_with_role((media,)):
-            roles = (media,)  # image or audio parts: only a server that can see or hear them
-        if model:
-            server = reg.server_for_model(model)
-            if server is not None:
-                role = reg.servers[server].role
-                if role in roles:
-                    return server, (0, "", "")
-                serves = sorted({p for e in ENDPOINTS if role in e.roles and e.scope == "model" for p in e.paths[:1]})
-                return None, (400, f"model '{model}' is served by server '{server}' (role {role}), which cannot "
-                              f"answer {ep.paths[0]}; it serves {', '.join(serves)}", "")
-        server = reg.default(roles)
-        if server is None:
-            needed = " or ".join(f"'{r}'" for r in roles)
-            return None, (501, f"no server here answers {ep.paths[0]}: it needs a server with role {needed}; add one "
-                          "to services.toml", "not_supported_error")
-        return server, (0, "", "")
 
     # -- request body -------------------------------------------------------------------------------------
     async def _receive(self, scope: dict[str, Any], receive: Receive, send: Send
@@ -396,7 +292,7 @@ class Proxy:
             acquired = True
 
         try:
-            await self._unless_gone(acquire(), receive, flight)
+            await unless_gone(acquire(), receive, flight)
         except Refused as e:
             self.metrics.error(endpoint, server, "unavailable")
             return await send_error(send, e.status, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
@@ -425,16 +321,13 @@ class Proxy:
             self.metrics.error(endpoint, server, "unavailable")
             return await self._unavailable(send, server)
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
-        if conv:
-            owner = self.conversations.get(conv.decode(errors="replace"))
-            if owner is not None and owner[1] != caller.id:
-                self.metrics.error(endpoint, server, "refused")
-                return await send_error(send, 409, "that X-Conversation-Id belongs to another key; choose a new one")
-            self._remember(conv.decode(errors="replace"), server, caller.id)
+        if conv and not self.chooser.claim(conv.decode(errors="replace"), server, caller):
+            self.metrics.error(endpoint, server, "refused")
+            return await send_error(send, 409, "that X-Conversation-Id belongs to another key; choose a new one")
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         outcome = Outcome()
-        watcher = asyncio.ensure_future(self._watch(receive, flight))
+        watcher = asyncio.ensure_future(watch(receive, flight))
         try:
             response, replica = await self._attempt(scope, send, server, endpoint, target, spool, flight, replica,
                                                     outcome)
@@ -588,39 +481,7 @@ class Proxy:
             replica = h.pick()
         if replica is not None or not h.coming() or not self.load_timeout:
             return replica
-        return await self._unless_gone(self.registry.wait_ready(server, self.load_timeout), receive, flight)
-
-    async def _unless_gone(self, work: Awaitable[T], receive: Receive | None, flight: Flight) -> T | None:
-        """WORK's result, or None once the client has gone (watched through RECEIVE where the body has been read
-        already; without RECEIVE the request's own watcher cancels the task)."""
-        if receive is None:
-            return await work
-        waiting = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(self._watch(receive, flight))
-        try:
-            await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the watcher cancels the request's task when the client goes
-            if not flight.disconnected:
-                raise
-        finally:
-            watcher.cancel()
-            waiting.cancel()
-        return None if flight.disconnected else waiting.result()
-
-    async def _watch(self, receive: Receive, flight: Flight) -> None:
-        """Waits for the client to go away; then closes the upstream connection (llama-server stops)."""
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                break
-        if not flight.finished:
-            flight.gone()
-
-    def _remember(self, conv: str, server: str, owner: str) -> None:
-        self.conversations[conv] = (server, owner)
-        self.conversations.move_to_end(conv)
-        while len(self.conversations) > 10000:
-            self.conversations.popitem(last=False)
+        return await unless_gone(self.registry.wait_ready(server, self.load_timeout), receive, flight)
 
     async def close(self) -> None:
         self.client.close()
