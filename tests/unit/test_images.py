@@ -1,28 +1,28 @@
 
 import pytest
 
-from podllama.build import images
-from podllama.build.images import BuildError
+from podllama.build import bases, images, ui
+from podllama.build.errors import BuildError
 
 
 def test_base_choices():
-    up = images.resolve_base("cuda", "upstream")
+    up = bases.resolve_base("cuda", "upstream")
     assert up.build.startswith("docker.io/nvidia/cuda:") and "devel" in up.build and "runtime" in up.runtime
-    local = images.resolve_base("vulkan", "local")
+    local = bases.resolve_base("vulkan", "local")
     assert local.build == local.runtime == "localhost/podllama-base:trixie" and local.kind == "local"
-    custom = images.resolve_base("cpu", "my/build:1, my/run:1")
+    custom = bases.resolve_base("cpu", "my/build:1, my/run:1")
     assert (custom.build, custom.runtime, custom.kind) == ("my/build:1", "my/run:1", "custom")
-    assert images.resolve_base("cpu", "one:1").runtime == "one:1"
+    assert bases.resolve_base("cpu", "one:1").runtime == "one:1"
     with pytest.raises(BuildError, match="no local base for 'rocm'.*--base IMAGE"):
-        images.resolve_base("rocm", "local")
+        bases.resolve_base("rocm", "local")
 
 
 def test_build_args_carry_the_gpu_targets():
-    base = images.resolve_base("cuda", "upstream")
+    base = bases.resolve_base("cuda", "upstream")
     args = images.build_args_for("cuda", base, "a" * 40, 7, "portable", "off", ["89", "90"], [])
     assert args["CUDA_ARCHITECTURES"] == "89;90" and args["LLAMA_COMMIT"] == "a" * 12
     assert args["LLAMA_BUILD_NUMBER"] == "7" and "ROCM_TARGETS" not in args
-    args = images.build_args_for("rocm", images.resolve_base("rocm", "upstream"), "b" * 40, 0, "native", "on", [], [])
+    args = images.build_args_for("rocm", bases.resolve_base("rocm", "upstream"), "b" * 40, 0, "native", "on", [], [])
     assert args["ROCM_TARGETS"] == ";".join(images.DEFAULT_ROCM_TARGETS) and args["UI"] == "on"
 
 
@@ -45,21 +45,21 @@ def fake_ui(tmp_path, script: str):
 
 
 def test_ui_is_built_with_npm_once_per_commit(tmp_path):
-    ui = fake_ui(tmp_path, "mkdir -p dist && echo built >> dist/index.html")
+    tools = fake_ui(tmp_path, "mkdir -p dist && echo built >> dist/index.html")
     log = open(tmp_path / "log", "w")
-    assert images.prepare_ui("auto", tmp_path, "c1", log, print) == ("on", "built from tools/ui with npm")
-    assert (ui / "dist" / "index.html").read_text() == "built\n"
-    state, why = images.prepare_ui("auto", tmp_path, "c1", log, print)
-    assert state == "on" and "earlier" in why and (ui / "dist" / "index.html").read_text() == "built\n"
+    assert ui.prepare_ui("auto", tmp_path, "c1", log, print) == ("on", "built from tools/ui with npm")
+    assert (tools / "dist" / "index.html").read_text() == "built\n"
+    state, why = ui.prepare_ui("auto", tmp_path, "c1", log, print)
+    assert state == "on" and "earlier" in why and (tools / "dist" / "index.html").read_text() == "built\n"
 
 
 def test_a_failing_ui_build_is_reported_not_fatal_in_auto_mode(tmp_path):
-    ui = fake_ui(tmp_path, "mkdir -p dist && exit 3")
+    tools = fake_ui(tmp_path, "mkdir -p dist && exit 3")
     log = open(tmp_path / "log", "w")
-    state, why = images.prepare_ui("auto", tmp_path, "c1", log, print)
-    assert state == "off" and "npm run build" in why and not (ui / "dist").exists()
+    state, why = ui.prepare_ui("auto", tmp_path, "c1", log, print)
+    assert state == "off" and "npm run build" in why and not (tools / "dist").exists()
     with pytest.raises(BuildError, match="npm run build"):
-        images.prepare_ui("on", tmp_path, "c1", log, print)
+        ui.prepare_ui("on", tmp_path, "c1", log, print)
 
 
 def fake_node(directory, version: str):
@@ -72,13 +72,13 @@ def fake_node(directory, version: str):
 
 def test_a_node_that_vite_cannot_run_on_is_passed_over(tmp_path):
     old, fits = fake_node(tmp_path / "old", "v18.19.0"), fake_node(tmp_path / "new", "v22.12.0")
-    npm = images.find_npm([tmp_path / "none", old, fake_node(tmp_path / "odd", "v21.7.3"), fits])
-    assert isinstance(npm, images.Npm) and npm.npm == fits / "npm" and npm.node_version == "v22.12.0"
+    npm = ui.find_npm([tmp_path / "none", old, fake_node(tmp_path / "odd", "v21.7.3"), fits])
+    assert isinstance(npm, ui.Npm) and npm.npm == fits / "npm" and npm.node_version == "v22.12.0"
     argv, env = npm.command(tmp_path)
     assert argv == [str(fits / "npm")] and env["PATH"].split(":")[0] == str(fits)  # npm's scripts run this node
-    why = images.find_npm([old])
+    why = ui.find_npm([old])
     assert isinstance(why, str) and "v18.19.0" in why and "podllama[ui]" in why
-    assert [images.node_fits(v) for v in ((20, 18, 9), (20, 19, 0), (21, 0), (22, 11, 9), (22, 12), (24, 1))] == [
+    assert [ui.node_fits(v) for v in ((20, 18, 9), (20, 19, 0), (21, 0), (22, 11, 9), (22, 12), (24, 1))] == [
         False, True, False, False, True, True]
 
 
@@ -88,8 +88,8 @@ def test_npm_beside_its_node_is_preferred(tmp_path):
     cli = tmp_path / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
     cli.parent.mkdir(parents=True)
     cli.write_text("")
-    npm = images.find_npm([bin_dir])
-    assert isinstance(npm, images.Npm) and npm.npm == cli
+    npm = ui.find_npm([bin_dir])
+    assert isinstance(npm, ui.Npm) and npm.npm == cli
     shims = tmp_path / "shims"
     shims.mkdir()
     argv, env = npm.command(shims)
@@ -98,9 +98,9 @@ def test_npm_beside_its_node_is_preferred(tmp_path):
 
 
 def test_ui_off_and_missing_npm(tmp_path):
-    assert images.prepare_ui("off", tmp_path, "c", None, print)[0] == "off"
-    none = images.find_npm([tmp_path])
-    state, why = images.prepare_ui("auto", tmp_path, "c", None, print, npm=none)
+    assert ui.prepare_ui("off", tmp_path, "c", None, print)[0] == "off"
+    none = ui.find_npm([tmp_path])
+    state, why = ui.prepare_ui("auto", tmp_path, "c", None, print, npm=none)
     assert state == "off" and why.startswith("npm not found")
     with pytest.raises(BuildError, match="cannot be met: npm not found"):
-        images.prepare_ui("on", tmp_path, "c", None, print, npm=none)
+        ui.prepare_ui("on", tmp_path, "c", None, print, npm=none)

