@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests import scripted
-from tests.helpers import flood_headers, wait_until
+from tests.helpers import control_loop, flood_headers, wait_until
 from tests.unit.conftest import recv_all
 
 CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
@@ -116,27 +116,23 @@ def test_body_caps_on_proxied_routes(gateway, upstream):
 
 
 def test_hostile_multipart_does_not_block_the_event_loop(gateway):
-    """The old model-field regex took seconds on 136 KB of these lines; /health must answer meanwhile."""
+    """The old model-field regex took seconds on 136 KB of these lines; the gateway's loop must stay free
+    meanwhile: its lag measured against an idle loop in this process (what the machine's load costs any loop),
+    so a busy machine is not taken for a stall and a real one still fails."""
     gw = gateway()
     evil = b'--b\r\nContent-Disposition: form-data; name="model"\r\n' + b"a\r\n" * 45000 + b"\r\n"
-    worst = []
-
-    def ping() -> None:
-        for _ in range(20):
-            t0 = time.monotonic()
-            gw.get("/health")
-            worst.append(time.monotonic() - t0)
-            time.sleep(0.01)
-
-    pinger = threading.Thread(target=ping)
-    pinger.start()
-    for _ in range(5):
-        gw.post("/v1/audio/transcriptions", content=evil, headers={"Content-Type": "multipart/form-data; boundary=b"})
-    big = json.dumps({"messages": [{"role": "user", "content": "y" * (8 << 20)}], "model": "tiny-chat"}).encode()
-    r = gw.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    lag = gw.gw.metrics.loop_lag
+    lag.max = 0.0
+    with control_loop() as control:
+        for _ in range(5):
+            r = gw.post("/v1/audio/transcriptions", content=evil,
+                        headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert r.status_code in (400, 413, 501), r.status_code  # refused, never a crash
+        big = json.dumps({"messages": [{"role": "user", "content": "y" * (8 << 20)}], "model": "tiny-chat"}).encode()
+        r = gw.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 200 and r.headers["x-podllama-server"] == "chat"
-    pinger.join()
-    assert max(worst) < 0.25, f"/health took {max(worst) * 1000:.0f} ms while hostile bodies were parsed"
+    assert lag.max < 0.1 + control.max, (f"the gateway's loop was held {lag.max * 1000:.0f} ms while hostile "
+                                         f"bodies were parsed (an idle loop here: {control.max * 1000:.0f} ms)")
 
 
 def test_aborted_uploads_release_their_connections(gateway, upstream):
