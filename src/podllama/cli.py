@@ -899,24 +899,29 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="A key's id or name (fro
 
 
 @app.command()
-def usage(by: Annotated[str, typer.Option(help="key | model | server | route")] = "key",
-          since: Annotated[str, typer.Option(help="A span (30m, 24h, 7d) or a date (2026-11-01)")] = "24h",
+def usage(by: Annotated[str, typer.Option(help="key | model | server | route | build | model-file")] = "key",
+          since: Annotated[str, typer.Option(help="A span (30m, 24h, 7d, 90d) or a date (2026-11-01)")] = "24h",
           cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Requests, errors, tokens and latency from the request log."""
+    """Requests, errors, tokens and latency from the usage rollups (to the minute for two days, then by the
+    hour for [gateway] usage_days); by build (llama.cpp commit) or model file (sha256) too."""
     from .access import usage as report
 
+    cfg, db = _database(cfg_path)
     try:
         start = report.since_of(since)
-        rows = report.summary(_database(cfg_path)[1], by, start)
+        rows = report.summary(db, by, start)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if as_json:
         return emit(rows)
-    table = Table(by, "requests", "errors", "prompt tokens", "completion tokens", "mean latency", "mean TTFB")
+    table = Table(by, "requests", "errors", "prompt tokens", "completion tokens", "mean latency", "p95", "mean TTFB")
     for r in rows:
         table.add_row(r[by], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
-                      _seconds(r["mean_latency_s"]), _seconds(r["mean_ttfb_s"]))
+                      _seconds(r["mean_latency_s"]), _seconds(r["p95_latency_s"]), _seconds(r["mean_ttfb_s"]))
     out.print(table if rows else f"no requests in the log since {since}")
+    gw = cfg.gateway
+    out.print(f"[dim]{db.where}: {human(db.size() or 0)}; requests kept {gw.log_days:g} days (bodies "
+              f"{min(gw.log_body_days, gw.log_days):g}), usage by the hour {gw.usage_days:g} days[/dim]")
 
 
 def _seconds(value: float | None) -> str:

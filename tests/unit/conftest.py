@@ -18,6 +18,7 @@ import uvicorn
 from podllama import config
 from podllama.gateway.app import Gateway
 from podllama.gateway.front import server
+from podllama.gateway.routing.servers import NO_LINEAGE, Lineage
 from podllama.gateway.routing.upstreams import Target
 from podllama.models import tinymodel
 from tests.scripted import Upstream
@@ -111,7 +112,8 @@ def gateway(tmp_path, upstream) -> Iterator:
     gateway(extra_toml) → Running; called once per test."""
     started: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(gateway_toml: str = "", servers: str = SERVERS, targets: dict[str, int] | None = None) -> Running:
+    def start(gateway_toml: str = "", servers: str = SERVERS, targets: dict[str, int] | None = None,
+              lineage: Lineage = NO_LINEAGE) -> Running:
         port = free_port()
         path = tmp_path / "services.toml"
         path.write_text(f'[stack]\nname = "unit"\nengine = "podman"\nmodels_dir = "models"\n'
@@ -119,7 +121,7 @@ def gateway(tmp_path, upstream) -> Iterator:
         cfg = config.load(path)
         ports = targets or {name: upstream.port for name in cfg.servers}
         gw = Gateway(cfg, supervise=False, engine_name="podman", poll_every=0.25,
-                     discover=lambda: [Target(n, f"unit-{n}-1", "127.0.0.1", p) for n, p in ports.items()])
+                     discover=lambda: [Target(n, f"unit-{n}-1", "127.0.0.1", p, lineage) for n, p in ports.items()])
         srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()

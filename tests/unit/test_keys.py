@@ -16,6 +16,7 @@ from podllama import config
 from podllama.access.database import LATEST, Database, DatabaseError
 from podllama.access.keys import KeyProblem, KeyStore, NewKey
 from podllama.access.usage import since_of, summary
+from podllama.gateway.routing.servers import Lineage
 from podllama.validate import database_url as check_url
 from podllama.validate import url_shown as shown
 from tests.helpers import wait_until
@@ -265,3 +266,30 @@ def test_switching_api_does_not_dodge_a_token_limit(gateway, upstream):
     assert r.status_code == 429 and "42 tokens" in r.json()["error"]["message"], r.text
     text = gw.get("/metrics", headers=gw.admin).text
     assert 'podllama_tokens_total{key="switcher",model="tiny-chat",type="prompt"} 20' in text, text
+
+
+def test_every_answer_is_logged_with_the_build_that_gave_it(gateway, upstream):
+    """Refusals before a server was chosen (413, 501) are rows too, counted against the key; an answered request
+    names the image, llama.cpp commit, model file and settings of the replica that answered it, and
+    /admin/requests?commit= finds the requests a build served."""
+    upstream.on("/v1/chat/completions", usage_reply(USAGE))
+    commit = "0c1e57098bba" + "0" * 28
+    gw = gateway("max_body_mb = 1", lineage=Lineage("sha256:abc", commit, "e" * 64, "cfg123"))
+    h = key(gw, "counted")
+    assert gw.post("/v1/chat/completions", json=CHAT, headers=h).status_code == 200
+    big = gw.raw(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {h['Authorization']}\r\n"
+                 "Content-Length: 5000000\r\n\r\n".encode(), 3)
+    assert big.startswith(b"HTTP/1.1 413")
+    assert gw.post("/v1/audio/speech", json={"input": "x"}, headers=h).status_code == 501  # no speech server
+    log = gw.gw.requests
+    assert wait_until(lambda: log.written == 3, 10), (log.written, log.error)
+    served = httpx.get(gw.url + "/admin/requests", params={"commit": commit[:8]}, headers=gw.admin).json()
+    assert [(r["status"], r["image"], r["model_sha256"], r["config_hash"]) for r in served["requests"]] == [
+        (200, "sha256:abc", "e" * 64, "cfg123")]
+    every = httpx.get(gw.url + "/admin/requests", headers=gw.admin).json()["requests"]
+    assert sorted(r["status"] for r in every) == [200, 413, 501] and {r["key"] for r in every} == {"counted"}
+    by_build = httpx.get(gw.url + "/admin/usage", params={"by": "build", "since": "1h"}, headers=gw.admin).json()
+    assert {r["build"]: r["requests"] for r in by_build} == {commit: 1, "-": 2}
+    assert served["log"]["bytes"] > 0 and served["log"]["retention"]["log_days"] == 30
+    bad = httpx.get(gw.url + "/admin/requests", params={"commit": "x' OR 1=1 --"}, headers=gw.admin)
+    assert bad.status_code == 422 and "hex digits" in bad.json()["error"]["message"]

@@ -181,3 +181,28 @@ def test_planning_writes_nothing(make):
     stack.apply(stack.plan(None, units), units)  # the image's flags, for the gateway container's plans
     shared = list((state / "images").glob("*.json"))
     assert len(shared) == 1 and "--model" in json.loads(shared[0].read_text())["help"]
+
+
+def test_a_replica_names_the_build_and_model_file_it_runs(make):
+    """The request log's lineage comes from the containers: the model file's sha256 from the store's manifest
+    (a label that describes and decides nothing: the config hash does not change with it), the llama.cpp
+    commit, the settings' hash and the image, as the gateway's discovery reads them from the engine."""
+    from podllama.gateway.routing.upstreams import engine_discovery
+    from podllama.models.store import Manifest, Store, StoredFile, manifest_file_name, sha256_of
+    from podllama.stack import L_SHA
+
+    stack, engine = make(CHAT)
+    plain = stack.units()[0]
+    assert plain.spec.labels[L_SHA] == ""  # a file put there by hand: no manifest, no sha256 claimed
+    sha = sha256_of(stack.cfg.models_path / "tiny.gguf")
+    manifest = Store(stack.cfg.models_path).root / ".manifests" / manifest_file_name("local/tiny")
+    Store(stack.cfg.models_path).save(Manifest("local/tiny", "import", [StoredFile("tiny.gguf", 1, sha)]))
+    try:  # (the session's shared models directory: the manifest goes again)
+        unit = stack.units()[0]
+        assert unit.spec.labels[L_SHA] == sha and unit.hash == plain.hash
+        stack.start(wait=False)
+        found = engine_discovery(stack)()
+    finally:
+        manifest.unlink()
+    assert found and found[0].lineage.model_sha256 == sha and found[0].lineage.config_hash == unit.hash
+    assert found[0].lineage.image == engine.image_id(unit.spec.image)

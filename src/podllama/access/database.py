@@ -13,18 +13,44 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..validate import database_url, url_shown
+from . import rollups
 
 SQLITE_FILE = "podllama.db"
 
-# (version, statements); a migration is never edited once released: a change is a new one
-MIGRATIONS: list[tuple[int, list[str]]] = [
+Step = str | Callable[[Any, Callable[[str], str]], None]  # a statement, or code given (connection, to_sql)
+
+
+def _backfill_rollups(conn: Any, sql: Callable[[str], str]) -> None:
+    """Rollups for the rows logged before there were rollups (once, when migration 2 is applied)."""
+    from types import SimpleNamespace
+
+    cur = conn.execute("SELECT ts, key_id, route, server, model, status, prompt_tokens, completion_tokens, latency, "
+                       "ttft FROM podllama_requests")
+    fields = ("ts", "key_id", "route", "server", "model", "status", "prompt_tokens", "completion_tokens", "latency",
+              "ttft")
+    while chunk := cur.fetchmany(10_000):
+        rows = rollups.rows_for(SimpleNamespace(**dict(zip(fields, r, strict=True)), llama_commit="",
+                                                model_sha256="") for r in chunk)
+        _many(conn, sql(rollups.UPSERT), rows)
+
+
+def _many(conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    if isinstance(conn, sqlite3.Connection):
+        conn.executemany(sql, rows)
+    else:
+        with conn.cursor() as cur:
+            cur.executemany(sql, rows)
+
+
+# (version, steps); a migration is never edited once released: a change is a new one
+MIGRATIONS: list[tuple[int, list[Step]]] = [
     (1, [
         """CREATE TABLE podllama_keys (
             id TEXT PRIMARY KEY,
@@ -58,6 +84,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             request_body TEXT,
             response_body TEXT)""",
         "CREATE INDEX podllama_requests_ts ON podllama_requests (ts)",
+    ]),
+    (2, [  # rollups, retention, lineage (which build and model file answered)
+        "ALTER TABLE podllama_requests ADD COLUMN image TEXT",
+        "ALTER TABLE podllama_requests ADD COLUMN llama_commit TEXT",
+        "ALTER TABLE podllama_requests ADD COLUMN model_sha256 TEXT",
+        "ALTER TABLE podllama_requests ADD COLUMN config_hash TEXT",
+        "CREATE INDEX podllama_requests_commit ON podllama_requests (llama_commit, ts)",
+        # the rows whose bodies are still kept, for pruning bodies without reading every row
+        "CREATE INDEX podllama_requests_bodies ON podllama_requests (ts) "
+        "WHERE request_body IS NOT NULL OR response_body IS NOT NULL",
+        *rollups.SCHEMA,
+        _backfill_rollups,
     ]),
 ]
 LATEST = MIGRATIONS[-1][0]
@@ -167,11 +205,29 @@ class Database:
             return
         sql = self._sql(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
         with self._connection() as conn, self._transaction(conn):
-            if self.postgres:
-                with conn.cursor() as cur:
-                    cur.executemany(sql, rows)
-            else:
-                conn.executemany(sql, rows)
+            _many(conn, sql, rows)
+
+    def write(self, work: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Each (statement, rows) of WORK run for its rows, all in one transaction."""
+        with self._connection() as conn, self._transaction(conn):
+            for sql, rows in work:
+                if rows:
+                    _many(conn, self._sql(sql), rows)
+
+    def some(self, table: str, where: str) -> str:
+        """A condition on TABLE's rows for at most ? of those matching WHERE (the last placeholder: how many),
+        for work done in small batches: `DELETE FROM t WHERE {some(t, "ts < ?")}`."""
+        row = "ctid" if self.postgres else "rowid"
+        return f"{row} IN (SELECT {row} FROM {table} WHERE {where} LIMIT ?)"
+
+    def size(self) -> int | None:
+        """Bytes the database takes on disk (its file and journal; in Postgres, podllama's tables and indexes)."""
+        if self.postgres:
+            rows = self.query("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                              "WHERE c.relkind = 'r' AND left(c.relname, 9) = 'podllama_'")
+            return int(rows[0][0])
+        path = Path(self.url[len("sqlite:///") - 1:])
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) or None
 
     @contextmanager
     def _transaction(self, conn: Any) -> Iterator[None]:
@@ -199,10 +255,13 @@ class Database:
                 if current > LATEST:
                     raise DatabaseError(f"database {self.where} has schema version {current}, newer than this "
                                         f"podllama knows ({LATEST}); update podllama")
-                for version, statements in MIGRATIONS:
+                for version, steps in MIGRATIONS:
                     if version > current:
-                        for statement in statements:
-                            conn.execute(statement)
+                        for step in steps:
+                            if isinstance(step, str):
+                                conn.execute(step)
+                            else:
+                                step(conn, self._sql)
                         conn.execute(self._sql("INSERT INTO podllama_schema (version) VALUES (?)"), (version,))
         except self._errors() as e:
             self._drop()

@@ -145,6 +145,9 @@ class GatewaySection(_Model):
     database: str | None = None
     log_requests: bool = True  # one row per request in the database (time, key, route, tokens, latency …)
     log_bodies: bool = False  # and the first 64 KiB of each request's and answer's body
+    log_days: Annotated[float, Field(gt=0)] = 30  # rows kept this long, then pruned (usage stays in the rollups)
+    log_body_days: Annotated[float, Field(gt=0)] = 7  # logged bodies kept this long (never longer than the rows)
+    usage_days: Annotated[float, Field(gt=0)] = 400  # hourly usage rollups kept this long
 
     @property
     def url(self) -> str:

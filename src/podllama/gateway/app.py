@@ -29,6 +29,7 @@ from starlette.routing import Match
 from .. import __version__, config
 from ..access.credentials import Credentials
 from ..access.keys import Key
+from ..access.retention import Retention
 from ..api import ADMIN_PREFIX
 from ..config import ServerSection
 from ..engine import CliEngine, get_engine
@@ -87,7 +88,8 @@ class Gateway:
         self.registry = Registry(cfg, discover or engine_discovery(self.stack), self.stack.state, orchestrated)
         # the database (keys, the request log), read and written by the request log's own thread
         self.database = self.credentials.database(cfg)
-        self.requests = RequestLog(self.database, self._stored_keys, enabled=cfg.gateway.log_requests)
+        self.requests = RequestLog(self.database, self._stored_keys, enabled=cfg.gateway.log_requests,
+                                   retention=Retention.of(cfg.gateway))
         self.metrics = Metrics(log_state=lambda: (self.requests.written, self.requests.waiting, self.requests.dropped))
         self.loader = Loader(self.stack, self.registry, cfg.gateway.load_timeout, self.credentials.server_key())
         # the supervisor leaves alone a server the gateway is loading (its exit is the load's to report), and a
@@ -165,6 +167,7 @@ class Gateway:
         keys.stored, keys.made = self.keys.stored, self.keys.made  # the database keys as last read
         self.keys = keys
         self.requests.enabled = cfg.gateway.log_requests
+        self.requests.retention = Retention.of(cfg.gateway)
         database = self.credentials.database(cfg)
         if database.url != self.database.url:  # moved: keys and rows go to the new one from the next round
             self.database = database

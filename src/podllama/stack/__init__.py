@@ -16,6 +16,7 @@ from .spec import (
     L_REPLICA,
     L_ROLE,
     L_SERVER,
+    L_SHA,
     L_STACK,
     ROLE_FLAGS,
     SERVER_PORT,
@@ -29,5 +30,5 @@ from .spec import (
 )
 
 __all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
-           "L_ROLE", "L_SERVER", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "GatewayContainer", "Plan", "Stack", "StackError",
-           "Action", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]
+           "L_ROLE", "L_SERVER", "L_SHA", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "GatewayContainer", "Plan", "Stack",
+           "StackError", "Action", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]

@@ -35,6 +35,7 @@ from .spec import (
     L_REPLICA,
     L_ROLE,
     L_SERVER,
+    L_SHA,
     L_STACK,
     SERVER_PORT,
     SLOTS_IN_CONTAINER,
@@ -291,6 +292,7 @@ class Stack:
         is made), so planning and a dry run leave the disk as it was."""
         out: list[Unit] = []
         known: dict[str, flags.FlagSet] = {}
+        sha256 = {f.path: f.sha256 for m in self.store.manifests() for f in m.files}  # for the request log
         secret = Mount(str(self.credentials.path("server.key")), SERVER_KEY_IN_CONTAINER, read_only=True)
         for name in self.select(names):
             server = self.cfg.servers[name]
@@ -323,7 +325,7 @@ class Stack:
                     name=container_name(self.name, name, replica), image=image, args=argv,
                     labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
-                            L_FILE: model, L_CHOSEN: "; ".join(notes)},
+                            L_FILE: model, L_SHA: sha256.get(model, ""), L_CHOSEN: "; ".join(notes)},
                     env=server_env(server), network=self.network, network_aliases=[name],
                     mounts=mounts, gpu=gpu,
                     groups=[str(SERVER_GID)],

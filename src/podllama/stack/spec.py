@@ -28,6 +28,7 @@ L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
 L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
 L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
 L_FILE, L_CHOSEN = "podllama.model-file", "podllama.chosen"
+L_SHA = "podllama.model-sha256"  # the model file's sha256 from the store's manifest: says which, decides nothing
 
 
 class StackError(Exception):
@@ -110,7 +111,7 @@ def spec_hash(spec: ContainerSpec, image_id: str) -> str:
     """What decides whether a running container still matches the config (the image by id, so a moved tag
     counts as a change)."""
     data = asdict(spec) | {"image": image_id, "name": None}
-    data["labels"] = {k: v for k, v in spec.labels.items() if k != L_HASH}
+    data["labels"] = {k: v for k, v in spec.labels.items() if k not in (L_HASH, L_SHA)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

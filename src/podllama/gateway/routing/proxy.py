@@ -120,9 +120,10 @@ class Proxy:
         """A route of the table."""
         target = target_of(scope["path"], scope["query_string"])
         if target is None:
-            return await send_error(send, 400, "the request path or query holds control characters or spaces")
+            return await self._refuse(scope, send, ep.name, None, 400,
+                                      "the request path or query holds control characters or spaces")
         query = parse_qs(scope["query_string"].decode("latin-1")) if scope["query_string"] else {}
-        ok, spool, data = await self._receive(scope, receive, send)
+        ok, spool, data = await self._receive(scope, receive, send, ep.name)
         if not ok:
             return
         try:
@@ -136,7 +137,7 @@ class Proxy:
                 media = None
                 if spool is not None and ep.image_limits and (problem_text := await bodies.image_problem_of(
                         ctype, spool, self.max_images, self.max_image_side)):
-                    return await send_error(send, 400, problem_text)
+                    return await self._refuse(scope, send, ep.name, None, 400, problem_text, spool=spool)
                 # the model a body names decides; a large body (in a file) is read back only when several
                 # servers could take it and only the body can tell which
                 if spool is not None and ep.body_model and model is None and (
@@ -146,7 +147,7 @@ class Proxy:
                         model, media = await bodies.inspect_spool(ctype, spool, ep.multimodal, data)
                 server, why = self.chooser.choose(ep, model, media)
             if server is None:
-                return await send_error(send, why[0], why[1], why[2] or None)
+                return await self._refuse(scope, send, ep.name, None, why[0], why[1], why[2] or None, spool=spool)
             await self.forward(scope, receive, send, server, ep.name, target, spool)
         finally:
             if spool is not None:
@@ -159,21 +160,22 @@ class Proxy:
         segments = path.split("/")
         target = target_of("/" + path, scope["query_string"])
         if not NAME_RE.match(name) or ".." in segments or "." in segments or "\\" in path or target is None:
-            return await send_error(send, 400, "the path is not /servers/NAME/PATH with a plain server name and path "
-                                               "(no '..', control characters or spaces)")
+            return await self._refuse(scope, send, "passthrough", None, 400, "the path is not /servers/NAME/PATH "
+                                      "with a plain server name and path (no '..', control characters or spaces)")
         if name not in self.registry.servers:
             caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
-            return await send_error(send, 404, f"no server named '{name}'; servers: {self.chooser.listed(caller)}")
+            return await self._refuse(scope, send, "passthrough", None, 404,
+                                      f"no server named '{name}'; servers: {self.chooser.listed(caller)}")
         server = self.registry.servers[name]
         if not server.kind.llama and path != "health":
             # the other programs have routes no one should reach (whisper-server's POST /load opens any path):
             # only those of the route table for its role
             ep = self.table.match(scope["method"], "/" + path)
             if ep is None or ep.scope != "model" or server.role not in ep.roles:
-                return await send_error(send, 404, f"server '{name}' runs {server.kind.program}: through "
-                                                   f"/servers/{name}/ only /health and the routes of role "
-                                                   f"'{server.role}' in /help")
-        ok, spool, _ = await self._receive(scope, receive, send)
+                return await self._refuse(scope, send, "passthrough", name, 404,
+                                          f"server '{name}' runs {server.kind.program}: through /servers/{name}/ only "
+                                          f"/health and the routes of role '{server.role}' in /help")
+        ok, spool, _ = await self._receive(scope, receive, send, "passthrough")
         if not ok:
             return
         try:
@@ -208,7 +210,7 @@ class Proxy:
         await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
     # -- request body -------------------------------------------------------------------------------------
-    async def _receive(self, scope: dict[str, Any], receive: Receive, send: Send
+    async def _receive(self, scope: dict[str, Any], receive: Receive, send: Send, endpoint: str
                        ) -> tuple[bool, bodies.Spool | None, Any]:
         """(True, the whole body, its JSON value when it was cheap to read) before anything else — (True, None,
         None) when the request has none; (False, None, None) when the client left or an error was answered: too
@@ -220,19 +222,21 @@ class Proxy:
             return True, None, None
         refusal = bodies.refused_by_head(scope["headers"], self.max_body)
         if refusal is not None:
-            await send_error(send, *refusal, None, CLOSE)
+            await self._refuse(scope, send, endpoint, None, *refusal, None, CLOSE)
             return False, None, None
         try:
             spool = await bodies.receive_whole(receive, self.max_body)
         except UpstreamError as e:
             if e.status != 499:
-                await send_error(send, e.status, str(e))
+                await self._refuse(scope, send, endpoint, None, e.status, str(e))
+            else:  # the client left before its body was whole: nothing to answer, a line all the same
+                self._log(scope, endpoint, None, 499, time.time(), None)
             return False, None, None
         ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
         data, problem = bodies.read_json(spool.data()) if spool.in_memory and b"json" in ctype else (None, None)
         if problem is not None:
+            await self._refuse(scope, send, endpoint, None, problem.status, str(problem), spool=spool)
             spool.close()
-            await send_error(send, problem.status, str(problem))
             return False, None, None
         return True, spool, data
 
@@ -255,14 +259,13 @@ class Proxy:
         section = self.registry.servers.get(server)
         why = caller.refusal(server, section) if section is not None else None
         if why is not None:
-            self._log(scope, caller, server, self._model(server), endpoint, 403, time.time(), spool)
-            return await send_error(send, 403, why)
+            return await self._refuse(scope, send, endpoint, server, 403, why, spool=spool)
         try:
             with self.limited(caller) as use:
                 await self._load_and_forward(scope, receive, send, server, endpoint, target, spool, caller, use)
         except OverLimit as e:
-            self._log(scope, caller, server, self._model(server), endpoint, 429, time.time(), spool)
-            return await send_error(send, 429, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
+            return await self._refuse(scope, send, endpoint, server, 429, str(e), None,
+                                      [(b"retry-after", str(e.retry_after).encode())], spool)
 
     @contextlib.contextmanager
     def limited(self, caller: Caller) -> Iterator[Use | None]:
@@ -295,11 +298,13 @@ class Proxy:
             await unless_gone(acquire(), receive, flight)
         except Refused as e:
             self.metrics.error(endpoint, server, "unavailable")
-            return await send_error(send, e.status, str(e), None, [(b"retry-after", str(e.retry_after).encode())])
+            return await self._refuse(scope, send, endpoint, server, e.status, str(e), None,
+                                      [(b"retry-after", str(e.retry_after).encode())], spool)
         except TimeoutError:
             self.metrics.error(endpoint, server, "unavailable")
-            return await send_error(send, 503, f"server '{server}' is still loading after {self.load_timeout:.0f}s "
-                                    "([gateway] load_timeout); try again shortly", None, [(b"retry-after", b"5")])
+            return await self._refuse(scope, send, endpoint, server, 503, f"server '{server}' is still loading after "
+                                      f"{self.load_timeout:.0f}s ([gateway] load_timeout); try again shortly", None,
+                                      [(b"retry-after", b"5")], spool)
         if not acquired:  # the client went away while it loaded
             return
         try:
@@ -319,11 +324,12 @@ class Proxy:
             if flight.disconnected:
                 return
             self.metrics.error(endpoint, server, "unavailable")
-            return await self._unavailable(send, server)
+            return await self._refuse(scope, send, endpoint, server, 503, *self._unavailable(server), spool)
         conv = next((v for k, v in scope["headers"] if k == b"x-conversation-id"), None)
         if conv and not self.chooser.claim(conv.decode(errors="replace"), server, caller):
             self.metrics.error(endpoint, server, "refused")
-            return await send_error(send, 409, "that X-Conversation-Id belongs to another key; choose a new one")
+            return await self._refuse(scope, send, endpoint, server, 409, "that X-Conversation-Id belongs to another "
+                                      "key; choose a new one", spool=spool)
         key = (endpoint, server)
         self.metrics.in_flight[key] += 1
         outcome = Outcome()
@@ -344,10 +350,9 @@ class Proxy:
             prompt, completion = tally.tokens()
             if use is not None:
                 use.tokens = (prompt or 0) + (completion or 0)
-            model = self._model(server)
-            self.metrics.usage(caller.name, model, prompt, completion)
-            self._log(scope, caller, server, model, endpoint, outcome.status, at, spool, prompt, completion, latency,
-                      outcome.ttfb, tally)
+            self.metrics.usage(caller.name, self._model(server), prompt, completion)
+            self._log(scope, endpoint, server, outcome.status, at, spool, prompt, completion, latency, outcome.ttfb,
+                      tally, replica)
 
     async def _attempt(self, scope: dict[str, Any], send: Send, server: str, endpoint: str, target: bytes,
                        spool: bodies.Spool | None, flight: Flight, replica: Replica, outcome: Outcome
@@ -395,7 +400,7 @@ class Proxy:
                             return None, replica
                         outcome.status = 503
                         self.metrics.error(endpoint, server, "unavailable")
-                        await self._unavailable(send, server, f"{e}; ")
+                        await send_error(send, 503, *self._unavailable(server, f"{e}; "))
                         return None, replica
                 outcome.status = e.status
                 self.metrics.error(endpoint, server, e.kind)
@@ -446,19 +451,32 @@ class Proxy:
         section = self.registry.servers.get(server)
         return (section.alias if section is not None else None) or server
 
-    def _log(self, scope: dict[str, Any], caller: Caller, server: str, model: str, endpoint: str, status: int,
-             at: float, spool: bodies.Spool | None, prompt: int | None = None, completion: int | None = None,
-             latency: float = 0.0, ttfb: float | None = None, tally: Tally | None = None) -> None:
+    async def _refuse(self, scope: dict[str, Any], send: Send, endpoint: str, server: str | None, status: int,
+                      message: str, etype: str | None = None, headers: list[tuple[bytes, bytes]] | None = None,
+                      spool: bodies.Spool | None = None) -> None:
+        """An answer of the gateway's own where a server's would have been: sent, and logged like any other (a
+        refusal counts in a key's usage as what it is)."""
+        self._log(scope, endpoint, server, status, time.time(), spool)
+        await send_error(send, status, message, etype, headers or [])
+
+    def _log(self, scope: dict[str, Any], endpoint: str, server: str | None, status: int, at: float,
+             spool: bodies.Spool | None, prompt: int | None = None, completion: int | None = None,
+             latency: float = 0.0, ttfb: float | None = None, tally: Tally | None = None,
+             replica: Replica | None = None) -> None:
         if self.log is None or not self.log.enabled:
             return
+        caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
         keep = self.log_bodies
         body = spool.head(keep) if keep and spool is not None else b""
-        self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server, model, status,
-                         prompt, completion, latency, ttfb, spool.size if spool else 0, tally.size if tally else 0,
+        self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server,
+                         self._model(server) if server else None, status, prompt, completion, latency, ttfb,
+                         spool.size if spool else 0, tally.size if tally else 0,
                          body.decode(errors="replace") if body else None,
-                         tally.kept.decode(errors="replace") if keep and tally and tally.kept else None))
+                         tally.kept.decode(errors="replace") if keep and tally and tally.kept else None,
+                         *(replica.lineage if replica is not None else ())))
 
-    async def _unavailable(self, send: Send, server: str, before: str = "") -> None:
+    def _unavailable(self, server: str, before: str = "") -> tuple[str, None, list[tuple[bytes, bytes]]]:
+        """Why SERVER cannot answer now: the message, and when to try again."""
         h = self.registry[server]
         loading = h.health() == LOADING
         if loading:
@@ -467,8 +485,8 @@ class Proxy:
             what = f"did not come back within {self.load_timeout:.0f}s ([gateway] load_timeout)"
         else:
             what = f"is {h.expected() or 'not running'}"
-        await send_error(send, 503, f"server '{server}': {before}it {what}; try again shortly (`podllama status` "
-                         "tells more)", None, [(b"retry-after", b"5" if loading else b"10")])
+        return (f"server '{server}': {before}it {what}; try again shortly (`podllama status` tells more)", None,
+                [(b"retry-after", b"5" if loading else b"10")])
 
     async def _replica(self, server: str, receive: Receive | None, flight: Flight) -> Replica | None:
         """A healthy replica of SERVER; while it loads or comes back after a restart, waited for up to

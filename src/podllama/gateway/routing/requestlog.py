@@ -8,6 +8,10 @@ transaction per request. When the database is slow, the queue fills meanwhile; w
 tried again (every RETRY seconds, at most), so rows made during an outage are written once it is back — as
 long as they fit in the queue. The same thread reads the database keys every KEYS_EVERY seconds, so that a
 key made or revoked by the CLI is seen without a restart, and a slow database never holds up the event loop.
+
+Each batch adds its requests to the usage rollups (access/rollups.py) in the same transaction, and every
+PRUNE_EVERY seconds the thread prunes what retention says is old (access/retention.py), a batch at a time
+between its writes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ...access import rollups
 from ...access.database import Database, DatabaseError
 from ...access.keys import Key, KeyStore
+from ...access.retention import BATCH as BATCH_PRUNE
+from ...access.retention import Retention, prune
 
 log = logging.getLogger("podllama.gateway")
 
@@ -29,6 +36,7 @@ BATCH = 1000
 FLUSH_EVERY = 0.25
 RETRY = 2.0
 KEYS_EVERY = 2.0
+PRUNE_EVERY = 60.0
 
 
 class Row(NamedTuple):
@@ -47,18 +55,26 @@ class Row(NamedTuple):
     bytes_out: int
     request_body: str | None = None
     response_body: str | None = None
+    # which build and model file answered (servers.Lineage; empty where it was not known, or no server answered)
+    image: str = ""
+    llama_commit: str = ""
+    model_sha256: str = ""
+    config_hash: str = ""
 
 
 TABLE = "podllama_requests"
+INSERT = f"INSERT INTO {TABLE} ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))})"
 
 
 class RequestLog:
     def __init__(self, db: Database, on_keys: Callable[[dict[str, Key], bool], None], capacity: int = CAPACITY,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, retention: Retention | None = None) -> None:
         """ON_KEYS: given the usable database keys (by hash), and whether any key was ever made, whenever they
         have been read."""
         self.db, self.on_keys = db, on_keys
         self.enabled = enabled
+        self.retention = retention or Retention()
+        self.pruned: dict[str, int] = {}  # rows each kind of pruning has touched since the start
         self.capacity = capacity
         self.queue: deque[Row] = deque()
         self.written = 0
@@ -105,18 +121,27 @@ class RequestLog:
         return True
 
     def recent(self, seconds: float) -> list[tuple[str, float, int]]:
-        """(key id, time, tokens) of the requests of the last SECONDS made with a key (to fill the limits)."""
+        """(key id, time, tokens) for the requests made with a key in the last SECONDS, from the minute rollups
+        (to fill the limits at start): a minute bucket's requests count as made at its end (or now), so a restart
+        never gives a key a fresher minute than it had — at most a stricter one. One entry per request; its
+        bucket's tokens on the first."""
+        now = time.time()
         try:
-            rows = self.db.query("SELECT key_id, ts, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0) "
-                                 "FROM podllama_requests WHERE ts > ? AND key_id IS NOT NULL",
-                                 (time.time() - seconds,))
+            rows = self.db.query(f"SELECT key_id, bucket, SUM(requests), SUM(prompt_tokens + completion_tokens) "
+                                 f"FROM {rollups.TABLE} WHERE span = ? AND bucket > ? AND key_id <> '' "
+                                 "GROUP BY key_id, bucket", (rollups.MINUTE, now - seconds - rollups.MINUTE))
         except DatabaseError as e:
             self._failed(e)
             return []
-        return [(str(k), float(t), int(n)) for k, t, n in rows]
+        out = []
+        for key_id, bucket, requests, tokens in rows:
+            at = min(float(bucket) + rollups.MINUTE, now)
+            out += [(str(key_id), at, int(tokens or 0) if i == 0 else 0) for i in range(int(requests))]
+        return out
 
     def _run(self) -> None:
         next_keys = retry_at = 0.0
+        next_prune = time.monotonic() + FLUSH_EVERY
         while True:
             while self._old:
                 self._old.pop().close()
@@ -130,6 +155,8 @@ class RequestLog:
             if not self._pending:
                 if stopping:
                     return
+                if now >= next_prune and self.error is None:
+                    next_prune = now + (FLUSH_EVERY if self._prune() else PRUNE_EVERY)
                 self._stop.wait(FLUSH_EVERY)
                 continue
             if time.monotonic() < retry_at:
@@ -138,7 +165,7 @@ class RequestLog:
                 self._stop.wait(FLUSH_EVERY)
                 continue
             try:
-                self.db.insert_many(TABLE, Row._fields, self._pending)
+                self.db.write([(INSERT, self._pending), (rollups.UPSERT, rollups.rows_for(self._pending))])
             except DatabaseError as e:
                 self._failed(e)
                 retry_at = time.monotonic() + RETRY
@@ -152,6 +179,17 @@ class RequestLog:
                 self.error = None
             if not self.queue and not stopping:
                 self._stop.wait(FLUSH_EVERY)
+
+    def _prune(self) -> bool:
+        """One batch of pruning; True when there is more to do."""
+        try:
+            done = prune(self.db, self.retention)
+        except DatabaseError as e:
+            self._failed(e)
+            return False
+        for kind, n in done.items():
+            self.pruned[kind] = self.pruned.get(kind, 0) + n
+        return any(n >= BATCH_PRUNE for n in done.values())
 
     def _failed(self, e: DatabaseError) -> None:
         if self.error is None:

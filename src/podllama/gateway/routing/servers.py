@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ...config import ServerSection
 from ...engine.health import DOWN, LOADING, OK
@@ -51,6 +51,19 @@ class BadMove(RuntimeError):
     """A transition MOVES does not allow: a bug in the caller, never a client's doing."""
 
 
+class Lineage(NamedTuple):
+    """Which build and model file a replica runs, for the request log: its image's id, llama.cpp commit, model
+    file's sha256 and the settings' hash (empty where discovery could not tell: remote servers, DNS)."""
+
+    image: str = ""
+    llama_commit: str = ""
+    model_sha256: str = ""
+    config_hash: str = ""
+
+
+NO_LINEAGE = Lineage()
+
+
 @dataclass
 class Replica:
     server: str
@@ -60,6 +73,7 @@ class Replica:
     state: str = DOWN  # health.OK | LOADING | DOWN | error:<status>
     in_flight: int = 0
     changed: float = field(default_factory=time.monotonic)
+    lineage: Lineage = field(default_factory=lambda: NO_LINEAGE)
 
     @property
     def url(self) -> str:

@@ -21,10 +21,10 @@ from ...access.credentials import bearer
 from ...config import Config, ConfigError, ServerSection
 from ...engine import EngineError
 from ...engine.health import DOWN, OK, STATES
-from ...stack import L_KIND, L_REPLICA, L_SERVER, SERVER_PORT, Stack, dns_hosts
+from ...stack import L_COMMIT, L_HASH, L_KIND, L_REPLICA, L_SERVER, L_SHA, SERVER_PORT, Stack, dns_hosts
 from ...stack.state import StackState
 from ..front.client import Client, UpstreamError
-from .servers import Replica, Server
+from .servers import NO_LINEAGE, Lineage, Replica, Server
 
 log = logging.getLogger("podllama.gateway")
 
@@ -37,6 +37,7 @@ class Target:
     container: str
     host: str
     port: int = SERVER_PORT
+    lineage: Lineage = NO_LINEAGE
 
 
 Discover = Callable[[], list[Target] | None]  # None: could not look (the engine did not answer)
@@ -51,8 +52,9 @@ def engine_discovery(stack: Stack) -> Discover:
             log.warning("cannot list the stack's containers: %s", e)
             return None
         ordered = sorted(infos, key=lambda i: (i.labels.get(L_SERVER, ""), int(i.labels.get(L_REPLICA, "0") or 0)))
-        return [Target(i.labels[L_SERVER], i.name, i.ip) for i in ordered
-                if i.labels.get(L_SERVER) and i.running and i.ip]
+        return [Target(i.labels[L_SERVER], i.name, i.ip, lineage=Lineage(
+                    i.image_id, i.labels.get(L_COMMIT, ""), i.labels.get(L_SHA, ""), i.labels.get(L_HASH, "")))
+                for i in ordered if i.labels.get(L_SERVER) and i.running and i.ip]
     return discover
 
 
@@ -204,7 +206,7 @@ class Registry:
         found = await asyncio.to_thread(self.discover)
         old = {r.container: r for h in self.handles.values() for r in h.replicas}
         if found is None:  # the engine did not answer: its servers as last seen, the remote ones as configured
-            found = [Target(r.server, r.container, r.host, r.port) for r in old.values()
+            found = [Target(r.server, r.container, r.host, r.port, r.lineage) for r in old.values()
                      if not r.container.startswith(REMOTE)]
         found = [*found, *(Target(n, REMOTE + n, r.host, r.port) for n, r in self.cfg.remotes.items())]
         placed: dict[str, list[Replica]] = {name: [] for name in self.handles}
@@ -216,6 +218,7 @@ class Registry:
             if prev is None or prev.host != t.host or prev.port != t.port:
                 prev = Replica(t.server, t.container, t.host, t.port)
                 new.append(prev)
+            prev.lineage = t.lineage
             placed[t.server].append(prev)
         await asyncio.gather(*(self._probe(r) for r in new))
         for name, replicas in placed.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -65,17 +66,26 @@ def router(database: Callable[[], Database], requests: RequestLog, stack: Stack)
         return dict(key.public())
 
     @access.get("/usage")
-    def get_usage(by: str = Query("key", description="key | model | server | route"),
-                  since: str = Query("24h", description="a span (30m, 24h, 7d) or a date")) -> list[dict[str, Any]]:
-        """Requests, errors, tokens and latency from the request log."""
+    def get_usage(by: str = Query("key", description="key | model | server | route | build | model-file"),
+                  since: str = Query("24h", description="a span (30m, 24h, 7d, 90d) or a date")
+                  ) -> list[dict[str, Any]]:
+        """Requests, errors, tokens and latency (mean, p50, p95) from the usage rollups: to the minute for the
+        last two days, to the hour before; by build (llama.cpp commit) or model file (sha256) too."""
         return list(database_call(lambda: usage.summary(database(), by, usage.since_of(since))))
 
     @access.get("/requests")
-    def get_requests(limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
-        """The last requests, newest first (no bodies), and the request log's own state."""
+    def get_requests(limit: int = Query(100, ge=1, le=1000),
+                     commit: str | None = Query(None, description="only those a build of this llama.cpp commit "
+                                                "(or its prefix, 4 hex digits at least) answered")
+                     ) -> dict[str, Any]:
+        """The last requests, newest first (no bodies), with the build, model file and settings that answered
+        each; and the request log's own state: rows written, waiting, dropped, pruned, the database's size and
+        how long it keeps what."""
         log = requests
-        return {"requests": database_call(lambda: usage.recent(database(), limit)),
+        return {"requests": database_call(lambda: usage.recent(database(), limit, commit)),
                 "log": {"enabled": log.enabled, "written": log.written, "waiting": log.waiting,
-                        "dropped": log.dropped, "error": log.error, "database": database().where}}
+                        "dropped": log.dropped, "error": log.error, "database": database().where,
+                        "bytes": database_call(lambda: database().size()), "pruned": dict(log.pruned),
+                        "retention": asdict(log.retention)}}
 
     return access
