@@ -209,17 +209,24 @@ async function loadRequests() {
   $("usage-rows").replaceChildren(...usage.map((u) => el("tr", {},
     el("td", {}, u[by]), el("td", { class: "num" }, String(u.requests)), el("td", { class: "num" }, String(u.errors)),
     el("td", { class: "num" }, String(u.prompt_tokens)), el("td", { class: "num" }, String(u.completion_tokens)),
-    el("td", { class: "num" }, seconds(u.mean_latency_s)))));
+    el("td", { class: "num" }, seconds(u.mean_latency_s)),
+    el("td", { class: "num" }, u.p95_latency_s == null ? (u.requests ? "> 30 s" : "-") : `≤ ${seconds(u.p95_latency_s)}`))));
   chart(usage, by);
   const log = recent.log;
   $("log-state").textContent = `log: ${log.enabled ? "on" : "off"}, ${log.written} written, ${log.waiting} waiting, ` +
-    `${log.dropped} dropped${log.error ? ` — ${log.error}` : ""}`;
+    `${log.dropped} dropped${log.error ? ` — ${log.error}` : ""}; ${mib(log.bytes)} on disk, rows kept ` +
+    `${log.retention.log_days} days, usage ${log.retention.usage_days} days`;
   $("requests-rows").replaceChildren(...recent.requests.map((r) => el("tr", {},
     el("td", {}, new Date(r.ts * 1000).toLocaleTimeString()), el("td", {}, r.key ?? "-"), el("td", {}, r.route),
     el("td", {}, r.model ?? "-"), el("td", { class: r.status >= 400 ? "state-failed" : "" }, String(r.status)),
     el("td", { class: "num" }, r.prompt_tokens == null && r.completion_tokens == null ? "-"
       : `${r.prompt_tokens ?? "?"} + ${r.completion_tokens ?? "?"}`),
-    el("td", { class: "num" }, seconds(r.latency)))));
+    el("td", { class: "num" }, seconds(r.latency)),
+    el("td", { title: r.image ?? "" }, r.llama_commit ? r.llama_commit.slice(0, 12) : "-"))));
+}
+
+function mib(bytes) {
+  return bytes == null ? "?" : bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 }
 
 function chart(usage, by) {
