@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from podllama.engine import CliEngine, ContainerSpec, Mount, get_engine
 from podllama.engine.health import wait_healthy
 from podllama.models import tinymodel
 from tests.helpers import ROOT, podllama
+from tests.postgres import Postgres
 
 
 def base_choice(engine: CliEngine) -> str:
@@ -257,3 +260,14 @@ def stack_files(tmp_path, models_dir, cpu_image):
     yield make
     for sf in made:
         sf.run("down", check=False)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A real Postgres of its own (tests/postgres.py) for the module's tests."""
+    d = Path(tempfile.mkdtemp(prefix="podllama-pg-", dir="/var/tmp"))
+    os.chmod(d, 0o755)  # the postgres user runs the server inside
+    pg = Postgres(d / "cluster", free_port()).init()
+    yield pg
+    pg.stop()
+    shutil.rmtree(d, ignore_errors=True)

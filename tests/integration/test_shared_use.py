@@ -5,32 +5,18 @@ llama-server reported, `podllama usage`, and a database stopped under load that 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from podllama.access.database import Database, DatabaseError
 from tests.helpers import wait_until
-from tests.integration.conftest import free_port
-from tests.postgres import Postgres
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    d = Path(tempfile.mkdtemp(prefix="podllama-pg-", dir="/var/tmp"))
-    os.chmod(d, 0o755)  # the postgres user runs the server inside
-    pg = Postgres(d / "cluster", free_port()).init()
-    yield pg
-    pg.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -3,27 +3,10 @@ from the minute rollups) on a real Postgres: the distribution's server, a cluste
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from podllama.access.database import Database
-from tests.integration.conftest import free_port
-from tests.postgres import Postgres
 from tests.unit.test_usage import CHECKS
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    d = Path(tempfile.mkdtemp(prefix="podllama-pg-", dir="/var/tmp"))
-    os.chmod(d, 0o755)  # the postgres user runs the server inside
-    pg = Postgres(d / "cluster", free_port()).init()
-    yield pg
-    pg.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
