@@ -917,11 +917,17 @@ def usage(by: Annotated[str, typer.Option(help="key | model | server | route | b
     table = Table(by, "requests", "errors", "prompt tokens", "completion tokens", "mean latency", "p95", "mean TTFB")
     for r in rows:
         table.add_row(r[by], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
-                      _seconds(r["mean_latency_s"]), _seconds(r["p95_latency_s"]), _seconds(r["mean_ttfb_s"]))
+                      _seconds(r["mean_latency_s"]), _p95(r), _seconds(r["mean_ttfb_s"]))
     out.print(table if rows else f"no requests in the log since {since}")
     gw = cfg.gateway
     out.print(f"[dim]{db.where}: {human(db.size() or 0)}; requests kept {gw.log_days:g} days (bodies "
               f"{min(gw.log_body_days, gw.log_days):g}), usage by the hour {gw.usage_days:g} days[/dim]")
+
+
+def _p95(row: dict[str, Any]) -> str:
+    """The bucket's upper edge the 95th percentile falls under."""
+    p95 = row["p95_latency_s"]
+    return ("> 30 s" if row["requests"] else "-") if p95 is None else f"≤ {_seconds(p95)}"
 
 
 def _seconds(value: float | None) -> str:
