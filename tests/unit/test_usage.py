@@ -168,3 +168,25 @@ def test_a_version_1_log_is_migrated_and_its_rows_rolled_up(tmp_path: Path):
     total = tuple(sum(v[i] for v in day.values()) for i in range(4))
     assert from_rollups(db, "build", NOW - 86400) == {"-": total}  # logged before builds were: none named
     db.close()
+
+
+def test_the_writer_prunes_while_it_writes(tmp_path: Path):
+    """Retention is the writer thread's own work, between batches, busy or idle: rows older than log_days go,
+    their usage stays."""
+    db = Database(f"sqlite:///{tmp_path}/podllama.db")
+    now = time.time()
+    old = [Row(now - 40 * 86400 - i, "k1", "POST", "embeddings", "embed", "tiny-embed", 200, 3, None, 0.1, None, 1, 1)
+           for i in range(12_000)]
+    fresh = [r._replace(ts=now - i) for i, r in enumerate(old[:50])]
+    log = RequestLog(db, lambda keys, made: None, retention=Retention(log_days=30))
+    log.start()
+    try:
+        for r in old + fresh:
+            log.add(r)
+        assert wait_until(lambda: log.written == len(old) + len(fresh), 60), (log.written, log.error)
+        assert wait_until(lambda: db.query("SELECT COUNT(*) FROM podllama_requests")[0][0] == len(fresh), 60)
+        assert log.pruned["rows"] == len(old) and len(old) > 2 * 5000, "in several batches"
+        assert summary(db, "key", now - 41 * 86400)[0]["requests"] == len(old) + len(fresh)
+    finally:
+        log.stop()
+        db.close()

@@ -150,13 +150,13 @@ class RequestLog:
             if now >= next_keys and not stopping:
                 self.read_keys()
                 next_keys = now + KEYS_EVERY
+            if now >= next_prune and not stopping and self.error is None:  # busy or idle: a batch between writes
+                next_prune = now + (FLUSH_EVERY if self._prune() else PRUNE_EVERY)
             while len(self._pending) < BATCH and self.queue:
                 self._pending.append(self.queue.popleft())
             if not self._pending:
                 if stopping:
                     return
-                if now >= next_prune and self.error is None:
-                    next_prune = now + (FLUSH_EVERY if self._prune() else PRUNE_EVERY)
                 self._stop.wait(FLUSH_EVERY)
                 continue
             if time.monotonic() < retry_at:
