@@ -130,7 +130,9 @@ def main() -> None:
              "same summary read from the rows (what they did before rollups), side by side on the same database; "
              "medians. The writer's rate is rows/s with rollups, written as the request log's thread writes them "
              f"(batches of {BATCH} rows and their rollups, one transaction each); the gateway's peak, for "
-             f"comparison, is {GATEWAY_PEAK} requests/s (bench/RESULTS-requestlog.md).\n"]
+             f"comparison, is {GATEWAY_PEAK} requests/s (bench/RESULTS-requestlog.md). Sizes after retention: SQLite "
+             "after VACUUM; Postgres after a plain VACUUM, which keeps the freed pages for new rows (the size stops "
+             "growing; VACUUM FULL would return them).\n"]
     for r in results:
         lines += [f"## {r['database']}: {r['rows']:,} requests over {r['days']:g} days\n",
                   f"- writer: **{r['writer_rows_per_s']:,} rows/s** with rollups "
