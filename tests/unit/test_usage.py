@@ -178,7 +178,7 @@ def test_the_writer_prunes_while_it_writes(tmp_path: Path):
     old = [Row(now - 40 * 86400 - i, "k1", "POST", "embeddings", "embed", "tiny-embed", 200, 3, None, 0.1, None, 1, 1)
            for i in range(12_000)]
     fresh = [r._replace(ts=now - i) for i, r in enumerate(old[:50])]
-    log = RequestLog(db, lambda keys, made: None, retention=Retention(log_days=30))
+    log = RequestLog(db, lambda keys, made: None, retention=Retention(log_days=30, log_body_days=7, usage_days=400))
     log.start()
     try:
         for r in old + fresh:

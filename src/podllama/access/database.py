@@ -23,6 +23,7 @@ from ..validate import database_url, url_shown
 from . import rollups
 
 SQLITE_FILE = "podllama.db"
+REQUESTS = "podllama_requests"  # the request log's rows (the gateway's requestlog.Row)
 
 Step = str | Callable[[Any, Callable[[str], str]], None]  # a statement, or code given (connection, to_sql)
 
@@ -31,10 +32,9 @@ def _backfill_rollups(conn: Any, sql: Callable[[str], str]) -> None:
     """Rollups for the rows logged before there were rollups (once, when migration 2 is applied)."""
     from types import SimpleNamespace
 
-    cur = conn.execute("SELECT ts, key_id, route, server, model, status, prompt_tokens, completion_tokens, latency, "
-                       "ttft FROM podllama_requests")
     fields = ("ts", "key_id", "route", "server", "model", "status", "prompt_tokens", "completion_tokens", "latency",
               "ttft")
+    cur = conn.execute(f"SELECT {', '.join(fields)} FROM {REQUESTS}")
     while chunk := cur.fetchmany(10_000):
         rows = rollups.rows_for(SimpleNamespace(**dict(zip(fields, r, strict=True)), llama_commit="",
                                                 model_sha256="") for r in chunk)
@@ -128,6 +128,10 @@ class Database:
     def where(self) -> str:
         return url_shown(self.url)
 
+    @property
+    def _sqlite_file(self) -> Path:
+        return Path(self.url[len("sqlite:///") - 1:])
+
     # -- connecting ------------------------------------------------------------------------------------------
     def _connect(self) -> Any:
         if self.postgres:
@@ -141,7 +145,7 @@ class Database:
             except psycopg.Error as e:
                 raise DatabaseError(f"cannot connect to {self.where}: {_first_line(e)}; is Postgres running there "
                                     "and the URL right ([gateway] database)?") from None
-        path = Path(self.url[len("sqlite:///") - 1:])
+        path = self._sqlite_file
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -199,14 +203,6 @@ class Database:
         with self._connection() as conn:
             return [tuple(row) for row in conn.execute(self._sql(sql), tuple(params)).fetchall()]
 
-    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Insert ROWS into TABLE in one transaction."""
-        if not rows:
-            return
-        sql = self._sql(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
-        with self._connection() as conn, self._transaction(conn):
-            _many(conn, sql, rows)
-
     def write(self, work: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         """Each (statement, rows) of WORK run for its rows, all in one transaction."""
         with self._connection() as conn, self._transaction(conn):
@@ -226,7 +222,7 @@ class Database:
             rows = self.query("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
                               "WHERE c.relkind = 'r' AND left(c.relname, 9) = 'podllama_'")
             return int(rows[0][0])
-        path = Path(self.url[len("sqlite:///") - 1:])
+        path = self._sqlite_file
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) or None
 
     @contextmanager

@@ -9,18 +9,19 @@ from dataclasses import dataclass
 
 from ..config import GatewaySection
 from . import rollups
-from .database import Database
+from .database import REQUESTS, Database
 
 BATCH = 5000  # rows a statement touches at most: a short transaction, the writer free again soon
 DAY = 86400.0
-REQUESTS = "podllama_requests"
 
 
 @dataclass(frozen=True)
 class Retention:
-    log_days: float = 30
-    log_body_days: float = 7
-    usage_days: float = 400
+    """`[gateway] log_days`, `log_body_days`, `usage_days` (their defaults are the config's)."""
+
+    log_days: float
+    log_body_days: float
+    usage_days: float
 
     @classmethod
     def of(cls, gw: GatewaySection) -> Retention:

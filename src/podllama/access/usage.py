@@ -9,7 +9,7 @@ from typing import Any
 
 from ..units import timestamp_of
 from . import rollups
-from .database import Database
+from .database import REQUESTS, Database
 from .keys import KeyStore
 
 # usage by … → the rollups' column; build: the llama.cpp commit, model-file: the model file's sha256
@@ -77,7 +77,7 @@ def recent(db: Database, limit: int = 100, commit: str | None = None) -> list[di
             raise ValueError(f"commit '{commit[:80]}' is not 4 to 64 hex digits (a llama.cpp commit or its prefix)")
         where = "WHERE llama_commit >= ? AND llama_commit < ? "  # a prefix, by the index
         params = [commit.lower(), commit.lower() + "g", *params]
-    rows = db.query(f"SELECT {', '.join(RECENT)} FROM podllama_requests {where}ORDER BY ts DESC LIMIT ?", params)
+    rows = db.query(f"SELECT {', '.join(RECENT)} FROM {REQUESTS} {where}ORDER BY ts DESC LIMIT ?", params)
     names = _key_names(db)
     keys = RECENT
     return [{**dict(zip(keys, r, strict=True)), "key": names.get(r[1], r[1]) if r[1] else None} for r in rows]

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ...access import rollups
-from ...access.database import Database, DatabaseError
+from ...access.database import REQUESTS, Database, DatabaseError
 from ...access.keys import Key, KeyStore
 from ...access.retention import BATCH as BATCH_PRUNE
 from ...access.retention import Retention, prune
+from ...config import GatewaySection
 
 log = logging.getLogger("podllama.gateway")
 
@@ -62,8 +63,7 @@ class Row(NamedTuple):
     config_hash: str = ""
 
 
-TABLE = "podllama_requests"
-INSERT = f"INSERT INTO {TABLE} ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))})"
+INSERT = f"INSERT INTO {REQUESTS} ({', '.join(Row._fields)}) VALUES ({', '.join('?' * len(Row._fields))})"
 
 
 class RequestLog:
@@ -73,7 +73,7 @@ class RequestLog:
         have been read."""
         self.db, self.on_keys = db, on_keys
         self.enabled = enabled
-        self.retention = retention or Retention()
+        self.retention = retention or Retention.of(GatewaySection())
         self.pruned: dict[str, int] = {}  # rows each kind of pruning has touched since the start
         self.capacity = capacity
         self.queue: deque[Row] = deque()
