@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,9 +41,9 @@ from .apis import help as helpdoc
 from .apis.jobs import Jobs
 from .apis.ollama import PREFIX as OLLAMA
 from .apis.ollama import Ollama
-from .front.auth import ANONYMOUS, Caller, Keys, key_files
+from .front.auth import Caller, Keys, key_files
 from .front.errors import error_type
-from .front.guard import ACCESS, Access, Guard, access_of_own
+from .front.guard import ACCESS, Access, Guard, access_of_own, caller_of
 from .front.server import Limits
 from .routing.metrics import Metrics, watch_loop
 from .routing.ondemand import Loader, Refused
@@ -188,11 +188,6 @@ class Gateway:
     def model_state(self, server: str) -> str:
         """loaded | loading | unloaded (as llama.cpp's router mode says it)."""
         return self.registry[server].model_state
-
-    @staticmethod
-    def caller_of(scope: Mapping[str, Any]) -> Caller:
-        """Who the guard let this request in as."""
-        return scope.get("state", {}).get("caller", ANONYMOUS)  # type: ignore[no-any-return]
 
     def usable(self, caller: Caller) -> dict[str, ServerSection]:
         """The servers CALLER's key may use (a scoped key sees only those), by name."""
@@ -427,7 +422,7 @@ def _is_ui(path: str) -> bool:
 
 def _caller(request: Request) -> Caller:
     """Who the guard let this request in as."""
-    return Gateway.caller_of(request.scope)
+    return caller_of(request.scope)
 
 
 def _asks_server(scope: dict[str, Any]) -> bool:

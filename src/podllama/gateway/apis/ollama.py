@@ -33,6 +33,7 @@ from ..front import body as bodies
 from ..front import jsonbody
 from ..front.client import UpstreamError
 from ..front.errors import Receive, Send
+from ..front.guard import caller_of
 from ..routing.quota import OverLimit
 
 if TYPE_CHECKING:
@@ -390,7 +391,7 @@ class Ollama:
     # -- models ----------------------------------------------------------------------------------------------
     def _servers(self, scope: dict[str, Any]) -> dict[str, Any]:
         """The servers an Ollama client can use, that this caller may use: model id → server name."""
-        return {s.alias or name: name for name, s in self.gw.usable(self.gw.caller_of(scope)).items() if s.role in ROLES}
+        return {s.alias or name: name for name, s in self.gw.usable(caller_of(scope)).items() if s.role in ROLES}
 
     def _server(self, scope: dict[str, Any], model: Any) -> tuple[str, str]:
         """(model id, server) for the model an Ollama request names ('NAME' or 'NAME:latest')."""
@@ -401,7 +402,7 @@ class Ollama:
         if server is None:
             raise Problem(404, f"model '{model}' not found; GET /api/tags lists them")
         section = reg.servers[server]
-        if why := self.gw.caller_of(scope).refusal(server, section):
+        if why := caller_of(scope).refusal(server, section):
             raise Problem(403, why)
         return section.alias or server, server
 
@@ -488,7 +489,7 @@ class Ollama:
                          generate: bool) -> None:
         """An empty prompt loads the model (keep_alive 0: unloads it), as Ollama does: within the key's limits."""
         unload = req.get("keep_alive") in (0, "0", "0s")
-        caller = self.gw.caller_of(scope)
+        caller = caller_of(scope)
         if self.gw.loader.manages(server):
             try:
                 await (self.gw.unload(server, caller) if unload else self.gw.load(server, caller))

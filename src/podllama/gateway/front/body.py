@@ -253,6 +253,11 @@ async def inspect_spool(content_type: bytes, spool: Spool, multimodal: bool, dat
 SPOOL_MEMORY = 1 << 20  # bytes of a body kept in memory; the rest goes to a temporary file
 
 
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The request says a body follows (a length above zero, or chunks)."""
+    return any((k == b"content-length" and v != b"0") or k == b"transfer-encoding" for k, v in headers)
+
+
 def too_large(limit: int, setting: str) -> str:
     size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
     return f"request body over {size} ({setting})"

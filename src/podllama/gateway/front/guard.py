@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -158,7 +159,7 @@ class Guard:
             if replay is None:
                 return None
             receive = replay
-        elif own and _has_body(scope["headers"]):
+        elif own and bodies.has_body(scope["headers"]):
             send = _closing(send)  # never read: the connection ends with the answer
         return receive, send
 
@@ -201,10 +202,6 @@ async def send_error(send: Send, status: int, message: str, headers: list[tuple[
     await _send_error(send, status, message, headers=[*(headers or []), (b"connection", b"close")])
 
 
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any((k == b"content-length" and v != b"0") or k == b"transfer-encoding" for k, v in headers)
-
-
 def _closing(send: Send) -> Send:
     async def closing_send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -222,3 +219,8 @@ def _with_cors(send: Send, origin: bytes) -> Send:
         await send(message)
 
     return cors_send
+
+
+def caller_of(scope: Mapping[str, Any]) -> Caller:
+    """Who the guard let this request in as (ANONYMOUS where no key was needed)."""
+    return scope.get("state", {}).get("caller", ANONYMOUS)  # type: ignore[no-any-return]

@@ -32,9 +32,10 @@ from ...config import NAME_RE, PROJECTOR_ROLES, GatewaySection
 from ...engine.health import LOADING
 from ...validate import CONTROL
 from ..front import body as bodies
-from ..front.auth import ANONYMOUS, Caller
+from ..front.auth import Caller
 from ..front.client import BrokenOff, Client, ClientGone, ConnectFailed, Response, UpstreamError
 from ..front.errors import Receive, Send, error_body, send_error
+from ..front.guard import caller_of
 from ..front.outbox import Outbox
 from .choice import Chooser
 from .flight import Flight, Outcome, unless_gone, watch
@@ -129,7 +130,7 @@ class Proxy:
         try:
             ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             body = spool.data() if spool is not None and spool.in_memory else b""
-            caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+            caller = caller_of(scope)
             if ep.scope == "server":
                 server, why = self.chooser.server_scoped(ep, query, caller, data)
             else:
@@ -163,7 +164,7 @@ class Proxy:
             return await self._refuse(scope, send, "passthrough", None, 400, "the path is not /servers/NAME/PATH "
                                       "with a plain server name and path (no '..', control characters or spaces)")
         if name not in self.registry.servers:
-            caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+            caller = caller_of(scope)
             return await self._refuse(scope, send, "passthrough", None, 404,
                                       f"no server named '{name}'; servers: {self.chooser.listed(caller)}")
         server = self.registry.servers[name]
@@ -216,9 +217,7 @@ class Proxy:
         None) when the request has none; (False, None, None) when the client left or an error was answered: too
         large or compressed (by its head, before a byte is read), too slow (server.py), JSON nested deeper than
         the gateway lets through."""
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
-        if (length is None or length == b"0") and not chunked:
+        if not bodies.has_body(scope["headers"]):
             return True, None, None
         refusal = bodies.refused_by_head(scope["headers"], self.max_body)
         if refusal is not None:
@@ -255,7 +254,7 @@ class Proxy:
                       target: bytes, spool: bodies.Spool | None) -> None:
         """To SERVER, if the caller's key may use it and is within its limits; an on-demand server is loaded
         first, and counted busy until the answer is complete. SPOOL: the request's body, received whole."""
-        caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+        caller = caller_of(scope)
         section = self.registry.servers.get(server)
         why = caller.refusal(server, section) if section is not None else None
         if why is not None:
@@ -465,7 +464,7 @@ class Proxy:
              replica: Replica | None = None) -> None:
         if self.log is None or not self.log.enabled:
             return
-        caller: Caller = scope.get("state", {}).get("caller", ANONYMOUS)
+        caller = caller_of(scope)
         keep = self.log_bodies
         body = spool.head(keep) if keep and spool is not None else b""
         self.log.add(Row(at, caller.id or None, scope["method"], endpoint, server,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def routers(gw: Gateway, jobs_: Jobs) -> list[APIRouter]:
     """The /admin routers, wired to GW's parts and its JOBS."""
     following = Following(gw.reload, gw.adopt, gw.version, lambda: gw.config_error)
-    return [servers.router(gw.stack, following, gw.supervisor, gw.load, gw.unload, gw.caller_of),
+    return [servers.router(gw.stack, following, gw.supervisor, gw.load, gw.unload),
             config.router(gw.stack, following, gw.registry, gw.supervisor),
             jobs.router(gw.stack, jobs_),
             models.router(gw.stack, gw.credentials, jobs_),

@@ -13,13 +13,13 @@ from ....engine import EngineError
 from ....stack import Stack, StackError, changes
 from ....stack.supervisor import Supervisor
 from ...front.auth import Caller
+from ...front.guard import caller_of
 from .common import DryRun, Existing, Following
 
 Act = Callable[[str, Caller], Awaitable[dict[str, Any]]]
 
 
-def router(stack: Stack, following: Following, supervisor: Supervisor, load: Act, unload: Act,
-           caller_of: Callable[[Any], Caller]) -> APIRouter:
+def router(stack: Stack, following: Following, supervisor: Supervisor, load: Act, unload: Act) -> APIRouter:
     """LOAD and UNLOAD: an on-demand server's, within the caller's limits (the gateway's)."""
 
     def change(edit: Callable[[str], str], request: Request, dry_run: bool) -> dict[str, Any]:
@@ -72,12 +72,12 @@ def router(stack: Stack, following: Following, supervisor: Supervisor, load: Act
         """Remove a server from the config; its containers go."""
         return change(lambda text: changes.with_server(text, name, None), request, dry_run)
 
-    _lifecycle(servers, stack, supervisor, load, unload, caller_of, server_rows)
+    _lifecycle(servers, stack, supervisor, load, unload, server_rows)
     return servers
 
 
 def _lifecycle(servers: APIRouter, stack: Stack, supervisor: Supervisor, load: Act, unload: Act,
-               caller_of: Callable[[Any], Caller], server_rows: Callable[[str], list[dict[str, Any]]]) -> None:
+               server_rows: Callable[[str], list[dict[str, Any]]]) -> None:
     """A server's lifecycle on SERVERS: start, stop, restart, load, unload, its logs."""
 
     def act(name: str, action: Callable[[list[str]], object], verb: str) -> dict[str, Any]:
