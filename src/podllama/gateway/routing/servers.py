@@ -73,7 +73,7 @@ class Replica:
     state: str = DOWN  # health.OK | LOADING | DOWN | error:<status>
     in_flight: int = 0
     changed: float = field(default_factory=time.monotonic)
-    lineage: Lineage = field(default_factory=lambda: NO_LINEAGE)
+    lineage: Lineage = NO_LINEAGE
 
     @property
     def url(self) -> str:
