@@ -5,6 +5,7 @@ the status router mode shows. The same on real llama-server containers: tests/in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -63,11 +64,13 @@ def stack(tmp_path, tiny_models, monkeypatch) -> Iterator:
     monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
     started: list[tuple[uvicorn.Server, threading.Thread, Served]] = []
 
-    def start(servers: str, budget_in_servers: float = 2.5, load_timeout: int = 20, **scripts: Script) -> Served:
+    def start(servers: str, budget_in_servers: float = 2.5, load_timeout: int = 20, progress_interval: float = 5,
+              **scripts: Script) -> Served:
         port = free_port()
         path = tmp_path / "services.toml"
         head = (f'[stack]\nname = "od{uuid.uuid4().hex[:6]}"\nmodels_dir = "{tiny_models}"\n'
-                f"[gateway]\nport = {port}\nload_timeout = {load_timeout}\n[supervisor]\ninterval = 0.5\n")
+                f"[gateway]\nport = {port}\nload_timeout = {load_timeout}\nprogress_interval = {progress_interval}\n"
+                "[supervisor]\ninterval = 0.5\n")
         path.write_text(head + servers)
         engine = FakeEngine()
         plain = Stack(config.load(path), engine, default_variant="cpu")
@@ -199,3 +202,84 @@ def test_loading_is_shown_and_prompt_caches_survive_unload_and_load(stack):
     assert r.status_code == 200 and r.json()["status"]["value"] == "loaded", r.text
     container = s.engine.containers[cname]
     assert ("POST", "/slots/0?action=restore") in container.requests and container.slots[0] == held
+
+
+# -- clients kept informed while their server loads -------------------------------------------------------------
+READ_TIMEOUT = 1.5  # the client gives up on a connection silent this long; the server takes longer to load
+SLOW_LOAD = Script(load_seconds=4 * READ_TIMEOUT)
+
+
+def stream_lines(s: Served, path: str, body: dict) -> list[str]:
+    """The lines of a streamed answer, read by a client that gives up on READ_TIMEOUT seconds of silence."""
+    with httpx.Client(base_url=s.url, timeout=httpx.Timeout(10, read=READ_TIMEOUT)) as client, \
+            client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line]
+
+
+def test_a_stream_waiting_for_a_load_hears_what_its_server_does_and_a_silent_one_is_given_up(stack):
+    s = stack(on_demand("a"), progress_interval=0.2, a=SLOW_LOAD)
+    lines = stream_lines(s, "/v1/chat/completions", {"model": "a", "stream": True, "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments and all(c.startswith(": waiting for server 'a': ") for c in comments), lines
+    assert any("loading model" in c for c in comments), comments
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert all(line.startswith(":") for line in lines[:first_data]) and '"stop": true' in lines[-1], lines
+    assert not any(line.startswith(":") for line in lines[first_data:]), "comments only until the answer begins"
+
+    quiet = stack(on_demand("b"), progress_interval=0, b=SLOW_LOAD)  # the same wait without progress lines
+    with pytest.raises(httpx.ReadTimeout):
+        stream_lines(quiet, "/v1/chat/completions", {"model": "b", "stream": True,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_ollama_clients_get_empty_chunks_while_the_server_loads(stack):
+    s = stack(on_demand("a"), progress_interval=0.2, a=SLOW_LOAD)
+    lines = [json.loads(line) for line in stream_lines(s, "/api/chat", {
+        "model": "a", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4}})]
+    waiting = [x for x in lines if not x["done"] and x["message"]["content"] == ""]
+    assert waiting and all(x["model"] == "a" and x["message"]["role"] == "assistant" for x in waiting), lines
+    assert len(waiting) >= 2 and lines[-1]["done"] is True, lines  # (the fake server's events carry no deltas)
+
+
+def test_a_load_that_fails_after_the_stream_began_ends_it_with_an_error_event_in_the_apis_shape(stack):
+    s = stack(on_demand("a", "b"), progress_interval=0.1,
+              a=Script(load_seconds=2, exit_while_loading=3), b=Script(load_seconds=2, exit_while_loading=3))
+    lines = stream_lines(s, "/v1/chat/completions", {"model": "a", "stream": True,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+    assert lines[0].startswith(": waiting for server 'a'"), lines
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert lines[-1].startswith("data: ") and error["code"] == 502 and "exited while loading" in error["message"]
+
+    lines = stream_lines(s, "/api/chat", {"model": "b", "messages": [{"role": "user", "content": "hi"}]})
+    last = json.loads(lines[-1])
+    assert "exited while loading" in last["error"] and not any('"done": true' in x for x in lines), lines
+
+
+def test_admin_events_follow_each_stage_of_a_load(stack):
+    s = stack(on_demand("a"), a=Script(load_seconds=1))
+    key = s.gw.credentials.admin_key()
+    seen: list[dict] = []
+
+    def follow() -> None:
+        with httpx.Client(base_url=s.url, timeout=30) as client, client.stream(
+                "GET", "/admin/events", headers={"authorization": f"Bearer {key}"}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["server"] == "a" and seen[-1]["phase"] == "ready":
+                        return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    wait_until(lambda: seen, timeout=10)  # the snapshot came: following from here
+    assert seen[0] == seen[0] | {"server": "a", "phase": "stopped"}
+    assert s.chat("a").status_code == 200
+    follower.join(10)
+    stages = [e["stage"] for e in seen if e["server"] == "a"]
+    assert stages[0] == "stopped" and stages[-1] == "ready", stages
+    assert stages.index("starting container") < stages.index("loading model"), stages
+    status = s.client.get("/admin/status", headers={"authorization": f"Bearer {key}"}).json()
+    assert status["stages"]["a"]["phase"] == "ready" and status["changes"][-1]["stage"] == "ready"

@@ -114,6 +114,9 @@ class GatewaySection(_Model):
     # role → server that gets requests without a (known) model; default: the role's first server
     defaults: dict[Role, str] = Field(default_factory=dict)
     load_timeout: Annotated[float, Field(ge=0)] = 120  # wait this long for a loading server, then 503
+    # a streamed request with no answer yet gets an SSE comment line this often, saying what its server is doing
+    # (a load, a restart, a long prompt), so clients and proxies keep the connection; 0: never
+    progress_interval: Annotated[float, Field(ge=0)] = 5
     connect_timeout: Annotated[float, Field(gt=0)] = 5
     first_byte_timeout: Annotated[float, Field(gt=0)] = 600  # from the request to the response's first byte
     idle_timeout: Annotated[float, Field(gt=0)] = 300  # between two chunks of a response (no total timeout)

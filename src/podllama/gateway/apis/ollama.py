@@ -271,6 +271,11 @@ class Translation:
             return None
         return self._line(text or "", thinking)
 
+    def waiting(self) -> dict[str, Any]:
+        """A line that says nothing yet, while the server loads (Ollama's clients take an empty chunk as a live
+        stream; they have no comment lines)."""
+        return self._line("")
+
     def end(self) -> list[dict[str, Any]]:
         """The last lines: gathered tool calls, then the done line with the counts."""
         lines = []
@@ -297,12 +302,14 @@ def upstream_message(status: int, body: bytes) -> str:
 
 
 class Capture:
-    """The `send` the proxy answers into: a whole answer kept, or stream events handed on as they come."""
+    """The `send` the proxy answers into: a whole answer kept, or stream events handed on as they come (ON_EVENT),
+    and the comment lines the gateway sends while the server loads (ON_COMMENT)."""
 
-    def __init__(self, on_event: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    def __init__(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
+                 on_comment: Callable[[], Any] | None = None) -> None:
         self.status = 0
         self.body = bytearray()
-        self.on_event = on_event
+        self.on_event, self.on_comment = on_event, on_comment
         self._pending = b""
 
     def problem(self) -> Problem | None:
@@ -322,6 +329,8 @@ class Capture:
         self._pending += chunk
         while b"\n\n" in self._pending:
             block, self._pending = self._pending.split(b"\n\n", 1)
+            if block.startswith(b":") and self.on_comment is not None:
+                await self.on_comment()
             for line in block.split(b"\n"):
                 if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
                     try:
@@ -541,7 +550,7 @@ class Ollama:
                      t: Translation, stream: bool) -> None:
         if not stream:
             return await send_json(send, 200, t.whole(await self._whole(scope, receive, path, body)))
-        started = False
+        started = failed = False
 
         async def line(data: dict[str, Any]) -> None:
             nonlocal started
@@ -552,19 +561,24 @@ class Ollama:
             await send({"type": "http.response.body", "body": json.dumps(data).encode() + b"\n", "more_body": True})
 
         async def on_event(event: dict[str, Any]) -> None:
-            if "error" in event:  # broke off mid-stream: Ollama's way of saying so
+            nonlocal failed
+            if "error" in event:  # broke off mid-stream, or refused after the wait: Ollama's way of saying so
+                failed = True
                 await line({"error": upstream_message(500, json.dumps(event).encode())})
                 return
             if (out := t.event(event)) is not None:
                 await line(out)
 
-        capture = Capture(on_event)
+        async def on_comment() -> None:
+            await line(t.waiting())
+
+        capture = Capture(on_event, on_comment)
         await self._call(scope, receive, path, body, capture)
         if problem := capture.problem():
             if not started:
                 raise problem
             await line({"error": str(problem)})
-        else:
+        elif not failed:
             for out in t.end():
                 await line(out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

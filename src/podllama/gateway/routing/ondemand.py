@@ -105,6 +105,7 @@ class Loader:
         h = self.registry[server]
         task = h.loading
         if task is None:
+            h.loading_since = time.monotonic()
             task = h.loading = asyncio.create_task(self._load(h))
             task.add_done_callback(lambda t: self._loaded(h, t))
         await asyncio.wait_for(asyncio.shield(task), timeout if timeout is not None else self.load_timeout)
@@ -118,12 +119,15 @@ class Loader:
 
     # -- loading ------------------------------------------------------------------------------------------
     async def _load(self, h: Server) -> None:
+        if self._lock.locked():
+            h.stage("queued behind another load")
         async with self._lock:
             if h.pick() is None:  # (else loaded meanwhile)
                 h.move(Phase.STARTING)
                 try:
                     await self._load_locked(h)
                 finally:
+                    h.stage("")
                     h.move(None)
             for ticket in h.tickets:  # the requests that waited are in flight from here
                 if not ticket.granted:
@@ -143,19 +147,26 @@ class Loader:
                                        self._settings())
             if room.refusal:
                 raise Refused(503, room.refusal)
+            if room.victims:
+                h.stage(f"making room (stopping {', '.join(room.victims)})")
             for victim in room.victims:
                 await self._drain(self.registry[victim], server)
                 await self._unload(self.registry[victim], f"making room for '{server}'")
+            h.stage("starting container")
             try:
                 await asyncio.to_thread(self.stack.load, server)
             except (StackError, EngineError) as e:
                 raise Refused(503, f"server '{server}' could not be started: {e}") from None
         else:  # already on its way (the supervisor restarted it, or another gateway started it)
             await asyncio.to_thread(self.stack.state.set_desired, h.keys, RUNNING)
+        h.stage("loading model")
         await self._wait_up(h)
+        if h.section.saves_slots:
+            h.stage("restoring prompt caches")
         await self._restore(h)
         h.last_used = time.time()
-        self._event("load", h, f"in {time.monotonic() - started:.1f}s")
+        h.load_seconds = time.monotonic() - started
+        self._event("load", h, f"in {h.load_seconds:.1f}s")
 
     async def _wait_up(self, h: Server) -> None:
         """Until H's server answers /health; an exit while loading is a refusal with its last log lines (and

@@ -39,6 +39,7 @@ from ..front.guard import caller_of
 from ..front.outbox import Outbox
 from .choice import Chooser
 from .flight import Flight, Outcome, unless_gone, watch
+from .heartbeat import Heartbeat, wants_stream
 from .metrics import Metrics
 from .ondemand import Loader, Refused
 from .quota import OverLimit, Quota, Use
@@ -112,6 +113,7 @@ class Proxy:
         self.max_body = int(gw.max_body_mb * 2**20)
         self.max_images, self.max_image_side = gw.max_images, gw.max_image_side
         self.load_timeout = gw.load_timeout
+        self.progress_interval = gw.progress_interval
         self.upstream_auth = bearer(server_key)
         self.log_bodies = LOG_BODY if gw.log_bodies else 0
         self.answer_buffer = int(gw.answer_buffer_mb * 2**20)
@@ -127,6 +129,9 @@ class Proxy:
         ok, spool, data = await self._receive(scope, receive, send, ep.name)
         if not ok:
             return
+        beat = None
+        if ep.streams and self.progress_interval and wants_stream(data):
+            send = beat = Heartbeat(send, self.progress_interval, lambda: "waiting for a server", ep.answer)
         try:
             ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             body = spool.data() if spool is not None and spool.in_memory else b""
@@ -149,8 +154,13 @@ class Proxy:
                 server, why = self.chooser.choose(ep, model, media)
             if server is None:
                 return await self._refuse(scope, send, ep.name, None, why[0], why[1], why[2] or None, spool=spool)
+            if beat is not None:
+                handle = self.registry[server]
+                beat.stage = lambda: f"waiting for server '{server}': {handle.describe()}"
             await self.forward(scope, receive, send, server, ep.name, target, spool)
         finally:
+            if beat is not None:
+                beat.stop()
             if spool is not None:
                 spool.close()
 

@@ -107,14 +107,19 @@ Saved = Callable[[], dict[str, dict[str, Any]]]  # the stack's saved server entr
 class Server:
     """The handle of server NAME. SAVED reads what the stack's state says of its replicas (None: nothing is
     expected to run); REMOTE: the address of a server podllama does not run; ORCHESTRATED: an orchestrator runs
-    it and brings it back when it dies."""
+    it and brings it back when it dies; ANNOUNCE hears of every change (the registry's feed of stages)."""
 
     def __init__(self, name: str, section: ServerSection, saved: Saved | None, remote: str | None = None,
-                 orchestrated: bool = False) -> None:
+                 orchestrated: bool = False, announce: Callable[[Server], None] = lambda h: None) -> None:
         self.name = name
+        self.step = ""  # what the gateway is doing to it within its phase (the loader's stages), "" when nothing
+        self.step_since = time.monotonic()
+        self.load_seconds: float | None = None  # how long its last load by the gateway took
+        self.announce = announce
         self.replicas: list[Replica] = []
         self.driving: Phase | None = None
         self.loading: asyncio.Task[None] | None = None  # the gateway's load of it, shared by all who wait
+        self.loading_since: float | None = None  # when that load began (monotonic)
         self.tickets: set[Ticket] = set()  # requests waiting for that load
         self.in_flight = 0  # requests admitted by the loader (on-demand servers), streams included
         self.last_used = 0.0  # epoch seconds
@@ -170,9 +175,30 @@ class Server:
             self._pulse()
 
     def _pulse(self) -> None:
-        """Wake whoever waits for a change."""
+        """Wake whoever waits for a change, and tell the feed."""
         self._changed.set()
         self._changed = asyncio.Event()
+        self.announce(self)
+
+    def stage(self, step: str) -> None:
+        """What the gateway does to it now (STEP, "" when done): "queued", "making room", "starting container",
+        "loading model", "restoring prompt caches"."""
+        if step != self.step:
+            self.step, self.step_since = step, time.monotonic()
+            self._pulse()
+
+    def describe(self) -> str:
+        """What it is doing, as a waiting client is told: the stage and for how long, with an estimate of how far
+        along a load is where an earlier load's length is known ("loading model, 12 s, about 40 %")."""
+        if not self.step and self.phase is not Phase.STARTING:
+            return str(self.phase.value)
+        step = self.step or ("loading model" if self.health() == LOADING else "coming back")
+        waited = time.monotonic() - self.step_since if self.step else None
+        text = step if waited is None else f"{step}, {waited:.0f} s"
+        if self.load_seconds and self.loading is not None and step == "loading model":
+            started = time.monotonic() - (self.loading_since or time.monotonic())
+            text += f", about {min(99, int(100 * started / self.load_seconds))} %"
+        return text
 
     def expected(self) -> str | None:
         """Why it is not coming back when it is not: None when some replica should run (started, not stopped by

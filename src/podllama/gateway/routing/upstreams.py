@@ -24,6 +24,7 @@ from ...engine.health import DOWN, OK, STATES
 from ...stack import L_COMMIT, L_HASH, L_KIND, L_REPLICA, L_SERVER, L_SHA, SERVER_PORT, Stack, dns_hosts
 from ...stack.state import StackState
 from ..front.client import Client, UpstreamError
+from .feed import Feed
 from .servers import NO_LINEAGE, Lineage, Replica, Server
 
 log = logging.getLogger("podllama.gateway")
@@ -108,6 +109,7 @@ class Registry:
         self.state = state
         self.orchestrated = orchestrated
         self.handles: dict[str, Server] = {}
+        self.feed = Feed()  # each server's phase and load stage as they change (/admin/events)
         self.names: dict[str, str] = {}
         self.refreshed = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
@@ -134,7 +136,7 @@ class Registry:
             remote = cfg.remotes[name].url if name in cfg.remotes else None
             if handle is None or handle.remote != remote:
                 saved = self._servers_saved if self.state is not None else None
-                handle = Server(name, section, saved, remote, self.orchestrated)
+                handle = Server(name, section, saved, remote, self.orchestrated, self.feed.note)
                 if self.state is not None:
                     if remembered is None:
                         remembered = self.state.read().get("servers", {})

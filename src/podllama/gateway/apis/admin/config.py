@@ -1,5 +1,5 @@
-"""/admin/config, /admin/reload, /admin/status, /admin/shutdown: the stack's services.toml read and replaced,
-its state, the whole stack stopped."""
+"""/admin/config, /admin/reload, /admin/status, /admin/events, /admin/shutdown: the stack's services.toml read
+and replaced, its state and each server's stages as they change, the whole stack stopped."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import tomlkit
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ....api import ADMIN_PREFIX
@@ -20,8 +22,11 @@ from ....stack import Stack, changes
 from ....stack.changes import ChangeError
 from ....stack.supervisor import Supervisor
 from ...front import jsonbody
+from ...routing.feed import event_of
 from ...routing.upstreams import Registry
 from .common import DryRun, Following
+
+KEEPALIVE = 15.0  # seconds between comment lines on a quiet /admin/events (proxies close silent connections)
 
 
 def router(stack: Stack, following: Following, registry: Registry, supervisor: Supervisor) -> APIRouter:
@@ -81,8 +86,26 @@ def router(stack: Stack, following: Following, registry: Registry, supervisor: S
                 servers = seen(f"cannot be asked: {e}")
         saved = stack.state.read()
         return {"stack": stack.name, "servers": servers, "supervisor": supervisor.events[-20:],
+                "stages": {name: event_of(h) for name, h in registry.handles.items()},
+                "changes": list(registry.feed.recent)[-20:],
                 "engine_problem": supervisor.engine_problem, "last_update": saved.get("last_update"),
                 "config_version": following.version(), "config_error": following.error()}
+
+    @config.get("/events")
+    async def events() -> StreamingResponse:
+        """Each server's phase and load stage (queued, making room, starting container, loading model, restoring
+        prompt caches, ready …) as server-sent events: first where every server is now, then each change."""
+        async def stream() -> AsyncIterator[str]:
+            with registry.feed.follow() as queue:
+                for h in list(registry.handles.values()):
+                    yield f"data: {json.dumps(event_of(h))}\n\n"
+                while True:
+                    try:
+                        yield f"data: {json.dumps(await asyncio.wait_for(queue.get(), KEEPALIVE))}\n\n"
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
     @config.post("/shutdown", status_code=202)
     def shutdown() -> dict[str, Any]:
