@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,7 +82,9 @@ async def echo(ex: Exchange) -> None:
 
 
 class Upstream:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """TLS: serve HTTPS with this server context."""
+        self.tls = tls
         self.replies: dict[str, Reply] = {"/health": lambda ex: ex.send(200, b'{"status":"ok"}')}
         self.requests: list[Received] = []
         self.connections = 0
@@ -95,7 +98,7 @@ class Upstream:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls))
         self.port = self.server.sockets[0].getsockname()[1]
         ready.set()
         self.loop.run_forever()

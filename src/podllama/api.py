@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
+from .access import tls
 from .access.credentials import Credentials
 from .config import Config
 
@@ -25,13 +27,16 @@ class ApiError(Exception):
 class GatewayAPI:
     def __init__(self, cfg: Config, timeout: float = 60) -> None:
         self.url = cfg.gateway.url
+        material = tls.of(cfg)
+        self.verify: ssl.SSLContext | bool = material.client_context() if material is not None else True
         key = os.environ.get("PODLLAMA_ADMIN_KEY") or Credentials(cfg.state_path).admin_key()
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout = timeout
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=self.timeout, **kwargs)
+            r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=self.timeout,
+                              verify=self.verify, **kwargs)
         except httpx.HTTPError as e:
             raise ApiError(f"the gateway at {self.url} cannot be reached ({type(e).__name__}); is the stack "
                            "started (`podllama start`)?") from None
@@ -57,7 +62,7 @@ class GatewayAPI:
                 body[key] = value
         try:
             with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=self.headers,
-                              timeout=httpx.Timeout(self.timeout, read=600)) as r:
+                              timeout=httpx.Timeout(self.timeout, read=600), verify=self.verify) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise ApiError(f"the gateway answered {r.status_code}: {_message(r)}")

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, config
+from .access import tls
 from .access.database import Database, DatabaseError
 from .access.keys import KeyProblem
 from .api import ApiError, GatewayAPI
@@ -28,7 +29,7 @@ from .build.errors import BuildError
 from .build.flags import FlagError
 from .build.push import PushError
 from .build.source import SourceError
-from .config import ConfigError, kinds
+from .config import Config, ConfigError, kinds
 from .config.kinds import KINDS, Kind
 from .engine import CliEngine, EngineError, get_engine, hardware
 from .models.gguf_meta import GGUFError
@@ -296,6 +297,23 @@ def download_progress(step: Step) -> Any:
     return lambda name, done, total: step.advance(done >> 20, total >> 20 if total else None, f"MiB {name}")
 
 
+def ensure_tls(cfg: Config) -> tuple[tls.Tls | None, str | None]:
+    """The gateway's certificate ready (made where self-signed and missing), or a clear error before anything
+    starts."""
+    try:
+        return tls.ensure(cfg)
+    except tls.TlsError as e:
+        raise StackError(str(e)) from None
+
+
+def tls_facts(material: tls.Tls | None) -> dict[str, str] | None:
+    """The certificate a client should trust, by path and fingerprint (None: plain HTTP)."""
+    if material is None or not material.cert.is_file():
+        return None
+    return {"cert": str(material.cert), "fingerprint": material.fingerprint(),
+            "kind": "self-signed" if material.self_signed else "files"}
+
+
 @app.command()
 def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
           gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
@@ -304,11 +322,16 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     """Start the stack (or some servers): check, build what is missing, start, wait until healthy."""
     st = stack_for(cfg_path, engine)
     steps = Steps(err)
+    material = None
     taken = st.credentials.capture_env()
     if taken:
         say(f"{', '.join(taken)} handed to the gateway as files in {st.credentials.dir} (never in its environment)")
     with steps.step("check the config, models, GPUs and the gateway's port") as s:
         st.preflight(servers, gateway=gateway, download=download_progress(s))
+        if gateway:
+            material, made = ensure_tls(st.cfg)
+            if made:
+                s.say(made)
     for k, variant in st.missing_images(servers):
         with steps.step(f"build the {variant} {k.program} image (once; later starts reuse it)") as s:
             build_variant(s, st.cfg, st.engine, variant, st.hardware, kind=k)
@@ -325,10 +348,13 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     steps.summary()
     key = st.credentials.path("admin.key")
     if as_json:
-        return emit({"servers": plan.to_dict(), "gateway": url, "admin_key_file": str(key), "steps": steps.as_json()})
+        return emit({"servers": plan.to_dict(), "gateway": url, "admin_key_file": str(key), "steps": steps.as_json(),
+                     "tls": tls_facts(material)})
     out.print(f"servers: {plan.describe()}")
     if url:
         out.print(f"gateway: [bold]{url}[/bold]   (try `podllama run \"Hello\"`; admin key in {key})")
+    if url and material is not None:
+        out.print(f"TLS certificate {material.cert}, SHA-256 {material.fingerprint()}")
 
 
 @app.command()
@@ -393,7 +419,7 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     if as_json:
         return emit({"stack": st.name, "servers": rows, "gateway": {
             "container": st.gateway.name, "state": gw.state if gw else "missing", "url": st.gateway.url,
-            "restarts": gw.restarts if gw else 0},
+            "restarts": gw.restarts if gw else 0, "tls": tls_facts(tls.of(st.cfg))},
             "last_update": saved.get("last_update"), "engine_problem": saved.get("engine_problem"),
             "engine_back": saved.get("engine_back")})
     table = Table("server", "role", "state", "health", "uptime", "restarts", "memory", "last use", "commit", "model")
@@ -410,6 +436,8 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     out.print(table)
     restarted = f", restarted {gw.restarts} times by the engine" if gw and gw.restarts else ""
     out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url}){restarted}")
+    if (facts := tls_facts(tls.of(st.cfg))) is not None:
+        out.print(f"TLS certificate {facts['cert']}, SHA-256 {facts['fingerprint']}")
     if problem := saved.get("engine_problem"):
         out.print(f"[red]supervision paused[/red] since {_clock(problem['since'])}: the gateway cannot reach "
                   f"{st.engine.name}'s API ({problem['error']}); requests still reach the servers that run. "
@@ -650,8 +678,12 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
     bound = os.environ.get("PODLLAMA_PUBLISHED_HOST") or host
     if discovery not in ("engine", "dns"):
         raise typer.BadParameter("engine or dns", param_hint="--discovery")
+    try:
+        material, _ = tls.ensure(cfg)
+    except tls.TlsError as e:
+        raise typer.BadParameter(str(e)) from None
     gw = Gateway(cfg, supervise=supervise, bound=bound, orchestrated=discovery == "dns")
-    serve(gw, host, port or cfg.gateway.port, gw.limits)
+    serve(gw, host, port or cfg.gateway.port, gw.limits, tls.server_options(material))
 
 
 # -- models ---------------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class StackFiles:
         self.dir, self.name, self.engine, self.models, self.port = directory, name, engine, models, port
         self.path = directory / "services.toml"
 
-    def write(self, servers: str, extra: str = "") -> StackFiles:
+    def write(self, servers: str, extra: str = "", gateway: str = "") -> StackFiles:
         base = base_choice(self.engine)
         self.path.write_text(f"""
 [stack]
@@ -191,6 +191,7 @@ cpu_target = "native"
 ui = "off"
 [gateway]
 port = {self.port}
+{gateway}
 [supervisor]
 interval = 0.5
 {extra}
@@ -250,10 +251,12 @@ def stack_files(tmp_path, models_dir, cpu_image):
     """A fresh stack per test (removed afterwards, containers and network), on Podman."""
     made: list[StackFiles] = []
 
-    def make(engine: CliEngine, servers: str = CHAT_AND_EMBED, extra: str = "", models: Path | None = None) -> StackFiles:
+    def make(engine: CliEngine, servers: str = CHAT_AND_EMBED, extra: str = "", models: Path | None = None,
+             gateway: str = "") -> StackFiles:
         d = tmp_path / f"stack{len(made)}"
         d.mkdir()
-        sf = StackFiles(d, f"pt{uuid.uuid4().hex[:6]}", engine, models or models_dir, free_port()).write(servers, extra)
+        sf = StackFiles(d, f"pt{uuid.uuid4().hex[:6]}", engine, models or models_dir, free_port()).write(
+            servers, extra, gateway)
         made.append(sf)
         return sf
 

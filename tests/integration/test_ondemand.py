@@ -249,3 +249,22 @@ def test_idle_stop_streams_in_flight_and_warm_prompt_caches(podman, cpu_image, s
         second = client.post("/completion", json={"model": "b", "prompt": prompt, "n_predict": 2}).json()
         assert second["timings"]["cache_n"] >= first["timings"]["prompt_n"] - 1, second["timings"]
         assert second["timings"]["prompt_n"] <= 1, second["timings"]
+
+
+def test_a_stream_waiting_for_a_real_load_hears_its_stages_then_gets_its_answer(podman, cpu_image, stack_files,
+                                                                                   od_models):
+    """A real container start and model load, with progress lines every 50 ms: the client hears what the
+    server does (comment lines) until llama-server's own events begin, and the answer is llama-server's."""
+    sf = stack_files(podman, IDLE_STACK, models=od_models, gateway="progress_interval = 0.05")
+    sf.run("start")
+    with sf.api(timeout=180) as client, client.stream("POST", "/v1/chat/completions", json={
+            "model": "b", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    first = next(i for i, line in enumerate(lines) if not line.startswith(":"))
+    comments = lines[:first]
+    assert comments and all(c.startswith(": waiting for server 'b': ") for c in comments), lines[:5]
+    assert {"starting container", "loading model"} & {c.split(": ", 2)[2].split(",")[0] for c in comments}, comments
+    assert all(line.startswith("data: ") for line in lines[first:]) and lines[-1] == "data: [DONE]", lines[first:]
+    chunks = [json.loads(line[6:]) for line in lines[first:-1]]
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"], chunks[-1]

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from podllama import config
+from podllama.access import tls
 from podllama.gateway.app import Gateway
 from podllama.gateway.front import server
 from podllama.gateway.routing.servers import NO_LINEAGE, Lineage
@@ -119,10 +120,11 @@ def gateway(tmp_path, upstream) -> Iterator:
         path.write_text(f'[stack]\nname = "unit"\nengine = "podman"\nmodels_dir = "models"\n'
                         f'[gateway]\nport = {port}\n{gateway_toml}\n{servers}')
         cfg = config.load(path)
+        material, _ = tls.ensure(cfg)
         ports = targets or {name: upstream.port for name in cfg.servers}
         gw = Gateway(cfg, supervise=False, engine_name="podman", poll_every=0.25,
                      discover=lambda: [Target(n, f"unit-{n}-1", "127.0.0.1", p, lineage) for n, p in ports.items()])
-        srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits))
+        srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits, tls.server_options(material)))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         started.append((srv, thread))
@@ -131,7 +133,7 @@ def gateway(tmp_path, upstream) -> Iterator:
             time.sleep(0.02)
         assert srv.started, "the gateway did not start"
         key = gw.credentials.admin_key()
-        return Running(f"http://127.0.0.1:{port}", port, gw, path, {"Authorization": f"Bearer {key}"})
+        return Running(cfg.gateway.url, port, gw, path, {"Authorization": f"Bearer {key}"})
 
     yield start
     for srv, thread in started:

@@ -151,12 +151,34 @@ class GatewaySection(_Model):
     log_days: Annotated[float, Field(gt=0)] = 30  # rows kept this long, then pruned (usage stays in the rollups)
     log_body_days: Annotated[float, Field(gt=0)] = 7  # logged bodies kept this long (never longer than the rows)
     usage_days: Annotated[float, Field(gt=0)] = 400  # hourly usage rollups kept this long
+    # HTTPS: "self-signed" (a certificate made once, kept with the stack's secrets), or tls_cert + tls_key (PEM
+    # files, relative to services.toml); plain HTTP is not answered on a TLS port
+    tls: Literal["off", "self-signed"] = "off"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.tls != "off" or self.tls_cert is not None
 
     @property
     def url(self) -> str:
         """Where the gateway is reached from this machine."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.secure else 'http'}://{host}:{self.port}"
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _tls_file(cls, v: str | None) -> str | None:
+        return None if v is None else checks.text(v, "the file name")
+
+    @model_validator(mode="after")
+    def _tls(self) -> GatewaySection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: the certificate and its private key")
+        if self.tls_cert is not None and self.tls != "off":
+            raise ValueError("tls = \"self-signed\" and tls_cert/tls_key are two ways to the same thing; keep one")
+        return self
 
     @field_validator("database")
     @classmethod
@@ -379,6 +401,7 @@ class RemoteServer(ServerSection):
     url: str
     model: str = ""  # what it serves, as a name clients may use (optional)
     api_key_file: str | None = None  # a file holding the key it wants (relative to services.toml)
+    ca_file: str | None = None  # https:// servers: a PEM CA that signed its certificate (besides the system's)
     health: str = "/health"  # the path that answers 200 when it is ready (e.g. /v1/models)
 
     @field_validator("url")
@@ -390,11 +413,21 @@ class RemoteServer(ServerSection):
             port = u.port
         except ValueError:
             port = None
-        if u.scheme != "http" or not u.hostname or port is None or u.username or u.password or u.query or \
-                u.fragment or u.path not in ("", "/") or not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", u.netloc):
-            raise ValueError(f"'{v}' is not http://HOST:PORT (plain HTTP, a port, no path or credentials; the key "
-                             "goes in api_key_file)")
+        if u.scheme not in ("http", "https") or not u.hostname or port is None or u.username or u.password or \
+                u.query or u.fragment or u.path not in ("", "/") or not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", u.netloc):
+            raise ValueError(f"'{v}' is not http(s)://HOST:PORT (a port, no path or credentials; the key goes in "
+                             "api_key_file)")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _ca(self) -> RemoteServer:
+        if self.ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("ca_file is for an https:// server; this one is plain HTTP")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("https://")
 
     @field_validator("health")
     @classmethod
@@ -430,7 +463,7 @@ class RemoteServer(ServerSection):
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or 80
+        return urlsplit(self.url).port or (443 if self.secure else 80)
 
 
 class Config(_Model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,11 +16,15 @@ OK, LOADING, DOWN = "ok", "loading", "down"
 STATES = {200: OK, 503: LOADING}  # /health status → state
 
 
-def probe(url: str, timeout: float = 2.0, path: str = "/health", headers: list[tuple[bytes, bytes]] | None = None) -> str:
-    """One look at URL/health (or PATH; plain HTTP): ok, loading (503), down (no answer), or error:<status>.
-    A bare http.client request: it runs every few seconds per server, so it should cost next to nothing."""
+def probe(url: str, timeout: float = 2.0, path: str = "/health", headers: list[tuple[bytes, bytes]] | None = None,
+          context: ssl.SSLContext | None = None) -> str:
+    """One look at URL/health (or PATH; an https:// URL verified with CONTEXT): ok, loading (503), down (no
+    answer), or error:<status>. A bare http.client request: it runs every few seconds per server, so it should
+    cost next to nothing."""
     where = urlsplit(url)  # IPv6 addresses come in brackets
-    conn = http.client.HTTPConnection(where.hostname or "", where.port or 80, timeout=timeout)
+    conn = http.client.HTTPSConnection(where.hostname or "", where.port or 443, timeout=timeout, context=context) \
+        if where.scheme == "https" else http.client.HTTPConnection(where.hostname or "", where.port or 80,
+                                                                     timeout=timeout)
     try:
         conn.request("GET", path, headers={k.decode(): v.decode() for k, v in headers or []})
         status = conn.getresponse().status

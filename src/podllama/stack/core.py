@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..access import tls
 from ..access.credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from ..build import flags, images
 from ..build.errors import BuildError
@@ -241,12 +242,14 @@ class Stack:
             raise StackError("\n".join(problems))
 
     def remote_problems(self) -> list[str]:
-        """Remote servers whose key file cannot be read (the gateway would send them no key)."""
+        """Remote servers whose key file or CA file cannot be read (the gateway would send them no key, or could not
+        verify them)."""
         problems = []
         for name in self.cfg.remotes:
             try:
                 self.cfg.remote_key(name)
-            except ConfigError as e:
+                tls.remote_context(self.cfg, name)
+            except (ConfigError, tls.TlsError) as e:
                 problems.append(str(e))
         return problems
 

@@ -28,6 +28,7 @@ import tomli_w
 import yaml
 
 from .. import config
+from ..access import tls
 from ..access.credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credentials
 from ..atomic import atomic_write
 from ..build import push
@@ -67,13 +68,24 @@ def gateway_config(cfg: Config, allowed: list[str]) -> dict[str, Any]:
     data["gateway"]["allowed_hosts"] = sorted(set(data["gateway"].get("allowed_hosts", [])) | set(allowed))
     for key in ("admin_key_file", "api_keys_file"):
         data["gateway"].pop(key, None)  # files of this machine: the keys travel in .podllama/secrets instead
+    if "tls_cert" in data["gateway"]:  # the user's certificate travels with the keys too
+        data["gateway"] |= {"tls_cert": f"{STATE_IN_GATEWAY}/secrets/{tls.CERT}",
+                            "tls_key": f"{STATE_IN_GATEWAY}/secrets/{tls.KEY}"}
     return data
 
 
 def _stack_keys(cfg: Config) -> dict[str, str]:
+    """The files of the gateway's secrets: the stack's keys, and its TLS certificate and key where it has them."""
     creds = Credentials(cfg.state_path)
     creds.ensure()
-    return {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
+    keys = {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
+    try:
+        material, _ = tls.ensure(cfg)
+    except tls.TlsError as e:
+        raise ExportError(str(e)) from None
+    if material is not None:
+        keys |= {tls.CERT: material.cert.read_text(), tls.KEY: material.key.read_text()}
+    return keys
 
 
 def _write_keys(keys: dict[str, str], out: Path) -> list[Path]:
@@ -81,9 +93,10 @@ def _write_keys(keys: dict[str, str], out: Path) -> list[Path]:
     servers (OUT/keys); server.key readable by the servers' group."""
     gateway = out / "gateway" / "state" / "secrets"
     written = []
+    own = [(gateway / name, keys[name], 0o600) for name in (tls.CERT, tls.KEY) if name in keys]
     for path, value, mode in ((gateway / "admin.key", keys["admin.key"], 0o600),
                               (gateway / "server.key", keys["server.key"], 0o440),
-                              (out / "keys" / "server.key", keys["server.key"], 0o440)):
+                              (out / "keys" / "server.key", keys["server.key"], 0o440), *own):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if path.parent == gateway else 0o750)
         atomic_write(path, value + "\n", mode=mode)
         if mode == 0o440 and os.geteuid() == 0:
@@ -185,9 +198,10 @@ def _labels(stack: Stack, app: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": dns_name(stack.name)}
 
 
-def _probe(path: str = "/health", initial: int = 5, port: int = SERVER_PORT) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": 10, "timeoutSeconds": 5,
-            "failureThreshold": 3, "initialDelaySeconds": initial}
+def _probe(path: str = "/health", initial: int = 5, port: int = SERVER_PORT, https: bool = False) -> dict[str, Any]:
+    get = {"path": path, "port": port} | ({"scheme": "HTTPS"} if https else {})  # (the kubelet does not verify)
+    return {"httpGet": get, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
+            "initialDelaySeconds": initial}
 
 
 def _hardened(uid: int | None, gid: int | None = None) -> dict[str, Any]:
@@ -257,7 +271,8 @@ def kube(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_im
                          {"name": "secrets", "mountPath": f"{STATE_IN_GATEWAY}/secrets", "readOnly": True},
                          {"name": "models", "mountPath": MODELS, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],
-        "readinessProbe": _probe(port=GATEWAY_PORT), "livenessProbe": _probe(initial=10, port=GATEWAY_PORT),
+        "readinessProbe": _probe(port=GATEWAY_PORT, https=stack.cfg.gateway.secure),
+        "livenessProbe": _probe(initial=10, port=GATEWAY_PORT, https=stack.cfg.gateway.secure),
     }
     volumes = [{"name": "config", "configMap": {"name": config_name}}, {"name": "state", "emptyDir": {}},
                gateway_keys, models, tmp]

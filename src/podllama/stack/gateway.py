@@ -7,11 +7,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..access import tls
 from ..build import images
 from ..engine import ContainerSpec, EngineError, Mount, hardware
 from ..models import memory
@@ -57,7 +59,10 @@ class GatewayContainer:
         if st.cfg.source is None:
             raise StackError("the gateway container needs a config file on disk (-c/--config PATH)")
         dirs: list[Path] = []
-        for d in (root.resolve(), st.cfg.source.parent, st.cfg.models_path):
+        material = tls.of(st.cfg)
+        own_tls = [material.cert.parent.resolve(), material.key.parent.resolve()] if material is not None and \
+            not material.self_signed else []  # the user's certificate and key, wherever they are
+        for d in (root.resolve(), st.cfg.source.parent, st.cfg.models_path, *own_tls):
             if not any(d == p or d.is_relative_to(p) for p in dirs):
                 dirs = [p for p in dirs if not p.is_relative_to(d)] + [d]
         variant = hardware.resolve_variant(st.cfg.stack.variant, st.hardware) if st.default_variant is None \
@@ -138,16 +143,21 @@ class GatewayContainer:
         """Who answers on the gateway's address: "ours" (this stack's gateway), a description of whatever else
         does, or None when nothing listens there."""
         gw = self.stack.cfg.gateway
-        host = self.url.removeprefix("http://").rsplit(":", 1)[0].strip("[]")
-        conn = http.client.HTTPConnection(host, gw.port, timeout=3)
+        host = self.url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+        material = tls.of(self.stack.cfg)
+        conn = http.client.HTTPConnection(host, gw.port, timeout=3) if material is None else \
+            http.client.HTTPSConnection(host, gw.port, timeout=3, context=material.client_context())
         try:
             conn.request("GET", "/health")
             r = conn.getresponse()
             body = r.read(4096)
         except ConnectionRefusedError:
             return None
+        except ssl.SSLError as e:
+            return f"a program whose TLS podllama does not trust ({e.reason or e})"
         except (OSError, http.client.HTTPException):
-            return "another program (it does not speak HTTP)"
+            return "another program (it does not speak HTTP)" if material is None else \
+                "another program (it does not speak HTTPS)"
         finally:
             conn.close()
         try:

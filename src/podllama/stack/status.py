@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..access import tls
 from ..access.credentials import bearer
 from ..config import ConfigError
 from ..engine import ContainerInfo
@@ -60,7 +61,8 @@ def _remote_row(stack: Stack, name: str, probe: bool) -> dict[str, Any]:
             key = stack.cfg.remote_key(name)
         except ConfigError:
             key = None
-        health = probe_url(remote.url, path=remote.health, headers=bearer(key))
+        health = probe_url(remote.url, path=remote.health, headers=bearer(key),
+                           context=tls.remote_context(stack.cfg, name))
     return {"server": name, "replica": 1, "container": None, "declared": True, "role": remote.role,
             "model": remote.alias or remote.model or name, "state": "remote", "health": health, "desired": RUNNING,
             "uptime_s": None, "restarts": 0, "last_restart": None, "failed": None, "image": None, "commit": None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -366,8 +367,9 @@ class Pool:
     `slots` counts connections open or being opened. A slot changes hands without being counted down: a
     closing connection hands its slot (None) to the first waiting request, a finished one hands itself."""
 
-    def __init__(self, host: str, port: int, limit: int = 8) -> None:
+    def __init__(self, host: str, port: int, limit: int = 8, tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.limit = host, port, limit
+        self.tls = tls  # an https server's: how it is verified
         self.idle: list[tuple[Connection, float]] = []
         self.slots = 0
         self.waiters: collections.deque[asyncio.Future[Connection | None]] = collections.deque()
@@ -389,7 +391,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self), self.host, self.port), connect_timeout)
+                loop.create_connection(lambda: Connection(self), self.host, self.port, ssl=self.tls,
+                                       server_hostname=self.host if self.tls is not None else None), connect_timeout)
         except BaseException as e:
             self._free_slot()
             if isinstance(e, TimeoutError):
@@ -459,11 +462,16 @@ class Client:
         self.connect_timeout, self.first_byte_timeout = connect_timeout, first_byte_timeout
         self.idle_timeout, self.queue_timeout = idle_timeout, queue_timeout
         self.pools: dict[tuple[str, int], Pool] = {}
+        # the servers spoken to over TLS (remote https:// servers): (host, port) → how each is verified
+        self.tls: dict[tuple[str, int], ssl.SSLContext] = {}
 
     def pool(self, host: str, port: int, limit: int = 8) -> Pool:
         p = self.pools.get((host, port))
-        if p is None:
-            p = self.pools[(host, port)] = Pool(host, port, limit)
+        tls = self.tls.get((host, port))
+        if p is None or p.tls is not tls:
+            if p is not None:
+                p.close()
+            p = self.pools[(host, port)] = Pool(host, port, limit, tls)
         return p
 
     async def request(self, host: str, port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],

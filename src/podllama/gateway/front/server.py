@@ -236,14 +236,17 @@ def _cancel(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
     return None
 
 
-def config(app: Any, host: str, port: int, limits: Limits) -> uvicorn.Config:
+def config(app: Any, host: str, port: int, limits: Limits, tls: dict[str, str] | None = None) -> uvicorn.Config:
+    """TLS: uvicorn's ssl_certfile and ssl_keyfile (access/tls.server_options); a plain-HTTP client on a TLS port
+    fails its handshake and is closed."""
     def protocol(*args: Any, **kwargs: Any) -> LimitedProtocol:
         return LimitedProtocol(*args, limits=limits, **kwargs)
 
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=protocol,  # type: ignore[arg-type]
                           log_level="warning", access_log=False, lifespan="on", proxy_headers=False,
-                          server_header=False, date_header=False, ws="none")
+                          server_header=False, date_header=False, ws="none",
+                          ssl_certfile=(tls or {}).get("ssl_certfile"), ssl_keyfile=(tls or {}).get("ssl_keyfile"))
 
 
-def serve(app: Any, host: str, port: int, limits: Limits) -> None:
-    uvicorn.Server(config(app, host, port, limits)).run()
+def serve(app: Any, host: str, port: int, limits: Limits, tls: dict[str, str] | None = None) -> None:
+    uvicorn.Server(config(app, host, port, limits, tls)).run()

@@ -102,6 +102,7 @@ class Proxy:
         self.loader, self.log, self.on_trouble = loader, log, on_trouble
         self.table = RouteTable.build()  # the gateway classifies requests by it too
         self.client = Client()
+        self.client.tls = registry.tls  # remote https:// servers, kept current by the registry
         self.chooser = Chooser(registry)
         self.quota = Quota()  # per-key limits (gateway/quota.py)
         self.configure(gateway, server_key)

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...access import tls
 from ...access.credentials import bearer
 from ...config import Config, ConfigError, ServerSection
 from ...engine import EngineError
@@ -113,6 +115,7 @@ class Registry:
         self.names: dict[str, str] = {}
         self.refreshed = -math.inf  # never (a fresh machine's monotonic clock starts near 0)
         self.probes = Client(connect_timeout=1, first_byte_timeout=2, idle_timeout=2, queue_timeout=2)
+        self.tls = self.probes.tls  # remote https:// servers: (host, port) → how each is verified
         self._saved_at, self._saved = -STATE_TTL, {}  # type: tuple[float, dict[str, dict[str, Any]]]
         self._loop: asyncio.AbstractEventLoop | None = None
         self.configure(cfg)
@@ -145,8 +148,18 @@ class Registry:
                 handle.configure(section)
             handles[name] = handle
         self.handles = handles
-        # remote servers: their own key (never the stack's server key) and their own health path
+        # remote servers: their own key (never the stack's server key) and their own health path; https:// ones
+        # verified by the system's CAs and their ca_file (a dict shared with every client that reaches them)
         self.remote_auth = {name: bearer(_remote_key(cfg, name)) for name in cfg.remotes}
+        self.tls.clear()
+        for name, section in cfg.remotes.items():
+            try:
+                context = tls.remote_context(cfg, name)
+            except tls.TlsError as e:
+                log.warning("%s; it is verified by the system's CAs alone", e)
+                context = ssl.create_default_context()
+            if context is not None:
+                self.tls[(section.host, section.port)] = context
 
     def __getitem__(self, server: str) -> Server:
         return self.handles[server]

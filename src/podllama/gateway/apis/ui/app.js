@@ -130,6 +130,7 @@ async function loadServers() {
     return el("tr", { "data-server": r.server },
       el("td", {}, r.replica > 1 ? `${r.server} #${r.replica}` : r.server), el("td", {}, r.role), el("td", {}, r.model),
       el("td", { class: `state-${r.state}` }, r.state), el("td", { class: `health-${r.health}` }, r.health ?? "-"),
+      el("td", { class: "stage" }, data.stages?.[r.server]?.detail ?? "-"),
       el("td", { class: "num" }, duration(r.uptime_s)), el("td", { class: "num" }, String(r.restarts ?? 0)),
       el("td", { class: "num" }, memory(r.memory)), actions);
   });
