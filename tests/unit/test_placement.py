@@ -146,3 +146,36 @@ def test_the_plan_leaves_on_demand_servers_to_their_first_request():
         ("chat", "start"), ("idle", "on-demand"), ("loaded", "keep"), ("changed", "restart")]
     assert [s.server for s in p.changes] == ["chat", "changed"]
     assert p.describe() == "start chat; idle on demand; restart changed; loaded untouched"
+
+
+# -- ctx_size = "fit" -------------------------------------------------------------------------------------------
+def test_a_fitted_context_on_the_cpu_is_the_largest_the_estimate_puts_within_the_budget(tiny, tmp_path):
+    from podllama.build.flags import FlagSet
+    from podllama.stack import Stack
+    from tests.fakeengine import FakeEngine
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "est.gguf").write_bytes(tiny.read_bytes())
+    base = config.ServerSection(model="est.gguf", args={"parallel": 1})
+    small, large = (memory.estimate(base.model_copy(update={"ctx_size": c}), [tiny]).devices["cpu"]
+                    for c in (4096, 4352))
+    budget = (small + large) // 2  # 4096 cells fit, 4352 do not
+    cfg = load(f'[stack]\nmodels_dir = "models"\n[placement]\ncpu_memory = "{budget}"\n'
+               '[servers.chat]\nmodel = "est.gguf"\nctx_size = "auto"\nargs = { parallel = 1 }\n', tmp_path)
+    assert cfg.servers["chat"].ctx_size == "fit"
+    stack = Stack(cfg, FakeEngine(), default_variant="cpu")
+    with_fit = FlagSet.parse("--fit [on|off]   fit\n--fit-target MiB   margin\n-c, --ctx-size N   ctx\n")
+    argv, notes = stack.fitted("chat", with_fit)
+    assert argv == ["--ctx-size", "4096"], argv  # the CPU: llama-server's --fit fits device memory only
+    assert "podllama's estimate" in notes[0] and "llama-server fits only GPU memory" in notes[0]
+
+    roomy = load('[stack]\nmodels_dir = "models"\n[placement]\ncpu_memory = "64GiB"\n'
+                 '[servers.chat]\nmodel = "est.gguf"\nctx_size = "fit"\n', tmp_path)
+    argv, _ = Stack(roomy, FakeEngine(), default_variant="cpu").fitted("chat", with_fit)
+    assert argv == ["--ctx-size", "32768"], "never beyond the model's own context"
+
+
+def test_ctx_size_takes_a_number_or_fit():
+    assert config.ServerSection(model="m.gguf", ctx_size="fit").fits_context
+    with pytest.raises(ValueError):
+        config.ServerSection(model="m.gguf", ctx_size="largest")

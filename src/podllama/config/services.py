@@ -259,7 +259,9 @@ class ServerSection(_Model):
     fallback: str | None = None
     alias: str | None = None
     mmproj: str | None = None
-    ctx_size: Annotated[int, Field(ge=0)] | None = None
+    # tokens of context; "fit" (or "auto"): the largest that fits the device, by llama-server's own fitting
+    # where the image has --fit, else by podllama's memory estimate within [placement]
+    ctx_size: Annotated[int, Field(ge=0)] | Literal["fit"] | None = None
     gpu_layers: Annotated[int, Field(ge=0)] | Literal["auto", "all"] | None = None
     replicas: Annotated[int, Field(ge=1, le=16)] = 1
     variant: VariantName | None = None
@@ -270,6 +272,15 @@ class ServerSection(_Model):
     # idle for idle_timeout or when another server needs its memory ([placement])
     start: Literal["always", "on-demand"] = "always"
     idle_timeout: float | None = None  # seconds or "10m"; on-demand servers only (default: 10 minutes)
+
+    @field_validator("ctx_size", mode="before")
+    @classmethod
+    def _ctx(cls, v: Any) -> Any:
+        return "fit" if v == "auto" else v
+
+    @property
+    def fits_context(self) -> bool:
+        return self.ctx_size == "fit"
 
     @field_validator("idle_timeout", mode="before")
     @classmethod

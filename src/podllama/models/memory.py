@@ -112,7 +112,8 @@ def _cells(n: int) -> int:
 
 
 def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int, ubatch: int) -> int:
-    ctx = server.ctx_size or int(_arg(server, "ctx_size", "c") or 0) or int(meta.arch_value("context_length") or 4096)  # type: ignore[call-overload]
+    given = server.ctx_size if isinstance(server.ctx_size, int) else 0  # "fit": at most the model's own
+    ctx = given or int(_arg(server, "ctx_size", "c") or 0) or int(meta.arch_value("context_length") or 4096)  # type: ignore[call-overload]
     parallel = int(_arg(server, "parallel", "np") or -1)  # type: ignore[call-overload]
     slots = parallel if parallel > 0 else 4
     n_head = int(meta.arch_value("attention.head_count") or 1)

@@ -99,11 +99,55 @@ class Stack:
         first = next((g for g in (server.gpus if isinstance(server.gpus, list) else []) if g.isdigit()), "0")
         return f"{variant}:{first}"
 
-    def estimate(self, name: str) -> memory.Estimate:
-        """What server NAME will hold, from its model files (every shard, and the projector) and its flags."""
+    def estimate(self, name: str, server: ServerSection | None = None) -> memory.Estimate:
+        """What server NAME will hold (with the settings SERVER, default its own), from its model files (every
+        shard, and the projector) and its flags."""
         model, mmproj = self.model_files(name)
         files = _shards(self.store.path(model)) + ([self.store.path(mmproj)] if mmproj else [])
-        return memory.estimate(self.cfg.servers[name], files, self.device_of(name))
+        return memory.estimate(server or self.cfg.servers[name], files, self.device_of(name))
+
+    def budgets(self) -> dict[str, int | None]:
+        """What the stack's servers may hold per device ([placement]); GPU totals from what the host told the
+        gateway container ($PODLLAMA_GPU_MEMORY), else from detection."""
+        p = self.cfg.placement
+        out: dict[str, int | None] = {"cpu": memory.budget(p.cpu_memory, memory.host_memory(), memory.CPU_MARGIN_MIN)}
+        told = os.environ.get("PODLLAMA_GPU_MEMORY")
+        totals = memory.gpu_totals(told if told is not None else memory.gpu_totals_text(self.hardware.gpus))
+        for device in set(totals) | set(p.gpu_memory):
+            out[device] = memory.budget(p.gpu_memory.get(device, "auto"), totals.get(device), memory.GPU_MARGIN_MIN)
+        return out
+
+    def fitted(self, name: str, known: flags.FlagSet) -> tuple[list[str], list[str]]:
+        """(flags, notes) for a server with ctx_size = "fit": on a GPU whose image has --fit, llama-server fits
+        its context to the device itself, leaving what [placement] keeps back; else (the CPU, which llama-server
+        does not fit to, or a build without --fit) the largest context podllama's estimate puts within the
+        device's budget, less what the stack's `always` servers there are estimated to hold."""
+        device = self.device_of(name)
+        budgets = self.budgets()
+        budget = budgets.get(device)
+        if device != "cpu" and "--fit" in known:
+            total = memory.gpu_totals(os.environ.get("PODLLAMA_GPU_MEMORY")
+                                      or memory.gpu_totals_text(self.hardware.gpus)).get(device)
+            margin = (total - budget) // 2**20 if total and budget is not None else None
+            argv = ["--fit", "on"] + (["--fit-target", str(margin)] if margin is not None and "--fit-target" in known
+                                      else [])
+            return argv, [f"context fitted to {device} by llama-server (--fit)"
+                          + (f", leaving {margin} MiB" if margin is not None else "")]
+        server = self.cfg.servers[name]
+        others = sum(self.estimate(n).devices.get(device, 0) for n, s in self.cfg.servers.items()
+                     if n != name and not s.on_demand and s.kind.llama and self.device_of(n) == device)
+        meta = self.model_metadata(name)
+        most = int(meta.arch_value("context_length") or 4096) if meta is not None else 4096
+        room = None if budget is None else budget - others
+        lo, hi = 1, max(1, most // 256)  # in steps of 256 cells, as llama.cpp pads them
+        while room is not None and lo < hi:
+            mid = (lo + hi + 1) // 2
+            held = self.estimate(name, server.model_copy(update={"ctx_size": mid * 256})).devices.get(device, 0)
+            lo, hi = (mid, hi) if held <= room else (lo, mid - 1)
+        ctx = min(most, lo * 256) if room is not None else most
+        why = "llama-server fits only GPU memory" if device == "cpu" else "this build has no --fit"
+        return ["--ctx-size", str(ctx)], [f"context {ctx} fitted by podllama's estimate to {device}'s budget "
+                                          f"({why})"]
 
     def image_of(self, variant: str, kind: Kind = KINDS["llama"]) -> str:
         return images.tag_for(variant, repo=kind.repository(self.cfg.build.repository))
@@ -312,6 +356,9 @@ class Stack:
                     raise StackError(f"servers.{name}: {e}") from None
             model, mmproj = self.model_files(name)
             extra, notes = self.chosen(name, model) if kind.llama else ([], [])
+            if server.fits_context:
+                fit_argv, fit_notes = self.fitted(name, known[image])
+                extra, notes = extra + fit_argv, notes + fit_notes
             argv = server_args(name, server, known[image], model, mmproj, extra)
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
             if server.saves_slots:

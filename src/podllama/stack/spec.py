@@ -82,7 +82,7 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
         argv += [kind.alias_flag, server.alias or name]
     if kind.llama:
         argv += ["--api-key-file", SERVER_KEY_IN_CONTAINER]
-        if server.ctx_size is not None:
+        if isinstance(server.ctx_size, int):  # ("fit": the flags chosen say how, Stack.fitted)
             argv += ["--ctx-size", str(server.ctx_size)]
         if server.gpu_layers is not None:
             argv += ["--n-gpu-layers", str(server.gpu_layers)]

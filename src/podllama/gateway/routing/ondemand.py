@@ -18,14 +18,12 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 from ...access.credentials import bearer
 from ...engine import EngineError
 from ...engine.health import DOWN
-from ...models import memory
 from ...models.gguf_meta import GGUFError
 from ...stack import Stack, StackError, container_name, placement
 from ...stack.state import RUNNING, UNLOADED
@@ -302,12 +300,7 @@ class Loader:
         return h.figure
 
     def budgets(self) -> dict[str, int | None]:
-        p = self.stack.cfg.placement
-        out: dict[str, int | None] = {"cpu": memory.budget(p.cpu_memory, memory.host_memory(), memory.CPU_MARGIN_MIN)}
-        totals = memory.gpu_totals(os.environ.get("PODLLAMA_GPU_MEMORY", ""))
-        for device in set(totals) | set(p.gpu_memory):
-            out[device] = memory.budget(p.gpu_memory.get(device, "auto"), totals.get(device), memory.GPU_MARGIN_MIN)
-        return out
+        return self.stack.budgets()
 
     def _settings(self) -> dict[str, str]:
         p = self.stack.cfg.placement
