@@ -275,11 +275,11 @@ def test_admin_events_follow_each_stage_of_a_load(stack):
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
     wait_until(lambda: seen, timeout=10)  # the snapshot came: following from here
-    assert seen[0] == seen[0] | {"server": "a", "phase": "stopped"}
+    assert seen[0] == seen[0] | {"server": "a", "phase": "down"}
     assert s.chat("a").status_code == 200
     follower.join(10)
     stages = [e["stage"] for e in seen if e["server"] == "a"]
-    assert stages[0] == "stopped" and stages[-1] == "ready", stages
+    assert stages[0] == "down" and stages[-1] == "ready", stages
     assert stages.index("starting container") < stages.index("loading model"), stages
     status = s.client.get("/admin/status", headers={"authorization": f"Bearer {key}"}).json()
     assert status["stages"]["a"]["phase"] == "ready" and status["changes"][-1]["stage"] == "ready"

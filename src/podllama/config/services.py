@@ -276,7 +276,11 @@ class ServerSection(_Model):
     @field_validator("ctx_size", mode="before")
     @classmethod
     def _ctx(cls, v: Any) -> Any:
-        return "fit" if v == "auto" else v
+        if v in ("fit", "auto"):
+            return "fit"
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"{v!r} is not a context size: a number of tokens (0: the model's), or \"fit\"")
 
     @property
     def fits_context(self) -> bool:

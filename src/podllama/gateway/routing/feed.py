@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ...engine.health import LOADING, OK
+
 if TYPE_CHECKING:
     from .servers import Server
 
@@ -21,11 +23,20 @@ KEEP = 200
 FOLLOWER_QUEUE = 100
 
 
+def seen(h: Server) -> str:
+    """H's phase as far as it can be told without asking the stack's state (which the feed must not read on
+    every probe): the phase the gateway drives, else what its health says — ready, starting (loading), down."""
+    if h.driving is not None:
+        return str(h.driving.value)
+    return {OK: "ready", LOADING: "starting"}.get(h.health(), "down")
+
+
 def event_of(h: Server) -> dict[str, Any]:
     """A server's condition as the feed says it: its phase, its stage (what the gateway does to it within the
     phase, or the phase itself) and a sentence for people."""
-    phase = h.phase.value
-    return {"at": time.time(), "server": h.name, "phase": phase, "stage": h.step or phase, "detail": h.describe()}
+    phase = seen(h)
+    return {"at": time.time(), "server": h.name, "phase": phase, "stage": h.step or phase,
+            "detail": h.describe() if h.step else phase}
 
 
 class Feed:
@@ -36,7 +47,7 @@ class Feed:
 
     def note(self, h: Server) -> None:
         """H changed: an event when its phase or stage did (its health flapping within a phase is not one)."""
-        key = (h.phase.value, h.step)
+        key = (seen(h), h.step)
         if self._last.get(h.name) == key:
             return
         self._last[h.name] = key
