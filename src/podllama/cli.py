@@ -327,11 +327,11 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     if taken:
         say(f"{', '.join(taken)} handed to the gateway as files in {st.credentials.dir} (never in its environment)")
     with steps.step("check the config, models, GPUs and the gateway's port") as s:
-        st.preflight(servers, gateway=gateway, download=download_progress(s))
-        if gateway:
+        if gateway:  # (before the port check, which speaks HTTPS with it)
             material, made = ensure_tls(st.cfg)
             if made:
                 s.say(made)
+        st.preflight(servers, gateway=gateway, download=download_progress(s))
     for k, variant in st.missing_images(servers):
         with steps.step(f"build the {variant} {k.program} image (once; later starts reuse it)") as s:
             build_variant(s, st.cfg, st.engine, variant, st.hardware, kind=k)

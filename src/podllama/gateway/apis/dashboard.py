@@ -55,7 +55,8 @@ def router(gw: Gateway) -> APIRouter:
                                      "`podllama keys create NAME --admin` makes more)")
         token = gw.guard.sessions.open(key)
         response = Response(b'{"logged_in": true}', media_type="application/json", headers=SECURITY)
-        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL, path="/", httponly=True, samesite="strict")
+        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL, path="/", httponly=True, samesite="strict",
+                            secure=gw.stack.cfg.gateway.secure)  # over HTTPS, never sent in clear text
         return response
 
     @ui.post("/logout", summary="End the dashboard session")
