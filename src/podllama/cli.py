@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -555,16 +556,31 @@ def _answer(api: GatewayAPI, messages: list[dict[str, str]], model: str | None, 
     """Stream one answer to the terminal. Ctrl-C stops it (what came so far is kept): in a CONVERSATION the next
     question can follow; otherwise the command ends (exit 130)."""
     pieces: list[str] = []
+    interrupted = [False]
+
+    def on_sigint(signum: int, frame: object) -> None:
+        # also remembered: a KeyboardInterrupt raised inside an object's finalizer is swallowed by Python, and
+        # the answer must stop all the same
+        interrupted[0] = True
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, on_sigint)
     try:
         for piece in api.chat(messages, model, max_tokens, temperature):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
+            if interrupted[0]:
+                raise KeyboardInterrupt
+        if interrupted[0]:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         sys.stdout.write(" [stopped]\n" if conversation else "\n")
         if not conversation:
             raise
         return "".join(pieces)
+    finally:
+        signal.signal(signal.SIGINT, before)
     sys.stdout.write("\n")
     return "".join(pieces)
 
