@@ -32,7 +32,7 @@ from ...models.gguf_meta import Metadata
 from ..front import body as bodies
 from ..front import jsonbody
 from ..front.client import UpstreamError
-from ..front.errors import Receive, Send
+from ..front.errors import Receive, Send, upstream_message
 from ..front.guard import caller_of
 from ..routing.quota import OverLimit
 
@@ -291,14 +291,6 @@ async def send_json(send: Send, status: int, data: Any) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def upstream_message(status: int, body: bytes) -> str:
-    try:
-        err = json.loads(body)["error"]
-        return str(err.get("message") if isinstance(err, dict) else err)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return body[:300].decode("utf-8", "replace") or f"the server answered {status}"
 
 
 class Capture:

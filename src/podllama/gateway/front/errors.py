@@ -31,3 +31,12 @@ async def send_error(send: Send, status: int, message: str, kind: str | None = N
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def upstream_message(status: int, body: bytes) -> str:
+    """The message of an error answer BODY (OpenAI's shape, or a bare string), else its first bytes."""
+    try:
+        err = json.loads(body)["error"]
+        return str(err.get("message") if isinstance(err, dict) else err)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body[:300].decode("utf-8", "replace") or f"the server answered {status}"

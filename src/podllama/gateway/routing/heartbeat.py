@@ -16,34 +16,26 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..front.errors import Send
+from ..front.errors import Send, upstream_message
 
 SSE_HEAD = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]
 
 
-def _message(body: bytes, status: int) -> str:
-    try:
-        err = json.loads(body)["error"]
-        return str(err.get("message") if isinstance(err, dict) else err)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return body[:500].decode("utf-8", "replace") or f"the server answered {status}"
-
-
 def _openai(status: int, body: bytes) -> bytes:
-    error = {"code": status, "message": _message(body, status), "type": "server_error" if status >= 500
+    error = {"code": status, "message": upstream_message(status, body), "type": "server_error" if status >= 500
              else "invalid_request_error"}
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 def _anthropic(status: int, body: bytes) -> bytes:
     kind = "overloaded_error" if status == 503 else "api_error" if status >= 500 else "invalid_request_error"
-    data = {"type": "error", "error": {"type": kind, "message": _message(body, status)}}
+    data = {"type": "error", "error": {"type": kind, "message": upstream_message(status, body)}}
     return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
 
 
 def _responses(status: int, body: bytes) -> bytes:
-    data = {"type": "error", "code": str(status), "message": _message(body, status), "param": None}
+    data = {"type": "error", "code": str(status), "message": upstream_message(status, body), "param": None}
     return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
 
 
