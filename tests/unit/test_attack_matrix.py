@@ -27,7 +27,7 @@ from tests.unit.conftest import SERVERS, recv_all
 
 # a server the scoped key below may not use: its names must never reach that key
 HIDDEN = '[servers.zeta9]\nmodel = "tiny.gguf"\nalias = "zeta-hidden"\n'
-GATEWAY = "max_body_mb = 1\nmin_body_rate = 0\n"
+GATEWAY = "max_body_mb = 1\nmin_body_rate = 0\nprogress_interval = 0.05\n"
 # routes that act on the whole process whatever the body says: their keys are attacked, not their bodies
 WHOLE_PROCESS = {("POST", "/admin/shutdown")}
 
@@ -123,10 +123,13 @@ def hostile_bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
     wide = json.dumps({"model": "tiny-chat", "prompt": list(range(60_000))}).encode()
     tags = json.dumps({"model": "tiny-chat", "prompt": "<sd_cpp_extra_args>" * 40_000,
                        "messages": [{"role": "user", "content": "<sd_cpp_extra_args>" * 40_000}]}).encode()
+    streamed = json.dumps({"model": "tiny-chat", "stream": True, "prompt": "x" * 1000,
+                           "messages": [{"role": "user", "content": "x" * 1000}]}).encode()
     json_type = {"Content-Type": "application/json"}
     return {
         "deep": (deep, json_type), "deep object": (deep_obj, json_type), "wide": (wide, json_type),
         "repetitive": (tags, json_type), "malformed": (b'{"model": "tiny-chat", "messages": [{', json_type),
+        "streamed": (streamed, json_type),  # a streamed request: its send stands in a load-progress heartbeat
         "not utf-8": (b'{"model": "\xff\xfe"}', json_type),
         "compressed": (gzip.compress(b'{"model":"tiny-chat"}' + b" " * 10_000_000), json_type | {
             "Content-Encoding": "gzip"}),

@@ -50,22 +50,28 @@ def wants_stream(data: Any) -> bool:
 
 class Heartbeat:
     """The `send` of a streamed request that may wait (see the module's text). STAGE says what its server is
-    doing; ANSWER is the shape of the route's answer (routes.py), which says how its stream reports an error."""
+    doing; ANSWER is the shape of the route's answer (routes.py), which says how its stream reports an error.
+
+    A request answered within the interval costs one timer: the task that sends the beats is made only when
+    the interval has passed with no answer."""
 
     def __init__(self, send: Send, interval: float, stage: Callable[[], str], answer: str) -> None:
         self._send, self.interval, self.stage = send, interval, stage
         self.error_event = ERROR_EVENTS.get(answer, _openai)
         self.started = False  # the answer's head has gone (ours)
         self.answered = False  # the real answer's head came
-        self.beats = 0
         self._error: bytearray | None = None
         self._status = 0
         self._lock = asyncio.Lock()  # one send at a time: the ticker's or the request's
-        self._ticker: asyncio.Task[None] | None = asyncio.create_task(self._tick())
+        self._ticker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(interval, self._begin)
+
+    def _begin(self) -> None:
+        self._timer = None
+        self._ticker = asyncio.create_task(self._tick())
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
             async with self._lock:
                 if self.answered:
                     return
@@ -74,16 +80,19 @@ class Heartbeat:
                     await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
                 line = ": " + self.stage().replace("\n", " ").replace("\r", " ")
                 await self._send({"type": "http.response.body", "body": line.encode() + b"\n\n", "more_body": True})
-                self.beats += 1
+            await asyncio.sleep(self.interval)
 
     def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if not self.answered:
-            async with self._lock:
+            async with self._lock:  # (a beat being sent finishes first)
                 self.answered = True
             self.stop()
             if message["type"] == "http.response.start" and self.started:
