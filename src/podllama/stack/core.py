@@ -106,13 +106,17 @@ class Stack:
         files = _shards(self.store.path(model)) + ([self.store.path(mmproj)] if mmproj else [])
         return memory.estimate(server or self.cfg.servers[name], files, self.device_of(name))
 
+    def gpu_totals(self) -> dict[str, int]:
+        """Each GPU's memory: what the host told the gateway container ($PODLLAMA_GPU_MEMORY, which cannot see
+        the GPUs itself), else from detection."""
+        told = os.environ.get("PODLLAMA_GPU_MEMORY")
+        return memory.gpu_totals(told if told is not None else memory.gpu_totals_text(self.hardware.gpus))
+
     def budgets(self) -> dict[str, int | None]:
-        """What the stack's servers may hold per device ([placement]); GPU totals from what the host told the
-        gateway container ($PODLLAMA_GPU_MEMORY), else from detection."""
+        """What the stack's servers may hold per device ([placement])."""
         p = self.cfg.placement
         out: dict[str, int | None] = {"cpu": memory.budget(p.cpu_memory, memory.host_memory(), memory.CPU_MARGIN_MIN)}
-        told = os.environ.get("PODLLAMA_GPU_MEMORY")
-        totals = memory.gpu_totals(told if told is not None else memory.gpu_totals_text(self.hardware.gpus))
+        totals = self.gpu_totals()
         for device in set(totals) | set(p.gpu_memory):
             out[device] = memory.budget(p.gpu_memory.get(device, "auto"), totals.get(device), memory.GPU_MARGIN_MIN)
         return out
@@ -123,11 +127,9 @@ class Stack:
         does not fit to, or a build without --fit) the largest context podllama's estimate puts within the
         device's budget, less what the stack's `always` servers there are estimated to hold."""
         device = self.device_of(name)
-        budgets = self.budgets()
-        budget = budgets.get(device)
+        budget = self.budgets().get(device)
         if device != "cpu" and "--fit" in known:
-            total = memory.gpu_totals(os.environ.get("PODLLAMA_GPU_MEMORY")
-                                      or memory.gpu_totals_text(self.hardware.gpus)).get(device)
+            total = self.gpu_totals().get(device)
             margin = (total - budget) // 2**20 if total and budget is not None else None
             argv = ["--fit", "on"] + (["--fit-target", str(margin)] if margin is not None and "--fit-target" in known
                                       else [])
