@@ -315,6 +315,12 @@ def tls_facts(material: tls.Tls | None) -> dict[str, str] | None:
             "kind": "self-signed" if material.self_signed else "files"}
 
 
+def say_tls(material: tls.Tls | None) -> None:
+    """The certificate clients should trust, for people (nothing for plain HTTP)."""
+    if (facts := tls_facts(material)) is not None:
+        out.print(f"TLS certificate {facts['cert']}, SHA-256 {facts['fingerprint']}")
+
+
 @app.command()
 def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
           gateway: Annotated[bool, typer.Option(help="Also run the gateway container")] = True,
@@ -354,8 +360,8 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     out.print(f"servers: {plan.describe()}")
     if url:
         out.print(f"gateway: [bold]{url}[/bold]   (try `podllama run \"Hello\"`; admin key in {key})")
-    if url and material is not None:
-        out.print(f"TLS certificate {material.cert}, SHA-256 {material.fingerprint()}")
+    if url:
+        say_tls(material)
 
 
 @app.command()
@@ -437,8 +443,7 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     out.print(table)
     restarted = f", restarted {gw.restarts} times by the engine" if gw and gw.restarts else ""
     out.print(f"gateway {st.gateway.name}: {gw.state if gw else 'missing'} ({st.gateway.url}){restarted}")
-    if (facts := tls_facts(tls.of(st.cfg))) is not None:
-        out.print(f"TLS certificate {facts['cert']}, SHA-256 {facts['fingerprint']}")
+    say_tls(tls.of(st.cfg))
     if problem := saved.get("engine_problem"):
         out.print(f"[red]supervision paused[/red] since {_clock(problem['since'])}: the gateway cannot reach "
                   f"{st.engine.name}'s API ({problem['error']}); requests still reach the servers that run. "
@@ -699,7 +704,7 @@ def gateway_cmd(cfg_path: ConfigOpt = None,
     except tls.TlsError as e:
         raise typer.BadParameter(str(e)) from None
     gw = Gateway(cfg, supervise=supervise, bound=bound, orchestrated=discovery == "dns")
-    serve(gw, host, port or cfg.gateway.port, gw.limits, tls.server_options(material))
+    serve(gw, host, port or cfg.gateway.port, gw.limits, material)
 
 
 # -- models ---------------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def gateway(tmp_path, upstream) -> Iterator:
         ports = targets or {name: upstream.port for name in cfg.servers}
         gw = Gateway(cfg, supervise=False, engine_name="podman", poll_every=0.25,
                      discover=lambda: [Target(n, f"unit-{n}-1", "127.0.0.1", p, lineage) for n, p in ports.items()])
-        srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits, tls.server_options(material)))
+        srv = uvicorn.Server(server.config(gw, "127.0.0.1", port, gw.limits, material))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         started.append((srv, thread))

@@ -155,11 +155,6 @@ def fingerprint(cert: Path) -> str:
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
-def server_options(tls: Tls | None) -> dict[str, str]:
-    """uvicorn's settings for TLS ({} for plain HTTP)."""
-    return {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls is not None else {}
-
-
 def remote_context(cfg: Config, name: str) -> ssl.SSLContext | None:
     """How remote server NAME is verified: the system's CAs and its ca_file where given (None: plain HTTP)."""
     remote = cfg.remotes[name]
@@ -175,5 +170,4 @@ def remote_context(cfg: Config, name: str) -> ssl.SSLContext | None:
     return ctx
 
 
-__all__ = ["CERT", "KEY", "Tls", "TlsError", "ensure", "fingerprint", "names", "of", "remote_context",
-           "server_options"]
+__all__ = ["CERT", "KEY", "Tls", "TlsError", "ensure", "fingerprint", "names", "of", "remote_context"]

@@ -436,7 +436,7 @@ class RemoteServer(ServerSection):
 
     @model_validator(mode="after")
     def _ca(self) -> RemoteServer:
-        if self.ca_file is not None and not self.url.startswith("https://"):
+        if self.ca_file is not None and not self.secure:
             raise ValueError("ca_file is for an https:// server; this one is plain HTTP")
         return self
 

@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ...access.tls import Tls
 from ...config import GatewaySection
 from .errors import error_body
 
@@ -236,8 +237,8 @@ def _cancel(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
     return None
 
 
-def config(app: Any, host: str, port: int, limits: Limits, tls: dict[str, str] | None = None) -> uvicorn.Config:
-    """TLS: uvicorn's ssl_certfile and ssl_keyfile (access/tls.server_options); a plain-HTTP client on a TLS port
+def config(app: Any, host: str, port: int, limits: Limits, tls: Tls | None = None) -> uvicorn.Config:
+    """TLS: the certificate and key it serves HTTPS with (access/tls.py); a plain-HTTP client on a TLS port
     fails its handshake and is closed."""
     def protocol(*args: Any, **kwargs: Any) -> LimitedProtocol:
         return LimitedProtocol(*args, limits=limits, **kwargs)
@@ -245,8 +246,8 @@ def config(app: Any, host: str, port: int, limits: Limits, tls: dict[str, str] |
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=protocol,  # type: ignore[arg-type]
                           log_level="warning", access_log=False, lifespan="on", proxy_headers=False,
                           server_header=False, date_header=False, ws="none",
-                          ssl_certfile=(tls or {}).get("ssl_certfile"), ssl_keyfile=(tls or {}).get("ssl_keyfile"))
+                          ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None)
 
 
-def serve(app: Any, host: str, port: int, limits: Limits, tls: dict[str, str] | None = None) -> None:
+def serve(app: Any, host: str, port: int, limits: Limits, tls: Tls | None = None) -> None:
     uvicorn.Server(config(app, host, port, limits, tls)).run()
