@@ -59,12 +59,14 @@ class GatewayContainer:
         if st.cfg.source is None:
             raise StackError("the gateway container needs a config file on disk (-c/--config PATH)")
         dirs: list[Path] = []
-        material = tls.of(st.cfg)
-        own_tls = [material.cert.parent.resolve(), material.key.parent.resolve()] if material is not None and \
-            not material.self_signed else []  # the user's certificate and key, wherever they are
-        for d in (root.resolve(), st.cfg.source.parent, st.cfg.models_path, *own_tls):
+        for d in (root.resolve(), st.cfg.source.parent, st.cfg.models_path):
             if not any(d == p or d.is_relative_to(p) for p in dirs):
                 dirs = [p for p in dirs if not p.is_relative_to(d)] + [d]
+        material = tls.of(st.cfg)
+        # the user's certificate and key, read-only at their host paths where no mount above shows them
+        own_tls = [] if material is None or material.self_signed else [
+            Mount(str(f), str(f), read_only=True) for f in (material.cert.resolve(), material.key.resolve())
+            if not any(f.is_relative_to(d) for d in dirs)]
         variant = hardware.resolve_variant(st.cfg.stack.variant, st.hardware) if st.default_variant is None \
             else st.default_variant
         gw = st.cfg.gateway
@@ -76,7 +78,7 @@ class GatewayContainer:
                  "PODLLAMA_ENGINE": st.engine.name, "PODLLAMA_VARIANT": variant,
                  "PODLLAMA_PUBLISHED_HOST": gw.host, "PODLLAMA_ENGINE_SOCKET": f"unix://{inside}",
                  "PODLLAMA_GPU_MEMORY": memory.gpu_totals_text(st.hardware.gpus)},
-            mounts=[mount] + [Mount(str(d), str(d), read_only=False) for d in dirs],
+            mounts=[mount] + [Mount(str(d), str(d), read_only=False) for d in dirs] + own_tls,
         )
         if self.network() == "host":
             # on the host's network: it binds the one port itself, and reaches the servers at their addresses
