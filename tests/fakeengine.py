@@ -14,6 +14,7 @@ that ever ran at once.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import http.server
 import itertools
 import json
@@ -38,6 +39,15 @@ HELP = """----- common params -----
 -m,    --model FNAME                    model path to load
 --metrics                               enable prometheus compatible metrics endpoint (default: disabled)
 --slot-save-path PATH                   path to save slot kv cache (default: disabled)
+--spec-draft-model, -md, --model-draft FNAME
+                                        draft model for speculative decoding (default: unused)
+--spec-draft-n-max N                    number of tokens to draft for speculative decoding (default: 3)
+--spec-draft-ngl, -ngld, --gpu-layers-draft, --n-gpu-layers-draft N
+                                        max. number of draft model layers to store in VRAM
+--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,ngram-map-k4v,ngram-mod,ngram-cache
+                                        comma-separated list of types of speculative decoding to use (default:
+                                        none)
+--spec-ngram-mod-n-match N              ngram-mod lookup length (default: 24)
 """
 MiB = 2**20
 _addresses = itertools.count(2)
@@ -205,7 +215,8 @@ class FakeContainer:
 
 class FakeEngine(CliEngine):
     name = "fake"
-    IMAGE_ID = "sha256:" + "f" * 64
+    # an image's id follows its content: here, the --help it carries (podllama caches flags by image id)
+    IMAGE_ID = "sha256:" + hashlib.sha256(HELP.encode()).hexdigest()
 
     def __init__(self, server_key: str = "") -> None:
         super().__init__()

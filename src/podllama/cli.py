@@ -40,6 +40,7 @@ from .progress import Step, Steps
 from .stack import Stack, StackError
 from .stack.export import ExportError
 from .stack.service import ServiceError
+from .stack.spec import user_flags
 from .stack.update import UpdateError
 from .units import human
 
@@ -809,7 +810,6 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                                                    "image's llama-server flags")] = True,
           as_json: JsonOpt = False) -> None:
     """Validate services.toml (and each server's args against the flags of the image it will run)."""
-    from .build import flags as flagmod
 
     cfg = load_config(cfg_path)
     errors, notes = [], []
@@ -823,7 +823,7 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                 notes.append(f"servers.{name}: no {tag} image yet to check its args against; run `podllama build`")
                 continue
             try:
-                flagmod.render(server.args, images.record_flags(eng, tag, server.kind))
+                user_flags(server, images.record_flags(eng, tag, server.kind))
             except FlagError as e:
                 errors.append(f"{cfg.source}: servers.{name}.{e}")
     for n in notes if not as_json else []:

@@ -264,7 +264,7 @@ def test_a_server_whose_hub_model_is_not_pulled_is_listed_as_using_its_fallback(
     (store.root / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
     servers = {"chat": ServerSection(model="hf://org/repo-GGUF", fallback="tiny.gguf"),
                "other": ServerSection(model="hf://org/elsewhere-GGUF")}
-    assert hub.server_files(store, servers["chat"]) == ("tiny.gguf", None)
+    assert hub.server_files(store, servers["chat"]) == hub.ServerFiles("tiny.gguf")
     assert hub.server_files(store, servers["other"]) is None  # neither pulled nor a fallback
     rows = {r["id"]: r for r in hub.listing(store, servers)}
     assert rows["tiny.gguf"]["used_by"] == ["chat"]

@@ -12,6 +12,7 @@ import pytest
 from podllama import config
 from podllama.build import flags, pinned
 from podllama.config import kinds
+from podllama.models.hub import ServerFiles
 from podllama.stack.spec import server_args, server_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,14 +46,14 @@ def test_command_lines_and_environment_per_kind():
     known = flags.FlagSet.parse(help_text, indent=4)
     assert "--threads" in known and "-m" in known
     speech = config.ServerSection(role="speech", model="voices/v.onnx", args={"threads": 2}, env={"A": "1"})
-    assert server_args("voice", speech, known, "voices/v.onnx", None) == [
+    assert server_args("voice", speech, known, ServerFiles("voices/v.onnx")) == [
         "--model", "/models/voices/v.onnx", "--alias", "voice", "--threads", "2"]
     assert server_env(speech) == {"A": "1", "PODLLAMA_API_KEY_FILE": "/run/podllama/server.key"}
     whisper = config.ServerSection(role="transcription", model="w.bin", args={"beam_size": 5})
     from podllama.stack import StackError
 
     with pytest.raises(StackError, match="servers.ears.args.beam_size"):
-        server_args("ears", whisper, known, "w.bin", None)
+        server_args("ears", whisper, known, ServerFiles("w.bin"))
     chat = config.ServerSection(role="chat", model="m.gguf")
     assert "PODLLAMA_API_KEY_FILE" not in server_env(chat), "llama-server takes --api-key-file"
 

@@ -24,7 +24,10 @@ RESERVED = {
     "embedding": "role = \"embedding\"", "embeddings": "role = \"embedding\"",
     "rerank": "role = \"rerank\"", "reranking": "role = \"rerank\"",
     "hf-repo": "model = \"hf://org/repo:QUANT\"", "hf": "model = \"hf://org/repo:QUANT\"",
+    **dict.fromkeys(("spec-draft-model", "md", "model-draft", "spec-draft-hf", "hfd", "hfrd", "hf-repo-draft"),
+                    "draft_model = \"FILE\" or \"hf://org/repo:QUANT\""),
 }
+SPECULATIVE = "--spec-"  # llama-server's speculative decoding flags: the server section's `speculative` table
 
 
 class FlagError(ValueError):
@@ -84,39 +87,47 @@ class FlagSet:
         return None
 
 
-def render(args: dict[str, ArgValue], known: FlagSet | None = None) -> list[str]:
-    """The `args` mapping as llama-server flags. With KNOWN, every flag must exist in that llama-server."""
+def render(args: dict[str, ArgValue], known: FlagSet | None = None, table: str = "args") -> list[str]:
+    """A mapping of flags as llama-server arguments. With KNOWN, every flag must exist in that llama-server.
+    TABLE is the services.toml table they come from: `args` (any flag but those podllama sets, and the
+    speculative ones), or `speculative` (the --spec-* flags, named without that prefix)."""
+    prefix = SPECULATIVE.lstrip("-") if table == "speculative" else ""
     argv: list[str] = []
     for key, value in args.items():
-        dashed = key.replace("_", "-")
-        if dashed in RESERVED:
+        dashed = prefix + key.replace("_", "-")
+        if table == "args" and dashed in RESERVED:
             raise FlagError(f"args.{key}: podllama sets --{dashed} itself; use {RESERVED[dashed]} in the server section")
         flag = f"--{dashed}" if len(dashed) > 2 else f"-{dashed}"
         spec = None
         if known is not None:
-            spelled = known.spelling(key)
+            spelled = known.spelling(dashed)
             if spelled is None:
-                long_names = [n for n in known.names() if n.startswith("--")]
+                long_names = [n for n in known.names() if n.startswith(f"--{prefix}")]
                 close = difflib.get_close_matches(f"--{dashed}", long_names, n=3, cutoff=0.8)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise FlagError(f"args.{key}: this llama-server has no flag --{dashed}{hint}; see `llama-server --help`")
+                raise FlagError(f"{table}.{key}: this llama-server has no flag --{dashed}{hint}; see `llama-server --help`")
             flag, spec = spelled, known.flags[spelled]
+        speculative = next((n for n in (spec.names if spec else [flag]) if n.startswith(SPECULATIVE)), None)
+        if table == "args" and speculative:
+            raise FlagError(f"args.{key}: {flag} is a speculative decoding flag; set it in the server's speculative "
+                            f"table as {speculative.removeprefix(SPECULATIVE).replace('-', '_')} (and a draft model "
+                            "as draft_model)")
         for item in value if isinstance(value, list) else [value]:
-            argv += _one(key, flag, item, spec)
+            argv += _one(f"{table}.{key}", flag, item, spec)
     return argv
 
 
-def _one(key: str, flag: str, value: str | int | float | bool, spec: Flag | None) -> list[str]:
+def _one(where: str, flag: str, value: str | int | float | bool, spec: Flag | None) -> list[str]:
     if value is True:
         if spec is not None and spec.takes_value:
-            raise FlagError(f"args.{key}: {flag} takes a value; write {key} = \"VALUE\" instead of true")
+            raise FlagError(f"{where}: {flag} takes a value; write {where.split('.')[-1]} = \"VALUE\" instead of true")
         return [flag]
     if value is False:
         if spec is None:
             return [f"--no-{flag.lstrip('-')}"]
         if spec.negatives:
             return [spec.negatives[0]]
-        raise FlagError(f"args.{key}: {flag} has no negative form; remove the key instead of setting it to false")
+        raise FlagError(f"{where}: {flag} has no negative form; remove the key instead of setting it to false")
     if spec is not None and not spec.takes_value:
-        raise FlagError(f"args.{key}: {flag} is a switch; write {key} = true")
+        raise FlagError(f"{where}: {flag} is a switch; write {where.split('.')[-1]} = true")
     return [flag, str(value)]

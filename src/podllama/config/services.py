@@ -41,6 +41,13 @@ PROJECTOR_ROLES = ("vision", "audio")  # roles whose server needs a multimodal p
 EngineName = Literal["auto", "podman", "docker"]
 VariantName = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
 
+# llama-server's speculative decoding types at the pinned commit (--spec-type), and those that draft with a second
+# model file (draft_model); the others draft from the prompt's own n-grams or the model's MTP head
+SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-simple",
+              "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+DRAFT_TYPES = ("draft-simple", "draft-eagle3", "draft-dflash", "draft-dspark")
+GENERATING_ROLES = ("chat", "vision", "infill", "audio")  # llama-server roles that generate text (and can draft)
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 Scalar = str | int | float | bool
 ArgValue = Scalar | list[Scalar]
@@ -259,6 +266,12 @@ class ServerSection(_Model):
     fallback: str | None = None
     alias: str | None = None
     mmproj: str | None = None
+    # a smaller model of the same tokenizer that drafts tokens for this one to verify (speculative decoding): a
+    # file in models_dir or an hf:// reference, pulled like the model
+    draft_model: str | None = None
+    # llama-server's speculative settings, its --spec-* flags without the prefix: type = "draft-simple",
+    # draft_n_max = 16, draft_ngl = "all", ngram_mod_n_match = 24 …
+    speculative: dict[str, ArgValue] = Field(default_factory=dict)
     # tokens of context; "fit" (or "auto"): the largest that fits the device, by llama-server's own fitting
     # where the image has --fit, else by podllama's memory estimate within [placement]
     ctx_size: Annotated[int, Field(ge=0)] | Literal["fit"] | None = None
@@ -320,7 +333,7 @@ class ServerSection(_Model):
     def idle_seconds(self) -> float:
         return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
 
-    @field_validator("model", "mmproj", "fallback")
+    @field_validator("model", "mmproj", "fallback", "draft_model")
     @classmethod
     def _file(cls, v: str | None) -> str | None:
         if v is None:
@@ -347,7 +360,7 @@ class ServerSection(_Model):
     def _gpus(cls, v: list[str] | str | None) -> list[str] | str | None:
         return [checks.device(d) for d in v] if isinstance(v, list) else v
 
-    @field_validator("args")
+    @field_validator("args", "speculative")
     @classmethod
     def _args(cls, v: dict[str, ArgValue]) -> dict[str, ArgValue]:
         for key, value in v.items():
@@ -356,6 +369,12 @@ class ServerSection(_Model):
             for item in value if isinstance(value, list) else [value]:
                 checks.arg_value(item, key)
         return v
+
+    @property
+    def spec_types(self) -> list[str]:
+        """The speculative types asked for (speculative.type: one, a list, or comma-separated)."""
+        given = self.speculative.get("type", [])
+        return [t.strip() for item in (given if isinstance(given, list) else [given]) for t in str(item).split(",")]
 
     @field_validator("env")
     @classmethod
@@ -389,10 +408,34 @@ class ServerSection(_Model):
     def _kind(self) -> ServerSection:
         if self.kind.llama:
             return self
-        given = [k for k in ("mmproj", "ctx_size", "gpu_layers") if getattr(self, k) is not None]
+        given = [k for k in ("mmproj", "ctx_size", "gpu_layers", "draft_model") if getattr(self, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: llama-server settings; role '{self.role}' runs "
                              f"{self.kind.program}, which has none (give its own flags in args)")
+        return self
+
+    @model_validator(mode="after")
+    def _speculative(self) -> ServerSection:
+        if not (self.draft_model or self.speculative):
+            return self
+        if self.role not in GENERATING_ROLES:
+            raise ValueError(f"draft_model, speculative: speculative decoding speeds up generating text; role "
+                             f"'{self.role}' generates none (roles that do: {', '.join(GENERATING_ROLES)})")
+        unknown = [t for t in self.spec_types if t not in SPEC_TYPES]
+        if unknown:
+            raise ValueError(f"speculative.type: {', '.join(map(repr, unknown))} is not a speculative type of this "
+                             f"llama-server; types: {', '.join(SPEC_TYPES)}")
+        drafting = [t for t in self.spec_types if t in DRAFT_TYPES]
+        if drafting and not self.draft_model:
+            raise ValueError(f"speculative.type {drafting[0]!r} drafts with a second model; name it in draft_model "
+                             "(a GGUF of the same tokenizer, in models_dir or hf://org/repo:QUANT)")
+        if self.draft_model and self.spec_types and not drafting:
+            raise ValueError(f"draft_model is set, but speculative.type {', '.join(self.spec_types)} uses no draft "
+                             f"model; add \"draft-simple\" to the types or remove draft_model")
+        spelled = [k for k in self.speculative if k.replace("_", "-") in ("draft-model", "draft-hf", "model-draft")]
+        if spelled:
+            raise ValueError(f"speculative.{spelled[0]}: the draft model is draft_model in the server section, "
+                             "where podllama pulls, mounts and checks it")
         return self
 
     @model_validator(mode="after")
@@ -405,7 +448,7 @@ class ServerSection(_Model):
 
 # What a server that podllama runs has and a remote one cannot: set on a [servers.X] with url, they are refused.
 RUN_ONLY = ("fallback", "mmproj", "ctx_size", "gpu_layers", "replicas", "variant", "gpus", "args", "env", "start",
-            "idle_timeout")
+            "idle_timeout", "draft_model", "speculative")
 
 
 class RemoteServer(ServerSection):

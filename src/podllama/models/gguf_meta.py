@@ -2,7 +2,8 @@
 pooling type, sizes), read without numpy and without trusting the file — every length is bounded, and a
 file that is not GGUF, or lies about its sizes, is an error naming the file.
 
-Arrays (the tokenizer's vocabulary, mostly) are skipped, not kept: only their length is recorded. The tensor
+Arrays (the tokenizer's vocabulary, mostly) are skipped, not kept: only their length is recorded, unless a
+caller names the string arrays it needs (draft.py compares vocabularies). The tensor
 directory that follows is read for where each tensor lies, which gives each one's size in bytes (memory.py
 adds up the weights a device holds) without knowing any quantization format.
 """
@@ -37,6 +38,7 @@ class Metadata:
     tensors: int
     values: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, int] = field(default_factory=dict)  # array key → its length
+    lists: dict[str, list[str]] = field(default_factory=dict)  # the string arrays read() was asked to keep
     offsets: list[tuple[str, int]] = field(default_factory=list)  # tensor name → offset in the data section
     data_start: int = 0  # where the data section begins in the file
     size: int = 0  # the file's size
@@ -105,14 +107,18 @@ class _Reader:
         else:
             raise GGUFError(f"{self.path}: unknown value type {kind} in the header")
 
+    def strings(self, count: int) -> list[str]:
+        return [self.string() for _ in range(count)]
+
     def checked_count(self, n: int) -> int:
         if n > MAX_ARRAY:
             raise GGUFError(f"{self.path}: an array claims {n} items; not a GGUF model podllama can read")
         return n
 
 
-def read(path: Path) -> Metadata:
-    """The metadata of the GGUF file at PATH (its first shard, for a split model)."""
+def read(path: Path, keep: frozenset[str] = frozenset()) -> Metadata:
+    """The metadata of the GGUF file at PATH (its first shard, for a split model), with the string arrays named
+    in KEEP."""
     path = Path(path)
     try:
         f = path.open("rb")
@@ -139,7 +145,10 @@ def read(path: Path) -> Metadata:
             elif kind == ARRAY:
                 inner, n = r.scalar(4), r.checked_count(r.scalar(10))
                 meta.arrays[key] = n
-                r.skip_array(inner, n)
+                if key in keep and inner == STRING:
+                    meta.lists[key] = r.strings(n)
+                else:
+                    r.skip_array(inner, n)
             else:
                 raise GGUFError(f"{path}: unknown value type {kind} for {key!r}")
         if tensors > MAX_TENSORS:

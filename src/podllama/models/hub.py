@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -400,18 +400,36 @@ def resolve(store: Store, text: str) -> Manifest | None:
     return next((m for m in store.manifests() if m.repo == ref.repo), None)
 
 
-def server_files(store: Store, server: ServerSection) -> tuple[str, str | None] | None:
-    """The model and projector files (in STORE) that SERVER (a config's server section) runs: its hub model once
-    pulled, else its fallback where that file is there; None when neither is. The one answer to "which model
-    does this server run", for `podllama status`, the dashboard and the model listing alike."""
+class ServerFiles(NamedTuple):
+    """The files in the store a server runs: its model (the first shard), projector and draft model."""
+
+    model: str
+    mmproj: str | None = None
+    draft: str | None = None
+
+
+def stored(store: Store, ref: str) -> str | None:
+    """The file in STORE a model setting names: a local file as it is, an hf:// reference's model once pulled."""
+    if not ref.startswith("hf://"):
+        return ref
+    m = resolve(store, ref)
+    return m.model if m is not None else None
+
+
+def server_files(store: Store, server: ServerSection) -> ServerFiles | None:
+    """The files (in STORE) that SERVER (a config's server section) runs: its hub model once pulled, else its
+    fallback where that file is there; None when neither is. The one answer to "which model does this server
+    run", for `podllama status`, the dashboard and the model listing alike. A draft model not pulled yet is
+    None (Stack.model_files names it)."""
+    draft = stored(store, server.draft_model) if server.draft_model else None
     if not server.model.startswith("hf://"):
-        return server.model, server.mmproj
+        return ServerFiles(server.model, server.mmproj, draft)
     m = resolve(store, server.model)
     if m is None:
         if server.fallback and (store.root / server.fallback).is_file():
-            return server.fallback, server.mmproj
+            return ServerFiles(server.fallback, server.mmproj, draft)
         return None
-    return m.model, server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None)
+    return ServerFiles(m.model, server.mmproj or (m.mmproj if server.role in PROJECTOR_ROLES else None), draft)
 
 
 def listing(store: Store, servers: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,12 +11,16 @@ The estimate follows what llama.cpp allocates (at the pinned commit):
 - compute buffers: 256 bytes per vocabulary entry plus 16 per embedding width × n_ubatch (fitted to what the
   test models really take; bench/RESULTS-ondemand.md shows estimate against measured).
 - the process itself: 20 MiB on the CPU; on a GPU, its context (400 MiB).
+- a draft model (speculative decoding): its own weights, KV cache and compute buffers, for the same context
+  and slots as the server (llama-server gives the draft the target's), its layers offloaded by
+  speculative.draft_ngl (default: all) and its cache typed by speculative.draft_type_k/v (default f16).
 Nothing here is exact; the figure measured once a server runs replaces it (gateway/ondemand.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,16 +64,26 @@ def _arg(server: ServerSection, *names: str) -> object:
 OTHER_PROCESS = {"whisper": 64 * MiB, "sd": 256 * MiB, "speech": 160 * MiB}
 
 
-def estimate(server: ServerSection, files: list[Path], device: str = "cpu") -> Estimate:
-    """What SERVER (its model FILES: the model's shards, then a projector if any) will hold, on DEVICE for the
-    layers it offloads and on the CPU for the rest."""
+def estimate(server: ServerSection, files: list[Path], device: str = "cpu", draft: Sequence[Path] = (),
+             read: Callable[[Path], Metadata] = read_gguf) -> Estimate:
+    """What SERVER (its model FILES: the model's shards, then a projector if any; its DRAFT model's shards)
+    will hold, on DEVICE for the layers it offloads and on the CPU for the rest. READ gives a file's metadata
+    (a caller may keep what it read)."""
+    if draft:
+        main, extra = estimate(server, files, device, read=read), estimate(_as_draft(server), list(draft), device,
+                                                                            read=read)
+        shared = {"cpu": PROCESS_CPU, device: PROCESS_GPU if device != "cpu" else PROCESS_CPU}  # one process
+        for where, size in extra.devices.items():
+            main.devices[where] = main.devices.get(where, 0) + size - shared.get(where, 0)
+        main.parts["draft"] = extra.total - sum(shared.get(w, 0) for w in extra.devices)
+        return main
     if not server.kind.llama:
         weights = sum(f.stat().st_size for f in files)
         process = OTHER_PROCESS[server.kind.name]
         working = weights // 4
         return Estimate({device: weights + working + process},
                         {"weights": weights, "compute": working, "process": process})
-    metas = [read_gguf(f) for f in files]
+    metas = [read(f) for f in files]
     meta = metas[0]
     n_layer = int(meta.arch_value("block_count") or 0)
     layers = _offloaded(server, n_layer) if device != "cpu" else 0
@@ -97,6 +111,18 @@ def estimate(server: ServerSection, files: list[Path], device: str = "cpu") -> E
     share = min(layers, n_layer) / n_layer if n_layer else 1.0  # KV of offloaded layers lives on the GPU
     kv_gpu = int(kv * share)
     return Estimate({"cpu": cpu + (kv - kv_gpu) + PROCESS_CPU, device: gpu + kv_gpu + compute + PROCESS_GPU}, parts)
+
+
+def _as_draft(server: ServerSection) -> ServerSection:
+    """SERVER's settings as its draft model gets them: the same context and slots, the draft's own offload and
+    cache types."""
+    spec = server.speculative
+    args = {k: v for k, v in server.args.items() if k not in ("n_gpu_layers", "ngl", "gpu_layers", "cache_type_k",
+                                                             "ctk", "cache_type_v", "ctv")}
+    args |= {"cache_type_k": spec.get("draft_type_k", "f16"), "cache_type_v": spec.get("draft_type_v", "f16")}
+    ngl = spec.get("draft_ngl")
+    return server.model_copy(update={"args": args, "gpu_layers": None if ngl is None else str(ngl),
+                                     "draft_model": None, "speculative": {}, "mmproj": None})
 
 
 def _offloaded(server: ServerSection, n_layer: int) -> int:

@@ -8,6 +8,7 @@ from .spec import (
     GATEWAY_PORT,
     L_CHOSEN,
     L_COMMIT,
+    L_DRAFT,
     L_FILE,
     L_HASH,
     L_IMAGE,
@@ -29,6 +30,6 @@ from .spec import (
     spec_hash,
 )
 
-__all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
+__all__ = ["GATEWAY_PORT", "L_CHOSEN", "L_COMMIT", "L_DRAFT", "L_FILE", "L_HASH", "L_IMAGE", "L_KIND", "L_MODEL", "L_REPLICA",
            "L_ROLE", "L_SERVER", "L_SHA", "L_STACK", "ROLE_FLAGS", "SERVER_PORT", "GatewayContainer", "Plan", "Stack",
            "StackError", "Action", "Unit", "container_name", "dns_hosts", "dns_name", "plan", "server_args", "spec_hash"]

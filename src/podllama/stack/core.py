@@ -19,7 +19,7 @@ from ..config import PROJECTOR_ROLES, Config, ConfigError, ServerSection
 from ..config.kinds import KINDS, Kind
 from ..engine import CliEngine, ContainerInfo, ContainerSpec, EngineError, GpuRequest, Mount, hardware
 from ..engine.health import OK, container_health
-from ..models import defaults, hub, memory
+from ..models import defaults, draft, hub, memory
 from ..models.gguf_meta import GGUFError, Metadata
 from ..models.gguf_meta import read as read_gguf
 from ..models.store import ModelNotFound, Store, StoreError
@@ -28,6 +28,7 @@ from .plan import Plan, plan
 from .spec import (
     L_CHOSEN,
     L_COMMIT,
+    L_DRAFT,
     L_FILE,
     L_HASH,
     L_IMAGE,
@@ -101,10 +102,12 @@ class Stack:
 
     def estimate(self, name: str, server: ServerSection | None = None) -> memory.Estimate:
         """What server NAME will hold (with the settings SERVER, default its own), from its model files (every
-        shard, and the projector) and its flags."""
-        model, mmproj = self.model_files(name)
-        files = _shards(self.store.path(model)) + ([self.store.path(mmproj)] if mmproj else [])
-        return memory.estimate(server or self.cfg.servers[name], files, self.device_of(name))
+        shard, the projector and the draft model's) and its flags."""
+        files = self.model_files(name)
+        main = _shards(self.store.path(files.model)) + ([self.store.path(files.mmproj)] if files.mmproj else [])
+        draft = _shards(self.store.path(files.draft)) if files.draft else []
+        return memory.estimate(server or self.cfg.servers[name], main, self.device_of(name), draft=draft,
+                               read=self.read_metadata)
 
     def gpu_totals(self) -> dict[str, int]:
         """Each GPU's memory: what the host told the gateway container ($PODLLAMA_GPU_MEMORY, which cannot see
@@ -175,27 +178,33 @@ class Stack:
     def credentials(self) -> Credentials:
         return Credentials(self.cfg.state_path)
 
-    def model_files(self, name: str) -> tuple[str, str | None]:
-        """The model and projector files (in the store) of server NAME: its hub model once pulled, else its
-        fallback where it has one."""
+    def model_files(self, name: str) -> hub.ServerFiles:
+        """The model, projector and draft files (in the store) of server NAME: its hub models once pulled, else
+        its fallback where it has one."""
         server = self.cfg.servers[name]
         files = hub.server_files(self.store, server)
-        if files is None:
-            raise StackError(f"servers.{name}: {server.model} is not in the model store yet; run "
-                             f"`podllama pull {server.model.removeprefix('hf://')}`")
-        if server.model.startswith("hf://") and files[0] != server.fallback and server.role in PROJECTOR_ROLES \
-                and not files[1]:
+        missing = server.model if files is None else server.draft_model if server.draft_model and not files.draft \
+            else None
+        if files is None or missing:
+            raise StackError(f"servers.{name}: {missing} is not in the model store yet; run "
+                             f"`podllama pull {str(missing).removeprefix('hf://')}`")
+        if server.model.startswith("hf://") and files.model != server.fallback and server.role in PROJECTOR_ROLES \
+                and not files.mmproj:
             raise StackError(f"servers.{name}: role '{server.role}' needs a projector, and {server.model} has no "
                              "mmproj file; set mmproj = \"FILE\"")
         return files
 
     def metadata(self, model: str) -> Metadata | None:
         """What the model file MODEL (in the store) says about itself; None when it is not there."""
-        path = self.store.path(model)
         try:
-            st = path.stat()
+            return self.read_metadata(self.store.path(model))
         except OSError:
             return None
+
+    @staticmethod
+    def read_metadata(path: Path) -> Metadata:
+        """The metadata of the GGUF file at PATH, read once per version of the file."""
+        st = path.stat()
         return _metadata(str(path), st.st_mtime_ns, st.st_size)
 
     def model_metadata(self, name: str) -> Metadata | None:
@@ -230,21 +239,22 @@ class Stack:
         creds = self.credentials
         token, endpoint = creds.hub_token(self.cfg), creds.hub_endpoint(self.cfg)
         unreachable: hub.HubUnreachable | None = None
-        for name in names:
+        wanted = [(name, ref, ref == s.model) for name, s in ((n, self.cfg.servers[n]) for n in names)
+                  for ref in (s.model, s.draft_model) if ref]
+        for name, ref, main in wanted:
             server = self.cfg.servers[name]
-            ref = server.model
-            if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None:
+            if not ref.startswith("hf://") or hub.resolve(self.store, ref) is not None or name in failed:
                 continue
             try:
                 if unreachable is not None:
                     raise unreachable
-                self.progress(f"servers.{name}: downloading {ref}")
+                self.progress(f"servers.{name}: downloading {ref}{'' if main else ' (its draft model)'}")
                 hub.pull(self.store, ref, hf_token=token, hub=endpoint, progress=progress,
-                         mmproj=server.role in PROJECTOR_ROLES, say=self.progress)
+                         mmproj=main and server.role in PROJECTOR_ROLES, say=self.progress)
             except hub.PullError as e:
                 if isinstance(e, hub.HubUnreachable):
                     unreachable = e
-                if server.fallback and (self.cfg.models_path / server.fallback).is_file():
+                if main and server.fallback and (self.cfg.models_path / server.fallback).is_file():
                     why = e.short if isinstance(e, hub.HubUnreachable) else str(e)
                     self.progress(f"servers.{name}: {ref} cannot be downloaded ({why}); using its fallback "
                                   f"{server.fallback} until it can")
@@ -261,7 +271,7 @@ class Stack:
             raise ModelNotFound(model_id)
         files = {f.path for f in m.files}
         users = sorted({i.labels.get(L_SERVER, "?") for i in self.containers("server").values()
-                        if i.running and i.labels.get(L_FILE) in files})
+                        if i.running and {i.labels.get(L_FILE), i.labels.get(L_DRAFT)} & files})
         if users and not force:
             raise StoreError(f"{model_id} is used by running servers: {', '.join(users)}; stop them first, or "
                              "force it (`--force`, `?force=1`), which stops them")
@@ -319,21 +329,45 @@ class Stack:
         return problems
 
     def missing_models(self, names: list[str]) -> list[str]:
+        """What keeps NAMES' servers from their files: one not in the store, and a draft model that cannot draft
+        for its server (draft.py)."""
         problems = []
         for name in names:
-            server = self.cfg.servers[name]
-            if server.model.startswith("hf://"):
-                try:
-                    self.model_files(name)
-                except StackError as e:
-                    problems.append(str(e))
+            try:
+                files = self.model_files(name)
+            except StackError as e:
+                problems.append(str(e))
                 continue
-            for kind, file in (("model", server.model), ("mmproj", server.mmproj)):
-                if file and not (self.cfg.models_path / file).is_file():
-                    problems.append(f"servers.{name}: {kind} '{file}' not found in {self.cfg.models_path}; put the "
-                                    f"GGUF file there (`podllama models import FILE`) or download it "
-                                    f"(`podllama pull REPO[:QUANT]`)")
+            absent = [(kind, file) for kind, file in (("model", files.model), ("mmproj", files.mmproj),
+                                                      ("draft_model", files.draft))
+                      if file and not (self.cfg.models_path / file).is_file()]
+            if not absent:
+                problems += [p for p in [self.draft_problem(name, files)] if p]
+            for kind, file in absent:
+                problems.append(f"servers.{name}: {kind} '{file}' not found in {self.cfg.models_path}; put the "
+                                f"GGUF file there (`podllama models import FILE`) or download it "
+                                f"(`podllama pull REPO[:QUANT]`)")
         return problems
+
+    def draft_type(self, file: str) -> str | None:
+        """The speculative type a draft model FILE drafts as when its server names none (draft.default_type)."""
+        meta = self.metadata(file)
+        return draft.default_type(meta.architecture if meta else None)
+
+    def draft_problem(self, name: str, files: hub.ServerFiles) -> str | None:
+        """Why server NAME's draft model cannot draft for its model (their vocabularies differ: llama-server
+        would refuse to start), naming both files and the fix; None when it can or there is none."""
+        if not files.draft:
+            return None
+        try:
+            why = draft.mismatch(draft.vocabulary(self.store.path(files.model)),
+                                 draft.vocabulary(self.store.path(files.draft)))
+        except (GGUFError, OSError) as e:
+            why = f"it cannot be read ({e})"
+        if why is None:
+            return None
+        return (f"servers.{name}: the draft model {files.draft} cannot draft for {files.model}: {why}. Pick a draft "
+                "of the same model family (the same tokenizer), usually a smaller size of the same model")
 
     def units(self, names: list[str] | None = None) -> list[Unit]:
         """Container specs for the servers; every server's args are checked against its image's flags first.
@@ -356,12 +390,20 @@ class Stack:
                     known[image] = images.record_flags(self.engine, image, kind, look_in=self.flags_dir)
                 except BuildError as e:
                     raise StackError(f"servers.{name}: {e}") from None
-            model, mmproj = self.model_files(name)
+            files = self.model_files(name)
+            problem = self.draft_problem(name, files)
+            if problem:
+                raise StackError(problem)
+            model = files.model
             extra, notes = self.chosen(name, model) if kind.llama else ([], [])
             if server.fits_context:
                 fit_argv, fit_notes = self.fitted(name, known[image])
                 extra, notes = extra + fit_argv, notes + fit_notes
-            argv = server_args(name, server, known[image], model, mmproj, extra)
+            if files.draft:
+                types = server.spec_types or [t for t in [self.draft_type(files.draft)] if t]
+                extra += ["--spec-type", types[0]] if types and not server.spec_types else []
+                notes.append(f"drafts with {files.draft} ({', '.join(types) or 'the type its file names'})")
+            argv = server_args(name, server, known[image], files, extra)
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]
             if server.saves_slots:
                 # prompt caches saved when it is unloaded and restored when it is loaded again (gateway/ondemand.py)
@@ -377,7 +419,8 @@ class Stack:
                     name=container_name(self.name, name, replica), image=image, args=argv,
                     labels={L_STACK: self.name, L_KIND: "server", L_SERVER: name, L_REPLICA: str(replica),
                             L_ROLE: server.role, L_IMAGE: image, L_COMMIT: commit, L_MODEL: server.model,
-                            L_FILE: model, L_SHA: sha256.get(model, ""), L_CHOSEN: "; ".join(notes)},
+                            L_FILE: model, L_SHA: sha256.get(model, ""), L_CHOSEN: "; ".join(notes)}
+                    | ({L_DRAFT: files.draft} if files.draft else {}),
                     env=server_env(server), network=self.network, network_aliases=[name],
                     mounts=mounts, gpu=gpu,
                     groups=[str(SERVER_GID)],

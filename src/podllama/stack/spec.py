@@ -16,6 +16,7 @@ from ..access.credentials import SERVER_KEY_IN_CONTAINER
 from ..build import flags
 from ..config import ServerSection
 from ..engine import ContainerInfo, ContainerSpec
+from ..models.hub import ServerFiles
 from .state import replica_key
 
 SERVER_PORT = 8080
@@ -28,6 +29,7 @@ L_STACK, L_KIND, L_SERVER = "podllama.stack", "podllama.kind", "podllama.server"
 L_REPLICA, L_ROLE = "podllama.replica", "podllama.role"
 L_HASH, L_IMAGE, L_COMMIT, L_MODEL = "podllama.config-hash", "podllama.image", "podllama.llama-commit", "podllama.model"
 L_FILE, L_CHOSEN = "podllama.model-file", "podllama.chosen"
+L_DRAFT = "podllama.draft-file"  # the draft model's file, on a server that drafts (speculative decoding)
 L_SHA = "podllama.model-sha256"  # the model file's sha256 from the store's manifest: says which, decides nothing
 
 
@@ -70,14 +72,14 @@ def dns_hosts(server: str, replicas: int) -> list[str]:
     return [dns_name(server), *(f"{dns_name(server)}-pod-{i}" for i in range(replicas))]
 
 
-def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, model: str,
-                mmproj: str | None, chosen: list[str] | None = None) -> list[str]:
+def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, files: ServerFiles,
+                chosen: list[str] | None = None) -> list[str]:
     """The llama-server command line of a server: model and role from podllama, the flags chosen from the model
-    file (CHOSEN, see defaults.py), then the user's args. MODEL and MMPROJ are files in the store (a hub
-    reference already resolved). The other kinds of server take the model and the user's args (their API key
-    comes from the environment: server_env)."""
+    file (CHOSEN, see defaults.py), then the user's. FILES are in the store (hub references already resolved).
+    The other kinds of server take the model and the user's args (their API key comes from the environment:
+    server_env)."""
     kind = server.kind
-    argv = [kind.model_flag, f"/models/{model}"]
+    argv = [kind.model_flag, f"/models/{files.model}"]
     if kind.alias_flag:
         argv += [kind.alias_flag, server.alias or name]
     if kind.llama:
@@ -86,16 +88,23 @@ def server_args(name: str, server: ServerSection, known: flags.FlagSet | None, m
             argv += ["--ctx-size", str(server.ctx_size)]
         if server.gpu_layers is not None:
             argv += ["--n-gpu-layers", str(server.gpu_layers)]
-        if mmproj:
-            argv += ["--mmproj", f"/models/{mmproj}"]
+        if files.mmproj:
+            argv += ["--mmproj", f"/models/{files.mmproj}"]
+        if files.draft:
+            argv += ["--spec-draft-model", f"/models/{files.draft}"]
         argv += ROLE_FLAGS[server.role] + (chosen or [])
         if "metrics" not in server.args:  # the gateway's /metrics?server= reads it
             argv.append("--metrics")
     try:
-        argv += flags.render(server.args, known)
+        argv += user_flags(server, known)
     except flags.FlagError as e:
         raise StackError(f"servers.{name}.{e}") from None
     return argv
+
+
+def user_flags(server: ServerSection, known: flags.FlagSet | None) -> list[str]:
+    """The flags a server's own tables ask for (`speculative`, then `args`), checked against KNOWN."""
+    return flags.render(server.speculative, known, "speculative") + flags.render(server.args, known)
 
 
 def server_env(server: ServerSection) -> dict[str, str]:
