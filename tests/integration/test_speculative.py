@@ -1,6 +1,10 @@
 """Speculative decoding on real llama-servers: a server that names a draft model drafts with it (llama-server
-reports the drafted and accepted tokens) and, at temperature 0, answers exactly what the same server without
-a draft answers; a draft of another tokenizer is refused before any container is made."""
+reports the drafted and accepted tokens; a draft that agrees with its target is accepted) and answers as a
+server without a draft does; a draft of another tokenizer is refused before any container is made.
+
+(Not asserted: the same text as the undrafted server. At temperature 0 it is in theory, but llama-server
+verifies drafts in batches whose float sums differ in the last bits, and the tiny model's near-tied logits turn
+that into other tokens now and then: bench/RESULTS-speculative.md measures how often.)"""
 
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ def complete(api, model: str) -> dict:
     r = api.post("/v1/completions", json={"model": model, "prompt": "Once upon a time", "max_tokens": 48,
                                           "temperature": 0, "seed": 1})
     assert r.status_code == 200, r.text
-    return r.json()
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 48 and out["choices"][0]["finish_reason"] == "length", out
+    return out
 
 
 def test_a_drafted_server_drafts_and_answers_what_the_plain_one_does(podman, stack_files, spec_models):
@@ -58,10 +64,9 @@ def test_a_drafted_server_drafts_and_answers_what_the_plain_one_does(podman, sta
     assert "drafts with same.gguf (draft-simple)" in sf.run("status").stdout + out
     with sf.api() as api:
         plain, drafted = complete(api, "plain"), complete(api, "drafted")
-    assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]  # greedy: drafting changes no token
     t = drafted["timings"]
     assert "draft_n" not in plain["timings"], plain["timings"]
-    assert t["draft_n"] > 0 and 0 < t["draft_n_accepted"] <= t["draft_n"], t  # a draft that agrees is accepted
+    assert t["draft_n"] > 0 and t["draft_n"] // 2 < t["draft_n_accepted"] <= t["draft_n"], t  # it agrees: accepted
     info = podman.inspect(f"{sf.name}-drafted-1")
     assert info is not None and info.labels[L_DRAFT] == "same.gguf"
 
@@ -70,8 +75,7 @@ def test_a_smaller_draft_of_the_same_tokenizer_runs(podman, stack_files, spec_mo
     sf = stack_files(podman, SERVERS.format(draft="small.gguf"), models=spec_models)
     sf.run("start")
     with sf.api() as api:
-        plain, drafted = complete(api, "plain"), complete(api, "drafted")
-    assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
+        drafted = complete(api, "drafted")
     assert drafted["timings"]["draft_n"] > 0  # drafted; how many a random small model gets right is the bench's
 
 
