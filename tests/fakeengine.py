@@ -44,7 +44,7 @@ HELP = """----- common params -----
 --spec-draft-n-max N                    number of tokens to draft for speculative decoding (default: 3)
 --spec-draft-ngl, -ngld, --gpu-layers-draft, --n-gpu-layers-draft N
                                         max. number of draft model layers to store in VRAM
---spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,ngram-map-k4v,ngram-mod,ngram-cache
+--spec-type none,draft-simple,draft-eagle3,draft-mtp,ngram-simple,ngram-mod
                                         comma-separated list of types of speculative decoding to use (default:
                                         none)
 --spec-ngram-mod-n-match N              ngram-mod lookup length (default: 24)
@@ -61,6 +61,7 @@ class Script:
     exit_while_loading: int | None = None  # exits with this code before it ever answers 200
     memory: int | None = None  # resident memory, as engine.memory() reports it (None: 100 MiB)
     tokens_per_second: float = 200.0  # how fast a streamed answer comes
+    context: int | None = None  # the context per slot it reports, as llama-server's --fit chose it (else its args')
     logs: list[str] = field(default_factory=lambda: ["main: model loaded", "main: server is listening"])
 
 
@@ -128,6 +129,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(401, {"error": {"code": 401, "message": "Invalid API Key"}})
         if not c.loaded():
             return self._send(503, {"error": {"code": 503, "message": "Loading model"}})
+        if path == "/props":  # as llama-server: the context a slot holds, and how many slots
+            args = c.spec.args
+            n_ctx = int(args[args.index("--ctx-size") + 1]) if "--ctx-size" in args else 4096
+            slots = int(args[args.index("--parallel") + 1]) if "--parallel" in args else -1
+            per_slot = n_ctx if slots < 0 else n_ctx // slots  # no --parallel: 4 slots sharing one pool
+            per_slot = c.script.context or per_slot
+            return self._send(200, {"default_generation_settings": {"n_ctx": per_slot},
+                                    "total_slots": slots if slots > 0 else 4})
         if path == "/slots" and self.command == "GET":
             return self._send(200, [{"id": i, "n_prompt_tokens": n} for i, n in enumerate(c.slots)])
         if path.startswith("/slots/"):

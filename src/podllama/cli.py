@@ -455,6 +455,9 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     for r in rows:
         if r.get("chosen"):
             out.print(f"[dim]{r['container']}: {r['chosen']}[/dim]", highlight=False)
+        if (r.get("memory") or {}).get("context"):
+            out.print(f"[dim]{r['container']}: fitted context {r['memory']['context']} tokens per request (read "
+                      "from the server's /props)[/dim]", highlight=False)
         if r["failed"]:
             out.print(f"[red]{r['container']} failed[/red]: {r['failed']['reason']}\n{r['failed']['logs']}")
     last = saved.get("last_update")

@@ -283,3 +283,22 @@ def test_admin_events_follow_each_stage_of_a_load(stack):
     assert stages.index("starting container") < stages.index("loading model"), stages
     status = s.client.get("/admin/status", headers={"authorization": f"Bearer {key}"}).json()
     assert status["stages"]["a"]["phase"] == "ready" and status["changes"][-1]["stage"] == "ready"
+
+
+def test_a_fitted_context_is_read_back_from_the_server_and_replaces_the_guess(stack):
+    # the server chooses its context itself (llama-server's --fit on a GPU): 3000 tokens per slot, two slots
+    s = stack('\n[servers.fitted]\nmodel = "tiny.gguf"\nstart = "on-demand"\nctx_size = "fit"\n'
+              "args = { parallel = 2 }\n", fitted=Script(context=3000))
+    guess = s.gw.stack.estimate("fitted").devices  # before it runs: the model's whole context counted
+    assert s.chat("fitted").status_code == 200
+
+    def noted() -> dict:
+        return s.gw.stack.state.read()["servers"].get("fitted-1", {}).get("memory") or {}
+
+    assert wait_until(lambda: noted().get("context"), timeout=30), noted()
+    assert noted()["context"] == 3000
+    section = s.gw.stack.cfg.servers["fitted"].model_copy(update={"ctx_size": 6000})  # one pool per slot
+    assert noted()["estimate"] == s.gw.stack.estimate("fitted", section).devices
+    assert noted()["estimate"]["cpu"] < guess["cpu"]
+    rows = {r["server"]: r for r in s.gw.stack.status(probe=False)}
+    assert rows["fitted"]["memory"]["context"] == 3000

@@ -177,5 +177,9 @@ def test_a_fitted_context_on_the_cpu_is_the_largest_the_estimate_puts_within_the
 
 def test_ctx_size_takes_a_number_or_fit():
     assert config.ServerSection(model="m.gguf", ctx_size="fit").fits_context
+    # a context read back per slot is one shared pool (no --parallel, or --kv-unified), else one per slot
+    assert memory.kv_cells(config.ServerSection(model="m.gguf"), 1000, 4) == 1000
+    assert memory.kv_cells(config.ServerSection(model="m.gguf", args={"parallel": 2}), 1000, 2) == 2000
+    assert memory.kv_cells(config.ServerSection(model="m.gguf", args={"np": 2, "kvu": True}), 1000, 2) == 1000
     with pytest.raises(ValueError):
         config.ServerSection(model="m.gguf", ctx_size="largest")

@@ -132,6 +132,16 @@ def _offloaded(server: ServerSection, n_layer: int) -> int:
     return int(str(ngl))
 
 
+def kv_cells(server: ServerSection, per_request: int, slots: int) -> int:
+    """The KV cells a llama-server holds whose slots each take PER_REQUEST tokens (its /props): one pool all
+    slots share when the cache is unified (llama-server's default when --parallel is not given), else one per
+    slot."""
+    unified = _arg(server, "kv_unified", "kvu")
+    if unified is None:
+        unified = _arg(server, "parallel", "np") in (None, -1, "-1")
+    return per_request if unified else per_request * slots
+
+
 def _cells(n: int) -> int:
     """N KV cells as llama.cpp allocates them: padded to a multiple of 256."""
     return -(-n // 256) * 256

@@ -113,7 +113,7 @@ def _memory(stack: Stack, server: str, saved: dict[str, Any]) -> dict[str, Any] 
     server ran), else an estimate made here from its model files."""
     if saved.get("memory"):
         m = saved["memory"]
-        return {"estimate": m.get("estimate") or {}, "measured": m.get("measured") or {}}
+        return {"estimate": m.get("estimate") or {}, "measured": m.get("measured") or {}, "context": m.get("context")}
     try:
         return {"estimate": stack.estimate(server).devices, "measured": {}}
     except (StackError, GGUFError, OSError):

@@ -24,6 +24,7 @@ from typing import Any
 from ...access.credentials import bearer
 from ...engine import EngineError
 from ...engine.health import DOWN
+from ...models import memory
 from ...models.gguf_meta import GGUFError
 from ...stack import Stack, StackError, container_name, placement
 from ...stack.state import RUNNING, UNLOADED
@@ -328,10 +329,31 @@ class Loader:
                     continue
             figure = h.figure
             assert figure is not None
+            await self._read_back_context(h, figure)
             used = await asyncio.to_thread(self.stack.engine.memory, container_name(self.stack.name, h.name, 1))
             if used is not None and self.stack.device_of(h.name) == "cpu":
                 figure.measured["cpu"] = max(figure.measured.get("cpu", 0), used)
         await self._note()
+
+    async def _read_back_context(self, h: Server, figure: Figure) -> None:
+        """A server whose context was fitted (ctx_size = "fit"): the context llama-server chose, read from its
+        /props once per settings, and its estimate made again for that context instead of the model's most."""
+        if not h.section.fits_context or figure.context is not None:
+            return
+        status, props = await self._call(h, "GET", "/props")
+        try:
+            per_request, slots = int(props["default_generation_settings"]["n_ctx"]), int(props["total_slots"])
+        except (TypeError, KeyError, ValueError):
+            log.debug("%s: no context in /props (%s)", h.name, status)
+            return
+        if not (0 < per_request < 2**24 and 0 < slots <= 4096):
+            return
+        figure.context = per_request
+        section = h.section.model_copy(update={"ctx_size": memory.kv_cells(h.section, per_request, slots)})
+        try:
+            figure.estimate = (await asyncio.to_thread(self.stack.estimate, h.name, section)).devices
+        except (GGUFError, OSError, StackError) as e:
+            log.debug("%s: no estimate for its fitted context: %s", h.name, e)
 
     async def _note(self) -> None:
         """Memory figures and last uses into the stack's state (for `podllama status`), when they changed."""
@@ -340,7 +362,8 @@ class Loader:
             entry: dict[str, Any] = {}
             if h.figure is not None:
                 f = h.figure
-                entry["memory"] = {"hash": f.hash, "estimate": f.estimate, "measured": f.measured}
+                entry["memory"] = {"hash": f.hash, "estimate": f.estimate, "measured": f.measured} | (
+                    {"context": f.context} if f.context else {})
             if h.last_used:
                 entry["last_used"] = round(h.last_used, 1)
             if entry and self._noted.get(h.name) != entry:

@@ -87,6 +87,7 @@ class Figure:
     hash: str = ""
     estimate: dict[str, int] = field(default_factory=dict)
     measured: dict[str, int] = field(default_factory=dict)
+    context: int | None = None  # a fitted server's context per request, as llama-server chose it (/props)
 
     @property
     def devices(self) -> dict[str, int]:
@@ -138,7 +139,7 @@ class Server:
             self.last_used = float(entry["last_used"])
         if entry.get("memory"):
             m = entry["memory"]
-            self.figure = Figure(m.get("hash", ""), m.get("estimate", {}), m.get("measured", {}))
+            self.figure = Figure(m.get("hash", ""), m.get("estimate", {}), m.get("measured", {}), m.get("context"))
 
     def configure(self, section: ServerSection) -> None:
         self.section = section
