@@ -240,3 +240,20 @@ def test_a_second_export_removes_the_units_it_no_longer_writes(stack, tmp_path):
     export(stack, "quadlet", out, "gw")
     assert not (out / "quadlet" / "exq-chat-3.container").exists() and (out / "quadlet" / "mine.container").exists()
     assert (out / "quadlet" / "exq-chat-2.container").exists()
+
+
+def test_an_exported_self_signed_gateway_is_certified_for_its_service_name(tmp_path, tiny_models, monkeypatch):
+    from cryptography import x509
+
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    path = tmp_path / "services.toml"
+    path.write_text(f'[stack]\nname = "tlsx"\nmodels_dir = "{tiny_models}"\n[gateway]\ntls = "self-signed"\n{SERVERS}')
+    engine = FakeEngine()
+    try:
+        export(Stack(config.load(path), engine, default_variant="cpu"), "compose", tmp_path / "c", "gw:x")
+    finally:
+        engine.close()
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "gateway" / "state" / "secrets" / "tls.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert "tlsx-gateway" in names and "localhost" in names  # what the other containers and this machine call it

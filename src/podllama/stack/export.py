@@ -74,13 +74,15 @@ def gateway_config(cfg: Config, allowed: list[str]) -> dict[str, Any]:
     return data
 
 
-def _stack_keys(cfg: Config) -> dict[str, str]:
-    """The files of the gateway's secrets: the stack's keys, and its TLS certificate and key where it has them."""
+def _stack_keys(cfg: Config, service: list[str]) -> dict[str, str]:
+    """The files of the gateway's secrets: the stack's keys, and its TLS certificate and key where it has them
+    (a self-signed one naming the gateway's SERVICE names too, as the exported gateway allows them)."""
     creds = Credentials(cfg.state_path)
     creds.ensure()
     keys = {"server.key": creds.server_key() or "", "admin.key": creds.admin_key() or ""}
     try:
-        material, _ = tls.ensure(cfg)
+        gateway = cfg.gateway.model_copy(update={"allowed_hosts": [*cfg.gateway.allowed_hosts, *service]})
+        material, _ = tls.ensure(cfg.model_copy(update={"gateway": gateway}))
     except tls.TlsError as e:
         raise ExportError(str(e)) from None
     if material is not None:
@@ -141,8 +143,9 @@ def export(stack: Stack, fmt: str, out: Path, gateway_image: str, flavour: str =
     servers = _servers(stack)
     if not servers:
         raise ExportError("services.toml declares no server podllama runs; nothing to export")
-    keys = _stack_keys(stack.cfg)
-    gateway_toml = tomli_w.dumps(gateway_config(stack.cfg, [f"{dns_name(stack.name)}-gateway"]))
+    service = [f"{dns_name(stack.name)}-gateway"]  # the name other containers reach the gateway by
+    keys = _stack_keys(stack.cfg, service)
+    gateway_toml = tomli_w.dumps(gateway_config(stack.cfg, service))
     if fmt == "compose":
         files = {"compose.yaml": compose(stack, servers, gateway_image)}
     elif fmt == "kube":
