@@ -268,3 +268,38 @@ def test_a_stream_waiting_for_a_real_load_hears_its_stages_then_gets_its_answer(
     assert all(line.startswith("data: ") for line in lines[first:]) and lines[-1] == "data: [DONE]", lines[first:]
     chunks = [json.loads(line[6:]) for line in lines[first:-1]]
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"], chunks[-1]
+
+
+FITTED = f"""
+[placement]
+cpu_memory = "{BUDGET // MiB}MiB"
+
+[servers.fitted]
+model = "tiny-big.gguf"
+start = "on-demand"
+ctx_size = "fit"
+args = {{ parallel = 2 }}
+"""
+
+
+def test_a_fitted_context_is_chosen_within_the_budget_and_read_back_from_the_server(podman, cpu_image, stack_files,
+                                                                                   od_models):
+    """ctx_size = "fit" on the CPU: podllama's estimate picks the largest context within the budget (the big
+    model's whole 32k context does not fit 450 MiB); once the server runs, the gateway reads the context it
+    holds from its /props and `status` shows it."""
+    sf = stack_files(podman, FITTED, models=od_models)
+    sf.run("start")
+    with sf.api(timeout=180) as client:
+        r = client.post("/v1/chat/completions", json={"model": "fitted", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+
+    def row() -> dict:
+        return next(r for r in sf.status()["servers"] if r["server"] == "fitted")
+
+    assert wait_until(lambda: (row().get("memory") or {}).get("context"), timeout=60), row()
+    chosen = int(row()["chosen"].split("context ")[1].split()[0])  # "… context N fitted by podllama's estimate …"
+    assert 0 < chosen < 32768, row()["chosen"]
+    per_request = -(-(chosen // 2) // 256) * 256  # two slots, a pool each, padded to 256 cells as llama.cpp does
+    assert row()["memory"]["context"] == per_request
+    assert f"fitted context {per_request} tokens per request" in sf.run("status").stdout

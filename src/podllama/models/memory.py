@@ -6,7 +6,8 @@ The estimate follows what llama.cpp allocates (at the pinned commit):
   at load uses them all). With `--n-gpu-layers N` the last N repeating layers go to the GPU (all of them and
   the output layer beyond the layer count); the token embeddings stay on the CPU.
 - KV cache: n_ctx cells (the server's context: `ctx_size`, else the model's training context) × layers ×
-  (K width + V width) × the cache type's bytes per element. Layers with sliding-window attention hold only
+  (K width + V width) × the cache type's bytes per element; padded to 256 cells, and with --parallel N (no
+  unified cache) to N pools of 256-cell multiples. Layers with sliding-window attention hold only
   n_swa × slots + n_ubatch cells (padded to 256), as llama.cpp's iSWA cache does.
 - compute buffers: 256 bytes per vocabulary entry plus 16 per embedding width × n_ubatch (fitted to what the
   test models really take; bench/RESULTS-ondemand.md shows estimate against measured).
@@ -136,10 +137,13 @@ def kv_cells(server: ServerSection, per_request: int, slots: int) -> int:
     """The KV cells a llama-server holds whose slots each take PER_REQUEST tokens (its /props): one pool all
     slots share when the cache is unified (llama-server's default when --parallel is not given), else one per
     slot."""
+    return per_request if _unified(server) else per_request * slots
+
+
+def _unified(server: ServerSection) -> bool:
+    """Whether its slots share one KV pool: --kv-unified, or llama-server's default without --parallel."""
     unified = _arg(server, "kv_unified", "kvu")
-    if unified is None:
-        unified = _arg(server, "parallel", "np") in (None, -1, "-1")
-    return per_request if unified else per_request * slots
+    return bool(unified) if unified is not None else _arg(server, "parallel", "np") in (None, -1, "-1")
 
 
 def _cells(n: int) -> int:
@@ -162,6 +166,8 @@ def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int, ubatch: int) 
     v_type = str(_arg(server, "cache_type_v", "ctv") or "f16")
     per_cell = n_head_kv * (k_len * KV_BYTES.get(k_type, 2.0) + v_len * KV_BYTES.get(v_type, 2.0))
     cells = _cells(ctx)
+    if not _unified(server) and slots > 1:  # a pool per slot, each padded to 256 cells (llama-context.cpp)
+        cells = _cells(cells // slots) * slots
     n_swa = int(meta.arch_value("attention.sliding_window") or 0)
     swa_layers = 0
     if n_swa and not _arg(server, "swa_full"):

@@ -102,12 +102,15 @@ class Stack:
 
     def estimate(self, name: str, server: ServerSection | None = None) -> memory.Estimate:
         """What server NAME will hold (with the settings SERVER, default its own), from its model files (every
-        shard, the projector and the draft model's) and its flags."""
+        shard, the projector and the draft model's) and its flags. A server whose context is fitted is counted
+        at the context podllama's estimate fits (fitted_context) until its own choice is read back."""
         files = self.model_files(name)
         main = _shards(self.store.path(files.model)) + ([self.store.path(files.mmproj)] if files.mmproj else [])
         draft = _shards(self.store.path(files.draft)) if files.draft else []
-        return memory.estimate(server or self.cfg.servers[name], main, self.device_of(name), draft=draft,
-                               read=self.read_metadata)
+        section = server or self.cfg.servers[name]
+        if section.fits_context:
+            section = section.model_copy(update={"ctx_size": self.fitted_context(name)})
+        return memory.estimate(section, main, self.device_of(name), draft=draft, read=self.read_metadata)
 
     def gpu_totals(self) -> dict[str, int]:
         """Each GPU's memory: what the host told the gateway container ($PODLLAMA_GPU_MEMORY, which cannot see
@@ -138,21 +141,34 @@ class Stack:
                                       else [])
             return argv, [f"context fitted to {device} by llama-server (--fit)"
                           + (f", leaving {margin} MiB" if margin is not None else "")]
-        server = self.cfg.servers[name]
-        others = sum(self.estimate(n).devices.get(device, 0) for n, s in self.cfg.servers.items()
-                     if n != name and not s.on_demand and s.kind.llama and self.device_of(n) == device)
-        meta = self.model_metadata(name)
-        most = int(meta.arch_value("context_length") or 4096) if meta is not None else 4096
-        room = None if budget is None else budget - others
-        lo, hi = 1, max(1, most // 256)  # in steps of 256 cells, as llama.cpp pads them
-        while room is not None and lo < hi:
-            mid = (lo + hi + 1) // 2
-            held = self.estimate(name, server.model_copy(update={"ctx_size": mid * 256})).devices.get(device, 0)
-            lo, hi = (mid, hi) if held <= room else (lo, mid - 1)
-        ctx = min(most, lo * 256) if room is not None else most
+        ctx = self.fitted_context(name)
         why = "llama-server fits only GPU memory" if device == "cpu" else "this build has no --fit"
         return ["--ctx-size", str(ctx)], [f"context {ctx} fitted by podllama's estimate to {device}'s budget "
                                           f"({why})"]
+
+    def fitted_context(self, name: str) -> int:
+        """The largest context podllama's estimate puts within server NAME's device budget, less what the
+        stack's `always` servers there hold; `always` servers that fit their context share what is left
+        equally (an on-demand one may use all of it: it is loaded in place of others)."""
+        device = self.device_of(name)
+        budget = self.budgets().get(device)
+        server = self.cfg.servers[name]
+        meta = self.model_metadata(name)
+        most = int(meta.arch_value("context_length") or 4096) if meta is not None else 4096
+        if budget is None:
+            return most
+        always = [n for n, s in self.cfg.servers.items()
+                  if not s.on_demand and s.kind.llama and self.device_of(n) == device]
+        fixed = sum(self.estimate(n).devices.get(device, 0) for n in always
+                    if n != name and not self.cfg.servers[n].fits_context)
+        sharing = 1 if server.on_demand else sum(1 for n in always if self.cfg.servers[n].fits_context)
+        room = (budget - fixed) // max(1, sharing)
+        lo, hi = 1, max(1, most // 256)  # in steps of 256 cells, as llama.cpp pads them
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            held = self.estimate(name, server.model_copy(update={"ctx_size": mid * 256})).devices.get(device, 0)
+            lo, hi = (mid, hi) if held <= room else (lo, mid - 1)
+        return min(most, lo * 256)
 
     def image_of(self, variant: str, kind: Kind = KINDS["llama"]) -> str:
         return images.tag_for(variant, repo=kind.repository(self.cfg.build.repository))
