@@ -151,3 +151,22 @@ def test_a_draft_that_cannot_draft_is_refused_before_anything_starts(models, tmp
     unpulled = stack_of(models, tmp_path, 'draft_model = "hf://org/small-GGUF:Q8_0"\n')
     assert unpulled.missing_models(["chat"]) == [
         "servers.chat: hf://org/small-GGUF:Q8_0 is not in the model store yet; run `podllama pull org/small-GGUF:Q8_0`"]
+
+
+def test_a_draft_in_use_is_not_removed_from_the_store(models, tmp_path):
+    from podllama.models.store import Store, StoreError
+
+    store_dir = tmp_path / "store"
+    store = Store(store_dir)
+    store.import_file(models / "target.gguf")
+    drafted = store.import_file(models / "draft.gguf")
+    stack = stack_of(store_dir, tmp_path, 'draft_model = "draft.gguf"\n')
+    try:
+        stack.start()
+        with pytest.raises(StoreError, match="local/draft is used by running servers: chat"):
+            stack.remove_model(drafted.id)
+        assert (store_dir / "draft.gguf").is_file()
+        removed, stopped = stack.remove_model(drafted.id, force=True)
+        assert removed == ["draft.gguf"] and stopped == ["chat"]
+    finally:
+        stack.engine.close()  # type: ignore[attr-defined]
