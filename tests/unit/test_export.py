@@ -257,3 +257,56 @@ def test_an_exported_self_signed_gateway_is_certified_for_its_service_name(tmp_p
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName)
     assert "tlsx-gateway" in names and "localhost" in names  # what the other containers and this machine call it
+
+
+GPU_SERVERS = """
+[servers.nv]
+model = "tiny.gguf"
+variant = "cuda"
+gpus = ["0", "1"]
+replicas = 2
+
+[servers.nvall]
+model = "tiny.gguf"
+variant = "cuda"
+
+[servers.amd]
+model = "tiny.gguf"
+variant = "rocm"
+"""
+
+
+def test_a_servers_gpus_reach_every_export(tmp_path, tiny_models, monkeypatch):
+    from podllama.engine import hardware
+
+    from .test_hardware import HOSTS
+
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cpu")
+    path = tmp_path / "services.toml"
+    path.write_text(f'[stack]\nname = "gpux"\nmodels_dir = "{tiny_models}"\n{GPU_SERVERS}')
+    engine = FakeEngine()
+    h100 = hardware.detect(hardware.FixtureHost(HOSTS / "nvidia-h100"))  # recorded from a real machine
+    stack = Stack(config.load(path), engine, default_variant="cpu", hw=h100)
+    try:
+        c = yaml.safe_load(export(stack, "compose", tmp_path / "c", "gw:x")[0].read_text())["services"]
+        assert c["nv"]["deploy"] == {"replicas": 2, "resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "capabilities": ["gpu"], "device_ids": ["0", "1"]}]}}}
+        assert c["nvall"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+        assert c["amd"]["devices"] == ["/dev/kfd", "/dev/dri"] and "video" in c["amd"]["group_add"]
+        manifests = docs(export(stack, "kube", tmp_path / "k", "gw:x")[0])
+        for d in manifests:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        limits = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0].get("resources", {})
+                  for d in manifests if d["kind"] == "Deployment"}
+        gpus = sum(1 for g in h100.gpus if g.backend == "cuda")
+        assert limits["nv"] == {"limits": {"nvidia.com/gpu": 2}} and limits["nvall"] == {"limits": {"nvidia.com/gpu": gpus}}
+        assert limits["amd"] == {"limits": {"amd.com/gpu": 1}} and limits["gpux-gateway"] == {}
+        units = export(stack, "quadlet", tmp_path / "q", "gw:x")
+        nv = next(p for p in units if p.name == "gpux-nv-1.container").read_text()
+        assert "--device=nvidia.com/gpu=0" in nv and "--device=nvidia.com/gpu=1" in nv  # Podman's CDI names
+        path.write_text(path.read_text() + '\n[servers.vk]\nmodel = "tiny.gguf"\nvariant = "vulkan"\n')
+        with pytest.raises(ExportError, match="servers.vk: a vulkan GPU has no standard Kubernetes resource"):
+            export(Stack(config.load(path), engine, default_variant="cpu", hw=h100), "kube", tmp_path / "k2", "gw:x")
+        assert not (tmp_path / "k2").exists()  # refused before anything is written
+    finally:
+        engine.close()

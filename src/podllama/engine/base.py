@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import glob
 import json
 import os
 import re
@@ -33,6 +34,18 @@ class Mount:
     source: str
     target: str
     read_only: bool = True
+
+
+def rocm_groups() -> list[str]:
+    """The groups a ROCm container's user needs to open /dev/kfd and the render nodes: video, and the host's own
+    group ids of those nodes (render's id differs between distributions and is not in the image's /etc/group)."""
+    gids = set()
+    for path in ["/dev/kfd", *glob.glob("/dev/dri/renderD*")]:
+        try:
+            gids.add(os.stat(path).st_gid)
+        except OSError:
+            continue
+    return ["video", *(str(g) for g in sorted(gids) if g != 0)]
 
 
 @dataclass
@@ -274,7 +287,7 @@ class CliEngine:
     # -- containers ---------------------------------------------------------------------------------------
     def gpu_flags(self, gpu: GpuRequest) -> list[str]:
         if gpu.backend == "rocm":
-            return ["--device=/dev/kfd", "--device=/dev/dri", "--group-add=video"]
+            return ["--device=/dev/kfd", "--device=/dev/dri", *(f"--group-add={g}" for g in rocm_groups())]
         if gpu.backend == "vulkan":
             nodes = ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices
             return [f"--device={n}" for n in nodes]

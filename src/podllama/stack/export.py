@@ -33,7 +33,8 @@ from ..access.credentials import SERVER_GID, SERVER_KEY_IN_CONTAINER, Credential
 from ..atomic import atomic_write
 from ..build import push
 from ..config import STATE_ENV, Config
-from ..engine import CliEngine, ContainerSpec, PodmanEngine, hardening
+from ..engine import CliEngine, ContainerSpec, GpuRequest, PodmanEngine, hardening
+from ..engine.base import rocm_groups
 from ..validate import CONTROL
 from . import GATEWAY_PORT, L_COMMIT, SERVER_PORT, Stack, dns_name
 
@@ -163,6 +164,39 @@ def export(stack: Stack, fmt: str, out: Path, gateway_image: str, flavour: str =
     return [*written, *_write_keys(keys, out)]
 
 
+# -- GPUs ------------------------------------------------------------------------------------------------------
+# a server's GPUs in each format (Quadlet takes Podman's own flags): the vendors' Kubernetes device plugins, and
+# compose's device reservations (NVIDIA) or device nodes (AMD's, the render nodes)
+KUBE_GPU = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
+
+
+def _compose_gpu(gpu: GpuRequest | None) -> dict[str, Any]:
+    """The keys of a compose service that give it GPU."""
+    if gpu is None:
+        return {}
+    if gpu.backend == "cuda":
+        ids = {"count": "all"} if gpu.devices == ["all"] else {"device_ids": gpu.devices}
+        return {"deploy": {"resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "capabilities": ["gpu"]} | ids]}}}}
+    if gpu.backend == "rocm":
+        return {"devices": ["/dev/kfd", "/dev/dri"], "group_add": rocm_groups()}
+    return {"devices": ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices}
+
+
+def _kube_gpu(stack: Stack, name: str, gpu: GpuRequest | None) -> dict[str, Any]:
+    """The resources of a Kubernetes container that give it GPU: its count of the vendor's device plugin's
+    resource ("all": the GPUs this machine has)."""
+    if gpu is None:
+        return {}
+    if gpu.backend not in KUBE_GPU:
+        raise ExportError(f"servers.{name}: a {gpu.backend} GPU has no standard Kubernetes resource to request "
+                          "(NVIDIA and AMD have device plugins); export it for compose or Quadlet, or run it on "
+                          "variant = \"cuda\" or \"rocm\"")
+    count = len(gpu.devices) if gpu.devices != ["all"] else \
+        sum(1 for g in stack.hardware.gpus if g.backend == gpu.backend) or 1
+    return {"resources": {"limits": {KUBE_GPU[gpu.backend]: count}}}
+
+
 # -- compose ---------------------------------------------------------------------------------------------------
 def compose(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_image: str) -> str:
     gw = stack.cfg.gateway
@@ -177,9 +211,10 @@ def compose(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway
             "networks": ["servers"],
             "healthcheck": {"test": ["CMD", "curl", "-fsS", f"http://127.0.0.1:{SERVER_PORT}/health"],
                             **HEALTH, "start_period": "30s"},
-            **({"deploy": {"replicas": replicas}} if replicas > 1 else {}),
             "labels": {"podllama.stack": stack.name, "podllama.server": name},
-        }
+        } | _compose_gpu(spec.gpu)
+        if replicas > 1:
+            services[dns_name(name)].setdefault("deploy", {})["replicas"] = replicas
     services[f"{dns_name(stack.name)}-gateway"] = {
         "image": gateway_image, "command": ["--discovery", "dns", "-c", f"{CONFIG_IN_GATEWAY}/services.toml"],
         "restart": "unless-stopped", "read_only": True, "tmpfs": ["/tmp:rw,nosuid,nodev,size=256m"],
@@ -254,7 +289,7 @@ def kube(stack: Stack, servers: list[tuple[str, int, ContainerSpec]], gateway_im
                              {"name": "tmp", "mountPath": "/tmp"}],
             "readinessProbe": _probe(), "livenessProbe": _probe(initial=30),
             "startupProbe": _probe() | {"failureThreshold": int(stack.cfg.stack.ready_timeout // 10) or 1},
-        }
+        } | _kube_gpu(stack, name, spec.gpu)
         docs.append(_deployment(stack, app, replicas, container, [models, keys_volume, tmp], fs_group=SERVER_GID))
         docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": app, "labels": _labels(stack, app)},
                      "spec": {"clusterIP": "None", "selector": _labels(stack, app),  # headless: every replica
