@@ -26,6 +26,7 @@ from .access.database import Database, DatabaseError
 from .access.keys import KeyProblem
 from .api import ApiError, GatewayAPI
 from .build import bases, images, source
+from .build import push as pushes
 from .build.errors import BuildError
 from .build.flags import FlagError
 from .build.push import PushError
@@ -249,8 +250,6 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
           as_json: JsonOpt = False) -> None:
     """Build a server image for this machine's hardware: llama-server from the llama.cpp submodule, or (--kind)
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
-    from .build import push as pushes
-
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
     hw = hardware.detect()
@@ -341,8 +340,9 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
                 s.say(made)
         st.preflight(servers, gateway=gateway, download=download_progress(s))
     for k, variant in st.missing_images(servers):
-        with steps.step(f"build the {variant} {k.program} image (once; later starts reuse it)") as s:
-            build_variant(s, st.cfg, st.engine, variant, st.hardware, kind=k)
+        with steps.step(f"get the {variant} {k.program} image (once; later starts reuse it)") as s:
+            if not pushes.from_lock(st.engine, st.cfg, k, variant, say=s.say):
+                build_variant(s, st.cfg, st.engine, variant, st.hardware, kind=k)
     with steps.step("start the servers") as s:
         plan = st.start(servers, wait=wait, on_state=lambda c, state: s.say(f"{c}: {state}"), pull=False)
     url = None

@@ -76,3 +76,52 @@ def test_a_pushed_image_is_recorded_pulled_back_on_an_empty_store_and_runs(podma
         # not `system reset`: with another root it still empties the host's network configs and locks
         subprocess.run([*clean, "rmi", "-a", "-f"], capture_output=True)
         shutil.rmtree(run_root, ignore_errors=True)
+
+
+def test_start_pulls_the_image_ci_pushed_instead_of_compiling(podman, cpu_image, models_dir, registry, stack_files,
+                                                             tmp_path):
+    """What a team's CI pushed (`build --push`, images.lock) is what a machine's `start` runs: pulled by its digest,
+    its labels checked, tagged as if built here, no compiler run. The machine's repository starts empty."""
+    ci_dir = tmp_path / "ci"
+    ci_dir.mkdir()
+    ci = StackFiles(ci_dir, stack_name("ptci"), podman, models_dir, free_port()).write("")
+    built = json.loads(ci.run("build", "--variant", "cpu", "--native", "--push", f"{registry}/team/llama-server",
+                              "--no-tls-verify", "--json").stdout)
+    sf = stack_files(podman)
+    repo = f"localhost/{sf.name}/llama-server"  # nothing there: the image is missing on this "machine"
+    sf.path.write_text(sf.path.read_text().replace("[build]\n", f'[build]\nrepository = "{repo}"\nfrom = "pull"\n', 1))
+    try:
+        refused = sf.run("start", check=False)  # from = "pull" and no images.lock: nothing compiled, nothing run
+        assert refused.returncode != 0 and "images.lock names no cpu llama-server image" in refused.stderr, \
+            refused.stderr
+        assert podman.list({"podllama.stack": sf.name}) == [] and podman.image_id(f"{repo}:cpu") is None
+
+        lock = json.loads((ci_dir / "images.lock").read_text())
+        (sf.dir / "images.lock").write_text(json.dumps(lock))
+        started = sf.run("start")
+        assert "instead of compiling" in started.stderr and "compiled" not in started.stderr.replace(
+            "instead of compiling", ""), started.stderr
+        assert podman.image_id(f"{repo}:cpu") == built["image_id"]  # the very image CI built
+        r = httpx.post(f"http://127.0.0.1:{sf.port}/v1/completions", headers=sf.admin, timeout=60,
+                       json={"model": "tiny-chat", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+        # a registry that serves something else under the lock's name is not trusted: the labels are checked
+        sf.run("down")
+        for tag in (f"{repo}:cpu", f"{repo}:cpu-{built['commit'][:12]}"):
+            podman.untag(tag)
+        entry = next(iter(lock["images"].values()))
+        entry["variant"] = "vulkan"  # what the lock claims; the image's labels say cpu
+        (sf.dir / "images.lock").write_text(json.dumps(lock))
+        sf.path.write_text(sf.path.read_text().replace('variant = "cpu"', 'variant = "vulkan"', 1))
+        # (vulkan needs its device here: the refusal must come from the pull, so ask for the image alone)
+        from podllama import config
+        from podllama.build import push
+        from podllama.config.kinds import KINDS
+
+        with pytest.raises(push.PushError, match="its labels give variant 'cpu' \\(wanted 'vulkan'\\)"):
+            push.from_lock(podman, config.load(sf.path), KINDS["llama"], "vulkan")
+        assert podman.image_id(f"{repo}:vulkan") is None
+    finally:
+        for tag in (f"{repo}:cpu", f"{repo}:cpu-{built['commit'][:12]}"):
+            podman.untag(tag)

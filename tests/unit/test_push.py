@@ -56,3 +56,32 @@ def test_the_ci_workflow_builds_every_variant_with_options_the_command_has(proje
     help_text = subprocess.run([command, "build", "--help"], capture_output=True, text=True,
                                env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "dumb"}).stdout
     assert used and all(flag in help_text for flag in used), (used, help_text)
+
+
+def test_the_lock_names_the_newest_push_of_a_kinds_variant_and_commit(tmp_path):
+    from podllama.config.kinds import KINDS
+
+    lock = tmp_path / "images.lock"
+    base = {"kind": "llama", "variant": "cpu", "llama_commit": "a" * 40}
+    push.record(lock, "r/x:cpu-old", base | {"ref": "r/x@sha256:1", "pushed": "2026-01-01T00:00:00Z"})
+    push.record(lock, "r/x:cpu-new", base | {"ref": "r/x@sha256:2", "pushed": "2026-02-01T00:00:00Z"})
+    push.record(lock, "r/x:cuda", base | {"variant": "cuda", "ref": "r/x@sha256:3", "pushed": "2026-03-01T00:00:00Z"})
+    push.record(lock, "r/w:cpu", {"kind": "whisper", "variant": "cpu", "source": "s" * 12, "ref": "r/w@sha256:4"})
+    llama, whisper = KINDS["llama"], KINDS["whisper"]
+    assert push.locked(lock, llama, "cpu", "a" * 40)["ref"] == "r/x@sha256:2"
+    assert push.locked(lock, llama, "cuda", "a" * 40)["ref"] == "r/x@sha256:3"
+    assert push.locked(lock, llama, "cpu", "b" * 40) is None  # another commit: compiled, not pulled
+    assert push.locked(lock, whisper, "cpu", "s" * 12)["ref"] == "r/w@sha256:4"
+    assert push.locked(tmp_path / "none.lock", llama, "cpu", "a" * 40) is None
+
+
+def test_build_from_takes_auto_pull_or_compile(tmp_path):
+    from podllama import config
+
+    path = tmp_path / "services.toml"
+    path.write_text('[build]\nfrom = "pull"\n')
+    cfg = config.load(path)
+    assert cfg.build.from_ == "pull" and 'from = "pull"' in cfg.to_toml()
+    path.write_text('[build]\nfrom = "download"\n')
+    with pytest.raises(config.ConfigError, match="build.from"):
+        config.load(path)

@@ -145,7 +145,7 @@ def test_a_draft_that_cannot_draft_is_refused_before_anything_starts(models, tmp
                         "(the same tokenizer), usually a smaller size of the same model"]
     with pytest.raises(StackError, match="other.gguf cannot draft for target.gguf"):
         stack.units()
-    assert not [c for c in stack.engine.calls if c[0] in ("create", "run", "start")]  # type: ignore[attr-defined]
+    assert not [c for c in stack.engine.calls if c[0] in ("create", "run", "start")]
     missing = stack_of(models, tmp_path, 'draft_model = "nowhere.gguf"\n').missing_models(["chat"])
     assert missing and "draft_model 'nowhere.gguf' not found in" in missing[0]
     unpulled = stack_of(models, tmp_path, 'draft_model = "hf://org/small-GGUF:Q8_0"\n')
@@ -169,4 +169,4 @@ def test_a_draft_in_use_is_not_removed_from_the_store(models, tmp_path):
         removed, stopped = stack.remove_model(drafted.id, force=True)
         assert removed == ["draft.gguf"] and stopped == ["chat"]
     finally:
-        stack.engine.close()  # type: ignore[attr-defined]
+        stack.engine.close()

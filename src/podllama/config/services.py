@@ -77,6 +77,8 @@ class StackSection(_Model):
 
 
 class BuildSection(_Model):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
     # "upstream": public base images from their registries; "local": images made by `podllama base-image`;
     # anything else is taken as one image reference used for both stages.
     base: str = "upstream"
@@ -87,6 +89,10 @@ class BuildSection(_Model):
     ui: Literal["auto", "on", "off"] = "auto"
     cuda_architectures: list[str] = Field(default_factory=list)
     rocm_targets: list[str] = Field(default_factory=list)
+    # where a missing image comes from: "auto" pulls the one images.lock names for its variant and commit (pushed
+    # by `podllama build --push`, e.g. in CI) and compiles when there is none; "pull" only pulls; "compile" only
+    # compiles
+    from_: Literal["auto", "pull", "compile"] = Field("auto", alias="from")
 
     @field_validator("base")
     @classmethod
@@ -526,7 +532,7 @@ class RemoteServer(ServerSection):
 
 class Config(_Model):
     stack: StackSection = Field(default_factory=StackSection)
-    build: BuildSection = Field(default_factory=BuildSection)
+    build: BuildSection = Field(default_factory=lambda: BuildSection.model_validate({}))
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     hub: HubSection = Field(default_factory=HubSection)

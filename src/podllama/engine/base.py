@@ -249,6 +249,10 @@ class CliEngine:
         """Push REF to its registry; returns the digest the registry stored it under (sha256:…)."""
         raise NotImplementedError
 
+    def pull_options(self, tls_verify: bool) -> list[str]:
+        """Flags of `pull` for a registry without TLS (Docker: the daemon's `insecure-registries` decides)."""
+        return []
+
     def untag(self, ref: str) -> None:
         """Remove one tag; the image stays while other tags or containers use it."""
         raise NotImplementedError
@@ -256,8 +260,8 @@ class CliEngine:
     def remove_image(self, ref: str) -> None:
         self.run_cli("rmi", ref, check=False)
 
-    def pull(self, ref: str, timeout: float = 120) -> tuple[bool, str]:
-        proc = self.run_cli("pull", ref, check=False, timeout=timeout)
+    def pull(self, ref: str, timeout: float = 120, tls_verify: bool = True) -> tuple[bool, str]:
+        proc = self.run_cli("pull", *self.pull_options(tls_verify), ref, check=False, timeout=timeout)
         return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
 
     def import_tar(self, tar: IO[bytes], ref: str) -> None:

@@ -35,6 +35,9 @@ class PodmanEngine(CliEngine):
                          ref, timeout=timeout)
             return digest_file.read_text().strip()
 
+    def pull_options(self, tls_verify: bool) -> list[str]:
+        return [f"--tls-verify={str(tls_verify).lower()}"]
+
     def untag(self, ref: str) -> None:
         self.run_cli("untag", ref, ref, check=False)  # the name to remove: alone, `untag IMAGE` removes all of them
 
