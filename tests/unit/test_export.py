@@ -310,3 +310,4 @@ def test_a_servers_gpus_reach_every_export(tmp_path, tiny_models, monkeypatch):
         assert not (tmp_path / "k2").exists()  # refused before anything is written
     finally:
         engine.close()
+

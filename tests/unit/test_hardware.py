@@ -80,3 +80,17 @@ def test_capture_round_trips(tmp_path):
     again = hardware.detect(hardware.FixtureHost(tmp_path / "cap"))
     assert again.to_dict() == captured.to_dict()
     assert (tmp_path / "cap" / "fs" / "dev" / "kfd").exists()
+
+
+def test_rocm_containers_get_the_hosts_device_groups_and_the_gateway_is_told_them_checked(monkeypatch):
+    from podllama.engine import DockerEngine, GpuRequest, PodmanEngine
+    from podllama.engine.base import ROCM_GROUPS_ENV, rocm_groups
+
+    monkeypatch.delenv(ROCM_GROUPS_ENV, raising=False)
+    here = rocm_groups()  # this machine: no /dev/kfd, so video alone (or video and its render nodes' groups)
+    assert here[0] == "video" and all(g.isdigit() for g in here[1:])
+    monkeypatch.setenv(ROCM_GROUPS_ENV, "video,109,render;rm -rf,--privileged,12345678901")
+    assert rocm_groups() == ["video", "109"]  # what the host told the gateway container, and nothing else
+    for engine in (PodmanEngine(), DockerEngine()):
+        assert engine.gpu_flags(GpuRequest("rocm")) == ["--device=/dev/kfd", "--device=/dev/dri",
+                                                        "--group-add=video", "--group-add=109"]

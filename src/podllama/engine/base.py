@@ -36,9 +36,16 @@ class Mount:
     read_only: bool = True
 
 
+ROCM_GROUPS_ENV = "PODLLAMA_ROCM_GROUPS"  # the host's answer, for the gateway container (which cannot see /dev)
+
+
 def rocm_groups() -> list[str]:
     """The groups a ROCm container's user needs to open /dev/kfd and the render nodes: video, and the host's own
-    group ids of those nodes (render's id differs between distributions and is not in the image's /etc/group)."""
+    group ids of those nodes (render's id differs between distributions and is not in the image's /etc/group).
+    Inside the gateway container, what the host told it."""
+    told = os.environ.get(ROCM_GROUPS_ENV)
+    if told is not None:
+        return [g for g in told.split(",") if g == "video" or (g.isdigit() and len(g) <= 10)]
     gids = set()
     for path in ["/dev/kfd", *glob.glob("/dev/dri/renderD*")]:
         try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..access import tls
 from ..build import images
 from ..engine import ContainerSpec, EngineError, Mount, hardware
+from ..engine.base import ROCM_GROUPS_ENV, rocm_groups
 from ..models import memory
 from .spec import GATEWAY_PORT, L_HASH, L_KIND, L_STACK, StackError, spec_hash
 
@@ -77,7 +78,8 @@ class GatewayContainer:
             env={"PODLLAMA_CONFIG": str(st.cfg.source), "PODLLAMA_HOME": str(root.resolve()),
                  "PODLLAMA_ENGINE": st.engine.name, "PODLLAMA_VARIANT": variant,
                  "PODLLAMA_PUBLISHED_HOST": gw.host, "PODLLAMA_ENGINE_SOCKET": f"unix://{inside}",
-                 "PODLLAMA_GPU_MEMORY": memory.gpu_totals_text(st.hardware.gpus)},
+                 "PODLLAMA_GPU_MEMORY": memory.gpu_totals_text(st.hardware.gpus),
+                 ROCM_GROUPS_ENV: ",".join(rocm_groups())},
             mounts=[mount] + [Mount(str(d), str(d), read_only=False) for d in dirs] + own_tls,
         )
         if self.network() == "host":
