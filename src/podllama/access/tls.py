@@ -170,4 +170,14 @@ def remote_context(cfg: Config, name: str) -> ssl.SSLContext | None:
     return ctx
 
 
-__all__ = ["CERT", "KEY", "Tls", "TlsError", "ensure", "fingerprint", "names", "of", "remote_context"]
+def remote_verification(cfg: Config, name: str) -> tuple[ssl.SSLContext | None, str | None]:
+    """How the gateway verifies remote server NAME while it runs, and why that is by the system's CAs alone
+    where its ca_file cannot be read (never no verification; `start` refuses such a file before it runs)."""
+    try:
+        return remote_context(cfg, name), None
+    except TlsError as e:
+        return ssl.create_default_context(), f"{e}; it is verified by the system's CAs alone"
+
+
+__all__ = ["CERT", "KEY", "Tls", "TlsError", "ensure", "fingerprint", "names", "of", "remote_context",
+           "remote_verification"]

@@ -62,7 +62,7 @@ def _remote_row(stack: Stack, name: str, probe: bool) -> dict[str, Any]:
         except ConfigError:
             key = None
         health = probe_url(remote.url, path=remote.health, headers=bearer(key),
-                           context=tls.remote_context(stack.cfg, name))
+                           context=tls.remote_verification(stack.cfg, name)[0])  # as the gateway checks it
     return {"server": name, "replica": 1, "container": None, "declared": True, "role": remote.role,
             "model": remote.alias or remote.model or name, "state": "remote", "health": health, "desired": RUNNING,
             "uptime_s": None, "restarts": 0, "last_restart": None, "failed": None, "image": None, "commit": None,

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,11 +152,9 @@ class Registry:
         self.remote_auth = {name: bearer(_remote_key(cfg, name)) for name in cfg.remotes}
         self.tls.clear()
         for name, section in cfg.remotes.items():
-            try:
-                context = tls.remote_context(cfg, name)
-            except tls.TlsError as e:
-                log.warning("%s; it is verified by the system's CAs alone", e)
-                context = ssl.create_default_context()
+            context, problem = tls.remote_verification(cfg, name)
+            if problem:
+                log.warning("%s", problem)
             if context is not None:
                 self.tls[(section.host, section.port)] = context
 
