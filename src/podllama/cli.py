@@ -361,7 +361,6 @@ def start(servers: ServersArg = None, cfg_path: ConfigOpt = None, engine: Engine
     out.print(f"servers: {plan.describe()}")
     if url:
         out.print(f"gateway: [bold]{url}[/bold]   (try `podllama run \"Hello\"`; admin key in {key})")
-    if url:
         say_tls(material)
 
 
@@ -813,7 +812,6 @@ def check(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
                                                    "image's llama-server flags")] = True,
           as_json: JsonOpt = False) -> None:
     """Validate services.toml (and each server's args against the flags of the image it will run)."""
-
     cfg = load_config(cfg_path)
     errors, notes = [], []
     if with_flags and cfg.servers:

@@ -55,6 +55,14 @@ def rocm_groups() -> list[str]:
     return ["video", *(str(g) for g in sorted(gids) if g != 0)]
 
 
+def device_nodes(gpu: GpuRequest) -> list[str]:
+    """The device nodes an AMD (ROCm) or Vulkan GPU request passes into a container (NVIDIA's come by CDI or the
+    runtime hook)."""
+    if gpu.backend == "rocm":
+        return ["/dev/kfd", "/dev/dri"]
+    return ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices
+
+
 @dataclass
 class GpuRequest:
     """GPUs a container needs: a backend (cuda | rocm | vulkan) and device ids ("all", or indices/render nodes)."""
@@ -297,11 +305,9 @@ class CliEngine:
 
     # -- containers ---------------------------------------------------------------------------------------
     def gpu_flags(self, gpu: GpuRequest) -> list[str]:
-        if gpu.backend == "rocm":
-            return ["--device=/dev/kfd", "--device=/dev/dri", *(f"--group-add={g}" for g in rocm_groups())]
-        if gpu.backend == "vulkan":
-            nodes = ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices
-            return [f"--device={n}" for n in nodes]
+        if gpu.backend in ("rocm", "vulkan"):
+            groups = rocm_groups() if gpu.backend == "rocm" else []
+            return [f"--device={n}" for n in device_nodes(gpu)] + [f"--group-add={g}" for g in groups]
         raise EngineError(f"GPU backend '{gpu.backend}' is not known to {self.name}")
 
     def run_argv(self, spec: ContainerSpec, detach: bool = True, remove: bool = False) -> list[str]:

@@ -57,6 +57,10 @@ class Estimate:
         return sum(self.devices.values())
 
 
+# the spellings of the flags the estimate reads in `args`
+GPU_LAYERS, CACHE_K, CACHE_V = ("n_gpu_layers", "ngl", "gpu_layers"), ("cache_type_k", "ctk"), ("cache_type_v", "ctv")
+
+
 def _arg(server: ServerSection, *names: str) -> object:
     return next((server.args[n] for n in names if n in server.args), None)
 
@@ -118,8 +122,7 @@ def _as_draft(server: ServerSection) -> ServerSection:
     """SERVER's settings as its draft model gets them: the same context and slots, the draft's own offload and
     cache types."""
     spec = server.speculative
-    args = {k: v for k, v in server.args.items() if k not in ("n_gpu_layers", "ngl", "gpu_layers", "cache_type_k",
-                                                             "ctk", "cache_type_v", "ctv")}
+    args = {k: v for k, v in server.args.items() if k not in GPU_LAYERS + CACHE_K + CACHE_V}
     args |= {"cache_type_k": spec.get("draft_type_k", "f16"), "cache_type_v": spec.get("draft_type_v", "f16")}
     ngl = spec.get("draft_ngl")
     return server.model_copy(update={"args": args, "gpu_layers": None if ngl is None else str(ngl),
@@ -127,7 +130,7 @@ def _as_draft(server: ServerSection) -> ServerSection:
 
 
 def _offloaded(server: ServerSection, n_layer: int) -> int:
-    ngl = server.gpu_layers if server.gpu_layers is not None else _arg(server, "n_gpu_layers", "ngl", "gpu_layers")
+    ngl = server.gpu_layers if server.gpu_layers is not None else _arg(server, *GPU_LAYERS)
     if ngl in (None, "auto", "all"):
         return n_layer + 1  # llama.cpp's default offloads everything that fits; count all of it
     return int(str(ngl))
@@ -162,8 +165,8 @@ def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int, ubatch: int) 
     n_embd = int(meta.arch_value("embedding_length") or 0)
     k_len = int(meta.arch_value("attention.key_length") or (n_embd // n_head if n_head else 0))
     v_len = int(meta.arch_value("attention.value_length") or k_len)
-    k_type = str(_arg(server, "cache_type_k", "ctk") or "f16")
-    v_type = str(_arg(server, "cache_type_v", "ctv") or "f16")
+    k_type = str(_arg(server, *CACHE_K) or "f16")
+    v_type = str(_arg(server, *CACHE_V) or "f16")
     per_cell = n_head_kv * (k_len * KV_BYTES.get(k_type, 2.0) + v_len * KV_BYTES.get(v_type, 2.0))
     cells = _cells(ctx)
     if not _unified(server) and slots > 1:  # a pool per slot, each padded to 256 cells (llama-context.cpp)

@@ -133,9 +133,8 @@ class Stack:
         does not fit to, or a build without --fit) the largest context podllama's estimate puts within the
         device's budget, less what the stack's `always` servers there are estimated to hold."""
         device = self.device_of(name)
-        budget = self.budgets().get(device)
         if device != "cpu" and "--fit" in known:
-            total = self.gpu_totals().get(device)
+            total, budget = self.gpu_totals().get(device), self.budgets().get(device)
             margin = (total - budget) // 2**20 if total and budget is not None else None
             argv = ["--fit", "on"] + (["--fit-target", str(margin)] if margin is not None and "--fit-target" in known
                                       else [])
@@ -199,8 +198,7 @@ class Stack:
         its fallback where it has one."""
         server = self.cfg.servers[name]
         files = hub.server_files(self.store, server)
-        missing = server.model if files is None else server.draft_model if server.draft_model and not files.draft \
-            else None
+        missing = server.model if files is None else None if files.draft else server.draft_model
         if files is None or missing:
             raise StackError(f"servers.{name}: {missing} is not in the model store yet; run "
                              f"`podllama pull {str(missing).removeprefix('hf://')}`")
@@ -416,8 +414,9 @@ class Stack:
                 fit_argv, fit_notes = self.fitted(name, known[image])
                 extra, notes = extra + fit_argv, notes + fit_notes
             if files.draft:
-                types = server.spec_types or [t for t in [self.draft_type(files.draft)] if t]
-                extra += ["--spec-type", types[0]] if types and not server.spec_types else []
+                types = server.spec_types
+                if not types and (inferred := self.draft_type(files.draft)):
+                    types, extra = [inferred], extra + ["--spec-type", inferred]
                 notes.append(f"drafts with {files.draft} ({', '.join(types) or 'the type its file names'})")
             argv = server_args(name, server, known[image], files, extra)
             mounts = [Mount(str(self.cfg.models_path), "/models", read_only=True), secret]

@@ -34,7 +34,7 @@ from ..atomic import atomic_write
 from ..build import push
 from ..config import STATE_ENV, Config
 from ..engine import CliEngine, ContainerSpec, GpuRequest, PodmanEngine, hardening
-from ..engine.base import rocm_groups
+from ..engine.base import device_nodes, rocm_groups
 from ..validate import CONTROL
 from . import GATEWAY_PORT, L_COMMIT, SERVER_PORT, Stack, dns_name
 
@@ -178,9 +178,7 @@ def _compose_gpu(gpu: GpuRequest | None) -> dict[str, Any]:
         ids = {"count": "all"} if gpu.devices == ["all"] else {"device_ids": gpu.devices}
         return {"deploy": {"resources": {"reservations": {"devices": [
             {"driver": "nvidia", "capabilities": ["gpu"]} | ids]}}}}
-    if gpu.backend == "rocm":
-        return {"devices": ["/dev/kfd", "/dev/dri"], "group_add": rocm_groups()}
-    return {"devices": ["/dev/dri"] if gpu.devices == ["all"] else gpu.devices}
+    return {"devices": device_nodes(gpu)} | ({"group_add": rocm_groups()} if gpu.backend == "rocm" else {})
 
 
 def _kube_gpu(stack: Stack, name: str, gpu: GpuRequest | None) -> dict[str, Any]:

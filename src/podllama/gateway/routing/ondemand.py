@@ -142,7 +142,7 @@ class Loader:
             figure = await asyncio.to_thread(self.figure, h)
             if any(not held.devices for held in self.held(exclude=server)):
                 await self.measure()  # a running server not measured yet (the gateway just started)
-            room = placement.make_room(server, figure.devices, self.budgets(), self.held(exclude=server),
+            room = placement.make_room(server, figure.devices, self.stack.budgets(), self.held(exclude=server),
                                        self._settings())
             if room.refusal:
                 raise Refused(503, room.refusal)
@@ -299,9 +299,6 @@ class Loader:
             raise Refused(503, f"server '{h.name}': its model cannot be read to estimate its memory: {e}") from None
         h.figure = Figure(unit.hash, estimate, {})
         return h.figure
-
-    def budgets(self) -> dict[str, int | None]:
-        return self.stack.budgets()
 
     def _settings(self) -> dict[str, str]:
         p = self.stack.cfg.placement
