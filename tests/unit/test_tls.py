@@ -105,3 +105,21 @@ def test_a_remote_server_url_may_be_https_and_ca_file_is_for_https_only():
     assert ok.remotes["far"].secure and ok.remotes["far"].port == 8443
     with pytest.raises(config.ConfigError, match="ca_file is for an https"):
         config.parse('[servers.far]\nurl = "http://llm.lan:8080"\nca_file = "ca.pem"\n')
+
+
+def test_status_checks_a_remote_with_an_unreadable_ca_file_as_the_gateway_does(tmp_path):
+    from podllama.stack import Stack
+    from tests.fakeengine import FakeEngine
+
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    path = tmp_path / "services.toml"
+    path.write_text('[servers.far]\nurl = "https://127.0.0.1:9"\nca_file = "ca.pem"\n')
+    cfg = config.load(path)
+    context, problem = tls.remote_verification(cfg, "far")
+    assert context is not None and problem and "ca.pem cannot be read as a PEM CA" in problem
+    engine = FakeEngine()
+    try:  # verified by the system's CAs alone, as the gateway does: nothing listens there, so down
+        row = next(r for r in Stack(cfg, engine, default_variant="cpu").status() if r["server"] == "far")
+    finally:
+        engine.close()
+    assert row["health"] == "down"
