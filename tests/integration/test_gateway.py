@@ -3,6 +3,7 @@ cancellation, the management API, /help, metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -206,20 +207,30 @@ def test_passthrough_and_unknown_paths(gw):
 
 
 def test_replicas_share_the_load(gw, podman):
-    def one() -> None:
-        post(gw, "/v1/chat/completions", json={"model": "tiny-chat-2", "max_tokens": 16,
-                                               "messages": [{"role": "user", "content": "x"}]})
+    replicas = [f"{STACK}-chat2-1", f"{STACK}-chat2-2"]
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for replica in (f"{STACK}-chat2-1", f"{STACK}-chat2-2"):
-        ip = podman.inspect(replica).ip
-        metrics = httpx.get(f"http://{ip}:8080/metrics", headers=gw.server_key).text
-        line = next(x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total"))
-        assert float(line.split()[-1]) > 0, f"{replica} got no requests"
+    def decodes(replica: str) -> float:
+        # llama-server's count of llama_decode() calls, kept as they happen (tokens_predicted_total is added to
+        # only when a slot is reused: one finished request per replica leaves it at 0)
+        metrics = httpx.get(f"http://{podman.inspect(replica).ip}:8080/metrics", headers=gw.server_key).text
+        return float(next(x for x in metrics.splitlines() if x.startswith("llamacpp:n_decode_total")).split()[-1])
+
+    before = {r: decodes(r) for r in replicas}
+    # two answers in flight at once, by construction: the second is sent once the first has begun and while it
+    # has hundreds of tokens to go (eight short requests from threads overlapped only when the machine let them)
+    body = {"model": "tiny-chat-2", "max_tokens": 256, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "x"}]}
+    with httpx.Client(base_url=gw.url, timeout=60) as client, contextlib.ExitStack() as streams:
+        answers = []
+        for _ in range(2):
+            r = streams.enter_context(client.stream("POST", "/v1/chat/completions", json=body))
+            lines = r.iter_lines()
+            assert r.status_code == 200 and next(line for line in lines if line.startswith("data: "))
+            answers.append(lines)
+        for lines in answers:
+            assert "data: [DONE]" in list(lines)
+    for replica in replicas:  # each decoded one of the answers: its 256 tokens
+        assert decodes(replica) - before[replica] >= 256, f"{replica} got no request"
 
 
 # -- streaming and cancellation -------------------------------------------------------------------------------
