@@ -323,6 +323,9 @@ class FakeEngine(CliEngine):
         c = self.containers.get(name)
         return (c.script.memory or 100 * MiB) if c is not None and c.state == "running" else None
 
+    def gpu_memory(self, name: str, backend: str) -> int | None:
+        return None  # no GPU here: the driver would say nothing
+
     def exec(self, name: str, argv: builtins.list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(argv, 7, "000", "")  # curl: no answer (the address was probed first)
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from . import gpumemory
+
 
 class EngineError(Exception):
     """A container engine call failed; the message carries the engine's own words."""
@@ -433,6 +435,17 @@ class CliEngine:
         if proc.returncode != 0 or len(fields) < 2 or not fields[1].isdigit():
             return None
         return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def gpu_memory(self, name: str, backend: str) -> int | None:
+        """The GPU memory container NAME's main process holds (bytes, on all its GPUs; None when the driver
+        does not say): nvidia-smi's per-process view for CUDA, the DRM client statistics for other GPUs."""
+        if backend == "cuda":
+            info = self.inspect(name)
+            proc = self.run_cli("exec", name, *gpumemory.NVIDIA_QUERY, check=False, timeout=30)
+            pids = {1} | ({info.pid} if info and info.pid else set())
+            return gpumemory.parse_nvidia(proc.stdout, pids) if proc.returncode == 0 else None
+        proc = self.run_cli("exec", name, *gpumemory.FDINFO_QUERY, check=False, timeout=30)
+        return gpumemory.parse_fdinfo(proc.stdout)
 
     def exec(self, name: str, argv: builtins.list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.run_cli("exec", name, *argv, check=False, timeout=timeout)

@@ -6,8 +6,8 @@ memory, within the memory budget of each device ([placement]).
 - To make room, placement.py picks the least recently used idle on-demand servers; those are stopped first.
   A server with a request in flight (a stream included) is never stopped, nor an `always` server.
 - What a server holds: estimated from its GGUF files before its first start (memory.py), then measured (the
-  resident memory of its process) while it runs; the largest figure measured for its current settings is
-  kept in the stack's state and used from then on.
+  resident memory of its process; on a GPU, what the driver says the process holds) while it runs; the largest
+  figure measured for its current settings is kept in the stack's state and used from then on.
 - Prompt caches survive a swap: an unloaded server's slots are saved (llama-server's slot save) into its
   directory under the stack's state directory, and restored when it is loaded again.
 """
@@ -327,9 +327,13 @@ class Loader:
             figure = h.figure
             assert figure is not None
             await self._read_back_context(h, figure)
-            used = await asyncio.to_thread(self.stack.engine.memory, container_name(self.stack.name, h.name, 1))
-            if used is not None and self.stack.device_of(h.name) == "cpu":
-                figure.measured["cpu"] = max(figure.measured.get("cpu", 0), used)
+            device, container = self.stack.device_of(h.name), container_name(self.stack.name, h.name, 1)
+            if device == "cpu":  # the process's resident memory
+                used = await asyncio.to_thread(self.stack.engine.memory, container)
+            else:  # what the GPU's driver says the process holds
+                used = await asyncio.to_thread(self.stack.engine.gpu_memory, container, device.split(":")[0])
+            if used is not None:
+                figure.measured[device] = max(figure.measured.get(device, 0), used)
         await self._note()
 
     async def _read_back_context(self, h: Server, figure: Figure) -> None:
