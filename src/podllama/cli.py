@@ -194,7 +194,8 @@ def source_update(ref: Annotated[str, typer.Option(help="Commit, tag or branch (
 
 # -- images ---------------------------------------------------------------------------------------------------
 @app.command("base-image")
-def base_image(suite: Annotated[str, typer.Option(help="Debian suite: bookworm (cpu) or trixie (vulkan)")] = "bookworm",
+def base_image(suite: Annotated[str, typer.Option(
+                   help="Debian suite: bookworm (cpu, cuda), trixie (vulkan) or forky (rocm)")] = "bookworm",
                mirror: Annotated[str, typer.Option(help="Debian package mirror")] = "http://deb.debian.org/debian",
                engine: EngineOpt = None, cfg_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Make a Debian base image from packages (debootstrap), for machines that reach no container registry."""

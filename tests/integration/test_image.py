@@ -80,7 +80,7 @@ def test_container_runs_as_non_root_with_a_healthcheck(podman, cpu_image):
     assert "/health" in " ".join(health.get("Test", []))
 
 
-def test_unavailable_base_image_fails_fast_and_changes_nothing(podman, cpu_build):
+def test_unavailable_base_image_fails_fast_and_changes_nothing(podman, cpu_build, tmp_path):
     def snapshot():
         return sorted((r["tag"], r["id"]) for r in podman.list_images(images.REPO))
 
@@ -90,8 +90,12 @@ def test_unavailable_base_image_fails_fast_and_changes_nothing(podman, cpu_build
                     check=False, timeout=120)
     assert proc.returncode == 1
     assert "base image registry.invalid/nothing:1 cannot be had" in proc.stderr and "podllama base-image" in proc.stderr
-    proc = podllama("build", "--variant", "cuda", "--engine", "podman", "--base", "local", check=False, timeout=120)
-    assert proc.returncode == 1 and "no local base for 'cuda'" in proc.stderr and "--base IMAGE" in proc.stderr
+    # a GPU the local base's CUDA 13 cannot build for is refused before any toolkit or image is made
+    (tmp_path / "services.toml").write_text('[build]\ncuda_architectures = ["61"]\n')
+    proc = podllama("build", "--variant", "cuda", "--engine", "podman", "--base", "local", "--config",
+                    str(tmp_path / "services.toml"), check=False, timeout=120)
+    assert proc.returncode == 1 and "cannot build for compute capability 61" in proc.stderr, proc.stderr
+    assert "CUDA 12 base" in proc.stderr
     assert snapshot() == before
 
 

@@ -1,7 +1,7 @@
 
 import pytest
 
-from podllama.build import bases, images, ui
+from podllama.build import bases, images, smoke, toolkits, ui
 from podllama.build.errors import BuildError
 
 
@@ -13,8 +13,39 @@ def test_base_choices():
     custom = bases.resolve_base("cpu", "my/build:1, my/run:1")
     assert (custom.build, custom.runtime, custom.kind) == ("my/build:1", "my/run:1", "custom")
     assert bases.resolve_base("cpu", "one:1").runtime == "one:1"
-    with pytest.raises(BuildError, match="no local base for 'rocm'.*--base IMAGE"):
-        bases.resolve_base("rocm", "local")
+    rocm = bases.resolve_base("rocm", "local")  # Debian's own ROCm on its testing suite
+    assert rocm.build.startswith("localhost/podllama-base:forky-rocm6.") and rocm.build.endswith("-devel")
+
+
+def test_a_local_cuda_base_is_the_toolkit_from_the_lock_on_the_bootstrapped_debian(project_root):
+    local = bases.resolve_base("cuda", "local")
+    tk = toolkits.toolkit_of("cuda", project_root)
+    assert tk is not None and local.toolkit == tk and local.cuda == tk.cuda == (13, 0)
+    assert (local.build, local.runtime) == (tk.image("devel"), tk.image("runtime"))
+    assert local.build.startswith("localhost/podllama-base:bookworm-cuda13.0")
+    assert all(len(w.sha256) == 64 and w.version for w in tk.wheels)
+    assert {"nvidia-cuda-nvcc", "nvidia-cublas", "nvidia-cuda-runtime"} <= {w.name for w in tk.wheels}
+    assert bases.resolve_base("cuda", "upstream").cuda == (12, 8)
+
+
+def test_architectures_a_toolkit_cannot_build_are_refused_before_anything_is_built():
+    cuda13, cuda12 = bases.resolve_base("cuda", "local"), bases.resolve_base("cuda", "upstream")
+    with pytest.raises(BuildError, match=r"CUDA 13\.0 .*cannot build for compute capability 61, 70: it compiles "
+                                         r"for 75 and newer.*CUDA 12 base"):
+        images.build_args_for("cuda", cuda13, "a" * 40, 1, "native", "off", ["61", "70", "86"], [])
+    # the default list is cut to what the toolkit builds; an older toolkit keeps Pascal
+    assert images.build_args_for("cuda", cuda13, "a" * 40, 1, "native", "off", [], [])["CUDA_ARCHITECTURES"] \
+        == "75;80;86;89;90;100;120"
+    assert images.build_args_for("cuda", cuda12, "a" * 40, 1, "native", "off", ["61"], [])["CUDA_ARCHITECTURES"] == "61"
+    custom = bases.resolve_base("cuda", "my/cuda:devel")  # a toolkit podllama does not know: nvcc decides
+    assert images.build_args_for("cuda", custom, "a" * 40, 1, "native", "off", ["52"], [])["CUDA_ARCHITECTURES"] == "52"
+
+
+def test_the_kernels_a_cuda_build_must_hold():
+    assert smoke.expected_kernels("75;90a;120-real;86-virtual") == {
+        "ELF": ["sm_120", "sm_75", "sm_90a"], "PTX": ["sm_75", "sm_86", "sm_90a"]}
+    listing = "ELF file    1: libggml-cuda.1.sm_90.cubin\nPTX file    1: libggml-cuda.1.sm_90.ptx\n"
+    assert smoke._KERNEL.findall(listing) == [("ELF", "sm_90"), ("PTX", "sm_90")]
 
 
 def test_build_args_carry_the_gpu_targets():

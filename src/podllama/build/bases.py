@@ -4,18 +4,24 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import validate
 from ..engine import CliEngine
 from . import source
 from .errors import BuildError
 
+if TYPE_CHECKING:
+    from .toolkits import Toolkit
+
 LOCAL_BASE = "localhost/podllama-base"
+DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 
 # (build stage, runtime stage) base images per variant
 UPSTREAM_BASES = {
@@ -24,14 +30,19 @@ UPSTREAM_BASES = {
     "cuda": ("docker.io/nvidia/cuda:12.8.1-devel-ubuntu24.04", "docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04"),
     "rocm": ("docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete", "docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete"),
 }
-# Debian suites `podllama base-image` can bootstrap, per variant (none carries CUDA or ROCm toolkits)
+# The CUDA version of the upstream CUDA images (which architectures they compile for: toolkits.py)
+UPSTREAM_CUDA = (12, 8)
+# Debian suites `podllama base-image` can bootstrap, per variant; CUDA's toolkit goes on top (toolkits.lock)
 LOCAL_SUITES = {"cpu": "bookworm", "vulkan": "trixie"}
+
 
 @dataclass
 class Base:
     build: str
     runtime: str
     kind: str  # upstream | local | custom
+    cuda: tuple[int, int] | None = None  # the CUDA version of the build image, where known
+    toolkit: Toolkit | None = None  # a local base's toolkit, made from the package index (toolkits.py)
 
     def describe(self) -> str:
         images = self.build if self.build == self.runtime else f"{self.build} (build), {self.runtime} (runtime)"
@@ -39,10 +50,16 @@ class Base:
 
 
 def resolve_base(variant: str, choice: str) -> Base:
+    from .toolkits import toolkit_of
+
     if choice == "upstream":
-        return Base(*UPSTREAM_BASES[variant], kind="upstream")
+        return Base(*UPSTREAM_BASES[variant], kind="upstream", cuda=UPSTREAM_CUDA if variant == "cuda" else None)
     if choice == "local":
         suite = LOCAL_SUITES.get(variant)
+        toolkit = toolkit_of(variant)
+        if toolkit is not None:
+            return Base(toolkit.image("devel"), toolkit.image("runtime"), kind="local", cuda=toolkit.cuda,
+                        toolkit=toolkit)
         if suite is None:
             raise BuildError(
                 f"no local base for '{variant}': Debian has no {variant.upper()} toolkit image to bootstrap. "
@@ -62,7 +79,13 @@ def resolve_base(variant: str, choice: str) -> Base:
 
 
 def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> None:
-    """Every base image present (pulled if it must be); else fail before anything is built."""
+    """Every base image present (pulled if it must be, a local toolkit's made); else fail before anything is
+    built."""
+    if base.toolkit is not None:
+        from .toolkits import ensure_images
+
+        ensure_images(engine, base.toolkit, progress)
+        return
     for image in dict.fromkeys([base.build, base.runtime]):
         if engine.image_exists(image):
             continue
@@ -75,7 +98,7 @@ def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) 
             raise BuildError(
                 f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}. "
                 "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and set "
-                "[build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`) for cpu and vulkan, "
+                "[build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`), "
                 "or load the image yourself and name it there"
             )
 
@@ -114,6 +137,8 @@ def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debi
                    progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> str:
     """Make localhost/podllama-base:SUITE from Debian packages (debootstrap, as root), with no registry.
     ON_LINE gets debootstrap's progress lines (retrieving, extracting, configuring …)."""
+    if not re.fullmatch(r"[a-z]+", suite):  # it names a directory that is removed and made again
+        raise BuildError(f"suite {suite!r}: a Debian suite is a word such as bookworm, trixie or forky")
     if shutil.which("debootstrap") is None:
         raise BuildError("debootstrap is not installed; `apt-get install debootstrap` (scripts/setup.sh does)")
     if os.geteuid() != 0:
@@ -124,7 +149,9 @@ def bootstrap_base(engine: CliEngine, suite: str, mirror: str = "http://deb.debi
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     progress(f"debootstrap {suite} from {mirror} (about half a minute)")
-    proc = subprocess.Popen(["debootstrap", "--variant=minbase", suite, str(root), mirror], stdout=subprocess.PIPE,
+    # a suite newer than this debootstrap (Debian's testing, for ROCm) is made as unstable's script makes it
+    script = [] if (DEBOOTSTRAP_SCRIPTS / suite).exists() else [str(DEBOOTSTRAP_SCRIPTS / "sid")]
+    proc = subprocess.Popen(["debootstrap", "--variant=minbase", suite, str(root), mirror, *script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []

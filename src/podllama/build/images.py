@@ -22,15 +22,16 @@ from .. import __version__
 from ..atomic import atomic_write
 from ..config.kinds import KINDS, Kind
 from ..engine import CliEngine, ContainerSpec, GpuRequest
-from . import pinned, source
+from . import pinned, source, toolkits
 from .bases import Base, ensure_base, resolve_base
 from .errors import BuildError
 from .flags import FlagSet
-from .smoke import SMOKE_TESTS
+from .smoke import GPU_CHECKS, SMOKE_TESTS
 from .ui import prepare_ui
 
 REPO = "podllama/llama-server"
-# CUDA architectures built when none are detected or configured (Pascal to Blackwell, as llama.cpp's CI)
+# CUDA architectures built when none are detected or configured (Pascal to Blackwell, as llama.cpp's CI), those
+# the base's CUDA compiles for
 DEFAULT_CUDA_ARCHITECTURES = ["61", "70", "75", "80", "86", "89", "90", "100", "120"]
 DEFAULT_ROCM_TARGETS = ["gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101", "gfx1102", "gfx1151",
                         "gfx1200", "gfx1201"]
@@ -70,12 +71,21 @@ def containerfile(variant: str, root: Path | None = None) -> Path:
 
 
 # -- build ----------------------------------------------------------------------------------------------------
+def cuda_architectures_for(base: Base, requested: list[str]) -> str:
+    """The CMake CUDA architectures of a build: those detected or configured (refused when the base's CUDA cannot
+    compile for them), else every default one it can."""
+    if requested:
+        toolkits.check_cuda_architectures(requested, base.cuda, base.describe())
+        return ";".join(requested)
+    return ";".join(toolkits.supported(DEFAULT_CUDA_ARCHITECTURES, base.cuda))
+
+
 def build_args_for(variant: str, base: Base, commit: str, build_number: int, cpu_target: str, ui: str,
                    cuda_architectures: list[str], rocm_targets: list[str]) -> dict[str, str]:
     args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "LLAMA_COMMIT": commit[:12],
             "LLAMA_BUILD_NUMBER": str(build_number), "CPU_TARGET": cpu_target, "UI": ui}
     if variant == "cuda":
-        args["CUDA_ARCHITECTURES"] = ";".join(cuda_architectures or DEFAULT_CUDA_ARCHITECTURES)
+        args["CUDA_ARCHITECTURES"] = cuda_architectures_for(base, cuda_architectures)
     if variant == "rocm":
         args["ROCM_TARGETS"] = ";".join(rocm_targets or DEFAULT_ROCM_TARGETS)
     return args
@@ -98,6 +108,8 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
     commit = st.commit
     file = containerfile(variant, root)
     base = resolve_base(variant, base_choice)
+    if variant == "cuda":
+        cuda_architectures_for(base, cuda_architectures or [])
     progress(f"variant {variant}, llama.cpp {commit[:12]}{' (with local changes)' if st.dirty else ''}, "
              f"engine {engine.name}, base {base.describe()}")
     ensure_base(engine, base, progress)
@@ -140,6 +152,8 @@ def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: 
         try:
             result.smoke = SMOKE_TESTS[kind.name](engine, result.image_id, context, root / ".podllama" / "smoke",
                                                   gpu=gpu, log=Path(result.log))
+            if result.variant in GPU_CHECKS:
+                result.smoke[result.variant] = GPU_CHECKS[result.variant](engine, result.image_id)
         except BuildError:
             if not _tagged(engine, result.image_id):
                 engine.remove_image(result.image_id)
@@ -172,14 +186,14 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
     except pinned.PinError as e:
         raise BuildError(str(e)) from None
     base = resolve_base(variant, base_choice)
+    args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "CPU_TARGET": cpu_target}
+    if variant == "cuda":
+        args["CUDA_ARCHITECTURES"] = cuda_architectures_for(base, cuda_architectures or [])
     kind_repo = kind.repository(repo)
     progress(f"{kind.program} ({variant}) from {pin.describe()}, engine {engine.name}, base {base.describe()}")
     ensure_base(engine, base, progress)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"build-{kind.name}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "CPU_TARGET": cpu_target}
-    if variant == "cuda":
-        args["CUDA_ARCHITECTURES"] = ";".join(cuda_architectures or DEFAULT_CUDA_ARCHITECTURES)
     if os.environ.get("PIP_INDEX_URL"):
         args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
     args |= _fresh_args(fresh, file)

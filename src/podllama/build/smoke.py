@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -155,6 +156,49 @@ def smoke_sd(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRe
         model.unlink(missing_ok=True)
     return {"ready_seconds": round(ready_s, 2), "png_bytes": len(png)}
 
+
+# "ELF file    1: libggml-cuda.1.sm_90.cubin", "PTX file    1: libggml-cuda.1.sm_90.ptx" (cuobjdump --list-elf --list-ptx)
+_KERNEL = re.compile(r"^(ELF|PTX) file\s+\d+:.*\.(sm_\d+[a-z]?)\.(?:cubin|ptx)$", re.M)
+_UNRESOLVED = re.compile(r"^\s*(\S+) => not found", re.M)
+# The only library a CUDA image may lack: the driver's, which the host's NVIDIA runtime mounts in
+DRIVER_LIBRARIES = {"libcuda.so.1"}
+
+
+def expected_kernels(architectures: str) -> dict[str, list[str]]:
+    """What CMake's CUDA_ARCHITECTURES ("75;90a;120-real") compiles: machine code (ELF) for each one but the
+    -virtual ones, PTX for each one but the -real ones."""
+    elf, ptx = set(), set()
+    for arch in filter(None, architectures.split(";")):
+        number, _, suffix = arch.partition("-")
+        if suffix != "virtual":
+            elf.add(f"sm_{number}")
+        if suffix != "real":
+            ptx.add(f"sm_{number}")
+    return {"ELF": sorted(elf), "PTX": sorted(ptx)}
+
+
+def cuda_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, Any]:
+    """A CUDA image, checked without a GPU: its backend holds kernels for exactly the architectures it was built
+    for (the build's cuobjdump listing, /app/cuda-kernels.txt), and every library in /app resolves but the
+    driver's own."""
+    asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("CUDA_ARCHITECTURES", "")
+    script = "cat /app/cuda-kernels.txt; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-cuda-{uuid.uuid4().hex[:8]}", image=image,
+                                        entrypoint=["/bin/sh", "-c", script]), timeout=timeout)
+    built: dict[str, set[str]] = {"ELF": set(), "PTX": set()}
+    for kind, arch in _KERNEL.findall(out.stdout):
+        built[kind].add(arch)
+    kernels = {kind: sorted(archs) for kind, archs in built.items()}
+    unresolved = sorted(set(_UNRESOLVED.findall(out.stdout)))
+    if kernels != expected_kernels(asked):
+        raise BuildError(f"smoke test: the CUDA backend holds kernels {kernels}, not those asked for "
+                         f"({asked}: {expected_kernels(asked)}). cuobjdump said:\n{out.stdout[:2000]}{out.stderr[-500:]}")
+    if set(unresolved) - DRIVER_LIBRARIES:
+        raise BuildError(f"smoke test: libraries the image lacks: {', '.join(sorted(set(unresolved) - DRIVER_LIBRARIES))}")
+    return {"architectures": asked, "kernels": kernels, "unresolved": unresolved}
+
+
+GPU_CHECKS: dict[str, Callable[..., dict[str, Any]]] = {"cuda": cuda_checks}
 
 SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
     "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}

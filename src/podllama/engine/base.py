@@ -217,14 +217,15 @@ class CliEngine:
 
     def build(self, containerfile: Path, context: Path, build_args: dict[str, str], labels: dict[str, str],
               log: IO[str], on_line: Callable[[str], None] | None = None,
-              secrets: dict[str, Path] | None = None, fresh: bool = False) -> str | None:
+              secrets: dict[str, Path] | None = None, fresh: bool = False, target: str | None = None) -> str | None:
         """Build an image without tagging it. Returns its id, or None when the build failed (see the log).
         SECRETS are files mounted into RUN steps that ask for them, never stored in the image. FRESH: no layer
-        of an earlier build is used."""
+        of an earlier build is used. TARGET: the stage to build (else the last)."""
         iidfile = Path(log.name).with_suffix(".iid")
         iidfile.unlink(missing_ok=True)
         command = self.build_args(containerfile, context, build_args, labels, iidfile, secrets)
-        argv = self.build_argv() + command[:1] + (["--no-cache"] if fresh else []) + command[1:]
+        options = (["--no-cache"] if fresh else []) + ([f"--target={target}"] if target else [])
+        argv = self.build_argv() + command[:1] + options + command[1:]
         code = self.stream(argv, log, on_line, env=self.build_env())
         if code != 0 or not iidfile.exists():
             return None
