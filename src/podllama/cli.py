@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, config
@@ -72,7 +73,7 @@ ROOT_ONLY = ("podllama runs its stacks as root (rootful Podman or Docker; rootle
 
 
 def say(message: str) -> None:
-    err.print(f"[dim]•[/dim] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[dim]•[/dim] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def emit(data: Any) -> None:
@@ -149,7 +150,7 @@ def detect(as_json: JsonOpt = False, cfg_path: ConfigOpt = None,
     if not hw.gpus:
         out.print("GPU      none found")
     for note in hw.notes:
-        out.print(f"[yellow]note[/yellow]     {note}")
+        out.print(f"[yellow]note[/yellow]     {escape(note)}")
     out.print(f"variants [bold]{', '.join(hw.variants)}[/bold] (best first); the stack's variant "
               f"'{cfg.stack.variant}' means [bold]{chosen}[/bold]")
 
@@ -204,7 +205,7 @@ def base_image(suite: Annotated[str, typer.Option(
     with steps.step(f"Debian {suite} base image (debootstrap)") as s:
         ref = bases.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
     show(as_json, {"image": ref, "engine": eng.name},
-         f'{ref} ready in {eng.name}; use it with [build] base = "local" (or $PODLLAMA_BASE=local)')
+         escape(f'{ref} ready in {eng.name}; use it with [build] base = "local" (or $PODLLAMA_BASE=local)'))
 
 
 TargetOpt = Annotated[str | None, typer.Option(
@@ -447,23 +448,23 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     say_tls(tls.of(st.cfg))
     if problem := saved.get("engine_problem"):
         out.print(f"[red]supervision paused[/red] since {_clock(problem['since'])}: the gateway cannot reach "
-                  f"{st.engine.name}'s API ({problem['error']}); requests still reach the servers that run. "
+                  f"{st.engine.name}'s API ({escape(problem['error'])}); requests still reach the servers that run. "
                   "Fix: `podllama doctor --fix`", highlight=False)
     elif (back := saved.get("engine_back")) and time.time() - back["at"] < 24 * 3600:
         out.print(f"[dim]supervision was paused from {_clock(back['since'])} to {_clock(back['at'])} (the gateway "
-                  f"could not reach {st.engine.name}'s API: {back['error']})[/dim]", highlight=False)
+                  f"could not reach {st.engine.name}'s API: {escape(back['error'])})[/dim]", highlight=False)
     for r in rows:
         if r.get("chosen"):
-            out.print(f"[dim]{r['container']}: {r['chosen']}[/dim]", highlight=False)
+            out.print(f"[dim]{r['container']}: {escape(r['chosen'])}[/dim]", highlight=False)
         if (r.get("memory") or {}).get("context"):
             out.print(f"[dim]{r['container']}: fitted context {r['memory']['context']} tokens per request (read "
                       "from the server's /props)[/dim]", highlight=False)
         if r["failed"]:
-            out.print(f"[red]{r['container']} failed[/red]: {r['failed']['reason']}\n{r['failed']['logs']}")
+            out.print(f"[red]{r['container']} failed[/red]: {escape(r['failed']['reason'])}\n{escape(r['failed']['logs'])}")
     last = saved.get("last_update")
     if last:
         word = "[green]ok[/green]" if last.get("ok") else "[red]failed[/red]"
-        out.print(f"last update {word}: {last.get('summary', '')}")
+        out.print(f"last update {word}: {escape(last.get('summary', ''))}")
 
 
 def _memory(figures: dict[str, Any] | None) -> str:
@@ -524,7 +525,7 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
     with steps.step(f"update llama.cpp to {ref}") as s:
         result = run_update(st, ref, remote, progress=s.say, build=rolling(s, st))
     steps.summary()
-    show(as_json, result.to_dict(), f"[green]updated[/green] {result.summary}")
+    show(as_json, result.to_dict(), f"[green]updated[/green] {escape(result.summary)}")
 
 
 @app.command()
@@ -539,7 +540,7 @@ def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Engi
         result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=s.say,
                              build=rolling(s, st))
     steps.summary()
-    show(as_json, result.to_dict(), f"[green]rebuilt[/green] {result.summary}")
+    show(as_json, result.to_dict(), f"[green]rebuilt[/green] {escape(result.summary)}")
 
 
 @app.command()
@@ -998,7 +999,7 @@ def fail(code: int, message: str, kind: str, as_json: bool) -> None:
     if as_json:
         emit({"error": {"type": kind, "message": message, "exit_code": code}})
     else:
-        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

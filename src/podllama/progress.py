@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 PLAIN_EVERY = 5.0  # seconds between progress lines when not on a terminal
@@ -85,26 +86,26 @@ class Steps:
     @contextlib.contextmanager
     def _live_step(self, step: Step) -> Iterator[None]:
         bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                       TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=self.console,
+                       TextColumn("{task.fields[count]}", markup=False), TimeElapsedColumn(), console=self.console,
                        transient=True)
-        task: TaskID = bar.add_task(step.title, total=None, count="")
+        task: TaskID = bar.add_task(escape(step.title), total=None, count="")
 
         def advance(done: int | None, total: int | None, detail: str) -> None:
             count = f"{done}/{total} {detail}".strip() if done is not None and total else detail
             bar.update(task, completed=done or 0, total=total or None, count=count[:50])
 
         step._advance = advance
-        step._say = lambda line: bar.console.print(f"  [dim]{line}[/dim]", highlight=False)
+        step._say = lambda line: bar.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
         try:
             with bar:
                 yield
         finally:
             mark = "[red]✗[/red]" if step.failed else "[green]✓[/green]"
-            self.console.print(f"{mark} {step.title} [dim]({_duration(step.seconds or 0)})[/dim]", highlight=False)
+            self.console.print(f"{mark} {escape(step.title)} [dim]({_duration(step.seconds or 0)})[/dim]", highlight=False)
 
     @contextlib.contextmanager
     def _plain_step(self, step: Step) -> Iterator[None]:
-        self.console.print(f"==> {step.title}", highlight=False)
+        self.console.print(escape(f"==> {step.title}"), highlight=False)
         last = [0.0]
 
         def advance(done: int | None, total: int | None, detail: str) -> None:
@@ -113,10 +114,10 @@ class Steps:
             if now - last[0] >= PLAIN_EVERY or finished:
                 last[0] = now
                 where = f"{done}/{total}" if done is not None and total else ""
-                self.console.print(f"    {where} {detail}".rstrip(), highlight=False)
+                self.console.print(escape(f"    {where} {detail}".rstrip()), highlight=False)
 
         step._advance = advance
-        step._say = lambda line: self.console.print(f"    {line}", highlight=False)
+        step._say = lambda line: self.console.print(escape(f"    {line}"), highlight=False)
         try:
             yield
         finally:

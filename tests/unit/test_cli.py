@@ -42,6 +42,15 @@ def test_exit_codes_and_json_errors(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+def test_errors_keep_their_brackets(tmp_path):
+    """A message names the config section that fixes it ("[build] …"): printed as written, not taken for markup."""
+    cfg = tmp_path / "services.toml"
+    cfg.write_text('[build]\ncuda_architectures = ["61"]\n')
+    proc = podllama("build", "--variant", "cuda", "--base", "local", "-c", str(cfg), check=False, timeout=120)
+    assert proc.returncode == 1 and "cannot build for compute capability 61" in proc.stderr
+    assert "[build] cuda_architectures chooses" in proc.stderr and "[local])" in proc.stderr
+
+
 def test_shell_completion_is_there():
     script = podllama("--show-completion", "bash", env={"SHELL": "/bin/bash"}).stdout
     assert "_podllama_completion" in script and "complete" in script
