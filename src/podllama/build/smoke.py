@@ -177,10 +177,20 @@ def expected_kernels(architectures: str) -> dict[str, list[str]]:
     return {"ELF": sorted(elf), "PTX": sorted(ptx)}
 
 
+def gpu_devices(engine: CliEngine, image: str, timeout: float = 120) -> list[str]:
+    """The devices llama-server in IMAGE sees here (`--list-devices`; none on a machine without the GPU, where
+    the backend is not loaded and the CPU serves, as the smoke test's answer shows)."""
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-dev-{uuid.uuid4().hex[:8]}", image=image,
+                                        args=["--list-devices"]), timeout=timeout)
+    lines = (out.stdout + out.stderr).splitlines()
+    listed = lines[lines.index("Available devices:") + 1:] if "Available devices:" in lines else []
+    return [d.strip() for d in listed if d.strip() and d.strip() != "(none)"]
+
+
 def cuda_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, Any]:
     """A CUDA image, checked without a GPU: its backend holds kernels for exactly the architectures it was built
     for (the build's cuobjdump listing, /app/cuda-kernels.txt), and every library in /app resolves but the
-    driver's own."""
+    driver's own, which the CUDA backend must ask for (NVIDIA's runtime mounts the host's)."""
     asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("CUDA_ARCHITECTURES", "")
     script = "cat /app/cuda-kernels.txt; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
     out = engine.run_once(ContainerSpec(name=f"podllama-smoke-cuda-{uuid.uuid4().hex[:8]}", image=image,
@@ -193,12 +203,32 @@ def cuda_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str
     if kernels != expected_kernels(asked):
         raise BuildError(f"smoke test: the CUDA backend holds kernels {kernels}, not those asked for "
                          f"({asked}: {expected_kernels(asked)}). cuobjdump said:\n{out.stdout[:2000]}{out.stderr[-500:]}")
-    if set(unresolved) - DRIVER_LIBRARIES:
-        raise BuildError(f"smoke test: libraries the image lacks: {', '.join(sorted(set(unresolved) - DRIVER_LIBRARIES))}")
-    return {"architectures": asked, "kernels": kernels, "unresolved": unresolved}
+    if set(unresolved) != DRIVER_LIBRARIES:  # the driver's is the one the backend must ask for, and find not here
+        raise BuildError(f"smoke test: the libraries in /app ask for {', '.join(unresolved) or 'nothing'} that the "
+                         f"image lacks, where only the driver's ({', '.join(sorted(DRIVER_LIBRARIES))}) should be")
+    return {"architectures": asked, "kernels": kernels, "unresolved": unresolved,
+            "devices": gpu_devices(engine, image, timeout)}
 
 
-GPU_CHECKS: dict[str, Callable[..., dict[str, Any]]] = {"cuda": cuda_checks}
+def rocm_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, Any]:
+    """A ROCm image, checked without a GPU: its HIP backend holds code objects for exactly the gfx targets it was
+    built for (the bundle names in it, /app/rocm-kernels.txt), and every library in /app resolves (ROCm's
+    user-space libraries are all in the image; the GPU comes in as /dev/kfd and /dev/dri)."""
+    asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("ROCM_TARGETS", "")
+    script = "cat /app/rocm-kernels.txt; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-rocm-{uuid.uuid4().hex[:8]}", image=image,
+                                        entrypoint=["/bin/sh", "-c", script]), timeout=timeout)
+    built = sorted(set(re.findall(r"amdgcn-amd-amdhsa--(gfx[0-9a-z]+)", out.stdout)))
+    unresolved = sorted(set(_UNRESOLVED.findall(out.stdout)))
+    if built != sorted({t.split(":")[0] for t in asked.split(";") if t}):  # gfx90a:xnack- is code for gfx90a
+        raise BuildError(f"smoke test: the HIP backend holds code for {built}, not the targets asked for ({asked})")
+    if unresolved:
+        raise BuildError(f"smoke test: libraries the image lacks: {', '.join(unresolved)}")
+    return {"targets": asked, "code_objects": built, "unresolved": unresolved,
+            "devices": gpu_devices(engine, image, timeout)}
+
+
+GPU_CHECKS: dict[str, Callable[..., dict[str, Any]]] = {"cuda": cuda_checks, "rocm": rocm_checks}
 
 SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
     "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}
