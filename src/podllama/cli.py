@@ -506,9 +506,9 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
         sys.stdout.flush()
 
 
-def rolling(step: Step, st: Stack) -> Any:
-    """The build an update or rebuild makes, reporting to STEP."""
-    return lambda variant: build_variant(step, st.cfg, st.engine, variant, st.hardware)
+def rolling(step: Step, st: Stack, target: str | None = None) -> Any:
+    """The build an update or rebuild makes, reporting to STEP (TARGET: a CPU target other than the image's)."""
+    return lambda variant: build_variant(step, st.cfg, st.engine, variant, st.hardware, target=target)
 
 
 @app.command()
@@ -530,15 +530,19 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
 
 @app.command()
 def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
-            as_json: JsonOpt = False) -> None:
-    """Rebuild the stack's images at the current commit and restart servers on them, with rollback on failure."""
+            native: Annotated[bool, typer.Option("--native", help="Same as --cpu-target native")] = False,
+            portable: Annotated[bool, typer.Option("--portable", help="Same as --cpu-target portable")] = False,
+            cpu_target: TargetOpt = None, as_json: JsonOpt = False) -> None:
+    """Rebuild the stack's images at the current commit and restart servers on them, with rollback on failure.
+    --native replaces an image built for any CPU (one pulled from CI's registry) with one for this machine's."""
     from .stack.update import rebuild as run_rebuild
 
     st = stack_for(cfg_path, engine)
     steps = Steps(err)
+    target = cpu_target or ("native" if native else "portable" if portable else None)
     with steps.step("rebuild the stack's images") as s:
         result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=s.say,
-                             build=rolling(s, st))
+                             build=rolling(s, st, target))
     steps.summary()
     show(as_json, result.to_dict(), f"[green]rebuilt[/green] {escape(result.summary)}")
 

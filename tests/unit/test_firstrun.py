@@ -14,6 +14,7 @@ from rich.console import Console
 
 from podllama import config
 from podllama.build import images
+from podllama.build.errors import BuildError
 from podllama.engine import PodmanEngine
 from podllama.models import defaults, gguf_meta
 from podllama.models.gguf_meta import GGUFError, Metadata
@@ -116,6 +117,8 @@ def test_auto_means_native_here_and_what_the_running_image_was_built_with():
     assert images.cpu_target("auto", running="portable") == "portable"  # an update keeps it
     assert images.cpu_target("auto", override="portable") == "portable"
     assert images.cpu_target("portable", running="native") == "portable"
+    with pytest.raises(BuildError, match="CPU target 'avx9': choose native"):  # refused before anything is built
+        images.cpu_target("auto", override="avx9")
 
 
 # -- the gateway's port -------------------------------------------------------------------------------------------

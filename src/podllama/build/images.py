@@ -233,6 +233,8 @@ def cpu_target(configured: str, override: str | None = None, running: str | None
     the image in use was built with (RUNNING; an update keeps it), else native — this machine's own build,
     compiled once instead of for every CPU generation (portable is for images meant for other machines)."""
     chosen = override or configured
+    if chosen not in ("auto", "native", "portable"):
+        raise BuildError(f"CPU target {chosen!r}: choose native (this machine's CPU) or portable (any CPU)")
     if chosen != "auto":
         return chosen
     return running if running in ("native", "portable") else "native"
