@@ -60,6 +60,7 @@ class Script:
     load_seconds: float = 0.0  # /health answers 503 this long after a start
     exit_while_loading: int | None = None  # exits with this code before it ever answers 200
     memory: int | None = None  # resident memory, as engine.memory() reports it (None: 100 MiB)
+    gpu_memory: int | None = None  # what the GPU's driver says the process holds (None: it says nothing)
     tokens_per_second: float = 200.0  # how fast a streamed answer comes
     context: int | None = None  # the context per slot it reports, as llama-server's --fit chose it (else its args')
     logs: list[str] = field(default_factory=lambda: ["main: model loaded", "main: server is listening"])
@@ -324,7 +325,8 @@ class FakeEngine(CliEngine):
         return (c.script.memory or 100 * MiB) if c is not None and c.state == "running" else None
 
     def gpu_memory(self, name: str, backend: str) -> int | None:
-        return None  # no GPU here: the driver would say nothing
+        c = self.containers.get(name)
+        return c.script.gpu_memory if c is not None and c.state == "running" else None
 
     def exec(self, name: str, argv: builtins.list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(argv, 7, "000", "")  # curl: no answer (the address was probed first)

@@ -302,3 +302,36 @@ def test_a_fitted_context_is_read_back_from_the_server_and_replaces_the_guess(st
     assert noted()["estimate"]["cpu"] < guess["cpu"]
     rows = {r["server"]: r for r in s.gw.stack.status(probe=False)}
     assert rows["fitted"]["memory"]["context"] == 3000
+
+
+def test_a_gpu_server_is_measured_by_what_its_driver_says(tmp_path, tiny_models, monkeypatch):
+    """On a GPU, what a server holds is the driver's per-process figure (engine.gpu_memory), kept for its settings
+    as a CPU server's resident memory is; the host memory stays estimated."""
+    monkeypatch.setenv("PODLLAMA_VARIANT", "cuda")
+    monkeypatch.setenv("PODLLAMA_GPU_MEMORY", f"cuda:0={8 * 1024 * MiB}")
+    path = tmp_path / "services.toml"
+    path.write_text(f'[stack]\nname = "gm{uuid.uuid4().hex[:6]}"\nmodels_dir = "{tiny_models}"\n'
+                    f"[gateway]\nport = {free_port()}\n" + on_demand("g"))
+    engine = FakeEngine()
+    gw = Gateway(config.load(path), supervise=True, engine=engine, poll_every=0.25)
+    engine.server_key = gw.credentials.server_key() or ""
+    engine.on_demand = {"g"}
+    engine.scripts["g"] = Script(gpu_memory=777 * MiB)
+    srv = uvicorn.Server(server.config(gw, "127.0.0.1", gw.stack.cfg.gateway.port, gw.limits))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: srv.started, timeout=10)
+        r = httpx.post(f"http://127.0.0.1:{gw.stack.cfg.gateway.port}/v1/chat/completions", timeout=60,
+                       json={"model": "g", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+
+        def measured() -> dict:  # the state keeps it by the server's unit (g-1)
+            saved = gw.stack.state.read().get("servers", {})
+            return {k: v for unit in saved.values() for k, v in ((unit.get("memory") or {}).get("measured") or {}).items()}
+
+        assert wait_until(lambda: measured().get("cuda:0") == 777 * MiB, timeout=20), gw.stack.state.read()
+        assert "cpu" not in measured()  # what the process holds on the host is not the GPU server's measure
+    finally:
+        srv.should_exit = True
+        thread.join(10)
