@@ -45,7 +45,10 @@ def test_the_kernels_a_cuda_build_must_hold():
     assert smoke.expected_kernels("75;90a;120-real;86-virtual") == {
         "ELF": ["sm_120", "sm_75", "sm_90a"], "PTX": ["sm_75", "sm_86", "sm_90a"]}
     listing = "ELF file    1: libggml-cuda.1.sm_90.cubin\nPTX file    1: libggml-cuda.1.sm_90.ptx\n"
-    assert smoke._KERNEL.findall(listing) == [("ELF", "sm_90"), ("PTX", "sm_90")]
+    cuda, rocm = smoke.GPU_BUILDS["cuda"], smoke.GPU_BUILDS["rocm"]
+    assert cuda.found(listing) == cuda.expected("90") and cuda.found(listing) != cuda.expected("90;86")
+    bundles = "\x00hipv4-amdgcn-amd-amdhsa--gfx1100\x00hipv4-amdgcn-amd-amdhsa--gfx90a:xnack-\x00host-x86_64"
+    assert rocm.found(bundles) == rocm.expected("gfx1100;gfx90a:xnack-") == ["gfx1100", "gfx90a"]
 
 
 def test_build_args_carry_the_gpu_targets():

@@ -26,7 +26,7 @@ from . import pinned, source, toolkits
 from .bases import Base, ensure_base, resolve_base
 from .errors import BuildError
 from .flags import FlagSet
-from .smoke import GPU_CHECKS, SMOKE_TESTS
+from .smoke import GPU_BUILDS, SMOKE_TESTS, gpu_checks
 from .ui import prepare_ui
 
 REPO = "podllama/llama-server"
@@ -152,8 +152,8 @@ def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: 
         try:
             result.smoke = SMOKE_TESTS[kind.name](engine, result.image_id, context, root / ".podllama" / "smoke",
                                                   gpu=gpu, log=Path(result.log))
-            if result.variant in GPU_CHECKS:
-                result.smoke[result.variant] = GPU_CHECKS[result.variant](engine, result.image_id)
+            if result.variant in GPU_BUILDS:
+                result.smoke[result.variant] = gpu_checks(engine, result.image_id, result.variant)
         except BuildError:
             if not _tagged(engine, result.image_id):
                 engine.remove_image(result.image_id)

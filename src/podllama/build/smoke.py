@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +158,12 @@ def smoke_sd(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRe
     return {"ready_seconds": round(ready_s, 2), "png_bytes": len(png)}
 
 
+# -- GPU images, checked without a GPU -------------------------------------------------------------------------
 # "ELF file    1: libggml-cuda.1.sm_90.cubin", "PTX file    1: libggml-cuda.1.sm_90.ptx" (cuobjdump --list-elf --list-ptx)
 _KERNEL = re.compile(r"^(ELF|PTX) file\s+\d+:.*\.(sm_\d+[a-z]?)\.(?:cubin|ptx)$", re.M)
+# "hipv4-amdgcn-amd-amdhsa--gfx1100" (the HIP fat binary's bundle names)
+_CODE_OBJECT = re.compile(r"amdgcn-amd-amdhsa--(gfx[0-9a-z]+)")
 _UNRESOLVED = re.compile(r"^\s*(\S+) => not found", re.M)
-# The only library a CUDA image may lack: the driver's, which the host's NVIDIA runtime mounts in
-DRIVER_LIBRARIES = {"libcuda.so.1"}
 
 
 def expected_kernels(architectures: str) -> dict[str, list[str]]:
@@ -177,6 +179,53 @@ def expected_kernels(architectures: str) -> dict[str, list[str]]:
     return {"ELF": sorted(elf), "PTX": sorted(ptx)}
 
 
+def listed_kernels(listing: str) -> dict[str, list[str]]:
+    built: dict[str, set[str]] = {"ELF": set(), "PTX": set()}
+    for kind, arch in _KERNEL.findall(listing):
+        built[kind].add(arch)
+    return {kind: sorted(archs) for kind, archs in built.items()}
+
+
+@dataclass(frozen=True)
+class GpuBuild:
+    """What a GPU variant's build says it compiled, and what its image may lack."""
+
+    asked: str  # the build argument naming the GPUs it was built for
+    listing: str  # the file the build wrote the compiled code's names into
+    expected: Callable[[str], Any]  # what the asked-for GPUs should give, from the argument
+    found: Callable[[str], Any]  # what the listing says was built
+    lacking: frozenset[str]  # the libraries the image must lack: the driver's, which the host gives
+
+
+GPU_BUILDS = {
+    "cuda": GpuBuild("CUDA_ARCHITECTURES", "/app/cuda-kernels.txt", expected_kernels, listed_kernels,
+                     frozenset({"libcuda.so.1"})),  # NVIDIA's runtime mounts the host's
+    # gfx90a:xnack- is code for gfx90a; ROCm's user-space libraries are all in the image
+    "rocm": GpuBuild("ROCM_TARGETS", "/app/rocm-kernels.txt",
+                     lambda asked: sorted({t.split(":")[0] for t in asked.split(";") if t}),
+                     lambda listing: sorted(set(_CODE_OBJECT.findall(listing))), frozenset()),
+}
+
+
+def gpu_checks(engine: CliEngine, image: str, variant: str, timeout: float = 120) -> dict[str, Any]:
+    """A GPU image, checked without a GPU: its backend holds code for exactly the GPUs it was built for (the
+    names the build listed), every library in /app resolves but the driver's (which the backend must ask for),
+    and the devices llama-server sees here."""
+    check = GPU_BUILDS[variant]
+    asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get(check.asked, "")
+    script = f"cat {check.listing}; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
+    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-{variant}-{uuid.uuid4().hex[:8]}", image=image,
+                                        entrypoint=["/bin/sh", "-c", script]), timeout=timeout)
+    built, unresolved = check.found(out.stdout), sorted(set(_UNRESOLVED.findall(out.stdout)))
+    if built != check.expected(asked):
+        raise BuildError(f"smoke test: the {variant} backend holds code for {built}, not what was asked for "
+                         f"({asked}: {check.expected(asked)}). The build listed:\n{out.stdout[:2000]}{out.stderr[-500:]}")
+    if set(unresolved) != check.lacking:
+        raise BuildError(f"smoke test: the libraries in /app ask for {', '.join(unresolved) or 'nothing'} that the "
+                         f"image lacks, where it should lack {', '.join(sorted(check.lacking)) or 'nothing'}")
+    return {check.asked: asked, "built": built, "unresolved": unresolved, "devices": gpu_devices(engine, image, timeout)}
+
+
 def gpu_devices(engine: CliEngine, image: str, timeout: float = 120) -> list[str]:
     """The devices llama-server in IMAGE sees here (`--list-devices`; none on a machine without the GPU, where
     the backend is not loaded and the CPU serves, as the smoke test's answer shows)."""
@@ -186,49 +235,6 @@ def gpu_devices(engine: CliEngine, image: str, timeout: float = 120) -> list[str
     listed = lines[lines.index("Available devices:") + 1:] if "Available devices:" in lines else []
     return [d.strip() for d in listed if d.strip() and d.strip() != "(none)"]
 
-
-def cuda_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, Any]:
-    """A CUDA image, checked without a GPU: its backend holds kernels for exactly the architectures it was built
-    for (the build's cuobjdump listing, /app/cuda-kernels.txt), and every library in /app resolves but the
-    driver's own, which the CUDA backend must ask for (NVIDIA's runtime mounts the host's)."""
-    asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("CUDA_ARCHITECTURES", "")
-    script = "cat /app/cuda-kernels.txt; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
-    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-cuda-{uuid.uuid4().hex[:8]}", image=image,
-                                        entrypoint=["/bin/sh", "-c", script]), timeout=timeout)
-    built: dict[str, set[str]] = {"ELF": set(), "PTX": set()}
-    for kind, arch in _KERNEL.findall(out.stdout):
-        built[kind].add(arch)
-    kernels = {kind: sorted(archs) for kind, archs in built.items()}
-    unresolved = sorted(set(_UNRESOLVED.findall(out.stdout)))
-    if kernels != expected_kernels(asked):
-        raise BuildError(f"smoke test: the CUDA backend holds kernels {kernels}, not those asked for "
-                         f"({asked}: {expected_kernels(asked)}). cuobjdump said:\n{out.stdout[:2000]}{out.stderr[-500:]}")
-    if set(unresolved) != DRIVER_LIBRARIES:  # the driver's is the one the backend must ask for, and find not here
-        raise BuildError(f"smoke test: the libraries in /app ask for {', '.join(unresolved) or 'nothing'} that the "
-                         f"image lacks, where only the driver's ({', '.join(sorted(DRIVER_LIBRARIES))}) should be")
-    return {"architectures": asked, "kernels": kernels, "unresolved": unresolved,
-            "devices": gpu_devices(engine, image, timeout)}
-
-
-def rocm_checks(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, Any]:
-    """A ROCm image, checked without a GPU: its HIP backend holds code objects for exactly the gfx targets it was
-    built for (the bundle names in it, /app/rocm-kernels.txt), and every library in /app resolves (ROCm's
-    user-space libraries are all in the image; the GPU comes in as /dev/kfd and /dev/dri)."""
-    asked = json.loads(engine.image_labels(image).get("podllama.build-args", "{}")).get("ROCM_TARGETS", "")
-    script = "cat /app/rocm-kernels.txt; for f in /app/*; do ldd \"$f\" 2>/dev/null; done"
-    out = engine.run_once(ContainerSpec(name=f"podllama-smoke-rocm-{uuid.uuid4().hex[:8]}", image=image,
-                                        entrypoint=["/bin/sh", "-c", script]), timeout=timeout)
-    built = sorted(set(re.findall(r"amdgcn-amd-amdhsa--(gfx[0-9a-z]+)", out.stdout)))
-    unresolved = sorted(set(_UNRESOLVED.findall(out.stdout)))
-    if built != sorted({t.split(":")[0] for t in asked.split(";") if t}):  # gfx90a:xnack- is code for gfx90a
-        raise BuildError(f"smoke test: the HIP backend holds code for {built}, not the targets asked for ({asked})")
-    if unresolved:
-        raise BuildError(f"smoke test: libraries the image lacks: {', '.join(unresolved)}")
-    return {"targets": asked, "code_objects": built, "unresolved": unresolved,
-            "devices": gpu_devices(engine, image, timeout)}
-
-
-GPU_CHECKS: dict[str, Callable[..., dict[str, Any]]] = {"cuda": cuda_checks, "rocm": rocm_checks}
 
 SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
     "llama": smoke_test, "whisper": smoke_whisper, "sd": smoke_sd, "speech": smoke_speech}
