@@ -94,12 +94,13 @@ def toolkit_of(variant: str, root: Path | None = None) -> Toolkit | None:
 
 
 def ensure_images(engine: CliEngine, toolkit: Toolkit, progress: Callable[[str], None] = print,
-                  root: Path | None = None, log_dir: Path | None = None) -> None:
-    """The toolkit's devel and runtime images, built from the bootstrapped Debian base when missing or made from
-    other wheels; the base itself must be there (it needs root: `podllama base-image`)."""
+                  root: Path | None = None, log_dir: Path | None = None,
+                  targets: tuple[str, ...] = ("devel", "runtime")) -> None:
+    """The toolkit's images (TARGETS: devel, runtime), built from the bootstrapped Debian base when missing or
+    made from another pin; the base itself must be there (it needs root: `podllama base-image`)."""
     root = root or source.project_root()
     base, made = f"{LOCAL_BASE}:{toolkit.suite}", toolkit.id(root)
-    wanted = [t for t in ("devel", "runtime") if engine.image_labels(toolkit.image(t)).get("podllama.toolkit-id") != made]
+    wanted = [t for t in targets if engine.image_labels(toolkit.image(t)).get("podllama.toolkit-id") != made]
     if not wanted:
         return
     if not engine.image_exists(base):
