@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import tomllib
@@ -71,9 +72,9 @@ class Toolkit:
         return (int(major), int(minor)) if self.variant == "cuda" else None
 
     def describe(self) -> str:
-        source = f"{len(self.wheels)} wheels from the package index" if self.wheels else \
+        origin = f"{len(self.wheels)} wheels from the package index" if self.wheels else \
             f"Debian {self.suite}'s packages"
-        return f"{self.variant.upper()} {self.version} ({source})"
+        return f"{self.variant.upper()} {self.version} ({origin})"
 
 
 def read(root: Path | None = None) -> dict[str, Toolkit]:
@@ -111,6 +112,8 @@ def ensure_images(engine: CliEngine, toolkit: Toolkit, progress: Callable[[str],
     logs = log_dir or source.cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     args = {"BASE": base, "TOOLKIT_ID": made} | toolkit.build_args()  # the Containerfile's label: a cache key
+    if os.environ.get("PIP_INDEX_URL"):  # a site's own mirror of the package index
+        args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
     labels = {"podllama.toolkit": toolkit.describe()}
     context = root / "containers" / "patches"  # any small directory: the Containerfile copies nothing from it
     for target in wanted:
