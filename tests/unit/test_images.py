@@ -1,7 +1,7 @@
 
 import pytest
 
-from podllama.build import bases, images, smoke, toolkits, ui
+from podllama.build import bases, doctor, images, smoke, toolkits, ui
 from podllama.build.errors import BuildError
 
 
@@ -138,3 +138,17 @@ def test_ui_off_and_missing_npm(tmp_path):
     assert state == "off" and why.startswith("npm not found")
     with pytest.raises(BuildError, match="cannot be met: npm not found"):
         ui.prepare_ui("on", tmp_path, "c", None, print, npm=none)
+
+
+def test_doctor_asks_for_the_debian_base_a_toolkit_goes_on():
+    class Engine:
+        def __init__(self, present: set[str]) -> None:
+            self.present = present
+
+        def image_exists(self, ref: str) -> bool:
+            return ref in self.present
+
+    missing = doctor.check_bases(Engine(set()), "rocm", "local")  # type: ignore[arg-type]
+    assert not missing.ok and missing.fix == "`podllama base-image --suite forky`"
+    there = doctor.check_bases(Engine({"localhost/podllama-base:forky"}), "rocm", "local")  # type: ignore[arg-type]
+    assert there.ok and "ROCm 6.4" in there.detail and "first build" in there.detail

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from ..engine import CliEngine, hardware
-from .bases import resolve_base
+from .bases import LOCAL_BASE, resolve_base
 from .errors import BuildError
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
@@ -192,6 +192,13 @@ def check_bases(engine: CliEngine, variant: str, base_choice: str) -> Finding:
         base = resolve_base(variant, base_choice)
     except BuildError as e:
         return Finding(f"base images ({variant})", False, str(e))
+    if base.toolkit is not None:  # its images are made by the first build, on the Debian base
+        debian = f"{LOCAL_BASE}:{base.toolkit.suite}"
+        if engine.image_exists(debian):
+            return Finding(f"base images ({variant})", True, f"{debian}; the {base.toolkit.describe()} toolkit "
+                           "goes on it at the first build")
+        return Finding(f"base images ({variant})", False, f"not present yet: {debian}",
+                       f"`podllama base-image --suite {base.toolkit.suite}`")
     missing = [i for i in dict.fromkeys([base.build, base.runtime]) if not engine.image_exists(i)]
     if not missing:
         return Finding(f"base images ({variant})", True, base.describe())

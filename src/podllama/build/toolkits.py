@@ -50,6 +50,10 @@ class Toolkit:
     runtime_packages: tuple[str, ...] = ()
 
     @property
+    def name(self) -> str:
+        return {"cuda": "CUDA", "rocm": "ROCm"}.get(self.variant, self.variant)
+
+    @property
     def containerfile(self) -> Path:
         return Path("containers") / f"Containerfile.{self.variant}-toolkit"
 
@@ -74,7 +78,7 @@ class Toolkit:
     def describe(self) -> str:
         origin = f"{len(self.wheels)} wheels from the package index" if self.wheels else \
             f"Debian {self.suite}'s packages"
-        return f"{self.variant.upper()} {self.version} ({origin})"
+        return f"{self.name} {self.version} ({origin})"
 
 
 def read(root: Path | None = None) -> dict[str, Toolkit]:
@@ -106,7 +110,7 @@ def ensure_images(engine: CliEngine, toolkit: Toolkit, progress: Callable[[str],
         return
     if not engine.image_exists(base):
         raise BuildError(f"local base image {base} is missing; create it with `podllama base-image --suite "
-                         f"{toolkit.suite}` (the {toolkit.variant.upper()} toolkit is installed on top of it)")
+                         f"{toolkit.suite}` (the {toolkit.name} toolkit is installed on top of it)")
     from .images import host_ca_bundle
 
     logs = log_dir or source.cache_dir() / "logs"
@@ -124,7 +128,7 @@ def ensure_images(engine: CliEngine, toolkit: Toolkit, progress: Callable[[str],
             image_id = engine.build(root / toolkit.containerfile, context, args, labels, log,
                                     secrets={"cacert": host_ca_bundle()}, target=target)
         if image_id is None:
-            raise BuildError(f"the {toolkit.variant.upper()} toolkit image ({target}) did not build; full log: "
+            raise BuildError(f"the {toolkit.name} toolkit image ({target}) did not build; full log: "
                              f"{log_path}", log=log_path)
         engine.tag(image_id, ref)
 
