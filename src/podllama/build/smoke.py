@@ -223,17 +223,19 @@ def gpu_checks(engine: CliEngine, image: str, variant: str, timeout: float = 120
     if set(unresolved) != check.lacking:
         raise BuildError(f"smoke test: the libraries in /app ask for {', '.join(unresolved) or 'nothing'} that the "
                          f"image lacks, where it should lack {', '.join(sorted(check.lacking)) or 'nothing'}")
-    return {check.asked: asked, "built": built, "unresolved": unresolved, "devices": gpu_devices(engine, image, timeout)}
+    return {check.asked: asked, "built": built, "unresolved": unresolved} | gpu_devices(engine, image, timeout)
 
 
-def gpu_devices(engine: CliEngine, image: str, timeout: float = 120) -> list[str]:
-    """The devices llama-server in IMAGE sees here (`--list-devices`; none on a machine without the GPU, where
-    the backend is not loaded and the CPU serves, as the smoke test's answer shows)."""
+def gpu_devices(engine: CliEngine, image: str, timeout: float = 120) -> dict[str, list[str]]:
+    """The devices llama-server in IMAGE sees here (`--list-devices`: none on a machine without the GPU, where
+    the CPU serves, as the smoke test's answer shows), and what its backend said about it on its log (ROCm's
+    says there is no device; CUDA's, whose driver library is missing, says nothing)."""
     out = engine.run_once(ContainerSpec(name=f"podllama-smoke-dev-{uuid.uuid4().hex[:8]}", image=image,
                                         args=["--list-devices"]), timeout=timeout)
-    lines = (out.stdout + out.stderr).splitlines()
+    lines = out.stdout.splitlines()
     listed = lines[lines.index("Available devices:") + 1:] if "Available devices:" in lines else []
-    return [d.strip() for d in listed if d.strip() and d.strip() != "(none)"]
+    return {"devices": [d.strip() for d in listed if d.startswith("  ") and d.strip() != "(none)"],
+            "said": [line.split(" ", 2)[-1] for line in out.stderr.splitlines() if "device" in line.lower()]}
 
 
 SMOKE_TESTS: dict[str, Callable[..., dict[str, Any]]] = {
