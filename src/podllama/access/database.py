@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..validate import database_url, url_shown
-from . import rollups
+from . import rollups, samples
 
 SQLITE_FILE = "podllama.db"
 REQUESTS = "podllama_requests"  # the request log's rows (the gateway's requestlog.Row)
@@ -97,6 +97,7 @@ MIGRATIONS: list[tuple[int, list[Step]]] = [
         *rollups.SCHEMA,
         _backfill_rollups,
     ]),
+    (3, [*samples.SCHEMA]),  # requests kept for the update's conformance check ([update] sample)
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -90,6 +90,7 @@ class Gateway:
         self.database = self.credentials.database(cfg)
         self.requests = RequestLog(self.database, self._stored_keys, enabled=cfg.gateway.log_requests,
                                    retention=Retention.of(cfg.gateway))
+        self.requests.keep_samples(cfg.update.sample)
         self.metrics = Metrics(log_state=lambda: (self.requests.written, self.requests.waiting, self.requests.dropped))
         self.loader = Loader(self.stack, self.registry, cfg.gateway.load_timeout, self.credentials.server_key())
         # the supervisor leaves alone a server the gateway is loading (its exit is the load's to report), and a
@@ -168,6 +169,7 @@ class Gateway:
         self.keys = keys
         self.requests.enabled = cfg.gateway.log_requests
         self.requests.retention = Retention.of(cfg.gateway)
+        self.requests.keep_samples(cfg.update.sample)
         database = self.credentials.database(cfg)
         if database.url != self.database.url:  # moved: keys and rows go to the new one from the next round
             self.database = database

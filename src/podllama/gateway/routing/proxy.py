@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+from ...access import samples
 from ...access.credentials import bearer
 from ...config import NAME_RE, PROJECTOR_ROLES, GatewaySection
 from ...engine.health import LOADING
@@ -44,7 +45,7 @@ from .metrics import Metrics
 from .ondemand import Loader, Refused
 from .quota import OverLimit, Quota, Use
 from .requestlog import RequestLog, Row
-from .routes import CAPABILITY_ROLES, ENDPOINTS, Endpoint, RouteTable
+from .routes import CAPABILITY_ROLES, ENDPOINTS, REPLAYED, Endpoint, RouteTable
 from .servers import Replica
 from .tally import ANY, Tally
 from .upstreams import Registry
@@ -473,7 +474,12 @@ class Proxy:
              spool: bodies.Spool | None, prompt: int | None = None, completion: int | None = None,
              latency: float = 0.0, ttfb: float | None = None, tally: Tally | None = None,
              replica: Replica | None = None) -> None:
-        if self.log is None or not self.log.enabled:
+        if self.log is None:
+            return
+        path = REPLAYED.get(endpoint)
+        if status == 200 and path and server and spool is not None and self.log.reservoir.size:
+            self.log.sample(server, endpoint, path, spool.head(samples.MAX_BODY + 1))
+        if not self.log.enabled:
             return
         caller = caller_of(scope)
         keep = self.log_bodies

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ...access import rollups
+from ...access import rollups, samples
 from ...access.database import REQUESTS, Database, DatabaseError
 from ...access.keys import Key, KeyStore
 from ...access.retention import BATCH as BATCH_PRUNE
@@ -84,6 +84,10 @@ class RequestLog:
         self._thread: threading.Thread | None = None
         self._pending: list[Row] = []
         self._old: list[Database] = []  # databases moved away from, to close
+        # requests kept for the update's conformance check ([update] sample; access/samples.py)
+        self.reservoir = samples.Reservoir(0)
+        self.samples: deque[samples.Sample] = deque(maxlen=1000)
+        self._trim: int | None = 0  # slots from here on are deleted at the next write (0: every sample)
 
     # -- the request path ------------------------------------------------------------------------------------
     def add(self, row: Row) -> None:
@@ -93,6 +97,21 @@ class RequestLog:
             self.dropped += 1
             return
         self.queue.append(row)
+
+    def sample(self, server: str, family: str, path: str, body: bytes) -> None:
+        """A request answered 200 by SERVER: kept, if the reservoir draws it (checked and written off the
+        request path)."""
+        if len(body) > samples.MAX_BODY:
+            return
+        slot = self.reservoir.offer(server, family)
+        if slot is not None:
+            self.samples.append(samples.Sample(server, family, slot, time.time(), path, body.decode(errors="replace")))
+
+    def keep_samples(self, size: int) -> None:
+        """Keep SIZE requests per server and family from now on (0: none, and the kept ones deleted)."""
+        if size != self.reservoir.size:
+            self.reservoir = samples.Reservoir(size)
+            self._trim = size
 
     # -- the writer --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -154,6 +173,8 @@ class RequestLog:
                 next_prune = now + (FLUSH_EVERY if self._prune() else PRUNE_EVERY)
             while len(self._pending) < BATCH and self.queue:
                 self._pending.append(self.queue.popleft())
+            if not stopping and (self.samples or self._trim is not None) and time.monotonic() >= retry_at:
+                self._write_samples()
             if not self._pending:
                 if stopping:
                     return
@@ -179,6 +200,20 @@ class RequestLog:
                 self.error = None
             if not self.queue and not stopping:
                 self._stop.wait(FLUSH_EVERY)
+
+    def _write_samples(self) -> None:
+        kept = []
+        while self.samples:
+            sample = self.samples.popleft()
+            if sample.slot < self.reservoir.size and samples.sampleable(sample.body.encode()):
+                kept.append(sample)
+        try:
+            if self._trim is not None:
+                self.db.execute(samples.TRIM, (self._trim,))
+                self._trim = None
+            self.db.write([(samples.UPSERT, kept)])
+        except DatabaseError as e:
+            self._failed(e)  # these samples are lost; later requests are drawn again
 
     def _prune(self) -> bool:
         """One batch of pruning; True when there is more to do."""

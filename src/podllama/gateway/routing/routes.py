@@ -44,6 +44,8 @@ class Endpoint:
     # responses, native, embedding, rerank, count, image, speech, transcription, none
     answer: str = "none"
     access: str = "inference"  # who may call it: public, inference (a key, where any is set) or admin
+    # its requests can be kept for the update's conformance check and replayed on a new build ([update] sample)
+    replay: bool = False
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -56,7 +58,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     E("chat.completions", ("POST",), ("/v1/chat/completions", "/chat/completions"), "generate",
       "OpenAI Chat Completions: messages, tools, response_format, reasoning; image/audio parts go to a vision/audio "
       "server", streams=True, multimodal=True, answer="openai",
-      params=("model", "messages", "stream", "max_tokens", "temperature", "tools", "response_format")),
+      params=("model", "messages", "stream", "max_tokens", "temperature", "tools", "response_format"), replay=True),
     E("chat.control", ("POST",), ("/v1/chat/completions/control",), "generate",
       "Act on an in-flight chat completion started with reasoning_control: {id, action: \"reasoning_end\"}",
       params=("model", "id", "action")),
@@ -64,10 +66,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       "generate", "Token count of a chat request, without generating", multimodal=True, answer="count",
       params=("model", "messages")),
     E("completions.oai", ("POST",), ("/v1/completions",), "generate", "OpenAI legacy Completions", streams=True, answer="openai",
-      params=("model", "prompt", "stream", "max_tokens", "temperature")),
+      params=("model", "prompt", "stream", "max_tokens", "temperature"), replay=True),
     E("completions.native", ("POST",), ("/completion", "/completions"), "generate",
       "llama.cpp-native completion (prompt as text, tokens or multimodal), every native sampling option",
-      streams=True, answer="native", params=("prompt", "n_predict", "stream", "temperature", "grammar")),
+      streams=True, answer="native", params=("prompt", "n_predict", "stream", "temperature", "grammar"), replay=True),
     E("responses", ("POST",), ("/v1/responses", "/responses"), "generate", "OpenAI Responses API",
       streams=True, multimodal=True, answer="responses", params=("model", "input", "instructions", "stream")),
     E("responses.input_tokens", ("POST",), ("/v1/responses/input_tokens", "/responses/input_tokens"), "generate",
@@ -78,7 +80,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       "Anthropic token counting: {input_tokens}", answer="count", params=("model", "messages")),
     E("infill", ("POST",), ("/infill",), "infill",
       "Code fill-in-the-middle: input_prefix, input_suffix, input_extra (needs a model with FIM tokens)",
-      streams=True, answer="native", params=("input_prefix", "input_suffix", "input_extra", "prompt", "n_predict")),
+      streams=True, answer="native", params=("input_prefix", "input_suffix", "input_extra", "prompt", "n_predict"), replay=True),
     E("audio.transcriptions", ("POST",), ("/v1/audio/transcriptions", "/audio/transcriptions"), "transcription",
       "OpenAI speech to text (multipart: file, model, prompt, language, response_format json|text|verbose_json|"
       "srt|vtt, temperature): whisper-server, or a llama-server with an audio projector (json only)",
@@ -105,14 +107,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
       params=("prompt", "negative_prompt", "width", "height", "steps", "seed"), image_limits=True, answer="image"),
     # -- embeddings and rerank -------------------------------------------------------------------------------
     E("embeddings.oai", ("POST",), ("/v1/embeddings",), "embedding", "OpenAI embeddings", flag="--embedding", answer="embedding",
-      params=("model", "input", "encoding_format")),
+      params=("model", "input", "encoding_format"), replay=True),
     E("embeddings.native", ("POST",), ("/embedding", "/embeddings"), "embedding",
       "llama.cpp-native embeddings (per-token vectors with --pooling none)", flag="--embedding",
       answer="embedding",
-      params=("content", "input")),
+      params=("content", "input"), replay=True),
     E("rerank", ("POST",), ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking"), "rerank",
       "Rerank documents against a query (Jina or TEI format)", flag="--rerank", answer="rerank",
-      params=("model", "query", "documents", "top_n", "texts")),
+      params=("model", "query", "documents", "top_n", "texts"), replay=True),
     # -- tokens and templates --------------------------------------------------------------------------------
     E("tokenize", ("POST",), ("/tokenize",), "generate", "Text → tokens", params=("content", "add_special", "with_pieces")),
     E("detokenize", ("POST",), ("/detokenize",), "generate", "Tokens → text", params=("tokens",)),
@@ -154,6 +156,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 
 PASSTHROUGH = "/servers/"  # /servers/{name}/{path}: anything, to one server (also routes added upstream later)
 
+# the endpoints whose requests [update] sample keeps, and the path each is replayed on
+REPLAYED: dict[str, str] = {e.name: e.paths[0] for e in ENDPOINTS if e.replay}
 
 @dataclass
 class RouteTable:
