@@ -64,6 +64,10 @@ class Script:
     tokens_per_second: float = 200.0  # how fast a streamed answer comes
     context: int | None = None  # the context per slot it reports, as llama-server's --fit chose it (else its args')
     logs: list[str] = field(default_factory=lambda: ["main: model loaded", "main: server is listening"])
+    # a build that answers differently (the update's conformance check): "embeddings" moves every vector,
+    # "rerank" reverses the order, "tools" answers with text instead of a tool call, "json" with text that is
+    # not JSON, "stream" ends a stream without [DONE], "text" answers other words
+    regression: str | None = None
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -155,19 +159,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(400, {"error": {"code": 400, "message": "slot file not found"}})
         n = int(body.get("max_tokens") or body.get("n_predict") or 4)
         c.slots[0] = len(json.dumps(body))  # "prompt tokens" held in the first slot
+        regression = c.script.regression
+        if path.endswith("/embeddings"):  # a vector per input that follows its text (moved by a regression)
+            texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input", "")]
+            vectors = [[b / 255 - (0.5 if regression == "embeddings" and i % 2 else 0)
+                        for i, b in enumerate(hashlib.sha256(str(t).encode()).digest()[:8])] for t in texts]
+            return self._send(200, {"object": "list", "data": [{"index": i, "embedding": v}
+                                                               for i, v in enumerate(vectors)]})
+        if path.endswith("/rerank"):  # the longer document ranks higher (the shorter, after a regression)
+            docs = body.get("documents", [])
+            sign = -1 if regression == "rerank" else 1
+            return self._send(200, {"results": [{"index": i, "relevance_score": sign * len(d)}
+                                                for i, d in enumerate(docs)]})
+        content = ("other words " if regression == "text" else "hi ") * n
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if body.get("tools") and regression != "tools":
+            name = body["tools"][0]["function"]["name"]
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}]}
+        elif body.get("response_format"):
+            message["content"] = "{answer: yes" if regression == "json" else '{"answer": "yes"}'
+        timings = {"predicted_n": n, "predicted_per_second": c.script.tokens_per_second}
         if not body.get("stream"):
             return self._send(200, {"object": "chat.completion", "model": c.spec.labels.get("podllama.server"),
-                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi " * n}}],
+                                    "choices": [{"index": 0, "message": message}], "timings": timings,
                                     "usage": {"prompt_tokens": 5, "completion_tokens": n}})
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for i in range(n):
-            event = f"data: {json.dumps({'content': 'hi', 'index': i, 'stop': i == n - 1})}\n\n".encode()
+        events = [{"content": "hi", "index": i, "stop": i == n - 1} for i in range(n)]
+        if path.endswith("/chat/completions"):  # OpenAI's chunks, ended by [DONE] (not after a regression)
+            events = [{"choices": [{"index": 0, "delta": {"content": "hi "}}]} for _ in range(n)]
+            events[-1]["timings"] = timings
+        for i, e in enumerate(events + (["[DONE]"] if path.endswith("/chat/completions") and regression != "stream"
+                                         else [])):
+            event = f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
             self.wfile.flush()
-            time.sleep(1 / c.script.tokens_per_second)
+            if i < n:
+                time.sleep(1 / c.script.tokens_per_second)
         self.wfile.write(b"0\r\n\r\n")
 
 
@@ -237,6 +268,7 @@ class FakeEngine(CliEngine):
         self.down: str | None = None  # the engine's API gone: every call fails with this
         self.on_demand: set[str] = set()  # the servers most_on_demand counts (the test says which)
         self.most_on_demand = 0  # the most of them that ever ran at once
+        self.tags: dict[str, str] = {}  # image references that point elsewhere than IMAGE_ID (a new build)
         self._lock = threading.Lock()
 
     # -- the engine's side --------------------------------------------------------------------------------
@@ -256,7 +288,13 @@ class FakeEngine(CliEngine):
 
     def image_id(self, ref: str) -> str | None:
         self._call("image_id", ref)
-        return self.IMAGE_ID
+        return self.tags.get(ref, ref if ref.startswith("sha256:") else self.IMAGE_ID)
+
+    def tag(self, image: str, ref: str) -> None:
+        self.tags[ref] = self.image_id(image) or image
+
+    def untag(self, ref: str) -> None:
+        self.tags.pop(ref, None)
 
     def image_exists(self, ref: str) -> bool:
         return True
@@ -275,7 +313,9 @@ class FakeEngine(CliEngine):
             if spec.name in self.containers:
                 raise EngineError(f"the container name \"{spec.name}\" is already in use")
             server = spec.labels.get("podllama.server", "")
-            c = FakeContainer(self, spec, self.scripts.get(server, Script()))
+            # a script for the server on this image (a candidate build) first, then the server's own
+            script = self.scripts.get(f"{server}@{spec.image}") or self.scripts.get(server, Script())
+            c = FakeContainer(self, spec, script)
             self.containers[spec.name] = c
         self._start(c)
         return c.id

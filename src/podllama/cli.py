@@ -465,6 +465,10 @@ def status(cfg_path: ConfigOpt = None, engine: EngineOpt = None, as_json: JsonOp
     if last:
         word = "[green]ok[/green]" if last.get("ok") else "[red]failed[/red]"
         out.print(f"last update {word}: {escape(last.get('summary', ''))}")
+        check = last.get("check")
+        if check:
+            out.print(f"[dim]  conformance check: {escape(check.get('summary', ''))} ({escape(str(check.get('report')))})"
+                      "[/dim]", highlight=False)
 
 
 def _memory(figures: dict[str, Any] | None) -> str:
@@ -506,6 +510,10 @@ def logs(server: Annotated[str, typer.Argument(help="A server name, or 'gateway'
         sys.stdout.flush()
 
 
+NoCheckOpt = Annotated[bool, typer.Option("--no-check", help=(
+    "Roll out without comparing the new build with the running one on shadow servers ([update] check)"))]
+
+
 def rolling(step: Step, st: Stack, target: str | None = None) -> Any:
     """The build an update or rebuild makes, reporting to STEP (TARGET: a CPU target other than the image's)."""
     return lambda variant: build_variant(step, st.cfg, st.engine, variant, st.hardware, target=target)
@@ -516,23 +524,34 @@ def update(cfg_path: ConfigOpt = None, engine: EngineOpt = None,
            ref: Annotated[str, typer.Option(help="Commit, tag or branch (default: the remote's newest commit)")] = "HEAD",
            remote: Annotated[str | None, typer.Option(
                help="Fetch from this URL or path instead of the submodule's origin")] = None,
-           as_json: JsonOpt = False) -> None:
-    """Move llama.cpp to a new commit, build and smoke-test, restart servers one by one; roll back on any failure."""
+           check_only: Annotated[bool, typer.Option("--check", help=(
+               "Only build the new commit and compare it with the running build on shadow servers; change "
+               "nothing (exit 1 when they differ)"))] = False,
+           no_check: NoCheckOpt = False, as_json: JsonOpt = False) -> None:
+    """Move llama.cpp to a new commit, build and smoke-test, check it answers as the running build does (shadow
+    servers, [update]), restart servers one by one; roll back on any failure."""
     from .stack.update import update as run_update
 
     st = stack_for(cfg_path, engine)
     steps = Steps(err)
-    with steps.step(f"update llama.cpp to {ref}") as s:
-        result = run_update(st, ref, remote, progress=s.say, build=rolling(s, st))
+    with steps.step(f"{'check' if check_only else 'update'} llama.cpp at {ref}") as s:
+        result = run_update(st, ref, remote, progress=s.say, build=rolling(s, st), check=False if no_check else None,
+                            only_check=check_only)
     steps.summary()
-    show(as_json, result.to_dict(), f"[green]updated[/green] {escape(result.summary)}")
+    word = ("[green]no differences[/green]" if result.ok else "[red]differences[/red]") if check_only else \
+        "[green]updated[/green]"
+    show(as_json, result.to_dict(), f"{word} {escape(result.summary)}")
+    if check_only and result.check:
+        out.print(f"report: {escape(str(result.check.get('report')))}")
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
 def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: EngineOpt = None,
             native: Annotated[bool, typer.Option("--native", help="Same as --cpu-target native")] = False,
             portable: Annotated[bool, typer.Option("--portable", help="Same as --cpu-target portable")] = False,
-            cpu_target: TargetOpt = None, as_json: JsonOpt = False) -> None:
+            cpu_target: TargetOpt = None, no_check: NoCheckOpt = False, as_json: JsonOpt = False) -> None:
     """Rebuild the stack's images at the current commit and restart servers on them, with rollback on failure.
     --native replaces an image built for any CPU (one pulled from CI's registry) with one for this machine's."""
     from .stack.update import rebuild as run_rebuild
@@ -542,7 +561,7 @@ def rebuild(variant: VariantOpt = None, cfg_path: ConfigOpt = None, engine: Engi
     target = cpu_target or ("native" if native else "portable" if portable else None)
     with steps.step("rebuild the stack's images") as s:
         result = run_rebuild(st, [variant] if variant and variant != "auto" else None, progress=s.say,
-                             build=rolling(s, st, target))
+                             build=rolling(s, st, target), check=False if no_check else None)
     steps.summary()
     show(as_json, result.to_dict(), f"[green]rebuilt[/green] {escape(result.summary)}")
 

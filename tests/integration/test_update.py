@@ -21,6 +21,9 @@ STACK = stack_name("ptupdate")
 
 REPO = "localhost/podllama-test/llama-server"
 SERVER_CPP = "tools/server/server.cpp"
+EMBEDDINGS_CPP = "tools/server/server-context.cpp"  # send_embedding(): a pooled vector is normalized, then sent
+NORMALIZE = "common_embd_normalize(embd, embd_res.data(), n_embd_out, slot.task->params.embd_normalize);\n"
+REGRESSION = "                for (int j = 0; j < n_embd_out / 2; ++j) { embd_res[j] = -embd_res[j]; }\n"
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -51,7 +54,14 @@ def upstream(project, tmp_path_factory) -> dict[str, str]:
         f.write("\nthis is not C++;\n")
     git(d, "commit", "-qam", "podllama test: a commit that does not compile")
     bad = git(d, "rev-parse", "HEAD")
-    return {"path": str(d), "good": good, "bad": bad}
+    git(d, "checkout", "-q", "-b", "regress", good)  # and beside it, a build that compiles and answers wrongly
+    context = d / EMBEDDINGS_CPP
+    code = context.read_text()
+    assert code.count(NORMALIZE) == 1, "the pinned server's embedding code moved: find the line again"
+    context.write_text(code.replace(NORMALIZE, NORMALIZE + REGRESSION))
+    git(d, "commit", "-qam", "podllama test: a commit whose embeddings are wrong (half of every vector negated)")
+    regress = git(d, "rev-parse", "HEAD")
+    return {"path": str(d), "good": good, "bad": bad, "regress": regress}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +71,9 @@ def stack(project, podman, models_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("update-stack")
     sf = StackFiles(d, STACK, podman, models_dir, free_port())
     sf.write(CHAT_AND_EMBED)
-    sf.path.write_text(sf.path.read_text().replace('[build]\n', f'[build]\nrepository = "{REPO}"\n'))
+    # speed and load time are compared too (unit-tested); on a busy test machine they are noise, not a verdict
+    sf.path.write_text(sf.path.read_text().replace('[build]\n', f'[build]\nrepository = "{REPO}"\n')
+                       + "\n[update]\nmax_slowdown = 4\n")
     env = {"PODLLAMA_HOME": str(project)}
     sf.run_env = env
     podllama("build", "--engine", "podman", "--variant", "cpu", "--native", "--ui", "off", "--base",
@@ -106,6 +118,42 @@ def test_update_to_a_new_commit_rebuilds_and_restarts_on_it(podman, stack, upstr
     assert all(r["health"] == "ok" for r in rows.values())
     assert answers(podman, f"{STACK}-chat-1", stack)
     assert podman.image_id(f"{REPO}:cpu-previous") == podman.image_id(f"{REPO}:cpu-{pinned[:12]}")
+    # it was checked first: the new build answered the conformance set as the pinned one did
+    check = out["check"]
+    assert check["passed"], check["differences"]
+    assert sorted(s["server"] for s in check["servers"]) == ["chat", "embed"]
+    cases = {c["case"]: c for s in check["servers"] for c in s["cases"]}
+    assert {"chat", "chat.tools", "chat.json", "chat.stream", "completion", "embeddings"} <= set(cases)
+    assert cases["embeddings"]["cosine"] > 0.999 and cases["chat"]["text_equal"] is True
+    assert not podman.list({"podllama.stack": STACK, "podllama.kind": "shadow"})
+    print(f"\nconformance check of the default-like stack: {check['seconds']} s")
+
+
+def test_a_build_that_answers_differently_is_named_and_never_serves(podman, stack, upstream, project):
+    """A commit that compiles and passes the smoke test but moves every embedding: `update --check` names the
+    difference and changes nothing; `update` under the strict gate refuses it and rolls back."""
+    before = {c.name: c.id for c in podman.list({"podllama.stack": STACK})}
+    image_before = podman.image_id(f"{REPO}:cpu")
+    at = git(project / "llama.cpp", "rev-parse", "HEAD")
+    proc = run(stack, "update", "--check", "--ref", upstream["regress"], "--remote", upstream["path"], check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "embed: embeddings: embeddings moved: cosine" in proc.stdout and "report:" in proc.stdout
+    report = Path(proc.stdout.split("report: ")[1].split()[0])
+    assert "| embeddings | embedding | embeddings moved" in report.read_text()
+    assert git(project / "llama.cpp", "rev-parse", "HEAD") == at
+    assert podman.image_id(f"{REPO}:cpu") == image_before
+    assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == before
+
+    proc = run(stack, "update", "--ref", upstream["regress"], "--remote", upstream["path"], check=False)
+    assert proc.returncode == 1
+    assert "the new build answers differently" in proc.stderr and "embeddings moved" in proc.stderr
+    assert "Rolled back" in proc.stderr
+    assert git(project / "llama.cpp", "rev-parse", "HEAD") == at
+    assert podman.image_id(f"{REPO}:cpu") == image_before
+    assert {c.name: c.id for c in podman.list({"podllama.stack": STACK})} == before  # nothing restarted
+    assert answers(podman, f"{STACK}-chat-1", stack)
+    last = json.loads(run(stack, "status", "--json").stdout)["last_update"]
+    assert last["ok"] is False and not last["check"]["passed"]
 
 
 def test_update_to_a_commit_that_does_not_compile_changes_nothing(podman, stack, upstream, project):
@@ -168,3 +216,4 @@ def test_an_update_killed_midway_is_finished_by_the_next(podman, stack, upstream
     assert answers(podman, f"{STACK}-chat-1", stack)
     assert "nothing to do" in json.loads(run(stack, "update", "--ref", third, "--remote", str(up), "--json").stdout)[
         "summary"]
+    assert not podman.list({"podllama.stack": STACK, "podllama.kind": "shadow"})  # a killed check's shadow too

@@ -296,6 +296,21 @@ def rollback(engine: CliEngine, variant: str, repo: str = REPO) -> str:
     return prev
 
 
+def tags_of(engine: CliEngine, variant: str, repo: str = REPO) -> tuple[str | None, str | None]:
+    """(the image in use, the previous one) of VARIANT, to put back with restore()."""
+    return engine.image_id(tag_for(variant, repo=repo)), engine.image_id(previous_tag(variant, repo))
+
+
+def restore(engine: CliEngine, variant: str, tags: tuple[str | None, str | None], repo: str = REPO) -> None:
+    """`:<variant>` and `:<variant>-previous` pointed back at what tags_of() read: an update that is undone
+    leaves no trace in them (the build it refused is never the one `podllama rollback` goes to)."""
+    for image, ref in zip(tags, (tag_for(variant, repo=repo), previous_tag(variant, repo)), strict=True):
+        if image:
+            engine.tag(image, ref)
+        elif engine.image_id(ref):
+            engine.untag(ref)
+
+
 def _tagged(engine: CliEngine, image_id: str) -> bool:
     info = engine.image_inspect(image_id) or {}
     return bool(info.get("RepoTags"))

@@ -237,6 +237,20 @@ class SupervisorSection(_Model):
     crash_loop_window: Annotated[float, Field(gt=0)] = 300
 
 
+class UpdateSection(_Model):
+    """How `podllama update` checks a new llama.cpp build against the running one before it serves
+    (docs/updating.md): a shadow server per server on the candidate image, the conformance set replayed on both."""
+
+    check: bool = True  # before every update and rebuild (`--no-check` skips it once)
+    gate: Literal["strict", "report"] = "strict"  # strict: a difference stops the rollout; report: it is only told
+    # requests per route family the gateway keeps, bodies included, to replay beside the built-in cases; 0: none
+    sample: Annotated[int, Field(ge=0, le=100)] = 0
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] = 0.999  # an embedding moved further than this is a difference
+    min_text_equal: Annotated[float, Field(ge=0, le=1)] = 0.0  # share of equal answers below which text differs
+    max_slowdown: Annotated[float, Field(ge=0)] = 0.5  # tokens/s or load time this much worse (0.5: 50 %) differs
+    timeout: Annotated[float, Field(gt=0)] = 120  # per request of the replay
+
+
 DEFAULT_IDLE_TIMEOUT = 600.0  # an on-demand server unused this long is stopped
 
 
@@ -537,6 +551,7 @@ class Config(_Model):
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     hub: HubSection = Field(default_factory=HubSection)
     placement: PlacementSection = Field(default_factory=PlacementSection)
+    update: UpdateSection = Field(default_factory=UpdateSection)
     servers: dict[str, ServerSection] = Field(default_factory=dict)  # the servers podllama runs
     # [servers.X] sections with url: routed and health-checked, run elsewhere
     remotes: dict[str, RemoteServer] = Field(default_factory=dict)
@@ -711,6 +726,6 @@ def save(cfg: Config, path: Path) -> None:
 __all__ = [
     "ArgValue", "BuildSection", "CONFIG_ENV", "Config", "ConfigError", "DEFAULT_CONFIG", "DEFAULT_IDLE_TIMEOUT",
     "EngineName", "GatewaySection", "HubSection", "NAME_RE", "PROJECTOR_ROLES", "PlacementSection", "RUN_ONLY",
-    "RemoteServer", "Role", "STATE_ENV", "Scalar", "ServerSection", "StackSection", "SupervisorSection",
+    "RemoteServer", "Role", "STATE_ENV", "Scalar", "ServerSection", "StackSection", "SupervisorSection", "UpdateSection",
     "VariantName", "config_path", "format_errors", "load", "parse", "save", "validate",
 ]

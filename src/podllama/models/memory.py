@@ -182,12 +182,21 @@ def _kv_bytes(server: ServerSection, meta: Metadata, n_layer: int, ubatch: int) 
 
 
 # -- the budget -------------------------------------------------------------------------------------------------
+def _meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/meminfo")
+
+
 def host_memory() -> int:
     """The machine's memory, from /proc/meminfo (a container sees the host's)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no MemTotal in /proc/meminfo")
+    return _meminfo("MemTotal")
+
+
+def available_memory() -> int:
+    """What the machine could give a new process now without swapping (MemAvailable)."""
+    return _meminfo("MemAvailable")
 
 
 def budget(setting: str, total: int | None, margin_min: int) -> int | None:

@@ -17,6 +17,8 @@ from ..build import images, source
 from ..build.errors import BuildError
 from ..engine import EngineError
 from . import L_HASH, Stack, StackError, Unit
+from .conformance import shadow
+from .conformance.verdict import Verdict
 from .state import RUNNING
 
 
@@ -32,19 +34,23 @@ class UpdateResult:
     new_commit: str | None = None
     restarted: list[str] = field(default_factory=list)
     log: str | None = None
+    check: dict[str, Any] | None = None  # the conformance verdict (conformance/verdict.py), where one was made
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def update(stack: Stack, ref: str = "HEAD", remote: str | None = None, progress: Callable[[str], None] = print,
-           build: Callable[..., images.BuildResult] | None = None) -> UpdateResult:
-    """Move llama.cpp to REF, build and smoke-test the images the stack uses, restart its servers."""
+           build: Callable[..., images.BuildResult] | None = None, check: bool | None = None,
+           only_check: bool = False) -> UpdateResult:
+    """Move llama.cpp to REF, build and smoke-test the images the stack uses, check the new build against the
+    current one (CHECK; default [update] check), restart its servers. ONLY_CHECK: build and check, then put
+    everything back as it was, whatever the verdict."""
     root = source.project_root()
     with stack.state.operation():  # the supervisor waits until we are done
         old, new = source.checkout(ref, remote, root)
         variants = _variants(stack)
-        if new == old:
+        if new == old and not only_check:
             built_from = {v: stack.engine.image_labels(stack.image_of(v)).get("podllama.llama-commit") for v in variants}
             behind = {v: c for v, c in built_from.items() if c and c != new}
             if behind:  # an update killed after the checkout, before its images were built and tagged
@@ -55,23 +61,27 @@ def update(stack: Stack, ref: str = "HEAD", remote: str | None = None, progress:
                              undo_source=lambda: source.checkout(was, root=root))
             if _stale(stack):  # … or after the images, before every server was restarted on them
                 progress("finishing an interrupted update: servers still on the previous image")
-                return _roll(stack, progress, build, old=new, new=new, variants=[], undo_source=lambda: None)
+                repo = stack.cfg.build.repository  # checked again: it may have been killed during its check
+                previous = {v: engine_id for v in variants
+                            if (engine_id := stack.engine.image_id(images.previous_tag(v, repo)))}
+                return _roll(stack, progress, build, old=new, new=new, variants=[], undo_source=lambda: None,
+                             check=check, current=previous)
             result = UpdateResult(True, f"already at {new[:12]}; nothing to do", old, new)
             stack.state.record_update(result.to_dict())
             return result
         progress(f"llama.cpp {old[:12]} → {new[:12]}")
         return _roll(stack, progress, build, old=old, new=new, variants=variants,
-                     undo_source=lambda: source.checkout(old, root=root))
+                     undo_source=lambda: source.checkout(old, root=root), check=check, only_check=only_check)
 
 
 def rebuild(stack: Stack, variants: list[str] | None = None, progress: Callable[[str], None] = print,
-            build: Callable[..., images.BuildResult] | None = None) -> UpdateResult:
+            build: Callable[..., images.BuildResult] | None = None, check: bool | None = None) -> UpdateResult:
     """Build the stack's images again at the current commit (after a GPU was added, a base image changed …)
     and restart the servers on them, with the same safety as an update."""
     commit = source.status().commit
     with stack.state.operation():
         return _roll(stack, progress, build, old=commit, new=commit, undo_source=lambda: None,
-                     variants=variants or _variants(stack))
+                     variants=variants or _variants(stack), check=check)
 
 
 def _variants(stack: Stack) -> list[str]:
@@ -92,17 +102,25 @@ def _idle(stack: Stack, unit: Unit) -> bool:
 
 
 def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., images.BuildResult] | None, *,
-          old: str | None, new: str | None, undo_source: Callable[[], Any], variants: list[str]) -> UpdateResult:
+          old: str | None, new: str | None, undo_source: Callable[[], Any], variants: list[str],
+          check: bool | None = None, only_check: bool = False, current: dict[str, str] | None = None) -> UpdateResult:
+    """CURRENT: variant → the image the servers run now (default: what each variant's tag points to before
+    its build)."""
     cfg, engine = stack.cfg, stack.engine
     build = build or _default_build(stack)
     moved: list[str] = []  # variants whose tag now points at a new image
+    shadow.remove_all(stack)  # left by a check that was killed
+    tags = {v: images.tags_of(engine, v, cfg.build.repository) for v in variants}  # to put back on undo
+    if current is None:
+        current = {v: i for v in variants if (i := engine.image_id(stack.image_of(v)))}
+    verdict: Verdict | None = None
 
     def undo(what: str, log: str | None) -> UpdateError:
         for v in moved:
-            images.rollback(engine, v, repo=cfg.build.repository)
+            images.restore(engine, v, tags[v], repo=cfg.build.repository)
         undo_source()
         stack.state.record_update(UpdateResult(False, f"{what}; rolled back to {(old or '?')[:12]}", old, new,
-                                               log=log).to_dict())
+                                               log=log, check=verdict.to_dict() if verdict else None).to_dict())
         return UpdateError(f"{what}. Rolled back: llama.cpp at {(old or '?')[:12]}, images and servers as they were."
                            + (f" Log: {log}" if log else ""))
 
@@ -114,6 +132,33 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
             raise undo(f"the {variant} image failed: {e}", str(e.log) if e.log else None) from None
         if built.previous:
             moved.append(variant)
+
+    if check if check is not None else (cfg.update.check or only_check):
+        changed = {v: i for v, i in current.items() if engine.image_id(stack.image_of(v)) != i}
+        if changed:
+            progress("checking the new build against the current one on shadow servers")
+            try:
+                verdict = shadow.check(stack, changed, old or "?", new or "?", progress)
+            except (StackError, EngineError) as e:
+                raise undo(f"the conformance check could not run: {e} (`--no-check` skips it)", None) from None
+            progress(f"conformance: {verdict.summary}; report {verdict.report}")
+            if only_check:
+                for v in moved:
+                    images.restore(engine, v, tags[v], repo=cfg.build.repository)
+                undo_source()
+                result = UpdateResult(verdict.passed, f"checked {(new or '?')[:12]} against {(old or '?')[:12]}, "
+                                      f"nothing changed: {verdict.summary}", old, new, check=verdict.to_dict())
+                stack.state.record_update(result.to_dict())
+                return result
+            if not verdict.passed and cfg.update.gate == "strict":
+                error = undo(f"the new build answers differently — {verdict.summary} (report: {verdict.report}; "
+                             "[update] gate = \"report\" lets such differences through)", None)
+                raise error from None
+    if only_check:  # nothing to compare: no image changed
+        for v in moved:
+            images.restore(engine, v, tags[v], repo=cfg.build.repository)
+        undo_source()
+        return UpdateResult(True, "checked: the build did not change any image; nothing changed", old, new)
 
     units = stack.units()
     restarted: list[Unit] = []
@@ -131,7 +176,8 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
             _restore(stack, progress)
             raise error from None
     result = UpdateResult(True, f"{(old or '?')[:12]} → {(new or '?')[:12]}: "
-                                f"{len(restarted)} servers restarted", old, new, [u.name for u in restarted])
+                                f"{len(restarted)} servers restarted", old, new, [u.name for u in restarted],
+                          check=verdict.to_dict() if verdict else None)
     stack.state.record_update(result.to_dict())
     return result
 
