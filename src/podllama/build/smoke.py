@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from ..engine import CliEngine, ContainerSpec, EngineError, GpuRequest, Mount
 from ..engine.health import probe, wait_healthy
 from ..models import tinymodel
@@ -54,8 +56,13 @@ def serving(engine: CliEngine, image: str, args: list[str], models: Path, gpu: G
             time.sleep(0.2)
         state = wait_healthy(url, timeout=timeout, alive=lambda: _alive(engine, name))
         if state != "ok":
-            raise BuildError(f"smoke test: /health never turned 200 ({state}). Server log:\n{_logs(engine, name)}")
-        yield url, time.monotonic() - t0
+            raise BuildError(f"smoke test: /health never turned 200 ({state}){_death(engine, name)}. Server log:\n"
+                             f"{_logs(engine, name)}")
+        try:
+            yield url, time.monotonic() - t0
+        except httpx.HTTPError as e:  # the server went away under a request
+            raise BuildError(f"smoke test: a request got no answer ({e}){_death(engine, name)}. Server log:\n"
+                             f"{_logs(engine, name)}") from None
     finally:
         if log is not None:
             with log.open("a") as f:
@@ -63,13 +70,29 @@ def serving(engine: CliEngine, image: str, args: list[str], models: Path, gpu: G
         engine.remove(name)
 
 
+# why a test container died, by its exit status (128 + the signal)
+DEATHS = {132: "SIGILL: it ran an instruction this CPU (or its kernel) does not allow; build it for this "
+               "machine's CPU (`podllama build --native`), or report the instruction set it names",
+          134: "SIGABRT: it aborted (see the log)", 137: "SIGKILL: killed, perhaps for want of memory",
+          139: "SIGSEGV: it crashed"}
+
+
+def _death(engine: CliEngine, name: str) -> str:
+    info = engine.inspect(name)
+    code = info.exit_code if info is not None and not info.running else None
+    return f"; the server exited {code}, {DEATHS[code]}" if code in DEATHS else \
+        (f"; the server exited {code}" if code is not None else "")
+
+
 def smoke_test(engine: CliEngine, image: str, tree: Path, models: Path, gpu: GpuRequest | None = None,
                timeout: float = 300, log: Path | None = None) -> dict[str, Any]:
-    """llama-server: IMAGE with the tiny model, /health must turn 200 and one chat completion must answer."""
+    """llama-server: IMAGE with the tiny model, /health must turn 200 and one chat completion must answer. Its
+    matrices are Q4_0, so the quantized kernels this CPU would pick (repacked weights, AMX …) run here, not first
+    under a user's model."""
     import httpx
 
-    tinymodel.ensure(models / "podllama-tiny.gguf", tree)
-    args = ["--model", "/models/podllama-tiny.gguf", "--ctx-size", "512", "--parallel", "1"]
+    tinymodel.ensure(models / "podllama-tiny-q4_0.gguf", tree, quant="Q4_0")
+    args = ["--model", "/models/podllama-tiny-q4_0.gguf", "--ctx-size", "512", "--parallel", "1"]
     with serving(engine, image, args, models, gpu, timeout, log) as (url, ready_s):
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8})

@@ -3,7 +3,8 @@
 A 2-layer llama (n_embd 64) with llama.cpp's own SPM tokenizer (taken from the vocab file that ships in the
 llama.cpp source tree) and f16 weights from a seeded generator: the same bytes every time, about 9 MB.
 It loads in well under a second and answers completions, chat and (with --embedding) embeddings — gibberish
-text, but real llama-server behaviour.
+text, but real llama-server behaviour. With `quant` its matrices are quantized (Q4_0, Q8_0 …): the build's smoke
+test uses that, so that the CPU's quantized kernels (repacked weights, AMX) run before an image is accepted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ CHAT_TEMPLATE = (
 
 
 def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
-          n_ctx: int = 32768, seed: int = 0, name: str = "podllama-tiny", shards: int = 1) -> Path:
+          n_ctx: int = 32768, seed: int = 0, name: str = "podllama-tiny", shards: int = 1,
+          quant: str | None = None) -> Path:
     """Write the model to DEST (atomically) and return DEST. With SHARDS > 1 it is a split GGUF
     (DEST's stem + -0000k-of-0000N.gguf, as llama.cpp's gguf-split names them); the first shard is returned."""
     try:  # imported here: only smoke tests and tests need them (the gateway reuses the host's model)
@@ -65,21 +67,30 @@ def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head
 
     rng = np.random.default_rng(seed)
 
+    qtype = gguf.GGMLQuantizationType[quant.upper()] if quant else None
+
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * 0.02).astype(np.float16)
+
+    def add_matrix(name: str, rows: int, cols: int) -> None:
+        data = mat(rows, cols)
+        if qtype is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
 
     ones = np.ones(n_embd, dtype=np.float32)
     w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
         for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{t}.weight", mat(n_embd, n_embd))
+            add_matrix(f"blk.{i}.{t}.weight", n_embd, n_embd)
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
+        add_matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+    add_matrix("output.weight", n_vocab, n_embd)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -92,11 +103,12 @@ def write(dest: Path, vocab: Path, *, n_embd: int = 64, n_layer: int = 2, n_head
     return dest.parent / written[0].name
 
 
-def ensure(dest: Path, source_tree: Path) -> Path:
-    """The tiny model at DEST, written from SOURCE_TREE's vocab file if it is not there yet."""
+def ensure(dest: Path, source_tree: Path, quant: str | None = None) -> Path:
+    """The tiny model at DEST (its matrices QUANT, where given), written from SOURCE_TREE's vocab file if it is
+    not there yet."""
     if dest.is_file():
         return dest
     vocab = source_tree / VOCAB_FILE
     if not vocab.is_file():
         raise FileNotFoundError(f"{vocab} is missing; check the llama.cpp submodule out (`podllama source init`)")
-    return write(dest, vocab)
+    return write(dest, vocab, quant=quant)
