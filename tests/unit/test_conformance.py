@@ -323,6 +323,9 @@ def test_the_gateway_keeps_requests_only_when_told_and_the_check_replays_them(st
             v = shadow.check(st, {"cpu": FakeEngine.IMAGE_ID}, "a" * 40, "b" * 40)
             chat = next(s for s in v.servers if s.server == "chat")
             assert {"sample.chat.completions.0", "sample.chat.completions.1"} <= {o.case for o in chat.outcomes}
+            # the dashboard's source: the management API's status carries the latest verdict
+            status = httpx.get(f"{url}/admin/status", headers={"Authorization": f"Bearer {gw.credentials.admin_key()}"})
+            assert status.json()["conformance"]["passed"] is True and status.json()["conformance"]["report"]
         else:
             wait_until(lambda: gw.requests.written >= 6, timeout=20)  # the writer has run its rounds
             assert kept() == []

@@ -41,7 +41,8 @@ class Verdict:
         cases = sum(len(s.outcomes) for s in checked)
         if self.passed:
             return f"the candidate answers as the current build: {cases} cases on {len(checked)} servers alike"
-        return f"{len(self.differences)} differences: " + "; ".join(self.differences[:3]) + \
+        n = len(self.differences)
+        return f"{n} difference{'s' if n > 1 else ''}: " + "; ".join(self.differences[:3]) + \
             (" …" if len(self.differences) > 3 else "")
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ....api import ADMIN_PREFIX
 from ....engine import EngineError
 from ....stack import Stack, changes
 from ....stack.changes import ChangeError
+from ....stack.conformance import shadow, verdict
 from ....stack.supervisor import Supervisor
 from ...front import jsonbody
 from ...routing.feed import event_of
@@ -71,7 +72,8 @@ def router(stack: Stack, following: Following, registry: Registry, supervisor: S
 
     @config.get("/status")
     def status() -> dict[str, Any]:
-        """Every server's state and health, the supervisor's recent actions, the last update, config problems."""
+        """Every server's state and health, the supervisor's recent actions, the last update and the verdict of
+        its conformance check, config problems."""
 
         def seen(engine: str) -> list[dict[str, Any]]:
             return [{"server": r.server, "container": r.container, "health": r.state, "address": r.host,
@@ -89,6 +91,7 @@ def router(stack: Stack, following: Following, registry: Registry, supervisor: S
                 "stages": {name: event_of(h) for name, h in registry.handles.items()},
                 "changes": list(registry.feed.recent)[-20:],
                 "engine_problem": supervisor.engine_problem, "last_update": saved.get("last_update"),
+                "conformance": verdict.latest(stack.cfg.state_path / shadow.CHECKS),
                 "config_version": following.version(), "config_error": following.error()}
 
     @config.get("/events")

@@ -136,6 +136,12 @@ async function loadServers() {
   });
   $("servers-rows").replaceChildren(...rows);
   $("servers-note").textContent = data.config_error ? `config error: ${data.config_error}` : `config ${data.config_version ?? ""}`;
+  const c = data.conformance;  // the last update's check of the new build against the running one
+  $("servers-check").replaceChildren(...(c ? [
+    "Last update check ", el("code", {}, `${c.current.slice(0, 12)} → ${c.candidate.slice(0, 12)}`),
+    ` (${new Date(c.at * 1000).toLocaleString()}, gate ${c.gate}): `,
+    el("span", { class: c.passed ? "health-ok" : "state-failed" }, c.passed ? "no differences" : "differences"),
+    ` — ${c.summary}. Report: ${c.report}`] : []));
 }
 
 function followLog(server) {
