@@ -16,7 +16,7 @@ from typing import Any
 from ..build import images, source
 from ..build.errors import BuildError
 from ..engine import EngineError
-from . import L_HASH, Stack, StackError, Unit
+from . import L_HASH, Stack, StackError, Unit, container_name
 from .conformance import shadow
 from .conformance.verdict import Verdict
 from .state import RUNNING
@@ -61,11 +61,10 @@ def update(stack: Stack, ref: str = "HEAD", remote: str | None = None, progress:
                              undo_source=lambda: source.checkout(was, root=root))
             if _stale(stack):  # … or after the images, before every server was restarted on them
                 progress("finishing an interrupted update: servers still on the previous image")
-                repo = stack.cfg.build.repository  # checked again: it may have been killed during its check
-                previous = {v: engine_id for v in variants
-                            if (engine_id := stack.engine.image_id(images.previous_tag(v, repo)))}
+                # the build is checked again (that update may have been killed during its check), against the
+                # build the servers still run
                 return _roll(stack, progress, build, old=new, new=new, variants=[], undo_source=lambda: None,
-                             check=check, current=previous)
+                             check=check, current=_running_builds(stack))
             result = UpdateResult(True, f"already at {new[:12]}; nothing to do", old, new)
             stack.state.record_update(result.to_dict())
             return result
@@ -96,6 +95,19 @@ def _stale(stack: Stack) -> bool:
                if not _idle(stack, u))
 
 
+def _running_builds(stack: Stack) -> dict[str, str]:
+    """Variant → the image its running llama-servers were made from, where that is not what its tag says now."""
+    running = stack.containers("server")
+    out = {}
+    for name, section in stack.cfg.servers.items():
+        variant = stack.variant_of(section)
+        info = running.get(container_name(stack.name, name, 1))
+        if section.kind.llama and info is not None and info.image_id \
+                and info.image_id != stack.engine.image_id(stack.image_of(variant)):
+            out[variant] = info.image_id
+    return out
+
+
 def _idle(stack: Stack, unit: Unit) -> bool:
     """An on-demand server that is not loaded: its next load starts it on whatever image is current."""
     return unit.on_demand and stack.state.desired(unit.key) != RUNNING
@@ -115,10 +127,18 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
         current = {v: i for v in variants if (i := engine.image_id(stack.image_of(v)))}
     verdict: Verdict | None = None
 
-    def undo(what: str, log: str | None) -> UpdateError:
+    def put_back() -> None:
+        """The tags and the checkout as they were: this update's builds untagged, and a tag an interrupted
+        update had moved pointed back at the build the servers run."""
         for v in moved:
             images.restore(engine, v, tags[v], repo=cfg.build.repository)
+        for v, image in current.items():
+            if v not in moved and engine.image_id(stack.image_of(v)) != image:
+                engine.tag(image, stack.image_of(v))
         undo_source()
+
+    def undo(what: str, log: str | None) -> UpdateError:
+        put_back()
         stack.state.record_update(UpdateResult(False, f"{what}; rolled back to {(old or '?')[:12]}", old, new,
                                                log=log, check=verdict.to_dict() if verdict else None).to_dict())
         return UpdateError(f"{what}. Rolled back: llama.cpp at {(old or '?')[:12]}, images and servers as they were."
@@ -133,7 +153,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
         if built.previous:
             moved.append(variant)
 
-    if check if check is not None else (cfg.update.check or only_check):
+    if only_check or (cfg.update.check if check is None else check):
         changed = {v: i for v, i in current.items() if engine.image_id(stack.image_of(v)) != i}
         if changed:
             progress("checking the new build against the current one on shadow servers")
@@ -143,9 +163,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
                 raise undo(f"the conformance check could not run: {e} (`--no-check` skips it)", None) from None
             progress(f"conformance: {verdict.summary}; report {verdict.report}")
             if only_check:
-                for v in moved:
-                    images.restore(engine, v, tags[v], repo=cfg.build.repository)
-                undo_source()
+                put_back()
                 result = UpdateResult(verdict.passed, f"checked {(new or '?')[:12]} against {(old or '?')[:12]}, "
                                       f"nothing changed: {verdict.summary}", old, new, check=verdict.to_dict())
                 stack.state.record_update(result.to_dict())
@@ -155,9 +173,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
                              "[update] gate = \"report\" lets such differences through)", None)
                 raise error from None
     if only_check:  # nothing to compare: no image changed
-        for v in moved:
-            images.restore(engine, v, tags[v], repo=cfg.build.repository)
-        undo_source()
+        put_back()
         return UpdateResult(True, "checked: the build did not change any image; nothing changed", old, new)
 
     units = stack.units()
