@@ -47,10 +47,19 @@ def test_the_dashboard_drives_a_real_stack(stack, browser, podman, tmp_path):
     page.click("#login-form button")
     page.wait_for_selector("#login-error:text('not an admin key')")
     admin_key = stack.admin["Authorization"].removeprefix("Bearer ")
+    # the last update's conformance verdict, as `podllama update` keeps it, shown under the servers
+    from podllama import config
+    from podllama.stack.conformance import compare, shadow, verdict
+
+    refused = verdict.Verdict("a" * 40, "b" * 40, "strict", [compare.ServerResult(
+        "embed", differences=["embeddings moved: cosine 0.3121"])])
+    refused.save(config.load(stack.path).state_path / shadow.CHECKS)
     page.fill("#login-key", admin_key)
     page.click("#login-form button")
     for server in ("chat", "embed"):
         page.wait_for_selector(f"tr[data-server={server}] td.health-ok", timeout=30_000)
+    check = page.wait_for_selector("#servers-check:text('Last update check')", timeout=10_000)
+    assert "aaaaaaaaaaaa → bbbbbbbbbbbb" in check.inner_text() and "embeddings moved: cosine 0.3121" in check.inner_text()
     page.screenshot(path=str(tmp_path / "servers.png"))
     cookie = next(c for c in page.context.cookies() if c["name"] == "podllama_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
