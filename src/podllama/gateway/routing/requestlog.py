@@ -170,7 +170,10 @@ class RequestLog:
                 self.read_keys()
                 next_keys = now + KEYS_EVERY
             if now >= next_prune and not stopping and self.error is None:  # busy or idle: a batch between writes
-                next_prune = now + (FLUSH_EVERY if self._prune() else PRUNE_EVERY)
+                # again soon while there is more to prune, or rows still to write (they may be old ones: a
+                # backlog written after an outage is pruned as it lands, not a PRUNE_EVERY later)
+                writing = bool(self.queue or self._pending)
+                next_prune = now + (FLUSH_EVERY if self._prune() or writing else PRUNE_EVERY)
             while len(self._pending) < BATCH and self.queue:
                 self._pending.append(self.queue.popleft())
             if not stopping and (self.samples or self._trim is not None) and time.monotonic() >= retry_at:
