@@ -27,7 +27,8 @@ from tests.unit.conftest import SERVERS, recv_all
 
 # a server the scoped key below may not use: its names must never reach that key
 HIDDEN = '[servers.zeta9]\nmodel = "tiny.gguf"\nalias = "zeta-hidden"\n'
-GATEWAY = "max_body_mb = 1\nmin_body_rate = 0\nprogress_interval = 0.05\n"
+# and the update's request sample on: what every answered request passes through on the request path
+GATEWAY = "max_body_mb = 1\nmin_body_rate = 0\nprogress_interval = 0.05\n[update]\nsample = 100\n"
 # routes that act on the whole process whatever the body says: their keys are attacked, not their bodies
 WHOLE_PROCESS = {("POST", "/admin/shutdown")}
 
@@ -148,6 +149,9 @@ def test_hostile_bodies_on_every_route_end_in_a_clear_answer(armed, upstream):
     assert lag.n > 10 and lag.max < 0.5 + control.max, \
         f"the event loop stalled for {lag.max * 1000:.0f} ms (an idle loop: {control.max * 1000:.0f} ms)"
     assert lag.quantile(0.99) <= 0.05 + control.quantile(0.99), f"p99 loop lag over 50 ms: {lag.counts}"
+    # the sample was drawn from the answered ones meanwhile (so its path was walked under that budget)
+    db = gw.gw.credentials.database(gw.gw.stack.cfg)
+    assert wait_until(lambda: db.query("SELECT COUNT(*) FROM podllama_samples")[0][0] > 0, timeout=10)
 
 
 def hostile_bodies_on_every_route(gw, keys) -> None:

@@ -477,8 +477,8 @@ class Proxy:
         if self.log is None:
             return
         path = REPLAYED.get(endpoint)
-        if status == 200 and path and server and spool is not None and self.log.reservoir.size:
-            self.log.sample(server, endpoint, path, spool.head(samples.MAX_BODY + 1))
+        if status == 200 and path and server and spool is not None and spool.size <= samples.MAX_BODY:
+            self.log.sample(server, endpoint, path, spool.data)  # read only if the reservoir draws it
         if not self.log.enabled:
             return
         caller = caller_of(scope)

@@ -86,7 +86,7 @@ class RequestLog:
         self._old: list[Database] = []  # databases moved away from, to close
         # requests kept for the update's conformance check ([update] sample; access/samples.py)
         self.reservoir = samples.Reservoir(0)
-        self.samples: deque[samples.Sample] = deque(maxlen=1000)
+        self.samples: deque[tuple[samples.Sample, bytes]] = deque(maxlen=1000)  # drawn; the body decoded, checked later
         self._trim: int | None = 0  # slots from here on are deleted at the next write (0: every sample)
 
     # -- the request path ------------------------------------------------------------------------------------
@@ -98,14 +98,12 @@ class RequestLog:
             return
         self.queue.append(row)
 
-    def sample(self, server: str, family: str, path: str, body: bytes) -> None:
-        """A request answered 200 by SERVER: kept, if the reservoir draws it (checked and written off the
-        request path)."""
-        if len(body) > samples.MAX_BODY:
-            return
+    def sample(self, server: str, family: str, path: str, body: Callable[[], bytes]) -> None:
+        """A request answered 200 by SERVER (its body at most samples.MAX_BODY): its BODY read and kept only if
+        the reservoir draws it; decoded, checked and written off the request path."""
         slot = self.reservoir.offer(server, family)
         if slot is not None:
-            self.samples.append(samples.Sample(server, family, slot, time.time(), path, body.decode(errors="replace")))
+            self.samples.append((samples.Sample(server, family, slot, time.time(), path, ""), body()))
 
     def keep_samples(self, size: int) -> None:
         """Keep SIZE requests per server and family from now on (0: none, and the kept ones deleted)."""
@@ -207,9 +205,9 @@ class RequestLog:
     def _write_samples(self) -> None:
         kept = []
         while self.samples:
-            sample = self.samples.popleft()
-            if sample.slot < self.reservoir.size and samples.sampleable(sample.body.encode()):
-                kept.append(sample)
+            sample, raw = self.samples.popleft()
+            if sample.slot < self.reservoir.size and samples.sampleable(raw):
+                kept.append(sample._replace(body=raw.decode(errors="replace")))
         try:
             if self._trim is not None:
                 self.db.execute(samples.TRIM, (self._trim,))
