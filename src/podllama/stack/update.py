@@ -124,7 +124,7 @@ def _roll(stack: Stack, progress: Callable[[str], None], build: Callable[..., im
     shadow.remove_all(stack)  # left by a check that was killed
     tags = {v: images.tags_of(engine, v, cfg.build.repository) for v in variants}  # to put back on undo
     if current is None:
-        current = {v: i for v in variants if (i := engine.image_id(stack.image_of(v)))}
+        current = {v: in_use for v, (in_use, _) in tags.items() if in_use}
     verdict: Verdict | None = None
 
     def put_back() -> None:

@@ -117,7 +117,7 @@ def _tool_calls(a: Answer) -> tuple[list[str] | None, str | None]:
     return names, None
 
 
-def _check_tools(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+def _check_tools(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
     was, _ = _tool_calls(base)
     now, why = _tool_calls(cand)
     if was and why:
@@ -146,15 +146,13 @@ def _json_ok(text: str | None, schema: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _check_json(case: Case) -> Callable[[Answer, Answer, Outcome, UpdateSection], None]:
-    def check(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
-        schema = _json_schema(case)
-        if _json_ok(base.text, schema) is None and (why := _json_ok(cand.text, schema)):
-            out.differences.append(f"the answer is {why}, where the current build's was valid")
-    return check
+def _check_json(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+    schema = _json_schema(case)
+    if _json_ok(base.text, schema) is None and (why := _json_ok(cand.text, schema)):
+        out.differences.append(f"the answer is {why}, where the current build's was valid")
 
 
-def _check_stream(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+def _check_stream(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
     if base.framing is None and cand.framing is not None:
         out.differences.append(f"the event stream is broken: {cand.framing}")
 
@@ -173,7 +171,7 @@ def cosine(u: list[float], v: list[float]) -> float:
     return sum(x * y for x, y in zip(u, v, strict=True)) / (nu * nv) if nu and nv else (1.0 if nu == nv else 0.0)
 
 
-def _check_embedding(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+def _check_embedding(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
     was, now = _vectors(base), _vectors(cand)
     if [len(v) for v in was] != [len(v) for v in now]:
         out.differences.append(f"embeddings changed shape: {[len(v) for v in was]} → {[len(v) for v in now]}")
@@ -192,18 +190,18 @@ def _order(a: Answer) -> list[int]:
     return [r.get("index", -1) for r in sorted(rows, key=lambda r: -float(r.get("relevance_score", r.get("score", 0))))]
 
 
-def _check_rerank(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+def _check_rerank(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
     if _order(base) != _order(cand):
         out.differences.append(f"rerank order {_order(base)} → {_order(cand)}")
 
 
-def _check_text(base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
+def _check_text(case: Case, base: Answer, cand: Answer, out: Outcome, policy: UpdateSection) -> None:
     pass  # text equality is counted for every case with text; it differs only by share (min_text_equal)
 
 
-CHECKS: dict[str, Callable[[Answer, Answer, Outcome, UpdateSection], None]] = {
-    "text": _check_text, "stream": _check_stream, "tools": _check_tools, "embedding": _check_embedding,
-    "rerank": _check_rerank,
+CHECKS: dict[str, Callable[[Case, Answer, Answer, Outcome, UpdateSection], None]] = {
+    "text": _check_text, "stream": _check_stream, "tools": _check_tools, "json": _check_json,
+    "embedding": _check_embedding, "rerank": _check_rerank,
 }
 
 
@@ -214,8 +212,7 @@ def compare(case: Case, base: Answer, cand: Answer, policy: UpdateSection) -> Ou
         return out
     if base.status != 200:
         return out  # both refused it alike (a model without tools, say): nothing more to compare
-    check = _check_json(case) if case.check == "json" else CHECKS[case.check]
-    check(base, cand, out, policy)
+    CHECKS[case.check](case, base, cand, out, policy)
     if case.check not in ("embedding", "rerank") and base.text is not None:
         out.text_equal = base.text == cand.text
     b, c = base.tokens_per_second, cand.tokens_per_second
