@@ -19,10 +19,6 @@ if [ ! -f "$fallback" ]; then
   rm -rf "$tmp"
 fi
 
-if ! podman image exists docker.io/library/debian:bookworm-slim && podman image exists localhost/podllama-base:bookworm; then
-  echo "    no registry reachable: building on the local Debian base (PODLLAMA_BASE=local)"
-  export PODLLAMA_BASE=local
-fi
 step "starting the default stack (the first start compiles llama.cpp for this machine: a few minutes)"
 "$podllama" start
 step "asking it something"

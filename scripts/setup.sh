@@ -64,7 +64,7 @@ upstream=docker.io/library/debian:bookworm-slim
 if podman image exists "$upstream" || podman pull -q "$upstream" >/dev/null 2>&1; then
   echo "    $upstream available: builds use the upstream base images"
 elif podman image exists localhost/podllama-base:bookworm; then
-  echo "    no registry reachable; localhost/podllama-base:bookworm is ready (use it: [build] base = \"local\" or PODLLAMA_BASE=local)"
+  echo "    no registry reachable; localhost/podllama-base:bookworm is ready (builds use it: [build] base = \"auto\")"
 else
   echo "    no registry reachable: bootstrapping localhost/podllama-base:bookworm from Debian packages"
   "$podllama" base-image --suite bookworm --engine podman

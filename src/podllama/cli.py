@@ -205,7 +205,8 @@ def base_image(suite: Annotated[str, typer.Option(
     with steps.step(f"Debian {suite} base image (debootstrap)") as s:
         ref = bases.bootstrap_base(eng, suite, mirror, progress=s.say, on_line=lambda line: s.advance(None, None, line))
     show(as_json, {"image": ref, "engine": eng.name},
-         escape(f'{ref} ready in {eng.name}; use it with [build] base = "local" (or $PODLLAMA_BASE=local)'))
+         escape(f'{ref} ready in {eng.name}; builds use it where no registry is reachable ([build] base = '
+                "\"auto\"), or always with [build] base = \"local\""))
 
 
 TargetOpt = Annotated[str | None, typer.Option(
@@ -235,7 +236,8 @@ KindOpt = Annotated[str | None, typer.Option("--kind", help=f"The server program
 @app.command()
 def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: ConfigOpt = None,
           base: Annotated[str | None, typer.Option(
-              help="upstream (public registries), local (`podllama base-image`), or IMAGE[,RUNTIME_IMAGE]. "
+              help="auto (upstream where a registry gives it, else local), upstream (public registries), local "
+                   "(`podllama base-image`), or IMAGE[,RUNTIME_IMAGE]. "
                    "Default: [build] base, or $PODLLAMA_BASE")] = None,
           native: Annotated[bool, typer.Option("--native", help="Same as --cpu-target native")] = False,
           portable: Annotated[bool, typer.Option("--portable", help="Same as --cpu-target portable")] = False,

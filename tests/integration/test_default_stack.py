@@ -42,7 +42,7 @@ def test_the_default_stack_answers_sensibly_offline(podman, cpu_image, smollm, t
     port = free_port()
     text = (ROOT / "services.toml").read_text()
     text = (text.replace('name = "podllama"', f'name = "{name}"').replace('models_dir = "./models"', f'models_dir = "{store}"')
-                .replace("port = 8080", f"port = {port}").replace('base = "upstream"', f'base = "{base_choice(podman)}"')
+                .replace("port = 8080", f"port = {port}").replace('base = "auto"', f'base = "{base_choice(podman)}"')
             + '\n[hub]\nendpoint = "http://127.0.0.1:9"\n')  # a hub that cannot be reached
     cfg = tmp_path / "services.toml"
     cfg.write_text(text)

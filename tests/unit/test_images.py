@@ -152,3 +152,88 @@ def test_doctor_asks_for_the_debian_base_a_toolkit_goes_on():
     assert not missing.ok and missing.fix == "`podllama base-image --suite forky`"
     there = doctor.check_bases(Engine({"localhost/podllama-base:forky"}), "rocm", "local")  # type: ignore[arg-type]
     assert there.ok and "ROCm 6.4" in there.detail and "first build" in there.detail
+
+
+STANDIN = """#!/usr/bin/env python3
+import json, sys
+from pathlib import Path
+state = Path(__file__).with_suffix(".json")
+present, pulls = json.loads(state.read_text())
+args = sys.argv[1:]
+if args[:2] == ["image", "inspect"]:
+    if args[2] in present:
+        print(json.dumps([{"Id": "sha256:" + "a" * 64, "Config": {"Labels": {}}}]))
+        sys.exit(0)
+    sys.stderr.write("Error: " + args[2] + ": image not known\\n")
+    sys.exit(125)
+if args[0] == "pull":
+    pulls.append(args[-1])
+    state.write_text(json.dumps([present, pulls]))
+    if REGISTRY:
+        present.append(args[-1])
+        state.write_text(json.dumps([present, pulls]))
+        sys.exit(0)
+    sys.stderr.write("Trying to pull " + args[-1] + "...\\nError: initializing source docker://" + args[-1]
+                     + ": pinging container registry registry-1.docker.io: dial tcp: lookup registry-1.docker.io: "
+                       "no such host\\n")
+    sys.exit(125)
+sys.exit(2)
+"""
+
+
+def standin_podman(tmp_path, present: list[str], registry: bool):
+    """A `podman` program that has PRESENT images and reaches a registry or not; returns the engine and a reader of
+    the images it was asked to pull."""
+    import json
+    import stat
+
+    from podllama.engine.podman import PodmanEngine
+
+    client = tmp_path / "podman"
+    client.write_text(STANDIN.replace("REGISTRY", str(registry)))
+    client.chmod(client.stat().st_mode | stat.S_IEXEC)
+    client.with_suffix(".json").write_text(json.dumps([present, []]))
+
+    class StandIn(PodmanEngine):
+        binary = str(client)
+
+    return StandIn(), lambda: json.loads(client.with_suffix(".json").read_text())[1]
+
+
+@pytest.mark.parametrize("variant", ["cpu", "vulkan", "cuda", "rocm"])
+def test_auto_builds_on_upstream_where_a_registry_gives_it_else_on_the_local_base(tmp_path, variant):
+    said: list[str] = []
+    upstream = bases.resolve_base(variant, "upstream")
+    local = bases.resolve_base(variant, "local")
+    (tmp_path / "online").mkdir()
+    online, pulled = standin_podman(tmp_path / "online", [], registry=True)
+    assert bases.pick_base(online, variant, "auto", said.append).build == upstream.build
+    assert pulled() == list(dict.fromkeys([upstream.build, upstream.runtime]))
+    assert not any("local base" in line for line in said)
+
+    (tmp_path / "offline").mkdir()
+    offline, pulled = standin_podman(tmp_path / "offline", bases.local_images(local), registry=False)
+    chosen = bases.pick_base(offline, variant, "auto", said.append)
+    assert chosen.kind == "local" and chosen.build == local.build and pulled() == [upstream.build]
+    assert said[-1].startswith(f"no registry gives {upstream.build}: building on the local base")
+
+    (tmp_path / "bare").mkdir()
+    bare, _ = standin_podman(tmp_path / "bare", [], registry=False)
+    with pytest.raises(BuildError) as e:
+        bases.pick_base(bare, variant, "auto", said.append)
+    suite = bases.local_images(local)[0].rsplit(":", 1)[-1]
+    assert "no such host" in str(e.value) and "the local base is not here either" in str(e.value)
+    assert f"`podllama base-image --suite {suite}`" in str(e.value)
+    assert bases.pick_base(bare, variant, "local", said.append).kind == "local"  # an explicit choice is not tried
+    with pytest.raises(ValueError):
+        bases.resolve_base(variant, "auto")
+
+
+def test_doctor_on_auto_names_the_fallback_it_would_take(tmp_path):
+    engine, _ = standin_podman(tmp_path, [], registry=False)
+    nothing = doctor.check_bases(engine, "cpu", "auto")
+    assert nothing.ok and "pulled at build time" in nothing.detail
+    assert nothing.fix == "where no registry is reachable: `podllama base-image --suite bookworm`"
+    engine, _ = standin_podman(tmp_path, ["localhost/podllama-base:forky"], registry=False)
+    rocm = doctor.check_bases(engine, "rocm", "auto")
+    assert rocm.ok and "used where no registry gives the upstream images" in rocm.detail and rocm.fix is None

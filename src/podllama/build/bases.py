@@ -52,6 +52,8 @@ class Base:
 def resolve_base(variant: str, choice: str) -> Base:
     from .toolkits import toolkit_of
 
+    if choice == "auto":  # which one depends on what the engine has and can pull
+        raise ValueError("resolve_base: 'auto' is chosen by pick_base")
     if choice == "upstream":
         return Base(*UPSTREAM_BASES[variant], kind="upstream", cuda=UPSTREAM_CUDA if variant == "cuda" else None)
     if choice == "local":
@@ -74,8 +76,41 @@ def resolve_base(variant: str, choice: str) -> Base:
         validate.image(build)
         validate.image(runtime)
     except ValueError as e:
-        raise BuildError(f"base: {e}; give upstream, local, or IMAGE[,RUNTIME_IMAGE]") from None
+        raise BuildError(f"base: {e}; give auto, upstream, local, or IMAGE[,RUNTIME_IMAGE]") from None
     return Base(build, runtime, kind="custom")
+
+
+def pick_base(engine: CliEngine, variant: str, choice: str, progress: Callable[[str], None]) -> Base:
+    """The base of CHOICE. "auto": the upstream images where they are here or a registry gives them, else the
+    local base (said so), so a machine without a registry needs no setting to build, start and update."""
+    if choice != "auto":
+        return resolve_base(variant, choice)
+    upstream = resolve_base(variant, "upstream")
+    try:
+        ensure_base(engine, upstream, progress)
+        return upstream
+    except BuildError as e:
+        unreachable = str(e).split(". ")[0]
+    local = resolve_base(variant, "local")
+    missing = local_missing(engine, local)
+    if missing:
+        raise BuildError(f"{unreachable}, and the local base is not here either ({', '.join(missing)}). Where no "
+                         f"registry is reachable, create it with `podllama base-image --suite "
+                         f"{missing[0].rsplit(':', 1)[-1]}`; [build] base = \"auto\" then uses it")
+    progress(f"no registry gives {upstream.build}: building on the local base {local.describe()} "
+             '([build] base = "auto")')
+    return local
+
+
+def local_images(base: Base) -> list[str]:
+    """The bootstrapped Debian images a local base needs (a toolkit's own are made on its Debian base at the
+    first build)."""
+    needed = [f"{LOCAL_BASE}:{base.toolkit.suite}"] if base.toolkit is not None else [base.build, base.runtime]
+    return list(dict.fromkeys(needed))
+
+
+def local_missing(engine: CliEngine, base: Base) -> list[str]:
+    return [i for i in local_images(base) if not engine.image_exists(i)]
 
 
 def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from ..engine import CliEngine, hardware
-from .bases import LOCAL_BASE, resolve_base
+from .bases import local_images, local_missing, resolve_base
 from .errors import BuildError
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
@@ -188,23 +188,31 @@ def check_gpus(hw: hardware.Hardware) -> list[Finding]:
 
 
 def check_bases(engine: CliEngine, variant: str, base_choice: str) -> Finding:
+    name = f"base images ({variant})"
     try:
-        base = resolve_base(variant, base_choice)
+        base = resolve_base(variant, "upstream" if base_choice == "auto" else base_choice)
+        local = resolve_base(variant, "local") if base_choice in ("auto", "local") else None
     except BuildError as e:
-        return Finding(f"base images ({variant})", False, str(e))
-    if base.toolkit is not None:  # its images are made by the first build, on the Debian base
-        debian = f"{LOCAL_BASE}:{base.toolkit.suite}"
-        if engine.image_exists(debian):
-            return Finding(f"base images ({variant})", True, f"{debian}; the {base.toolkit.describe()} toolkit "
-                           "goes on it at the first build")
-        return Finding(f"base images ({variant})", False, f"not present yet: {debian}",
-                       f"`podllama base-image --suite {base.toolkit.suite}`")
-    missing = [i for i in dict.fromkeys([base.build, base.runtime]) if not engine.image_exists(i)]
+        return Finding(name, False, str(e))
+    upstream_missing = [i for i in dict.fromkeys([base.build, base.runtime]) if not engine.image_exists(i)]
+    if base.kind != "local" and not upstream_missing:
+        return Finding(name, True, base.describe())
+    if local is None:
+        return Finding(name, True, f"not present yet: {', '.join(upstream_missing)}",
+                       "pulled at build time if a registry is reachable; else `podllama base-image` and "
+                       "[build] base = \"auto\" or \"local\"")
+    missing = local_missing(engine, local)
+    suite = local.toolkit.suite if local.toolkit is not None else local.build.rsplit(":", 1)[-1]
     if not missing:
-        return Finding(f"base images ({variant})", True, base.describe())
-    how = ("`podllama base-image`" if base.kind == "local" else "pulled at build time if a registry is reachable; "
-           "else `podllama base-image` and set [build] base = \"local\" (or $PODLLAMA_BASE=local)")
-    return Finding(f"base images ({variant})", base.kind != "local", f"not present yet: {', '.join(missing)}", how)
+        toolkit = (f"; the {local.toolkit.describe()} toolkit goes on it at the first build"
+                   if local.toolkit is not None else "")
+        fallback = " (used where no registry gives the upstream images)" if base_choice == "auto" else ""
+        return Finding(name, True, f"{', '.join(local_images(local))}{toolkit}{fallback}")
+    if base_choice == "auto":
+        return Finding(name, True, f"not present yet: {', '.join(upstream_missing)} (pulled at build time) or the "
+                       f"local {', '.join(missing)}", f"where no registry is reachable: `podllama base-image "
+                       f"--suite {suite}`")
+    return Finding(name, False, f"not present yet: {', '.join(missing)}", f"`podllama base-image --suite {suite}`")
 
 
 def run(engine: CliEngine, variant: str, base_choice: str, fix: bool = False) -> list[Finding]:

@@ -23,7 +23,7 @@ from ..atomic import atomic_write
 from ..config.kinds import KINDS, Kind
 from ..engine import CliEngine, ContainerSpec, GpuRequest
 from . import pinned, source, toolkits
-from .bases import Base, ensure_base, resolve_base
+from .bases import Base, ensure_base, pick_base
 from .errors import BuildError
 from .flags import FlagSet
 from .smoke import GPU_BUILDS, SMOKE_TESTS, gpu_checks
@@ -91,7 +91,7 @@ def build_args_for(variant: str, base: Base, commit: str, build_number: int, cpu
     return args
 
 
-def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu_target: str = "native",
+def build(engine: CliEngine, variant: str, *, base_choice: str = "auto", cpu_target: str = "native",
           ui_mode: str = "auto", cuda_architectures: list[str] | None = None, rocm_targets: list[str] | None = None,
           log_dir: Path, root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None,
           repo: str = REPO, fresh: bool = False,
@@ -107,7 +107,7 @@ def build(engine: CliEngine, variant: str, *, base_choice: str = "upstream", cpu
         raise BuildError(f"{tree} is not checked out; run `podllama source init` (or `--mirror pypi` offline)")
     commit = st.commit
     file = containerfile(variant, root)
-    base = resolve_base(variant, base_choice)
+    base = pick_base(engine, variant, base_choice, progress)
     if variant == "cuda":
         cuda_architectures_for(base, cuda_architectures or [])
     progress(f"variant {variant}, llama.cpp {commit[:12]}{' (with local changes)' if st.dirty else ''}, "
@@ -165,7 +165,7 @@ def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: 
     return result
 
 
-def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: str = "upstream",
+def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: str = "auto",
                  cpu_target: str = "native", cuda_architectures: list[str] | None = None, log_dir: Path,
                  root: Path | None = None, smoke: bool = True, gpu: GpuRequest | None = None, repo: str = REPO,
                  fresh: bool = False, progress: Callable[[str], None] = print,
@@ -185,7 +185,7 @@ def build_server(engine: CliEngine, kind: Kind, variant: str, *, base_choice: st
         sid = pinned.source_id(pin, root)
     except pinned.PinError as e:
         raise BuildError(str(e)) from None
-    base = resolve_base(variant, base_choice)
+    base = pick_base(engine, variant, base_choice, progress)
     args = {"BUILD_BASE": base.build, "RUNTIME_BASE": base.runtime, "CPU_TARGET": cpu_target}
     if variant == "cuda":
         args["CUDA_ARCHITECTURES"] = cuda_architectures_for(base, cuda_architectures or [])
@@ -426,7 +426,7 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
     tag = gateway_tag(engine, root)
     if engine.image_exists(tag):
         return tag
-    base = resolve_base("cpu", base_choice)
+    base = pick_base(engine, "cpu", base_choice, progress)
     ensure_base(engine, Base(base.runtime, base.runtime, base.kind), progress)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"build-gateway-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -80,8 +80,9 @@ class BuildSection(_Model):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True,
                               serialize_by_alias=True)
     # "upstream": public base images from their registries; "local": images made by `podllama base-image`;
-    # anything else is taken as one image reference used for both stages.
-    base: str = "upstream"
+    # "auto": upstream where a registry gives them, else local; anything else is taken as one image reference
+    # used for both stages (or BUILD,RUNTIME).
+    base: str = "auto"
     repository: str = "podllama/llama-server"  # where built images are tagged
     # auto: native for images built for this machine (an update keeps what the image in use was built with);
     # portable: one image for every CPU of the architecture, for other machines
@@ -97,7 +98,7 @@ class BuildSection(_Model):
     @field_validator("base")
     @classmethod
     def _base(cls, v: str) -> str:
-        if v not in ("upstream", "local"):
+        if v not in ("auto", "upstream", "local"):
             for part in v.split(","):
                 checks.image(part.strip())
         return v
