@@ -4,15 +4,18 @@
 What a team with CI gets on a new machine (issue 22's target: under 2 minutes). In one run, here:
   1. a registry on a loopback port (the distribution's `docker-registry`, storing in a temporary directory);
   2. "CI": `podllama build --variant cpu --native --push REGISTRY/team/llama-server` from this machine's Podman
-     (the image is already built here, so this is the smoke test and the push), which writes images.lock; and the
-     Debian base the gateway is built on, pushed beside it (on a connected machine that is Docker Hub's);
+     (the image is already built here, so this is the smoke test and the push), which writes images.lock; the
+     Debian base pushed beside it (on a connected machine that is Docker Hub's); and, with --gateway,
+     `podllama build --kind gateway --engine docker --push REGISTRY/team/gateway` on a Docker daemon of its own,
+     which is then removed with everything it stored;
   3. "the new machine": a Docker daemon of its own with an empty data root (its own socket; nothing of this
      machine's engines is touched), the default stack's services.toml with `[build] from = "pull"` (so a compile
      would be an error, not a slow success) and the base from that registry, CI's images.lock beside it, and the
      model already in the models directory (fetching a model is the hub's time, not podllama's);
   4. `podllama start`, then `podllama run` until the first answer. The clock runs from `start` to that answer.
 Writes bench/RESULTS-pull-start.md and bench/results-pull-start.json (every run kept).
-Usage (as root): bench/pull_start.py [--models DIR]   (default: ./models, with the quick start's fallback model)
+Usage (as root): bench/pull_start.py [--gateway] [--models DIR]   (default: ./models, with the quick start's
+                 fallback model; --gateway: CI pushes the gateway image too, so the new machine builds nothing)
 """
 
 from __future__ import annotations
@@ -61,6 +64,29 @@ def answers(url: str) -> bool:
         return False
 
 
+def dockerd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A Docker daemon storing in DIRECTORY alone, on a socket of its own; and the environment that points the
+    docker CLI (and podllama) at it."""
+    directory.mkdir(parents=True)
+    sock = directory / "docker.sock"
+    proc = subprocess.Popen(["dockerd", "--data-root", str(directory / "data"), "--exec-root", str(directory / "exec"),
+                             "--pidfile", str(directory / "docker.pid"), "-H", f"unix://{sock}"],
+                            stdout=open(directory.parent / f"{directory.name}.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    env = os.environ | {"DOCKER_HOST": f"unix://{sock}"}
+    wait_for(f"dockerd in {directory}",
+             lambda: subprocess.run(["docker", "version"], env=env, capture_output=True).returncode == 0, 60)
+    return proc, env
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def stamped(cmd: list[str], env: dict[str, str], log: list[tuple[float, str]], t0: float) -> int:
     """Run CMD, keeping each line it prints with the seconds since T0 when it came."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,6 +100,7 @@ def stamped(cmd: list[str], env: dict[str, str], log: list[tuple[float, str]], t
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", type=Path, default=ROOT / "models")
+    p.add_argument("--gateway", action="store_true", help="CI pushes the gateway image too")
     args = p.parse_args()
     if not (args.models / "SmolLM2-135M-Instruct.Q4_1.gguf").exists():
         sys.exit(f"{args.models} lacks SmolLM2-135M-Instruct.Q4_1.gguf (scripts/quickstart.sh puts it there)")
@@ -101,17 +128,20 @@ def main() -> None:
         base = f"{registry}/library/debian:bookworm-slim"
         subprocess.run(["podman", "push", "-q", "--tls-verify=false", BASE, base], check=True)
 
+        if args.gateway:  # CI's gateway image for Docker, made on a daemon that is gone before the clock starts
+            daemon, env = dockerd(work / "ci-docker")
+            made = subprocess.run([*PODLLAMA, "build", "--kind", "gateway", "--engine", "docker", "--base", base,
+                                   "--push", f"{registry}/team/gateway", "--json", "-c", str(ci / "services.toml")],
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            stop(daemon)
+            shutil.rmtree(work / "ci-docker")
+            if made.returncode != 0:
+                sys.exit(f"CI's gateway push failed:\n{made.stderr[-3000:]}")
+
         # 3. the new machine: a Docker daemon with nothing in it
         machine = work / "machine"
-        (machine / "docker").mkdir(parents=True)
-        sock = machine / "docker" / "docker.sock"
-        procs.append(subprocess.Popen(
-            ["dockerd", "--data-root", str(machine / "docker" / "data"), "--exec-root", str(machine / "docker" / "exec"),
-             "--pidfile", str(machine / "docker" / "docker.pid"), "-H", f"unix://{sock}"],
-            stdout=open(work / "dockerd.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        env = os.environ | {"DOCKER_HOST": f"unix://{sock}"}
-        wait_for("the new machine's dockerd",
-                 lambda: subprocess.run(["docker", "version"], env=env, capture_output=True).returncode == 0, 60)
+        daemon, env = dockerd(machine / "docker")
+        procs.append(daemon)
         images = subprocess.run(["docker", "images", "-q"], env=env, capture_output=True, text=True).stdout.split()
         assert images == [], images
         gateway = free_port()
@@ -138,17 +168,14 @@ def main() -> None:
         text = "\n".join(line for _, line in log)
         compiled = "objects compiled" in text or "building, CPU target" in text
         row = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()}, {os.cpu_count()} cores",
+               "gateway_pushed": args.gateway, "gateway_built": "building the gateway image" in text,
                "start_s": round(started, 1), "first_token_s": round(first_token, 1), "compiled": compiled,
                "pulled": "instead of compiling" in text, "answer": answer.stdout.strip()[:80],
                "steps": [[round(t, 1), line.strip()] for t, line in log if line.startswith("==>")]}
         subprocess.run([*PODLLAMA, "down", *cfg], cwd=ROOT, env=env, capture_output=True)
     finally:
         for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         subprocess.run(["podman", "rmi", "-f", base if "base" in locals() else "none"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
@@ -156,8 +183,8 @@ def main() -> None:
     RESULTS.write_text(json.dumps(runs, indent=1) + "\n")
     (ROOT / "bench" / "RESULTS-pull-start.md").write_text(report(runs))
     print(report(runs))
-    if compiled or not row["pulled"]:
-        sys.exit("the new machine compiled instead of pulling")
+    if compiled or not row["pulled"] or (args.gateway and row["gateway_built"]):
+        sys.exit("the new machine compiled or built instead of pulling")
 
 
 def report(runs: list[dict]) -> str:
@@ -165,20 +192,22 @@ def report(runs: list[dict]) -> str:
     lines = [
         "# A stack started from a registry that holds its images",
         "",
-        "`sudo bench/pull_start.py`: a registry on a loopback port holds the CPU llama-server image CI pushed "
-        "(`podllama build --push`, recorded in images.lock) and the Debian base; a Docker daemon with an empty data "
+        "`sudo bench/pull_start.py [--gateway]`: a registry on a loopback port holds the CPU llama-server image CI "
+        "pushed (`podllama build --push`, recorded in images.lock), the Debian base, and with `--gateway` the gateway "
+        "image for Docker (`podllama build --kind gateway --push`); a Docker daemon with an empty data "
         "root plays the new machine; the default stack's services.toml there with `[build] from = \"pull\"` and "
         "CI's images.lock. Clock: from `podllama start` to the first answer of `podllama run` (the model already "
         "in the models directory). Every run is kept in `results-pull-start.json`.",
         "",
         "Target: first token in under 2 minutes.",
         "",
-        "| run | machine | `start` done | first answer | compiled anything |",
-        "|---|---|---|---|---|",
+        "| run | machine | gateway image | `start` done | first answer | compiled anything |",
+        "|---|---|---|---|---|---|",
     ]
     for r in runs:
-        lines.append(f"| {r['date']} | {r['machine']} | {r['start_s']:.0f} s | **{r['first_token_s']:.0f} s** | "
-                     f"{'yes' if r['compiled'] else 'no'} |")
+        gateway = "pulled (CI pushed it)" if r.get("gateway_pushed") else "built on the new machine"
+        lines.append(f"| {r['date']} | {r['machine']} | {gateway} | {r['start_s']:.0f} s | "
+                     f"**{r['first_token_s']:.0f} s** | {'yes' if r['compiled'] else 'no'} |")
     lines += ["", "Steps of the latest run (seconds from `start`):", "", "| at | step |", "|---|---|"]
     lines += [f"| {t:.0f} s | {step.removeprefix('==> ')} |" for t, step in latest["steps"]]
     lines += ["", f"Its answer: {latest['answer']!r}", ""]

@@ -10,8 +10,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from podllama.gateway.routing.metrics import LAG_BUCKETS, Histogram, watch_loop
 
@@ -111,3 +112,55 @@ def control_loop() -> Iterator[Histogram]:
         loop.call_soon_threadsafe(stop.set)  # type: ignore[union-attr]
         thread.join(10)
         loop.close()
+
+
+STANDIN = """#!/usr/bin/env python3
+import json, sys
+from pathlib import Path
+state = Path(__file__).with_suffix(".json")
+st = json.loads(state.read_text())
+args = sys.argv[1:]
+st["calls"].append(args)
+state.write_text(json.dumps(st))
+if args[:2] == ["image", "inspect"]:
+    if args[2] in st["present"]:
+        print(json.dumps([{"Id": "sha256:" + "a" * 64, "Config": {"Labels": st["present"][args[2]]}}]))
+        sys.exit(0)
+    sys.stderr.write("Error: " + args[2] + ": image not known\\n")
+    sys.exit(125)
+if args[0] == "pull":
+    ref = args[-1]
+    if st["registry"] is None or ref in st["registry"]:
+        st["present"][ref] = (st["registry"] or {}).get(ref, {})
+        state.write_text(json.dumps(st))
+        sys.exit(0)
+    sys.stderr.write("Trying to pull " + ref + "...\\nError: initializing source docker://" + ref
+                     + ": pinging container registry: dial tcp: lookup registry: no such host\\n")
+    sys.exit(125)
+if args[0] in ("tag", "untag", "images"):
+    sys.exit(0)
+sys.exit(2)
+"""
+
+
+def standin_podman(directory: Path, present: list[str] | dict[str, dict[str, str]],
+                   registry: dict[str, dict[str, str]] | None) -> tuple[Any, Callable[[], list[list[str]]]]:
+    """A `podman` program (the process boundary podllama talks to) with PRESENT images (names, or names and their
+    labels) that reaches a REGISTRY holding those images with those labels (None: one that gives any image; {}:
+    none reachable). Returns the engine and a reader of the commands it was given."""
+    import json
+    import stat
+
+    from podllama.engine.podman import PodmanEngine
+
+    directory.mkdir(parents=True, exist_ok=True)
+    client = directory / "podman"
+    client.write_text(STANDIN)
+    client.chmod(client.stat().st_mode | stat.S_IEXEC)
+    images = present if isinstance(present, dict) else {ref: {} for ref in present}
+    client.with_suffix(".json").write_text(json.dumps({"present": images, "registry": registry, "calls": []}))
+
+    class StandIn(PodmanEngine):
+        binary = str(client)
+
+    return StandIn(), lambda: json.loads(client.with_suffix(".json").read_text())["calls"]

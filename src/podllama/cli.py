@@ -230,7 +230,7 @@ def kind_option(name: str | None) -> Kind:
 
 
 KindOpt = Annotated[str | None, typer.Option("--kind", help=f"The server program: {', '.join(KINDS)} (default: "
-                                                            "llama, llama.cpp's llama-server)")]
+                                                            "llama, llama.cpp's llama-server); build: also gateway")]
 
 
 @app.command()
@@ -256,6 +256,13 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     whisper-server, sd-server or the speech server from the sources pinned in containers/sources.lock."""
     cfg = load_config(cfg_path, required=False)
     eng = engine_for(cfg, engine)
+    if kind == "gateway":
+        given = [o for o, v in (("--variant", variant), ("--native", native), ("--portable", portable),
+                                ("--cpu-target", cpu_target), ("--ui", ui), ("--fresh", fresh)) if v]
+        if given:
+            raise typer.BadParameter(f"the gateway image has no {', '.join(given)}: it is made for an engine "
+                                     "(--engine)", param_hint="--kind gateway")
+        return build_gateway(cfg, eng, base, push, tls_verify, as_json)
     hw = hardware.detect()
     k = kind_option(kind)
     chosen = hardware.resolve_variant(variant or cfg.stack.variant, hw)
@@ -270,7 +277,7 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     pushed = None
     if push is not None:
         with steps.step(f"push to {push}") as s:
-            pushed = pushes.push(eng, result.image_id, push, chosen, result.commit, k, cfg.root / pushes.LOCK,
+            pushed = pushes.push(eng, result.image_id, push, chosen, result.commit, k.name, cfg.root / pushes.LOCK,
                                    tls_verify=tls_verify, progress=s.say)
     if as_json:
         return emit(result.to_dict() | {"pushed": pushed})
@@ -281,6 +288,30 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     if result.previous:
         out.print(f"previous image kept as {images.previous_tag(chosen, k.repository(cfg.build.repository))} "
                   f"({result.previous[:12]})")
+
+
+def build_gateway(cfg: config.Config, eng: CliEngine, base: str | None, push: str | None, tls_verify: bool,
+                  as_json: bool) -> None:
+    """`build --kind gateway`: the gateway image of this checkout's podllama code for ENG, pushed like a server's
+    (its variant the engine, its commit the code's hash) so that machines pull it instead of building it."""
+    root = source.project_root()
+    if push is not None:
+        pushes.repository(push)
+    steps = Steps(err)
+    with steps.step(f"the gateway image for {eng.name}") as s:
+        tag = images.build_gateway(eng, root, images.base_choice(cfg, base), cfg.state_path / "logs",
+                                   progress=s.say, on_line=s.on_build_line)
+    pushed = None
+    if push is not None:
+        with steps.step(f"push to {push}") as s:
+            pushed = pushes.push(eng, tag, push, eng.name, images.gateway_source_hash(root), "gateway",
+                                 cfg.root / pushes.LOCK, tls_verify=tls_verify, progress=s.say)
+    if as_json:
+        return emit({"image": tag, "image_id": eng.image_id(tag), "pushed": pushed})
+    if pushed is not None:
+        out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
+                  f"{cfg.root / pushes.LOCK})")
+    out.print(f"[green]gateway image[/green] {tag}")
 
 
 @app.command("images")
@@ -698,8 +729,8 @@ def export_cmd(fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="compos
     st = stack_for(cfg_path, engine)
     out_dir = valid_dir(output)
     with Steps(err).step("gateway image") as s:
-        gateway_image = images.build_gateway(st.engine, source.project_root(), images.base_choice(st.cfg),
-                                             st.cfg.state_path / "logs", progress=s.say)
+        gateway_image = pushes.gateway_image(st.engine, st.cfg, source.project_root(), st.cfg.state_path / "logs",
+                                             say=s.say)
     written = export(st, fmt, out_dir, gateway_image, flavour=target)
     if as_json:
         return emit({"format": fmt, "files": [str(p) for p in written]})

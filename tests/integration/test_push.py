@@ -87,6 +87,10 @@ def test_start_pulls_the_image_ci_pushed_instead_of_compiling(podman, cpu_image,
     ci = StackFiles(ci_dir, stack_name("ptci"), podman, models_dir, free_port()).write("")
     built = json.loads(ci.run("build", "--variant", "cpu", "--native", "--push", f"{registry}/team/llama-server",
                               "--no-tls-verify", "--json").stdout)
+    gateway = json.loads(ci.run("build", "--kind", "gateway", "--push", f"{registry}/team/gateway", "--no-tls-verify",
+                                "--json").stdout)
+    assert gateway["pushed"]["kind"] == "gateway" and gateway["pushed"]["variant"] == "podman"
+    podman.untag(gateway["image"])  # this "machine" has no gateway image either (the registry's tags keep it)
     sf = stack_files(podman)
     repo = f"localhost/{sf.name}/llama-server"  # nothing there: the image is missing on this "machine"
     sf.path.write_text(sf.path.read_text().replace("[build]\n", f'[build]\nrepository = "{repo}"\nfrom = "pull"\n', 1))
@@ -102,6 +106,9 @@ def test_start_pulls_the_image_ci_pushed_instead_of_compiling(podman, cpu_image,
         assert "instead of compiling" in started.stderr and "compiled" not in started.stderr.replace(
             "instead of compiling", ""), started.stderr
         assert podman.image_id(f"{repo}:cpu") == built["image_id"]  # the very image CI built
+        assert f"pulled {gateway['pushed']['ref']}" in started.stderr and "instead of building" in started.stderr
+        assert "building the gateway image" not in started.stderr, started.stderr
+        assert podman.image_id(gateway["image"]) == gateway["image_id"]  # and the gateway CI built
         r = httpx.post(f"http://127.0.0.1:{sf.port}/v1/completions", headers=sf.admin, timeout=60,
                        json={"model": "tiny-chat", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
@@ -110,7 +117,7 @@ def test_start_pulls_the_image_ci_pushed_instead_of_compiling(podman, cpu_image,
         sf.run("down")
         for tag in (f"{repo}:cpu", f"{repo}:cpu-{built['commit'][:12]}"):
             podman.untag(tag)
-        entry = next(iter(lock["images"].values()))
+        entry = next(e for e in lock["images"].values() if e["kind"] == "llama")
         entry["variant"] = "vulkan"  # what the lock claims; the image's labels say cpu
         (sf.dir / "images.lock").write_text(json.dumps(lock))
         sf.path.write_text(sf.path.read_text().replace('variant = "cpu"', 'variant = "vulkan"', 1))

@@ -3,6 +3,7 @@ import pytest
 
 from podllama.build import bases, doctor, images, smoke, toolkits, ui
 from podllama.build.errors import BuildError
+from tests.helpers import standin_podman
 
 
 def test_base_choices():
@@ -154,50 +155,8 @@ def test_doctor_asks_for_the_debian_base_a_toolkit_goes_on():
     assert there.ok and "ROCm 6.4" in there.detail and "first build" in there.detail
 
 
-STANDIN = """#!/usr/bin/env python3
-import json, sys
-from pathlib import Path
-state = Path(__file__).with_suffix(".json")
-present, pulls = json.loads(state.read_text())
-args = sys.argv[1:]
-if args[:2] == ["image", "inspect"]:
-    if args[2] in present:
-        print(json.dumps([{"Id": "sha256:" + "a" * 64, "Config": {"Labels": {}}}]))
-        sys.exit(0)
-    sys.stderr.write("Error: " + args[2] + ": image not known\\n")
-    sys.exit(125)
-if args[0] == "pull":
-    pulls.append(args[-1])
-    state.write_text(json.dumps([present, pulls]))
-    if REGISTRY:
-        present.append(args[-1])
-        state.write_text(json.dumps([present, pulls]))
-        sys.exit(0)
-    sys.stderr.write("Trying to pull " + args[-1] + "...\\nError: initializing source docker://" + args[-1]
-                     + ": pinging container registry registry-1.docker.io: dial tcp: lookup registry-1.docker.io: "
-                       "no such host\\n")
-    sys.exit(125)
-sys.exit(2)
-"""
-
-
-def standin_podman(tmp_path, present: list[str], registry: bool):
-    """A `podman` program that has PRESENT images and reaches a registry or not; returns the engine and a reader of
-    the images it was asked to pull."""
-    import json
-    import stat
-
-    from podllama.engine.podman import PodmanEngine
-
-    client = tmp_path / "podman"
-    client.write_text(STANDIN.replace("REGISTRY", str(registry)))
-    client.chmod(client.stat().st_mode | stat.S_IEXEC)
-    client.with_suffix(".json").write_text(json.dumps([present, []]))
-
-    class StandIn(PodmanEngine):
-        binary = str(client)
-
-    return StandIn(), lambda: json.loads(client.with_suffix(".json").read_text())[1]
+def pulls(calls) -> list[str]:
+    return [c[-1] for c in calls() if c[0] == "pull"]
 
 
 @pytest.mark.parametrize("variant", ["cpu", "vulkan", "cuda", "rocm"])
@@ -205,20 +164,17 @@ def test_auto_builds_on_upstream_where_a_registry_gives_it_else_on_the_local_bas
     said: list[str] = []
     upstream = bases.resolve_base(variant, "upstream")
     local = bases.resolve_base(variant, "local")
-    (tmp_path / "online").mkdir()
-    online, pulled = standin_podman(tmp_path / "online", [], registry=True)
+    online, calls = standin_podman(tmp_path / "online", [], registry=None)
     assert bases.pick_base(online, variant, "auto", said.append).build == upstream.build
-    assert pulled() == list(dict.fromkeys([upstream.build, upstream.runtime]))
+    assert pulls(calls) == list(dict.fromkeys([upstream.build, upstream.runtime]))
     assert not any("local base" in line for line in said)
 
-    (tmp_path / "offline").mkdir()
-    offline, pulled = standin_podman(tmp_path / "offline", bases.local_images(local), registry=False)
+    offline, calls = standin_podman(tmp_path / "offline", bases.local_images(local), registry={})
     chosen = bases.pick_base(offline, variant, "auto", said.append)
-    assert chosen.kind == "local" and chosen.build == local.build and pulled() == [upstream.build]
+    assert chosen.kind == "local" and chosen.build == local.build and pulls(calls) == [upstream.build]
     assert said[-1].startswith(f"no registry gives {upstream.build}: building on the local base")
 
-    (tmp_path / "bare").mkdir()
-    bare, _ = standin_podman(tmp_path / "bare", [], registry=False)
+    bare, _ = standin_podman(tmp_path / "bare", [], registry={})
     with pytest.raises(BuildError) as e:
         bases.pick_base(bare, variant, "auto", said.append)
     suite = bases.local_images(local)[0].rsplit(":", 1)[-1]
@@ -230,10 +186,10 @@ def test_auto_builds_on_upstream_where_a_registry_gives_it_else_on_the_local_bas
 
 
 def test_doctor_on_auto_names_the_fallback_it_would_take(tmp_path):
-    engine, _ = standin_podman(tmp_path, [], registry=False)
+    engine, _ = standin_podman(tmp_path, [], registry={})
     nothing = doctor.check_bases(engine, "cpu", "auto")
     assert nothing.ok and "pulled at build time" in nothing.detail
     assert nothing.fix == "where no registry is reachable: `podllama base-image --suite bookworm`"
-    engine, _ = standin_podman(tmp_path, ["localhost/podllama-base:forky"], registry=False)
+    engine, _ = standin_podman(tmp_path, ["localhost/podllama-base:forky"], registry={})
     rocm = doctor.check_bases(engine, "rocm", "auto")
     assert rocm.ok and "used where no registry gives the upstream images" in rocm.detail and rocm.fix is None

@@ -431,7 +431,8 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"build-gateway-{time.strftime('%Y%m%d-%H%M%S')}.log"
     progress(f"building the gateway image {tag} (full log: {log_path})")
-    labels = {"podllama.version": __version__, "podllama.kind": "gateway", "podllama.base": base.runtime}
+    labels = {"podllama.version": __version__, "podllama.kind": "gateway", "podllama.base": base.runtime,
+              "podllama.engine": engine.name, "podllama.source-id": gateway_source_hash(root)}
     args = {"BASE": base.runtime, "ENGINE": engine.name}
     if os.environ.get("PIP_INDEX_URL"):
         args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
@@ -440,7 +441,12 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
                                 secrets={"cacert": host_ca_bundle()})
     if image_id is None:
         raise BuildError(f"the gateway image did not build. Full log: {log_path}\n" + _tail(log_path))
-    for old in engine.list_images(GATEWAY_REPO):  # gateway images of older podllama code are not needed again
+    return tag_gateway(engine, image_id, tag)
+
+
+def tag_gateway(engine: CliEngine, image_id: str, tag: str) -> str:
+    """TAG on the gateway image IMAGE_ID (built or pulled); those of older podllama code are not needed again."""
+    for old in engine.list_images(GATEWAY_REPO):
         if old["tag"].startswith(f"{engine.name}-"):
             engine.untag(f"{old['repository']}:{old['tag']}")
     engine.tag(image_id, tag)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..access import tls
-from ..build import images
+from ..build import push
 from ..engine import ContainerSpec, EngineError, Mount, hardware
 from ..engine.base import ROCM_GROUPS_ENV, rocm_groups
 from ..models import memory
@@ -110,8 +110,8 @@ class GatewayContainer:
         if not finding.ok:
             raise StackError(f"the gateway drives {st.engine.name} through its API socket, but {finding.detail}: "
                              f"{finding.fix}")
-        image = images.build_gateway(st.engine, root, images.base_choice(st.cfg), st.cfg.state_path / "logs",
-                                     progress=st.progress, on_line=on_line)
+        image = push.gateway_image(st.engine, st.cfg, root, st.cfg.state_path / "logs", say=st.progress,
+                                   on_line=on_line)
         return self.run(image, st.engine.api_socket(), root)
 
     def run(self, image: str, socket: Path, root: Path, wait: bool = True) -> str:
