@@ -153,7 +153,8 @@ def _smoke_and_tag(engine: CliEngine, result: BuildResult, kind: Kind, context: 
             result.smoke = SMOKE_TESTS[kind.name](engine, result.image_id, context, root / ".podllama" / "smoke",
                                                   gpu=gpu, log=Path(result.log))
             if result.variant in GPU_BUILDS:
-                result.smoke[result.variant] = gpu_checks(engine, result.image_id, result.variant)
+                result.smoke[result.variant] = gpu_checks(engine, result.image_id, result.variant,
+                                                          devices=kind.llama)
         except BuildError:
             if not _tagged(engine, result.image_id):
                 engine.remove_image(result.image_id)
