@@ -87,12 +87,14 @@ def report(rows: list[dict]) -> str:
     for r in rows:
         cold = f"{r['cold_s'] / 60:.1f} min" if "cold_s" in r else "—"
         cached = f"{r['cached_s'] / 60:.1f} min" if "cached_s" in r else "—"
+        image = f"{r['image_mb']} MB" if "image_mb" in r else "—"
         lines.append(f"| {r['kind']} | {r['variant']} | {r['architecture']} | {r['date']}, {r['machine']} | {cold} | {cached} | "
-                     f"{r.get('image_mb', '—')} MB |")
+                     f"{image} |")
     lines += ["", "## What the checks said", ""]
     for r in rows:
-        lines += [f"### {r['kind']}, {r['variant']} ({r['architecture']})", "", "```json",
-                  json.dumps(r.get("smoke", {}), indent=1), "```", ""]
+        lines += [f"### {r['kind']}, {r['variant']} ({r['architecture']})", ""]
+        lines += [r["note"], ""] if r.get("note") else []
+        lines += ["```json", json.dumps(r.get("smoke", {}), indent=1), "```", ""]
     return "\n".join(lines)
 
 
