@@ -282,12 +282,16 @@ def build(variant: VariantOpt = None, engine: EngineOpt = None, cfg_path: Config
     if as_json:
         return emit(result.to_dict() | {"pushed": pushed})
     if pushed is not None:
-        out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
-                  f"{cfg.root / pushes.LOCK})")
+        say_pushed(pushed, cfg)
     out.print(f"[green]built[/green] {', '.join(result.tags)} ({result.image_id[:12]}) in {result.seconds:.0f}s")
     if result.previous:
         out.print(f"previous image kept as {images.previous_tag(chosen, k.repository(cfg.build.repository))} "
                   f"({result.previous[:12]})")
+
+
+def say_pushed(pushed: dict[str, Any], cfg: config.Config) -> None:
+    out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
+              f"{cfg.root / pushes.LOCK})")
 
 
 def build_gateway(cfg: config.Config, eng: CliEngine, base: str | None, push: str | None, tls_verify: bool,
@@ -309,8 +313,7 @@ def build_gateway(cfg: config.Config, eng: CliEngine, base: str | None, push: st
     if as_json:
         return emit({"image": tag, "image_id": eng.image_id(tag), "pushed": pushed})
     if pushed is not None:
-        out.print(f"[green]pushed[/green] {', '.join(pushed['tags'])} = {pushed['ref']} (recorded in "
-                  f"{cfg.root / pushes.LOCK})")
+        say_pushed(pushed, cfg)
     out.print(f"[green]gateway image[/green] {tag}")
 
 
