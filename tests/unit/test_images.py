@@ -155,6 +155,25 @@ def test_doctor_asks_for_the_debian_base_a_toolkit_goes_on():
     assert there.ok and "ROCm 6.4" in there.detail and "first build" in there.detail
 
 
+def test_a_containerfile_that_names_compiler_launchers_names_one_for_every_language_it_compiles(project_root):
+    """ggml's GGML_CCACHE sets a launcher for every language only where none is named; a Containerfile that names
+    C's and C++'s must name the GPU language's too, or its kernels (most of a GPU build) bypass the compiler cache
+    (sd-server's CUDA build did: every rebuild compiled them all again)."""
+    import re
+
+    languages = {"CUDA": r"-D(GGML|SD)_CUDA=ON", "HIP": r"-D(GGML_HIP|SD_HIPBLAS)=ON"}
+    checked = 0
+    for file in sorted((project_root / "containers").glob("Containerfile.*")):
+        text = file.read_text()
+        if "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache" not in text:
+            continue
+        for language, enabled in languages.items():
+            if re.search(enabled, text):
+                checked += 1
+                assert f"-DCMAKE_{language}_COMPILER_LAUNCHER=ccache" in text, (file.name, language)
+    assert checked >= 1  # sd-cuda at least
+
+
 def pulls(calls) -> list[str]:
     return [c[-1] for c in calls() if c[0] == "pull"]
 
