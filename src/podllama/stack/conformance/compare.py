@@ -208,7 +208,8 @@ CHECKS: dict[str, Callable[[Case, Answer, Answer, Outcome, UpdateSection], None]
 def compare(case: Case, base: Answer, cand: Answer, policy: UpdateSection) -> Outcome:
     out = Outcome(case.name, case.check)
     if base.status != cand.status:
-        out.differences.append(f"status {base.status} → {cand.status}")
+        unanswered = "" if cand.status else f" (no answer: {str(cand.body)[:120]})"  # what the transport said
+        out.differences.append(f"status {base.status} → {cand.status}{unanswered}")
         return out
     if base.status != 200:
         return out  # both refused it alike (a model without tools, say): nothing more to compare

@@ -54,10 +54,13 @@ def shadow_spec(stack: Stack, unit: Unit, image: str, build: str) -> ContainerSp
 
 
 def replay(url: str, key: str | None, cases: list[Case], timeout: float) -> list[Answer]:
-    """Each case sent to the server at URL in turn; a case that fails to get an answer is status 0."""
+    """Each case sent to the server at URL in turn, each on a connection of its own (a kept-alive connection the
+    server has meanwhile closed would read as a build that does not answer); a case that fails to get an answer
+    is status 0, its body what the transport said."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     out = []
-    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+    with httpx.Client(base_url=url, headers=headers, timeout=timeout,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as client:
         for case in cases:
             t0 = time.monotonic()
             try:
