@@ -303,12 +303,13 @@ def build_gateway(cfg: config.Config, eng: CliEngine, base: str | None, push: st
         pushes.repository(push)
     steps = Steps(err)
     with steps.step(f"the gateway image for {eng.name}") as s:
+        source_id = images.gateway_source_hash(root)
         tag = images.build_gateway(eng, root, images.base_choice(cfg, base), cfg.state_path / "logs",
-                                   progress=s.say, on_line=s.on_build_line)
+                                   progress=s.say, on_line=s.on_build_line, source_id=source_id)
     pushed = None
     if push is not None:
         with steps.step(f"push to {push}") as s:
-            pushed = pushes.push(eng, tag, push, eng.name, images.gateway_source_hash(root), "gateway",
+            pushed = pushes.push(eng, tag, push, eng.name, source_id, "gateway",
                                  cfg.root / pushes.LOCK, tls_verify=tls_verify, progress=s.say)
     if as_json:
         return emit({"image": tag, "image_id": eng.image_id(tag), "pushed": pushed})

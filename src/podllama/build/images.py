@@ -417,14 +417,17 @@ def host_ca_bundle() -> Path:
     return Path(certifi.where())
 
 
-def gateway_tag(engine: CliEngine, root: Path) -> str:
-    return f"{GATEWAY_REPO}:{engine.name}-{gateway_source_hash(root)}"
+def gateway_tag(engine: CliEngine, root: Path, source_id: str | None = None) -> str:
+    return f"{GATEWAY_REPO}:{engine.name}-{source_id or gateway_source_hash(root)}"
 
 
 def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path,
-                  progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> str:
-    """The gateway image for this podllama source and ENGINE, built if it does not exist yet."""
-    tag = gateway_tag(engine, root)
+                  progress: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None,
+                  source_id: str | None = None) -> str:
+    """The gateway image for this podllama source (SOURCE_ID: its hash, where the caller has it) and ENGINE,
+    built if it does not exist yet."""
+    source_id = source_id or gateway_source_hash(root)
+    tag = gateway_tag(engine, root, source_id)
     if engine.image_exists(tag):
         return tag
     base = pick_base(engine, "cpu", base_choice, progress)
@@ -433,7 +436,7 @@ def build_gateway(engine: CliEngine, root: Path, base_choice: str, log_dir: Path
     log_path = log_dir / f"build-gateway-{time.strftime('%Y%m%d-%H%M%S')}.log"
     progress(f"building the gateway image {tag} (full log: {log_path})")
     labels = {"podllama.version": __version__, "podllama.kind": "gateway", "podllama.base": base.runtime,
-              "podllama.engine": engine.name, "podllama.source-id": gateway_source_hash(root)}
+              "podllama.engine": engine.name, "podllama.source-id": source_id}
     args = {"BASE": base.runtime, "ENGINE": engine.name}
     if os.environ.get("PIP_INDEX_URL"):
         args["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]

@@ -126,17 +126,18 @@ def from_lock(engine: CliEngine, cfg: Any, kind: Kind, variant: str, say: Callab
     return pulled is not None
 
 
-def gateway_from_lock(engine: CliEngine, cfg: Any, root: Path, say: Callable[[str], object] = print) -> str | None:
+def gateway_from_lock(engine: CliEngine, cfg: Any, root: Path, say: Callable[[str], object] = print,
+                      source_id: str | None = None) -> str | None:
     """The gateway image of this podllama code pulled where images.lock names one for this engine, tagged as if
     built here. Returns its tag, or None: build it. `[build] from = "pull"` forbids compiling, and the gateway's
     image is not compiled: with no entry for it, it is built as with "auto"."""
-    source_id, how = gateway_source_hash(root), cfg.build.from_
+    source_id, how = source_id or gateway_source_hash(root), cfg.build.from_
     if how == "pull" and locked(cfg.root / LOCK, "gateway", engine.name, source_id) is None:
         how = "auto"
     pulled = _pull_locked(engine, cfg, how, "gateway", engine.name, source_id, say,
                           what=f"gateway image for {engine.name}", otherwise=("build it here", "building"),
                           push_how=f"podllama build --kind gateway --engine {engine.name} --push REGISTRY/NAME")
-    return tag_gateway(engine, pulled, gateway_tag(engine, root)) if pulled is not None else None
+    return tag_gateway(engine, pulled, gateway_tag(engine, root, source_id)) if pulled is not None else None
 
 
 def gateway_image(engine: CliEngine, cfg: Any, root: Path, log_dir: Path, say: Callable[[str], None] = print,
@@ -145,10 +146,12 @@ def gateway_image(engine: CliEngine, cfg: Any, root: Path, log_dir: Path, say: C
     built."""
     from .images import base_choice, build_gateway
 
-    if engine.image_exists(gateway_tag(engine, root)):
-        return gateway_tag(engine, root)
-    return gateway_from_lock(engine, cfg, root, say) or build_gateway(
-        engine, root, base_choice(cfg), log_dir, progress=say, on_line=on_line)
+    source_id = gateway_source_hash(root)  # a hash of every source file: once per call
+    tag = gateway_tag(engine, root, source_id)
+    if engine.image_exists(tag):
+        return tag
+    return gateway_from_lock(engine, cfg, root, say, source_id) or build_gateway(
+        engine, root, base_choice(cfg), log_dir, progress=say, on_line=on_line, source_id=source_id)
 
 
 def _pull_locked(engine: CliEngine, cfg: Any, how: str, kind: str, variant: str, commit: str,
