@@ -86,11 +86,9 @@ def pick_base(engine: CliEngine, variant: str, choice: str, progress: Callable[[
     if choice != "auto":
         return resolve_base(variant, choice)
     upstream = resolve_base(variant, "upstream")
-    try:
-        ensure_base(engine, upstream, progress)
+    unreachable = pull_missing(engine, upstream, progress)
+    if unreachable is None:
         return upstream
-    except BuildError as e:
-        unreachable = str(e).split(". ")[0]
     local = resolve_base(variant, "local")
     missing = local_missing(engine, local)
     if missing:
@@ -121,21 +119,29 @@ def ensure_base(engine: CliEngine, base: Base, progress: Callable[[str], None]) 
 
         ensure_images(engine, base.toolkit, progress)
         return
+    missing = local_missing(engine, base) if base.kind == "local" else []
+    if missing:
+        raise BuildError(f"local base image {missing[0]} is missing; create it with `podllama base-image --suite "
+                         f"{missing[0].rsplit(':', 1)[-1]}`")
+    unreachable = pull_missing(engine, base, progress)
+    if unreachable:
+        raise BuildError(
+            f"{unreachable}. Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and "
+            "set [build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`), or load the "
+            "image yourself and name it there"
+        )
+
+
+def pull_missing(engine: CliEngine, base: Base, progress: Callable[[str], None]) -> str | None:
+    """BASE's images that are not here pulled; why one cannot be had, or None."""
     for image in dict.fromkeys([base.build, base.runtime]):
         if engine.image_exists(image):
             continue
-        if base.kind == "local":
-            suite = image.rsplit(":", 1)[-1]
-            raise BuildError(f"local base image {image} is missing; create it with `podllama base-image --suite {suite}`")
         progress(f"pulling base image {image}")
         ok, why = engine.pull(image, timeout=600)
         if not ok:
-            raise BuildError(
-                f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}. "
-                "Where no registry is reachable, bootstrap a Debian base with `podllama base-image` and set "
-                "[build] base = \"local\" (or $PODLLAMA_BASE=local; `podllama build --base local`), "
-                "or load the image yourself and name it there"
-            )
+            return f"base image {image} cannot be had: {why.splitlines()[-1] if why else 'pull failed'}"
+    return None
 
 
 # Installed into a bootstrapped base, as Debian's own slim images do: no documentation, manuals or
